@@ -1,0 +1,282 @@
+"""Build a cache store from a metadata file: validate every clip, run the frozen models once, write.
+
+The loop is plain Python so that the CLI, the Prefect flow and the tests all run the same code; the
+flow only adds retries, artifacts and reports around it (flows/build_cache.py).
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import fsspec
+import numpy as np
+import pandas as pd
+from filelock import FileLock, Timeout
+
+from cache import norms, schema
+from cache.store import StoreError, open_group
+from cache.writer import CacheWriter, ClipBatch
+from tts_core.audio import AudioPolicy, AudioRejected, LoadedAudio, load_clip
+from tts_core.frozen import FrozenModelsConfig, load_speaker_models, load_speech_tokenizer, load_text_encoder
+from tts_core.metadata import MetaLine, lines_digest, read_metadata
+
+
+@dataclass
+class BuildConfig:
+    metadata: Path
+    audio_root: Path
+    store: str
+    models: FrozenModelsConfig = field(default_factory=FrozenModelsConfig)
+    normalisation: schema.Normalisation = field(default_factory=schema.Normalisation)
+    audio: AudioPolicy = field(default_factory=AudioPolicy)
+    instruction_batch: int = 64
+    loader_threads: int = 4
+    tokenizer_fit_clips: int = 200
+    report_max_rows: int | None = 200_000
+    max_batches: int | None = None  # stop after this many clip batches (tests, staged runs)
+
+
+@dataclass
+class BuildProgress:
+    phase: str  # "instructions" | "clips"
+    done: int
+    total: int
+
+
+@dataclass
+class BuildSummary:
+    store: str
+    n_rows: int
+    n_ok: int
+    n_quarantined: int
+    reasons: dict[str, int]
+    n_instructions: int
+    resumed_from: int
+    did_model_work: bool
+    complete: bool
+    seconds: float
+    report: norms.NormReport | None
+    report_paths: dict[str, str]
+    model_names: dict[str, str]
+
+    def lines(self) -> list[str]:
+        out = [f"store: {self.store}",
+               f"rows: {self.n_rows}  ok: {self.n_ok}  quarantined: {self.n_quarantined}  "
+               f"unique instructions: {self.n_instructions}"]
+        if not self.did_model_work:
+            out.append("cache already complete for this metadata and these models: nothing to do")
+        elif self.resumed_from:
+            out.append(f"resumed at row {self.resumed_from}")
+        out += [f"  quarantined {k}: {v}" for k, v in sorted(self.reasons.items())]
+        out += [f"  {role}: {name}" for role, name in self.model_names.items()]
+        if self.report is not None:
+            out.append(f"norm verdict: {self.report.verdict} (spk mean {self.report.spk.mean:.3f}, "
+                       f"xvec mean {self.report.xvec.mean:.3f}, ratio {self.report.ratio:.2f})")
+            out.append(f"  {self.report.recommendation}")
+        out += [f"norm report: {p}" for p in self.report_paths.values()]
+        return out
+
+
+def _store_lock(url: str) -> FileLock | None:
+    """An OS-level lock beside a local store (released by the kernel if the process dies)."""
+    protocol = fsspec.core.split_protocol(url)[0]
+    if protocol not in (None, "file", "local"):
+        return None  # object stores: one writer per store is the user's contract (docs/scaling.md)
+    path = Path(fsspec.core.strip_protocol(url) if protocol else url)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path) + ".lock", timeout=0)
+
+
+def instruction_ids(lines: list[MetaLine]) -> tuple[np.ndarray, list[str]]:
+    """Ids in first-appearance order over usable lines: stable when lines are appended."""
+    ids, texts, index = np.full(len(lines), -1, dtype=np.int32), [], {}
+    for m in lines:
+        if m.ok:
+            if m.instruction not in index:
+                index[m.instruction] = len(texts)
+                texts.append(m.instruction)
+            ids[m.row] = index[m.instruction]
+    return ids, texts
+
+
+def build_cache(cfg: BuildConfig, progress: Callable[[BuildProgress], None] | None = None) -> BuildSummary:
+    lock = _store_lock(cfg.store)
+    if lock is not None:
+        try:
+            lock.acquire()
+        except Timeout:
+            raise StoreError(f"another build is writing {cfg.store} (lock {lock.lock_file} is held); "
+                             "wait for it to finish or use another --store") from None
+    try:
+        return _build_locked(cfg, progress or (lambda p: None))
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _build_locked(cfg: BuildConfig, progress: Callable[[BuildProgress], None]) -> BuildSummary:
+    t0 = time.perf_counter()
+    lines, _ = read_metadata(cfg.metadata)
+    if not lines:
+        raise StoreError(f"{cfg.metadata} has no data lines (expected audio_path|transcript|instruction)")
+    inst_ids, inst_texts = instruction_ids(lines)
+    digest = lines_digest(lines)
+    recorded = CacheWriter.recorded_rows(cfg.store)
+    prefix = lines_digest(lines[:recorded]) if recorded and recorded < len(lines) else None
+
+    ve, xv = load_speaker_models(cfg.models)
+    text_enc = load_text_encoder(cfg.models)
+    tokenizer, fitted = load_speech_tokenizer(cfg.models, _saved_codebook(cfg.store),
+                                              lambda: _fit_clips(cfg, lines))
+    identities = {"voice_encoder": ve.identity, "xvector": xv.identity,
+                  "speech_tokenizer": tokenizer.identity, "text_encoder": text_enc.identity}
+    w = CacheWriter.open_for_build(
+        cfg.store, n_rows=len(lines), n_instructions=len(inst_texts), lines_digest=digest,
+        prefix_digest=prefix, models=identities, normalisation=cfg.normalisation,
+        text_hidden_size=text_enc.hidden_size,
+        extra={"metadata": str(cfg.metadata), "audio_root": str(cfg.audio_root),
+               "tokenizer_vocab": int(tokenizer.vocab_size), "tokenizer_frame_rate": float(tokenizer.frame_rate)})
+    if fitted:
+        w.save_arrays(schema.MEL_VQ_GROUP, *tokenizer.to_arrays())
+    info = w.info
+    resumed_from = info.committed_rows
+    did_work = not info.complete
+
+    # 1) instruction states, once per unique text
+    done = info.committed_instructions
+    while done < len(inst_texts):
+        chunk = inst_texts[done: done + cfg.instruction_batch]
+        w.append_instruction_states(done, text_enc.encode(chunk))
+        done += len(chunk)
+        progress(BuildProgress("instructions", done, len(inst_texts)))
+
+    # 2) clips, one chunk-aligned batch at a time; audio of the next batch loads while models run
+    starts = list(range(info.committed_rows, len(lines), schema.CLIP_CHUNK))
+    if cfg.max_batches is not None:
+        starts = starts[: cfg.max_batches]
+    with ThreadPoolExecutor(cfg.loader_threads) as pool:
+        pending = _submit_batch(pool, cfg, lines, starts[0]) if starts else None
+        for k, start in enumerate(starts):
+            loaded = [f.result() for f in pending]
+            if k + 1 < len(starts):
+                pending = _submit_batch(pool, cfg, lines, starts[k + 1])
+            batch_lines = lines[start: start + schema.CLIP_CHUNK]
+            w.write_clip_batch(_encode_batch(batch_lines, loaded, inst_ids, ve, xv, tokenizer))
+            progress(BuildProgress("clips", start + len(batch_lines), len(lines)))
+
+    complete = w.info.committed_rows == len(lines)
+    report, paths = None, {}
+    if complete:
+        if did_work or not w.info.complete:
+            w.finalize()
+        report, paths = publish_norm_report(cfg.store, cfg.report_max_rows)
+    manifest = w.read_manifest_parts()
+    q = manifest[manifest.status == "quarantined"]
+    return BuildSummary(
+        store=cfg.store, n_rows=len(lines), n_ok=int((manifest.status == "ok").sum()), n_quarantined=len(q),
+        reasons=dict(Counter(q.reason)), n_instructions=len(inst_texts), resumed_from=resumed_from,
+        did_model_work=did_work, complete=complete, seconds=time.perf_counter() - t0, report=report,
+        report_paths=paths, model_names={k: v.name for k, v in identities.items()})
+
+
+def _saved_codebook(url: str) -> dict | None:
+    try:
+        g = open_group(url, "r")
+    except StoreError:
+        return None
+    if schema.MEL_VQ_GROUP not in g:
+        return None
+    sub = g[schema.MEL_VQ_GROUP]
+    return {"arrays": {k: v[...] for k, v in sub.arrays()}, "attrs": dict(sub.attrs)}
+
+
+def _fit_clips(cfg: BuildConfig, lines: list[MetaLine]) -> list[np.ndarray]:
+    """The first N loadable clips, in file order: deterministic input for the embedded tokenizer."""
+    wavs = []
+    for m in lines:
+        if len(wavs) >= cfg.tokenizer_fit_clips:
+            break
+        if m.ok:
+            try:
+                wavs.append(load_clip(cfg.audio_root / m.audio_path, cfg.audio).wav)
+            except AudioRejected:
+                pass
+    if not wavs:
+        raise StoreError(f"no loadable clip in {cfg.metadata} to fit the embedded tokenizer on")
+    return wavs
+
+
+def _load(cfg: BuildConfig, m: MetaLine) -> LoadedAudio | AudioRejected:
+    if not m.ok:
+        return AudioRejected(m.reason, m.detail)
+    try:
+        return load_clip(cfg.audio_root / m.audio_path, cfg.audio)
+    except AudioRejected as exc:
+        exc.detail = f"{cfg.metadata.name}:{m.line}: {exc.detail}"
+        return exc
+
+
+def _submit_batch(pool, cfg, lines, start):
+    return [pool.submit(_load, cfg, m) for m in lines[start: start + schema.CLIP_CHUNK]]
+
+
+def _encode_batch(batch: list[MetaLine], loaded: list, inst_ids: np.ndarray, ve, xv, tokenizer) -> ClipBatch:
+    n = len(batch)
+    spk = np.zeros((n, schema.SPK_DIM), np.float32)
+    xvec = np.zeros((n, schema.XVEC_DIM), np.float32)
+    tokens: list[np.ndarray] = [np.zeros(0, np.int64)] * n
+    status = np.full(n, schema.STATUS_QUARANTINED, np.int8)
+    duration = np.zeros(n, np.float32)
+    reasons, details = [""] * n, [""] * n
+    ok = [i for i, a in enumerate(loaded) if isinstance(a, LoadedAudio)]
+    for i, a in enumerate(loaded):
+        if isinstance(a, AudioRejected):
+            reasons[i], details[i] = a.reason, a.detail
+        else:
+            duration[i] = a.duration
+            details[i] = ", ".join(a.notes)
+
+    def run(idx: list[int]) -> None:
+        wavs = [loaded[i].wav for i in idx]
+        s, x, t = ve.embed_batch(wavs), xv.embed_batch(wavs), tokenizer.tokenize_batch(wavs)
+        for j, i in enumerate(idx):
+            if not (np.isfinite(s[j]).all() and np.isfinite(x[j]).all()):
+                reasons[i], details[i] = "model_nonfinite", "a frozen model returned NaN/inf for this clip"
+                continue
+            spk[i], xvec[i], tokens[i], status[i] = s[j], x[j], np.asarray(t[j]), schema.STATUS_OK
+
+    try:
+        run(ok)
+    except Exception:  # one bad clip must not sink its batch: retry one by one, quarantine the culprit
+        for i in ok:
+            try:
+                run([i])
+            except Exception as exc:
+                reasons[i], details[i] = "model_error", f"{type(exc).__name__}: {exc}"
+    iid = np.where(status == schema.STATUS_OK, inst_ids[[m.row for m in batch]], -1).astype(np.int32)
+    for i in range(n):
+        if status[i] != schema.STATUS_OK:
+            spk[i], xvec[i], tokens[i], duration[i] = 0, 0, np.zeros(0, np.int64), duration[i]
+    manifest = pd.DataFrame({
+        "row": [m.row for m in batch], "clip_id": [m.clip_id for m in batch],
+        "audio_path": [m.audio_path for m in batch], "transcript": [m.transcript for m in batch],
+        "instruction": [m.instruction for m in batch], "speaker": [m.speaker for m in batch],
+        "instruction_id": iid, "status": [schema.STATUS_NAMES[int(s)] for s in status],
+        "reason": reasons, "detail": details, "duration": duration, "line": [m.line for m in batch],
+    }, columns=list(schema.MANIFEST_COLUMNS))
+    return ClipBatch(batch[0].row, spk, xvec, duration, iid, status, tokens, manifest)
+
+
+def publish_norm_report(url: str, max_rows: int | None = 200_000, seed: int = 0):
+    """Compute the norm report over OK rows (a seeded sample for huge stores) and save it beside the store."""
+    from cache.reader import CacheReader
+
+    r = CacheReader(url)
+    rows = norms.sample_rows(len(r), max_rows, seed)
+    spk_n, xv_n = r.raw_norms(rows)
+    report = norms.norm_report(spk_n, xv_n, r.normalisation.to_dict(), total_rows=len(r), sampled=rows is not None)
+    return report, norms.save_report(report, url)

@@ -1,0 +1,95 @@
+"""The one place that says what a cache store holds: array names, dtypes, widths, chunking, version.
+
+Layout of a store (a Zarr v3 group, on any fsspec URL):
+
+    <store>/                          attrs: see `StoreAttrs`
+      clips/spk_emb      float32 [N, 256]   raw VoiceEncoder embedding (never normalised on disk)
+      clips/xvec         float32 [N, 192]   raw x-vector
+      clips/spk_norm     float32 [N]        L2 norm of the raw spk_emb
+      clips/xvec_norm    float32 [N]        L2 norm of the raw xvec
+      clips/duration     float32 [N]        seconds, after conversion to 16 kHz mono
+      clips/instruction_id int32 [N]        row of instructions/*, -1 when the line had no instruction
+      clips/status       int8    [N]        STATUS_* below; rows are metadata data-lines, in file order
+      clips/token_offsets int64  [N + 1]    speech tokens of row i are tokens/flat[off[i]:off[i+1]]
+      tokens/flat        int16   [T]        speech tokens, all clips concatenated
+      instructions/offsets int64 [U + 1]    states of instruction j are instructions/states[off[j]:off[j+1]]
+      instructions/states float16 [S, H]    text-encoder last hidden states, padding stripped
+      models/mel_vq/*                        codebook of the embedded tokenizer, when that one is used
+      manifest.parquet                       one row per data line (see MANIFEST_COLUMNS)
+      norm_report.{json,md,png}              published beside the arrays (also as Prefect artifacts)
+
+Rows are fixed by metadata line order (quarantined lines keep their row, filled with zeros), so a
+resumed or sharded build writes every row to the same place an uninterrupted build does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+
+SPK_DIM = 256
+XVEC_DIM = 192
+
+# Rows per chunk of every per-clip array; also the build's batch size, so a batch never shares a
+# chunk with another batch (resume and sharded writers rely on that).
+CLIP_CHUNK = 256
+TOKEN_CHUNK = 1 << 16
+STATE_CHUNK_ROWS = 4096
+
+STATUS_PENDING = 0
+STATUS_OK = 1
+STATUS_QUARANTINED = 2
+STATUS_NAMES = {STATUS_PENDING: "pending", STATUS_OK: "ok", STATUS_QUARANTINED: "quarantined"}
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    path: str
+    dtype: np.dtype
+    width: int | None  # None: 1-D per clip
+    fill: float | int = 0
+
+
+CLIP_ARRAYS: tuple[ArraySpec, ...] = (
+    ArraySpec("clips/spk_emb", np.dtype("float32"), SPK_DIM),
+    ArraySpec("clips/xvec", np.dtype("float32"), XVEC_DIM),
+    ArraySpec("clips/spk_norm", np.dtype("float32"), None),
+    ArraySpec("clips/xvec_norm", np.dtype("float32"), None),
+    ArraySpec("clips/duration", np.dtype("float32"), None),
+    ArraySpec("clips/instruction_id", np.dtype("int32"), None, -1),
+    ArraySpec("clips/status", np.dtype("int8"), None, STATUS_PENDING),
+)
+TOKEN_OFFSETS = "clips/token_offsets"
+TOKENS = "tokens/flat"
+TOKEN_DTYPE = np.dtype("int16")  # S3 vocab 6561 < 2**15
+INSTRUCTION_OFFSETS = "instructions/offsets"
+INSTRUCTION_STATES = "instructions/states"
+STATE_DTYPE = np.dtype("float16")
+MEL_VQ_GROUP = "models/mel_vq"
+
+MANIFEST_FILE = "manifest.parquet"
+MANIFEST_PARTS = "manifest_parts"  # one parquet per committed batch while building
+MANIFEST_COLUMNS = (
+    "row", "clip_id", "audio_path", "transcript", "instruction", "speaker", "instruction_id",
+    "status", "reason", "detail", "duration", "line",
+)
+
+# The frozen models a store records; each is a tts_core.identity.ModelIdentity dict in attrs.
+MODEL_ROLES = ("voice_encoder", "xvector", "speech_tokenizer", "text_encoder")
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    """Which vectors the reader L2-normalises. Raw values and raw norms stay on disk regardless."""
+
+    spk_emb: bool = True
+    xvec: bool = True
+
+    def to_dict(self) -> dict:
+        return {"spk_emb": self.spk_emb, "xvec": self.xvec}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Normalisation":
+        return cls(spk_emb=bool(d["spk_emb"]), xvec=bool(d["xvec"]))

@@ -1,0 +1,70 @@
+"""Serve every deployment from one process: `instruct-tts serve`.
+
+Deployment names are a single character ("-") so that a user types the flow name plus two
+characters: `prefect deployment run build-cache/-` (Prefect requires FLOW/DEPLOYMENT; names must be
+non-empty and may not contain / % & < >).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+DEPLOYMENT_NAME = "-"
+DEFAULT_API = "http://127.0.0.1:4200/api"
+
+
+def deployments():
+    from flows.build_cache import build_cache_flow
+
+    return [build_cache_flow.to_deployment(name=DEPLOYMENT_NAME,
+                                           description="prefect deployment run build-cache/- -p metadata=... "
+                                                       "-p audio_root=... -p store=...")]
+
+
+def _api_up(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=2) as r:
+            return r.status == 200
+    except Exception:
+        return False
+
+
+def ensure_server(api_url: str = DEFAULT_API, timeout: float = 90.0) -> subprocess.Popen | None:
+    """Start a local Prefect server unless one answers, and point this profile at it so that a
+    `prefect deployment run` typed in another terminal reaches the same server."""
+    if _api_up(api_url):
+        proc = None
+    else:
+        host, port = "127.0.0.1", api_url.split(":")[-1].split("/")[0]
+        with socket.socket() as s:
+            if s.connect_ex((host, int(port))) == 0:
+                raise RuntimeError(f"port {port} is taken by something that is not a Prefect API")
+        proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", port],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        deadline = time.time() + timeout
+        while not _api_up(api_url):
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError("the Prefect server did not start; run `prefect server start` yourself")
+            time.sleep(1)
+    subprocess.run([sys.executable, "-m", "prefect", "config", "set", f"PREFECT_API_URL={api_url}"],
+                   check=True, stdout=subprocess.DEVNULL)
+    os.environ["PREFECT_API_URL"] = api_url
+    return proc
+
+
+def serve_all(start_server: bool = True) -> None:
+    from prefect import serve
+
+    server = ensure_server() if start_server else None
+    print(f"Prefect API: {os.environ.get('PREFECT_API_URL')}  (UI: {os.environ.get('PREFECT_API_URL', '')[:-4]})")
+    print("In another terminal:  uv run prefect deployment run build-cache/- "
+          "-p metadata=meta.txt -p audio_root=DIR -p store=cache/NAME.zarr")
+    try:
+        serve(*deployments())
+    finally:
+        if server is not None:
+            server.terminate()

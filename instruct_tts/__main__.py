@@ -1,0 +1,3 @@
+from instruct_tts.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,101 @@
+"""Which frozen models a cache build runs, loaded from local paths only.
+
+Production: a Chatterbox checkpoint directory (`ve.safetensors`, `s3gen.safetensors`) and a local
+flan-t5-large directory. Embedded default (nothing given): real small models that pip packages ship —
+Resemblyzer's GE2E weights in the VoiceEncoder slot, a Resemblyzer-based stand-in honestly labelled
+in the x-vector slot, a mel k-means tokenizer fitted on the corpus in the S3 slot, and the packaged
+all-MiniLM-L6-v2 as the instruction encoder. See docs/production-weights.md.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from tts_core.encoders.base import SpeakerEncoder, SpeechTokenizer, TextEncoder
+from tts_core.identity import ModelIdentity
+
+
+class WeightsNotFound(FileNotFoundError):
+    """A configured local weights path is missing; the message says what to put where."""
+
+
+@dataclass(frozen=True)
+class FrozenModelsConfig:
+    chatterbox_dir: Path | None = None  # holds ve.safetensors and s3gen.safetensors
+    ve: Path | None = None  # overrides chatterbox_dir/ve.safetensors
+    s3gen: Path | None = None  # overrides chatterbox_dir/s3gen.safetensors
+    text_encoder: Path | None = None  # local flan-t5-large (or other HF encoder) directory
+    device: str = "cpu"
+    tokenizer_vocab: int = 1024  # embedded mel-VQ tokenizer only
+
+    def ve_path(self) -> Path | None:
+        return self._resolve(self.ve, "ve.safetensors")
+
+    def s3gen_path(self) -> Path | None:
+        return self._resolve(self.s3gen, "s3gen.safetensors")
+
+    def _resolve(self, explicit: Path | None, name: str) -> Path | None:
+        path = explicit or (self.chatterbox_dir / name if self.chatterbox_dir else None)
+        if path is not None and not Path(path).is_file():
+            raise WeightsNotFound(
+                f"{path} not found: put Chatterbox's {name} there (from the official checkpoint, copied to this "
+                f"machine), or omit the option to use the embedded default models")
+        return Path(path) if path else None
+
+
+@dataclass
+class FrozenModels:
+    voice_encoder: SpeakerEncoder
+    xvector: SpeakerEncoder
+    speech_tokenizer: SpeechTokenizer
+    text_encoder: TextEncoder
+
+    @property
+    def identities(self) -> dict[str, ModelIdentity]:
+        return {role: getattr(self, role).identity for role in
+                ("voice_encoder", "xvector", "speech_tokenizer", "text_encoder")}
+
+
+def load_speaker_models(cfg: FrozenModelsConfig) -> tuple[SpeakerEncoder, SpeakerEncoder]:
+    from tts_core.encoders.campplus import CampPlus
+    from tts_core.encoders.voice_encoder import VoiceEncoder
+    from tts_core.encoders.xvector_standin import ResemblyzerXVectorStandIn
+
+    ve_path, s3gen = cfg.ve_path(), cfg.s3gen_path()
+    ve = VoiceEncoder.from_chatterbox(ve_path) if ve_path else VoiceEncoder.from_resemblyzer()
+    xv = CampPlus.from_s3gen(s3gen) if s3gen else ResemblyzerXVectorStandIn.from_resemblyzer()
+    return ve.to(cfg.device), xv.to(cfg.device)
+
+
+def load_text_encoder(cfg: FrozenModelsConfig) -> TextEncoder:
+    from tts_core.encoders.text_encoder import HFTextEncoder
+
+    if cfg.text_encoder is not None:
+        if not Path(cfg.text_encoder).is_dir():
+            raise WeightsNotFound(
+                f"{cfg.text_encoder} is not a directory: put a local copy of google/flan-t5-large there "
+                "(config.json, model.safetensors, tokenizer files), or omit --text-encoder for the embedded default")
+        return HFTextEncoder.from_dir(cfg.text_encoder).to(cfg.device)
+    return HFTextEncoder.embedded_default().to(cfg.device)
+
+
+def load_speech_tokenizer(cfg: FrozenModelsConfig, saved_codebook: dict | None,
+                          fit_wavs: Callable[[], Sequence[np.ndarray]]) -> tuple[SpeechTokenizer, bool]:
+    """The S3 tokenizer from s3gen weights; else the embedded mel-VQ, restored from the store or fitted.
+
+    Returns (tokenizer, newly_fitted). Fitting is deterministic for the same clips and seed, so an
+    interrupted build that refits gets the same codebook and the same identity.
+    """
+    s3gen = cfg.s3gen_path()
+    if s3gen:
+        from tts_core.encoders.s3_tokenizer import S3SpeechTokenizer
+
+        return S3SpeechTokenizer.from_s3gen(s3gen, device=cfg.device), False
+    from tts_core.encoders.mel_vq import MelVQTokenizer
+
+    if saved_codebook is not None:
+        return MelVQTokenizer.from_arrays(**saved_codebook), False
+    return MelVQTokenizer.fit(fit_wavs(), vocab_size=cfg.tokenizer_vocab, seed=0), True

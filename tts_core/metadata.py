@@ -1,0 +1,87 @@
+"""Parse the pipe-separated metadata file: `audio_path|transcript|instruction[|speaker]`.
+
+Every data line becomes exactly one `MetaLine` (its row in the cache), good or bad, so that the
+manifest accounts for every line and row numbers never shift. Problems are reasons, not crashes.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+N_FIELDS = (3, 4)
+
+
+@dataclass(frozen=True)
+class MetaLine:
+    row: int  # 0-based data-line index: the row in the store
+    line: int  # 1-based line number in the file, for error messages
+    audio_path: str
+    transcript: str
+    instruction: str
+    speaker: str
+    reason: str = ""  # non-empty: the line itself is unusable
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.reason
+
+    @property
+    def clip_id(self) -> str:
+        """Path without extension: unique within a corpus, stable across rebuilds."""
+        p = PurePosixPath(self.audio_path.replace("\\", "/"))
+        return str(p.with_suffix("")) if self.audio_path else f"line{self.line}"
+
+
+class MetadataError(Exception):
+    """The file as a whole cannot be read (missing, not UTF-8): nothing can be built from it."""
+
+
+def read_metadata(path: str | Path) -> tuple[list[MetaLine], str]:
+    """All data lines (blank lines and `#` comments skipped) and the sha256 of the file's bytes."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise MetadataError(f"cannot read metadata {path}: {exc}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line_no = raw[: exc.start].count(b"\n") + 1
+        raise MetadataError(f"{path}:{line_no}: not valid UTF-8 ({exc.reason}); save the file as UTF-8") from None
+    lines: list[MetaLine] = []
+    seen: dict[str, int] = {}
+    for line_no, text_line in enumerate(text.splitlines(), start=1):
+        if not text_line.strip() or text_line.lstrip().startswith("#"):
+            continue
+        lines.append(_parse_line(len(lines), line_no, text_line, seen, path))
+    return lines, hashlib.sha256(raw).hexdigest()
+
+
+def _parse_line(row: int, line_no: int, text: str, seen: dict[str, int], path: Path) -> MetaLine:
+    fields = text.split("|")
+    where = f"{path.name}:{line_no}"
+    if len(fields) not in N_FIELDS:
+        return MetaLine(row, line_no, fields[0].strip(), "", "", "", "bad_field_count",
+                        f"{where}: {len(fields)} fields; expected audio_path|transcript|instruction[|speaker]")
+    audio, transcript, instruction = (f.strip() for f in fields[:3])
+    speaker = fields[3].strip() if len(fields) == 4 else ""
+    empty = [name for name, v in (("audio_path", audio), ("transcript", transcript), ("instruction", instruction)) if not v]
+    if empty:
+        return MetaLine(row, line_no, audio, transcript, instruction, speaker, "empty_field",
+                        f"{where}: empty {', '.join(empty)}")
+    if audio in seen:
+        return MetaLine(row, line_no, audio, transcript, instruction, speaker, "duplicate_clip",
+                        f"{where}: {audio} already listed on line {seen[audio]}")
+    seen[audio] = line_no
+    return MetaLine(row, line_no, audio, transcript, instruction, speaker)
+
+
+def lines_digest(lines: list[MetaLine]) -> str:
+    """Digest of the parsed lines: what a store was built from, independent of comments/blank lines."""
+    h = hashlib.sha256()
+    for m in lines:
+        h.update("\x1f".join((m.audio_path, m.transcript, m.instruction, m.speaker)).encode())
+        h.update(b"\x1e")
+    return h.hexdigest()
