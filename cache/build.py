@@ -37,6 +37,7 @@ class BuildConfig:
     loader_threads: int = 4
     tokenizer_fit_clips: int = 200
     report_max_rows: int | None = 200_000
+    chunk_rows: int = schema.CLIP_CHUNK  # rows per chunk and per batch; fixed when the store is created
     max_batches: int | None = None  # stop after this many clip batches (tests, staged runs)
 
 
@@ -137,11 +138,12 @@ def _build_locked(cfg: BuildConfig, progress: Callable[[BuildProgress], None]) -
     w = CacheWriter.open_for_build(
         cfg.store, n_rows=len(lines), n_instructions=len(inst_texts), lines_digest=digest,
         prefix_digest=prefix, models=identities, normalisation=cfg.normalisation,
-        text_hidden_size=text_enc.hidden_size,
+        text_hidden_size=text_enc.hidden_size, chunk_rows=cfg.chunk_rows,
         extra={"metadata": str(cfg.metadata), "audio_root": str(cfg.audio_root),
                "tokenizer_vocab": int(tokenizer.vocab_size), "tokenizer_frame_rate": float(tokenizer.frame_rate)})
     if fitted:
-        w.save_arrays(schema.MEL_VQ_GROUP, *tokenizer.to_arrays())
+        codebook, conf = tokenizer.arrays()
+        w.save_arrays(schema.MEL_VQ_GROUP, {"codebook": codebook}, conf)
     info = w.info
     resumed_from = info.committed_rows
     did_work = not info.complete
@@ -155,23 +157,24 @@ def _build_locked(cfg: BuildConfig, progress: Callable[[BuildProgress], None]) -
         progress(BuildProgress("instructions", done, len(inst_texts)))
 
     # 2) clips, one chunk-aligned batch at a time; audio of the next batch loads while models run
-    starts = list(range(info.committed_rows, len(lines), schema.CLIP_CHUNK))
+    chunk = info.chunk_rows
+    starts = list(range(info.committed_rows, len(lines), chunk))
     if cfg.max_batches is not None:
         starts = starts[: cfg.max_batches]
     with ThreadPoolExecutor(cfg.loader_threads) as pool:
-        pending = _submit_batch(pool, cfg, lines, starts[0]) if starts else None
+        pending = _submit_batch(pool, cfg, lines[starts[0]: starts[0] + chunk]) if starts else None
         for k, start in enumerate(starts):
             loaded = [f.result() for f in pending]
             if k + 1 < len(starts):
-                pending = _submit_batch(pool, cfg, lines, starts[k + 1])
-            batch_lines = lines[start: start + schema.CLIP_CHUNK]
+                pending = _submit_batch(pool, cfg, lines[starts[k + 1]: starts[k + 1] + chunk])
+            batch_lines = lines[start: start + chunk]
             w.write_clip_batch(_encode_batch(batch_lines, loaded, inst_ids, ve, xv, tokenizer))
             progress(BuildProgress("clips", start + len(batch_lines), len(lines)))
 
     complete = w.info.committed_rows == len(lines)
     report, paths = None, {}
     if complete:
-        if did_work or not w.info.complete:
+        if not w.info.complete:
             w.finalize()
         report, paths = publish_norm_report(cfg.store, cfg.report_max_rows)
     manifest = w.read_manifest_parts()
@@ -191,7 +194,7 @@ def _saved_codebook(url: str) -> dict | None:
     if schema.MEL_VQ_GROUP not in g:
         return None
     sub = g[schema.MEL_VQ_GROUP]
-    return {"arrays": {k: v[...] for k, v in sub.arrays()}, "attrs": dict(sub.attrs)}
+    return {"codebook": sub["codebook"][...], "config": dict(sub.attrs)}
 
 
 def _fit_clips(cfg: BuildConfig, lines: list[MetaLine]) -> list[np.ndarray]:
@@ -220,8 +223,8 @@ def _load(cfg: BuildConfig, m: MetaLine) -> LoadedAudio | AudioRejected:
         return exc
 
 
-def _submit_batch(pool, cfg, lines, start):
-    return [pool.submit(_load, cfg, m) for m in lines[start: start + schema.CLIP_CHUNK]]
+def _submit_batch(pool, cfg, batch):
+    return [pool.submit(_load, cfg, m) for m in batch]
 
 
 def _encode_batch(batch: list[MetaLine], loaded: list, inst_ids: np.ndarray, ve, xv, tokenizer) -> ClipBatch:

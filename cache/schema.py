@@ -32,8 +32,8 @@ SCHEMA_VERSION = 1
 SPK_DIM = 256
 XVEC_DIM = 192
 
-# Rows per chunk of every per-clip array; also the build's batch size, so a batch never shares a
-# chunk with another batch (resume and sharded writers rely on that).
+# Default rows per chunk of every per-clip array (recorded per store as `chunk_rows`); also the
+# build's batch size, so a batch never shares a chunk with another (resume and sharded writers rely on it).
 CLIP_CHUNK = 256
 TOKEN_CHUNK = 1 << 16
 STATE_CHUNK_ROWS = 4096

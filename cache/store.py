@@ -45,6 +45,7 @@ class StoreInfo:
     models: dict[str, ModelIdentity]
     normalisation: schema.Normalisation
     text_hidden_size: int
+    chunk_rows: int
     n_rows: int
     n_instructions: int
     lines_digest: str
@@ -64,6 +65,7 @@ class StoreInfo:
             models={k: ModelIdentity.from_dict(v) for k, v in attrs["models"].items()},
             normalisation=schema.Normalisation.from_dict(attrs["normalisation"]),
             text_hidden_size=int(attrs["text_hidden_size"]),
+            chunk_rows=int(attrs["chunk_rows"]),
             n_rows=int(attrs["n_rows"]),
             n_instructions=int(attrs["n_instructions"]),
             lines_digest=attrs["lines_digest"],

@@ -54,7 +54,7 @@ class CacheWriter:
     def open_for_build(cls, url: str, *, n_rows: int, n_instructions: int, lines_digest: str,
                        prefix_digest: str | None, models: Mapping[str, ModelIdentity],
                        normalisation: schema.Normalisation, text_hidden_size: int,
-                       extra: Mapping | None = None) -> "CacheWriter":
+                       chunk_rows: int = schema.CLIP_CHUNK, extra: Mapping | None = None) -> "CacheWriter":
         """Create the store, or reopen it to resume/append after checking it is the same build.
 
         `prefix_digest(n)` semantics: the caller passes the digest of the first `n_rows_recorded`
@@ -67,7 +67,7 @@ class CacheWriter:
             g = None
         if g is None or "schema_version" not in g.attrs:
             return cls._create(url, n_rows, n_instructions, lines_digest, models, normalisation,
-                               text_hidden_size, extra or {})
+                               text_hidden_size, chunk_rows, extra or {})
         info = StoreInfo.from_attrs(url, g.attrs.asdict())
         check_identities(url, info.models, models)
         if info.text_hidden_size != text_hidden_size:
@@ -95,16 +95,17 @@ class CacheWriter:
         return int(g.attrs["n_rows"]) if "n_rows" in g.attrs else None
 
     @classmethod
-    def _create(cls, url, n_rows, n_instructions, lines_digest, models, normalisation, text_hidden_size, extra):
+    def _create(cls, url, n_rows, n_instructions, lines_digest, models, normalisation, text_hidden_size,
+                chunk_rows, extra):
         g = zarr.open_group(store=url, mode="w", zarr_format=3)
         comp = compressor()
         for spec in schema.CLIP_ARRAYS:
             parent, name = spec.path.split("/")
             shape = (n_rows, spec.width) if spec.width else (n_rows,)
-            chunks = (schema.CLIP_CHUNK, spec.width) if spec.width else (schema.CLIP_CHUNK,)
+            chunks = (chunk_rows, spec.width) if spec.width else (chunk_rows,)
             g.require_group(parent).create_array(name, shape=shape, chunks=chunks, dtype=spec.dtype,
                                                  fill_value=spec.fill, compressors=comp)
-        g.require_group("clips").create_array("token_offsets", shape=(n_rows + 1,), chunks=(schema.CLIP_CHUNK,),
+        g.require_group("clips").create_array("token_offsets", shape=(n_rows + 1,), chunks=(chunk_rows,),
                                               dtype="int64", fill_value=0, compressors=comp)
         g.require_group("tokens").create_array("flat", shape=(0,), chunks=(schema.TOKEN_CHUNK,),
                                                dtype=schema.TOKEN_DTYPE, fill_value=0, compressors=comp)
@@ -119,6 +120,7 @@ class CacheWriter:
             "models": {k: v.to_dict() for k, v in models.items()},
             "normalisation": normalisation.to_dict(),
             "text_hidden_size": int(text_hidden_size),
+            "chunk_rows": int(chunk_rows),
             "n_rows": int(n_rows), "n_instructions": int(n_instructions),
             "lines_digest": lines_digest,
             "committed_rows": 0, "committed_instructions": 0, "complete": False,

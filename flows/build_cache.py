@@ -26,7 +26,8 @@ def _artifact_key(store: str) -> str:
 @flow(name="build-cache", log_prints=True)
 def build_cache_flow(metadata: str, audio_root: str, store: str, chatterbox_dir: str | None = None,
                      text_encoder: str | None = None, device: str = "cpu", normalise_spk: bool = True,
-                     normalise_xvec: bool = True, loader_threads: int = 4) -> dict:
+                     normalise_xvec: bool = True, loader_threads: int = 4,
+                     chunk_rows: int = 256) -> dict:
     """Validate every clip, run the frozen models once, write the Zarr store and its norm report."""
     logger = get_run_logger()
     key = _artifact_key(store)
@@ -41,7 +42,8 @@ def build_cache_flow(metadata: str, audio_root: str, store: str, chatterbox_dir:
         metadata=Path(metadata), audio_root=Path(audio_root), store=store,
         models=FrozenModelsConfig(chatterbox_dir=Path(chatterbox_dir) if chatterbox_dir else None,
                                   text_encoder=Path(text_encoder) if text_encoder else None, device=device),
-        normalisation=Normalisation(spk_emb=normalise_spk, xvec=normalise_xvec), loader_threads=loader_threads)
+        normalisation=Normalisation(spk_emb=normalise_spk, xvec=normalise_xvec), loader_threads=loader_threads,
+        chunk_rows=chunk_rows)
     summary = build_cache(cfg, on_progress)
     update_progress_artifact(bar, 100.0)
     publish_summary(summary, key)

@@ -19,7 +19,8 @@ def _cmd_build_cache(a: argparse.Namespace) -> int:
     kwargs = dict(metadata=str(a.metadata), audio_root=str(a.audio_root), store=a.store,
                   chatterbox_dir=str(a.chatterbox_dir) if a.chatterbox_dir else None,
                   text_encoder=str(a.text_encoder) if a.text_encoder else None, device=a.device,
-                  normalise_spk=not a.raw_spk, normalise_xvec=not a.raw_xvec, loader_threads=a.loader_threads)
+                  normalise_spk=not a.raw_spk, normalise_xvec=not a.raw_xvec, loader_threads=a.loader_threads,
+                  chunk_rows=a.chunk_rows)
     if a.no_prefect:
         from cache.build import BuildConfig, build_cache
         from cache.schema import Normalisation
@@ -28,7 +29,8 @@ def _cmd_build_cache(a: argparse.Namespace) -> int:
         cfg = BuildConfig(metadata=a.metadata, audio_root=a.audio_root, store=a.store,
                           models=FrozenModelsConfig(chatterbox_dir=a.chatterbox_dir, text_encoder=a.text_encoder,
                                                     device=a.device),
-                          normalisation=Normalisation(not a.raw_spk, not a.raw_xvec), loader_threads=a.loader_threads)
+                          normalisation=Normalisation(not a.raw_spk, not a.raw_xvec), loader_threads=a.loader_threads,
+                          chunk_rows=a.chunk_rows)
         for line in build_cache(cfg, _print_progress).lines():
             print(line)
         return 0
@@ -88,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--raw-spk", action="store_true", help="reader does not L2-normalise speaker embeddings")
     b.add_argument("--raw-xvec", action="store_true", help="reader does not L2-normalise x-vectors")
     b.add_argument("--loader-threads", type=int, default=4)
+    b.add_argument("--chunk-rows", type=int, default=256, help="rows per Zarr chunk and per batch (new stores)")
     b.add_argument("--no-prefect", action="store_true", help="run without Prefect (no artifacts)")
     b.set_defaults(func=_cmd_build_cache)
 

@@ -98,4 +98,7 @@ def load_speech_tokenizer(cfg: FrozenModelsConfig, saved_codebook: dict | None,
 
     if saved_codebook is not None:
         return MelVQTokenizer.from_arrays(**saved_codebook), False
-    return MelVQTokenizer.fit(fit_wavs(), vocab_size=cfg.tokenizer_vocab, seed=0), True
+    wavs = fit_wavs()
+    n_frames = sum(len(w) for w in wavs) // 640  # 25 Hz at 16 kHz
+    vocab = min(cfg.tokenizer_vocab, max(16, n_frames // 8))  # small corpora get a smaller codebook
+    return MelVQTokenizer.fit(wavs, vocab_size=vocab, seed=0), True

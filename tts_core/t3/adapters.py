@@ -1,0 +1,160 @@
+"""AdaRMSNorm: instruction-conditioned modulation of the Llama RMSNorms (DESIGN "Stage 2").
+
+    out = norm(x) · (1 + γ) + β,      [γ, β] = fc2(SiLU(fc1(instruction_emb)))
+
+`fc2` starts at zero, so a fresh adapter is exactly the identity and a pretrained Chatterbox T3
+is reproduced bit for bit. Rows without an instruction (no context set, or mask 0) get exactly
+`norm(x)`.
+
+Checkpoint compatibility: `attach_adaptive_norms` swaps each `LlamaRMSNorm` for an `AdaRMSNorm`
+that *owns the very same `weight` Parameter* under the same attribute name, so
+`tfmr.layers.0.input_layernorm.weight` is still the RMSNorm weight. The adapter's own
+parameters live under `<norm path>.adapter.fc1/fc2` — the only keys an official checkpoint lacks
+(`is_adapter_key`). The RMSNorm math is not rewritten: the wrapped norm class's own `forward`
+runs on this module (it reads only `weight` and `variance_epsilon`).
+
+How the instruction reaches the norms: the Llama decoder layer calls `norm(x)` with nothing
+else, so T3 sets the instruction on every adapter right before the backbone runs and clears it
+right after (`instruction_context`). The modulation (γ, β) is computed once at set time —
+in fp32 with autocast disabled (DESIGN failure mode 1) — and held on the module, so a
+generation loop computes it once, not per token. The state is a per-module attribute of this
+model instance: DDP replicas (one process each) never share it. Gradient checkpointing is not
+supported while an instruction is set (the recomputation in backward runs after the context is
+cleared); `T3` refuses that combination.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+import torch.nn.functional as F
+
+ADAPTER_ATTR = "adapter"
+
+
+def is_adapter_key(key: str) -> bool:
+    """True for state-dict keys that belong to an adapter MLP (absent from official checkpoints)."""
+    return f".{ADAPTER_ATTR}." in f".{key}"
+
+
+class AdaptiveModulation(nn.Module):
+    """instruction_emb [B, D] → (γ, β), each [B, hidden]. Last layer zero-initialised."""
+
+    def __init__(self, instruction_dim: int, adapter_hidden: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(instruction_dim, adapter_hidden)
+        self.fc2 = nn.Linear(adapter_hidden, 2 * hidden)
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, instruction_emb: Tensor) -> tuple[Tensor, Tensor]:
+        # fp32 whatever the parameter dtype or the surrounding autocast (failure mode 1).
+        with torch.autocast(device_type=instruction_emb.device.type, enabled=False):
+            e = instruction_emb.float()
+            h = F.silu(F.linear(e, self.fc1.weight.float(), self.fc1.bias.float()))
+            out = F.linear(h, self.fc2.weight.float(), self.fc2.bias.float())
+        gamma, beta = out.chunk(2, dim=-1)
+        return gamma, beta
+
+
+class AdaRMSNorm(nn.Module):
+    """Wraps one `LlamaRMSNorm`, keeping its `weight` Parameter under the same name."""
+
+    def __init__(self, norm: nn.Module, instruction_dim: int, adapter_hidden: int):
+        super().__init__()
+        own = dict(norm.named_parameters(recurse=False))
+        if set(own) != {"weight"} or list(norm.children()) or list(norm.buffers()):
+            raise TypeError(f"AdaRMSNorm wraps a norm with exactly one `weight` parameter, got {norm!r}")
+        self.weight = norm.weight  # the same Parameter object: official key path unchanged
+        self.variance_epsilon = norm.variance_epsilon
+        self._norm_forward = type(norm).forward  # the wrapped class's own RMSNorm code
+        hidden = norm.weight.shape[0]
+        self.adapter = AdaptiveModulation(instruction_dim, adapter_hidden, hidden)
+        self._modulation: tuple[Tensor, Tensor] | None = None
+
+    # -- instruction context -------------------------------------------------------
+    def set_instruction(self, instruction_emb: Tensor | None, mask: Tensor | None = None) -> None:
+        """instruction_emb [B, D] (None: plain norm). mask [B] bool/0-1: rows with 0 get norm(x)."""
+        if instruction_emb is None:
+            self._modulation = None
+            return
+        gamma, beta = self.adapter(instruction_emb)
+        if mask is not None:
+            keep = mask.to(device=gamma.device, dtype=torch.bool).reshape(-1, 1)
+            gamma = torch.where(keep, gamma, torch.zeros_like(gamma))
+            beta = torch.where(keep, beta, torch.zeros_like(beta))
+        self._modulation = (gamma[:, None, :], beta[:, None, :])  # [B, 1, hidden]
+
+    def clear_instruction(self) -> None:
+        self._modulation = None
+
+    @property
+    def has_instruction(self) -> bool:
+        return self._modulation is not None
+
+    # -- forward -------------------------------------------------------------------
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        normed = self._norm_forward(self, hidden_states)
+        if self._modulation is None:
+            return normed
+        gamma, beta = self._modulation
+        if gamma.shape[0] != normed.shape[0]:
+            raise RuntimeError(
+                f"instruction batch {gamma.shape[0]} != hidden-state batch {normed.shape[0]}"
+            )
+        # normed·(1+γ)+β written so that γ=β=0 returns `normed` exactly in any dtype.
+        return normed + normed * gamma.to(normed.dtype) + beta.to(normed.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+def attach_adaptive_norms(
+    llama_model: nn.Module,
+    instruction_dim: int,
+    adapter_hidden: int,
+    *,
+    include_final_norm: bool = False,
+) -> list[AdaRMSNorm]:
+    """Replace every decoder layer's `input_layernorm` / `post_attention_layernorm` (and, if
+    asked, the final `norm`) of a transformers `LlamaModel` in place. Returns the adapters in
+    module order. Idempotent: already-wrapped norms are left as they are."""
+    adapters: list[AdaRMSNorm] = []
+
+    def wrap(parent: nn.Module, attr: str) -> None:
+        current = getattr(parent, attr)
+        if not isinstance(current, AdaRMSNorm):
+            current = AdaRMSNorm(current, instruction_dim, adapter_hidden).to(
+                device=current.weight.device
+            )
+            setattr(parent, attr, current)
+        adapters.append(current)
+
+    for layer in llama_model.layers:
+        wrap(layer, "input_layernorm")
+        wrap(layer, "post_attention_layernorm")
+    if include_final_norm:
+        wrap(llama_model, "norm")
+    return adapters
+
+
+def find_adaptive_norms(module: nn.Module) -> list[AdaRMSNorm]:
+    return [m for m in module.modules() if isinstance(m, AdaRMSNorm)]
+
+
+@contextmanager
+def instruction_context(
+    adapters: Iterable[AdaRMSNorm], instruction_emb: Tensor | None, mask: Tensor | None = None
+) -> Iterator[None]:
+    """Set the instruction on every adapter for the duration of one backbone call (or one
+    generation loop), then clear it even if the call raises."""
+    adapters = list(adapters)
+    try:
+        for a in adapters:
+            a.set_instruction(instruction_emb, mask)
+        yield
+    finally:
+        for a in adapters:
+            a.clear_instruction()

@@ -1,0 +1,150 @@
+"""T3 configuration: the ONE place for token ids, shapes and the Llama backbone settings.
+
+Values of the "520m" preset are those of Chatterbox's English T3 (`t3_cfg.safetensors`):
+`chatterbox/models/t3/modules/t3_config.py` and `llama_configs.py` ("Llama_520M").
+Token ids are shared by every preset (the tiny model speaks the same token language), so a
+layout or a test written against one preset is valid for the other.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+import transformers
+from transformers import LlamaConfig
+
+IGNORE_INDEX = -100  # label value that the next-token losses skip
+
+# Chatterbox's llama3 rope scaling (llama_configs.LLAMA_520M_CONFIG_DICT["rope_scaling"]).
+LLAMA3_ROPE_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "high_freq_factor": 4.0,
+    "low_freq_factor": 1.0,
+    "original_max_position_embeddings": 8192,
+}
+
+
+@dataclass(frozen=True)
+class T3Config:
+    # --- token language (identical for every preset) ---
+    text_vocab_size: int = 704
+    start_text_token: int = 255  # SOT
+    stop_text_token: int = 0  # EOT
+    speech_vocab_size: int = 8194
+    start_speech_token: int = 6561  # BOS; S3 speech tokens are < 6561
+    stop_speech_token: int = 6562  # EOS
+    max_text_tokens: int = 2048  # text_pos_emb has max_text_tokens + 2 rows (SOT, EOT)
+    max_speech_tokens: int = 4096  # speech_pos_emb has max_speech_tokens + 4 rows
+
+    # --- conditioning ---
+    speaker_embed_size: int = 256  # VoiceEncoder embedding
+    speech_cond_prompt_len: int = 150  # prompt speech tokens Chatterbox feeds (6 s at 25 Hz)
+    perceiver_queries: int = 32
+    perceiver_heads: int = 4
+    perceiver_dropout: float = 0.2  # Chatterbox's AttentionBlock2 default, active in train mode
+    emotion_adv: bool = True
+
+    # --- Llama backbone ---
+    hidden_size: int = 1024
+    num_layers: int = 30
+    num_heads: int = 16
+    num_kv_heads: int = 16
+    head_dim: int = 64
+    intermediate_size: int = 4096
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    rope_scaling: dict = field(default_factory=lambda: dict(LLAMA3_ROPE_SCALING))
+    max_position_embeddings: int = 131072
+    llama_vocab_size: int = 8  # unused `tfmr.embed_tokens` (8 rows), kept: it is an official key
+    attn_implementation: str = "sdpa"
+
+    # --- instruction adapters (AdaRMSNorm around the Llama RMSNorms) ---
+    adapters: bool = True
+    instruction_dim: int = 1024  # stage-1 mapper's style embedding size
+    adapter_hidden: int = 256  # Linear(instruction_dim→adapter_hidden)→SiLU→Linear(→2·hidden)
+    adapt_final_norm: bool = False  # DESIGN: "2 per layer × 30 layers"; tfmr.norm left plain
+
+    # ---------------------------------------------------------------------------------
+    @property
+    def cond_len(self) -> int:
+        """Conditioning positions: speaker (1) + perceiver queries (32) + emotion (1) = 34."""
+        return 1 + self.perceiver_queries + (1 if self.emotion_adv else 0)
+
+    @property
+    def text_pos_size(self) -> int:
+        return self.max_text_tokens + 2
+
+    @property
+    def speech_pos_size(self) -> int:
+        return self.max_speech_tokens + 4
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "T3Config":
+        """`"520m"`: Chatterbox's real shape. `"tiny"`: same token language, CPU-trainable."""
+        if name == "520m":
+            base = cls()
+        elif name == "tiny":
+            base = cls(
+                hidden_size=64,
+                num_layers=2,
+                num_heads=4,
+                num_kv_heads=4,
+                head_dim=16,
+                intermediate_size=128,
+                instruction_dim=32,
+                adapter_hidden=32,
+                max_text_tokens=512,
+                max_speech_tokens=1024,
+            )
+        else:
+            raise ValueError(f"unknown T3 preset {name!r}; choose '520m' or 'tiny'")
+        return dataclasses.replace(base, **overrides)
+
+    def replace(self, **changes) -> "T3Config":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "T3Config":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown T3Config fields: {sorted(unknown)}")
+        return cls(**d)
+
+    def to_llama_config(self) -> LlamaConfig:
+        """The `transformers.LlamaConfig` of `tfmr` (Chatterbox's Llama_520M dict at this shape)."""
+        kwargs = dict(
+            vocab_size=self.llama_vocab_size,
+            max_position_embeddings=self.max_position_embeddings,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            hidden_act="silu",
+            attention_bias=False,
+            attention_dropout=0.0,
+            mlp_bias=False,
+            rms_norm_eps=self.rms_norm_eps,
+            initializer_range=0.02,
+            tie_word_embeddings=False,
+            pretraining_tp=1,
+            use_cache=True,
+            attn_implementation=self.attn_implementation,
+        )
+        scaling = {k: v for k, v in self.rope_scaling.items()}
+        if int(transformers.__version__.split(".")[0]) >= 5:
+            kwargs["rope_parameters"] = {**scaling, "rope_theta": self.rope_theta}
+        else:  # transformers 4.x spelling
+            kwargs["rope_scaling"] = scaling
+            kwargs["rope_theta"] = self.rope_theta
+        return LlamaConfig(**kwargs)

@@ -1,0 +1,243 @@
+"""The ONE builder of T3's input layout, for training batches and for generation alike.
+
+Every row is laid out left-aligned and contiguous, padding only after it:
+
+    [ cond (34) | SOT text… EOT | BOS speech… (EOS) | pad … ]
+
+* `position_ids` (Llama RoPE) count 0, 1, 2, … over the real tokens of the row; padding
+  columns continue the count (they are never attended by a real token, so their value only
+  keeps `transformers` from mistaking the batch for packed sequences).
+* learned positions (`seg_pos`) restart per segment as in Chatterbox: text 0.. from SOT,
+  speech 0.. from BOS (BOS is speech position 0, speech token j is at position j + 1).
+* exactly one BOS per row, raw inputs may not contain SOT/EOT/BOS/EOS (checked).
+* labels are next-token targets, already shifted here — once, nowhere else: the label at a
+  text column is the next text token (SOT→t₀ … t_last→EOT), at a speech column the next speech
+  token (BOS→s₀ … s_last→EOS); every other column is IGNORE_INDEX.
+
+Generation uses the same builder with no speech (prefix = `[cond | SOT text EOT | BOS]`), then
+`T3Layout.decode_step(t, tokens)` gives the embedding ids / positions / mask of step t, which
+are by construction those the training layout gives speech token t. This fixes the
+Chatterbox mismatches listed in DESIGN "Known failure modes" 5 (double BOS at inference,
+text padding between text and speech, no attention mask, no next-token shift).
+
+CFG (`with_cfg`): Chatterbox doubles the batch; the second copy ("uncond") has its text *token*
+embeddings zeroed (text position embeddings and all conditioning kept). `uncond` marks those
+rows; the model applies the zeroing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .config import IGNORE_INDEX, T3Config
+
+SEG_PAD, SEG_COND, SEG_TEXT, SEG_SPEECH = 0, 1, 2, 3
+
+
+def pad_sequences(seqs: Sequence[Tensor | Sequence[int]], pad_value: int = 0) -> tuple[Tensor, Tensor]:
+    """List of 1-D token sequences → (padded [B, max_len] long, lengths [B] long)."""
+    ts = [torch.as_tensor(s, dtype=torch.long).reshape(-1) for s in seqs]
+    lens = torch.tensor([t.numel() for t in ts], dtype=torch.long)
+    out = torch.full((len(ts), max(1, int(lens.max()) if len(ts) else 1)), pad_value, dtype=torch.long)
+    for i, t in enumerate(ts):
+        out[i, : t.numel()] = t
+    return out, lens
+
+
+@dataclass(frozen=True)
+class T3Step:
+    """Inputs of one KV-cached decoding step: one new speech token per row."""
+
+    segment: Tensor  # [B, 1]  all SEG_SPEECH
+    token_ids: Tensor  # [B, 1]
+    seg_pos: Tensor  # [B, 1]  learned speech position
+    position_ids: Tensor  # [B, 1]  RoPE position
+    attention_mask: Tensor  # [B, prefix_len + step + 1]  over the whole cache
+    uncond: Tensor  # [B] bool
+
+
+@dataclass(frozen=True)
+class T3Layout:
+    segment: Tensor  # [B, L] long, SEG_*
+    token_ids: Tensor  # [B, L] long: text id on text columns, speech id on speech columns, else 0
+    seg_pos: Tensor  # [B, L] long: learned-position index within the segment (cond: slot index)
+    position_ids: Tensor  # [B, L] long: RoPE positions
+    attention_mask: Tensor  # [B, L] long: 1 real, 0 pad
+    text_labels: Tensor  # [B, L] long: next text token or IGNORE_INDEX
+    speech_labels: Tensor  # [B, L] long: next speech token or IGNORE_INDEX
+    seq_lens: Tensor  # [B] real length of each row
+    text_lens: Tensor  # [B] text segment length, SOT and EOT included
+    speech_lens: Tensor  # [B] speech segment length, BOS (and EOS) included
+    uncond: Tensor  # [B] bool: CFG unconditional copy
+    cond_len: int
+
+    @property
+    def batch_size(self) -> int:
+        return self.segment.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.segment.shape[1]
+
+    @property
+    def speech_start(self) -> Tensor:
+        """[B] column of each row's BOS."""
+        return self.cond_len + self.text_lens
+
+    @property
+    def last_index(self) -> Tensor:
+        """[B] column of each row's last real token (BOS for a generation prefix)."""
+        return self.seq_lens - 1
+
+    def to(self, device) -> "T3Layout":
+        return replace(
+            self, **{f.name: getattr(self, f.name).to(device) for f in fields(self) if f.name != "cond_len"}
+        )
+
+    def with_cfg(self) -> "T3Layout":
+        """Rows [0, B) conditional, rows [B, 2B) their unconditional copies (Chatterbox CFG)."""
+        if bool(self.uncond.any()):
+            raise ValueError("layout already has CFG rows")
+        doubled = {
+            f.name: torch.cat([getattr(self, f.name)] * 2, dim=0)
+            for f in fields(self)
+            if f.name not in ("cond_len", "uncond")
+        }
+        uncond = torch.cat([torch.zeros_like(self.uncond), torch.ones_like(self.uncond)])
+        return T3Layout(**doubled, uncond=uncond, cond_len=self.cond_len)
+
+    def decode_step(self, step: int, tokens: Tensor) -> T3Step:
+        """Inputs for feeding generated speech token number `step` (0-based) of every row, after
+        this layout (the prefix) has been run. Token `step` sits at learned speech position
+        `speech_lens + step` (= step + 1 after a lone BOS) and RoPE position `seq_lens + step` —
+        exactly where `build_layout` puts it in a teacher-forced sequence. The cache holds the
+        prefix's padding columns; the mask keeps them unattended."""
+        B = self.batch_size
+        tokens = tokens.to(device=self.segment.device, dtype=torch.long).reshape(B, 1)
+        return T3Step(
+            segment=torch.full_like(tokens, SEG_SPEECH),
+            token_ids=tokens,
+            seg_pos=(self.speech_lens + step).reshape(B, 1),
+            position_ids=(self.seq_lens + step).reshape(B, 1),
+            attention_mask=torch.cat(
+                [self.attention_mask, self.attention_mask.new_ones(B, step + 1)], dim=1
+            ),
+            uncond=self.uncond,
+        )
+
+
+def _check_raw(name: str, raw: Tensor, lens: Tensor, lo: int, hi: int, forbidden: Sequence[int]) -> None:
+    if raw.dim() != 2 or lens.dim() != 1 or raw.shape[0] != lens.shape[0]:
+        raise ValueError(f"{name}: expected [B, N] tokens and [B] lengths, got {tuple(raw.shape)}, {tuple(lens.shape)}")
+    if bool((lens < 0).any()) or bool((lens > raw.shape[1]).any()):
+        raise ValueError(f"{name}: lengths must lie in [0, {raw.shape[1]}], got {lens.tolist()}")
+    valid = torch.arange(raw.shape[1], device=raw.device)[None] < lens[:, None]
+    vals = raw[valid]
+    if vals.numel() == 0:
+        return
+    if bool((vals < lo).any()) or bool((vals >= hi).any()):
+        raise ValueError(f"{name}: token ids must lie in [{lo}, {hi}) (raw tokens, no special tokens)")
+    for tok in forbidden:
+        if bool((vals == tok).any()):
+            raise ValueError(
+                f"{name}: raw tokens contain special id {tok}; the layout adds SOT/EOT/BOS/EOS itself"
+            )
+
+
+def build_layout(
+    cfg: T3Config,
+    text_tokens: Tensor,
+    text_lens: Tensor,
+    speech_tokens: Tensor | None = None,
+    speech_lens: Tensor | None = None,
+    *,
+    append_eos: bool = True,
+) -> T3Layout:
+    """Raw text tokens [B, Tm] (no SOT/EOT) and raw S3 speech tokens [B, Sm] (< BOS, no BOS/EOS)
+    with their lengths → the full layout. `speech_tokens=None` and `append_eos=False` give a
+    generation prefix ending in BOS (see `build_generation_layout`)."""
+    device = text_tokens.device
+    text_tokens = text_tokens.to(torch.long)
+    text_lens = torch.as_tensor(text_lens, device=device).to(torch.long).reshape(-1)
+    B = text_tokens.shape[0]
+    if speech_tokens is None:
+        speech_tokens = torch.zeros(B, 0, dtype=torch.long, device=device)
+        speech_lens = torch.zeros(B, dtype=torch.long, device=device)
+    speech_tokens = speech_tokens.to(device=device, dtype=torch.long)
+    if speech_lens is None:
+        raise ValueError("speech_lens is required with speech_tokens")
+    speech_lens = torch.as_tensor(speech_lens, device=device).to(torch.long).reshape(-1)
+
+    _check_raw("text_tokens", text_tokens, text_lens, 0, cfg.text_vocab_size,
+               (cfg.start_text_token, cfg.stop_text_token))
+    _check_raw("speech_tokens", speech_tokens, speech_lens, 0, cfg.start_speech_token, ())
+    if bool((text_lens > cfg.max_text_tokens).any()):
+        raise ValueError(f"text longer than max_text_tokens={cfg.max_text_tokens}")
+    if bool((speech_lens > cfg.max_speech_tokens).any()):
+        raise ValueError(f"speech longer than max_speech_tokens={cfg.max_speech_tokens}")
+
+    C = cfg.cond_len
+    T = text_lens + 2  # SOT … EOT
+    S = speech_lens + 1 + int(append_eos)  # BOS … (EOS)
+    n = C + T + S
+    L = int(n.max())
+
+    col = torch.arange(L, device=device)[None, :].expand(B, L)
+    tp = col - C  # position within text segment
+    sp = col - C - T[:, None]  # position within speech segment
+    is_cond = col < C
+    is_text = (tp >= 0) & (tp < T[:, None])
+    is_speech = (sp >= 0) & (sp < S[:, None])
+
+    # raw token j sits at segment position j + 1 (after SOT / BOS); gather with clamped indices
+    def gather_raw(raw: Tensor, pos: Tensor) -> Tensor:
+        if raw.shape[1] == 0:
+            return torch.zeros_like(pos)
+        return raw.gather(1, (pos - 1).clamp(0, raw.shape[1] - 1))
+
+    text_tok = gather_raw(text_tokens, tp)
+    text_tok = torch.where(tp == 0, cfg.start_text_token, text_tok)
+    text_tok = torch.where(tp == T[:, None] - 1, cfg.stop_text_token, text_tok)
+    speech_tok = gather_raw(speech_tokens, sp)
+    speech_tok = torch.where(sp == 0, cfg.start_speech_token, speech_tok)
+    if append_eos:
+        speech_tok = torch.where(sp == S[:, None] - 1, cfg.stop_speech_token, speech_tok)
+
+    zero = torch.zeros_like(col)
+    token_ids = torch.where(is_text, text_tok, torch.where(is_speech, speech_tok, zero))
+    segment = torch.where(
+        is_cond, SEG_COND, torch.where(is_text, SEG_TEXT, torch.where(is_speech, SEG_SPEECH, SEG_PAD))
+    )
+    seg_pos = torch.where(is_cond, col, torch.where(is_text, tp, torch.where(is_speech, sp, zero)))
+    attention_mask = (segment != SEG_PAD).long()
+    position_ids = col.clone()  # rows are contiguous from column 0: RoPE position == column
+
+    # next-token labels: the shift happens here and only here
+    nxt_tok = torch.cat([token_ids[:, 1:], torch.zeros_like(token_ids[:, :1])], dim=1)
+    nxt_seg = torch.cat([segment[:, 1:], torch.full_like(segment[:, :1], SEG_PAD)], dim=1)
+    ignore = torch.full_like(token_ids, IGNORE_INDEX)
+    text_labels = torch.where(is_text & (nxt_seg == SEG_TEXT), nxt_tok, ignore)
+    speech_labels = torch.where(is_speech & (nxt_seg == SEG_SPEECH), nxt_tok, ignore)
+
+    return T3Layout(
+        segment=segment,
+        token_ids=token_ids,
+        seg_pos=seg_pos,
+        position_ids=position_ids,
+        attention_mask=attention_mask,
+        text_labels=text_labels,
+        speech_labels=speech_labels,
+        seq_lens=n,
+        text_lens=T,
+        speech_lens=S,
+        uncond=torch.zeros(B, dtype=torch.bool, device=device),
+        cond_len=C,
+    )
+
+
+def build_generation_layout(cfg: T3Config, text_tokens: Tensor, text_lens: Tensor) -> T3Layout:
+    """Generation prefix `[cond | SOT text EOT | BOS]`: the training builder with no speech."""
+    return build_layout(cfg, text_tokens, text_lens, None, None, append_eos=False)
