@@ -115,10 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:
         from cache.store import StoreError
-        from tts_core.frozen import WeightsNotFound
         from tts_core.metadata import MetadataError
 
-        if isinstance(exc, (StoreError, WeightsNotFound, MetadataError)):
+        if isinstance(exc, (StoreError, FileNotFoundError, MetadataError)):
             print(f"instruct-tts: error: {exc}", file=sys.stderr)
             return 2
         raise

@@ -1,0 +1,98 @@
+"""Safetensors save/load of a module's state dict that survives tied weights and crashes.
+
+`safetensors` refuses tensors that share memory (DESIGN known failure mode 2: T5 ties `shared.weight`
+and `encoder.embed_tokens.weight`). We store each tied group once and record the other names as aliases
+in the file's metadata, so loading restores every key and `strict=True` still means something.
+Writes go to a temporary file in the target directory and are renamed into place, so a killed save
+never leaves a truncated checkpoint under the final name.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+ALIASES_KEY = "tied_aliases"  # metadata entry: JSON {dropped_name: kept_name}
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    """Two state-dict entries are the same tensor when they view the same memory the same way."""
+    return (t.device.type, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(),
+            t.dtype)
+
+
+def dedupe_tied(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Keep the first name of every tied group (state-dict order, i.e. the owning module) and alias the rest.
+
+    Tensors that merely overlap (different views of one storage) are copied so the file stays valid.
+    """
+    kept: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    first_by_view: dict[tuple, str] = {}
+    storages_seen: set[tuple] = set()
+    for name, tensor in state.items():
+        t = tensor.detach()
+        if t.numel() == 0:  # empty tensors own no memory to share
+            kept[name] = t.contiguous().cpu()
+            continue
+        view = _storage_key(t)
+        if view in first_by_view:
+            aliases[name] = first_by_view[view]
+            continue
+        storage = (t.device.type, t.untyped_storage().data_ptr())
+        if storage in storages_seen:
+            t = t.clone()  # a different view of shared memory: store an independent copy
+        storages_seen.add(storage)
+        first_by_view[view] = name
+        kept[name] = t.contiguous().cpu()
+    return kept, aliases
+
+
+def save_state_dict_safetensors(module: torch.nn.Module | Mapping[str, torch.Tensor], path: str | Path,
+                                metadata: Mapping[str, str] | None = None) -> Path:
+    """Save `module.state_dict()` (or a state dict) to `path`, ties deduplicated, atomically."""
+    path = Path(path)
+    state = module.state_dict() if isinstance(module, torch.nn.Module) else dict(module)
+    tensors, aliases = dedupe_tied(state)
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    if ALIASES_KEY in meta:
+        raise ValueError(f"metadata key {ALIASES_KEY!r} is reserved")
+    meta[ALIASES_KEY] = json.dumps(aliases, sort_keys=True)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_state_dict_safetensors(path: str | Path, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
+    """All tensors of a file written by `save_state_dict_safetensors` (aliases restored) and its metadata."""
+    with safe_open(str(path), framework="pt", device=device) as f:
+        meta = dict(f.metadata() or {})
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    aliases = json.loads(meta.pop(ALIASES_KEY, "{}"))
+    for name, target in aliases.items():
+        state[name] = state[target]
+    return state, meta
+
+
+def load_state_dict_safetensors(module: torch.nn.Module, path: str | Path, strict: bool = True):
+    """Load a file written by `save_state_dict_safetensors` into `module`; returns load_state_dict's result.
+
+    Aliased names get the kept tensor, so a tied module is filled consistently and strict loading
+    still reports genuinely missing or unexpected keys.
+    """
+    state, _ = read_state_dict_safetensors(path)
+    return module.load_state_dict(state, strict=strict)
