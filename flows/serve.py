@@ -35,9 +35,10 @@ def _api_up(url: str) -> bool:
 
 def ensure_server(api_url: str = DEFAULT_API, timeout: float = 90.0) -> subprocess.Popen | None:
     """Start a local Prefect server unless one answers, and point this profile at it so that a
-    `prefect deployment run` typed in another terminal reaches the same server."""
+    `prefect deployment run` typed in another terminal reaches the same server (undone on exit)."""
     if _api_up(api_url):
-        proc = None
+        os.environ["PREFECT_API_URL"] = api_url
+        return None
     else:
         host, port = "127.0.0.1", api_url.split(":")[-1].split("/")[0]
         with socket.socket() as s:
@@ -50,21 +51,25 @@ def ensure_server(api_url: str = DEFAULT_API, timeout: float = 90.0) -> subproce
             if proc.poll() is not None or time.time() > deadline:
                 raise RuntimeError("the Prefect server did not start; run `prefect server start` yourself")
             time.sleep(1)
-    subprocess.run([sys.executable, "-m", "prefect", "config", "set", f"PREFECT_API_URL={api_url}"],
-                   check=True, stdout=subprocess.DEVNULL)
+    _prefect_config("set", f"PREFECT_API_URL={api_url}")
     os.environ["PREFECT_API_URL"] = api_url
     return proc
 
 
-def serve_all(start_server: bool = True) -> None:
-    from prefect import serve
+def _prefect_config(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "prefect", "config", *args], check=True, stdout=subprocess.DEVNULL)
 
+
+def serve_all(start_server: bool = True) -> None:
     server = ensure_server() if start_server else None
+    from prefect import serve  # only now: Prefect reads PREFECT_API_URL when it is first imported
+
     print(f"Prefect API: {os.environ.get('PREFECT_API_URL')}  (UI: {os.environ.get('PREFECT_API_URL', '')[:-4]})")
     print("In another terminal:  uv run prefect deployment run build-cache/- "
           "-p metadata=meta.txt -p audio_root=DIR -p store=cache/NAME.zarr")
     try:
         serve(*deployments())
     finally:
-        if server is not None:
+        if server is not None:  # we started it: leave the profile as we found it
             server.terminate()
+            _prefect_config("unset", "PREFECT_API_URL", "-y")
