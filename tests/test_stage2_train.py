@@ -1,0 +1,406 @@
+"""Stage 2 as a library: tokenizers, data preparation + mixing, bucketing/sharding, freezing, loss,
+resume after a kill, identity refusal. Tiny real store + tiny stage-1 checkpoint + tiny T3, CPU only."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import unicodedata
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cache import schema
+from cache.reader import CacheReader
+from cache.writer import CacheWriter, ClipBatch
+from tts_core.identity import ModelIdentity
+from tts_core.mapper import InstructionEncoder, InstructionMapper, MapperConfig, TextEncoderMismatchError
+from tts_core.stage1.artifacts import Stage1Model, load_mapper, save_checkpoint
+from tts_core.stage2 import (
+    BucketBatchSampler, ByteTextTokenizer, ChatterboxTextTokenizer, Stage2Config, Stage2Model,
+    Stage2NonFiniteError, TextTokenizerError, batch_rng, build_t3, load_text_tokenizer, prepare_stage2_data,
+    train_stage2,
+)
+from tts_core.stage2.data import mix_seed
+from tts_core.t3 import T3, T3Config, save_t3
+
+H = 16  # text-encoder hidden size of the tiny store
+N_ROWS = 40
+QUARANTINED = 10
+NO_INSTRUCTION = (33, 34)
+TE = ModelIdentity("tiny-text-encoder (test)", "a" * 64)
+MODELS = {"voice_encoder": ModelIdentity("ve", "1" * 64), "xvector": ModelIdentity("xv", "2" * 64),
+          "speech_tokenizer": ModelIdentity("s3", "3" * 64), "text_encoder": TE}
+VIET = "Xin chào thế giới, tiếng Việt có dấu: ệ ở ữ"
+
+
+def _speaker(i: int) -> str:
+    return f"s{i % 5}" if i < 35 else ""
+
+
+def _build_store(url: str) -> None:
+    rng = np.random.default_rng(0)
+    centroids = rng.normal(size=(5, 256)).astype(np.float32)
+    status = np.full(N_ROWS, schema.STATUS_OK, np.int8)
+    status[QUARANTINED] = schema.STATUS_QUARANTINED
+    ok = status == schema.STATUS_OK
+    spk = np.stack([centroids[i % 5] + 0.3 * rng.normal(size=256) for i in range(N_ROWS)]).astype(np.float32)
+    spk *= ok[:, None]
+    xv = (10 * rng.normal(size=(N_ROWS, 192))).astype(np.float32) * ok[:, None]
+    iid = np.array([-1 if (i in NO_INSTRUCTION or not ok[i]) else i % 6 for i in range(N_ROWS)], np.int32)
+    # structured speech: a speaker-specific arithmetic pattern (learnable), 8..14 tokens
+    toks = [((i % 5) * 100 + 3 * np.arange(8 + i % 7)) % 6561 if ok[i] else np.zeros(0, int) for i in range(N_ROWS)]
+    texts = [VIET if i == 7 else f"hello number {i % 4} world" for i in range(N_ROWS)]
+    man = pd.DataFrame({
+        "row": np.arange(N_ROWS), "clip_id": [f"c{i:03d}" for i in range(N_ROWS)],
+        "audio_path": [f"c{i}.wav" for i in range(N_ROWS)], "transcript": texts,
+        "instruction": [f"instruction {int(k)}" if k >= 0 else "" for k in iid],
+        "speaker": [_speaker(i) for i in range(N_ROWS)], "instruction_id": iid,
+        "status": [schema.STATUS_NAMES[int(s)] for s in status], "reason": ["" if o else "too_short" for o in ok],
+        "detail": "", "duration": 1.0, "line": np.arange(N_ROWS) + 1})
+    w = CacheWriter.open_for_build(url, n_rows=N_ROWS, n_instructions=6, lines_digest="d", prefix_digest=None,
+                                   models=MODELS, normalisation=schema.Normalisation(), text_hidden_size=H)
+    w.append_instruction_states(0, [rng.normal(size=(3 + k % 4, H)).astype(np.float32) for k in range(6)])
+    w.write_clip_batch(ClipBatch(0, spk, xv, np.ones(N_ROWS, np.float32), iid, status, toks, man))
+    w.finalize()
+
+
+def _save_stage1(path, identity: ModelIdentity, seed: int = 0):
+    torch.manual_seed(seed)
+    enc = InstructionEncoder(H, n_heads=4)
+    mapper = InstructionMapper(MapperConfig(cond_dim=H, hidden_dim=32, n_blocks=2, n_steps=4))
+    with torch.no_grad():  # give the zero-initialised layers weights, so the output depends on the instruction
+        for p in mapper.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_checkpoint(Stage1Model(enc, mapper), path, {"text_encoder": identity.to_dict()})
+    return path
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny ops on a shared 2-core machine: one intra-op thread is several times faster than two."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stage2")
+    url = str(root / "store.zarr")
+    _build_store(url)
+    s1 = _save_stage1(root / "stage1", TE)
+    return {"root": root, "store": url, "stage1": str(s1)}
+
+
+def _cfg(env, out, **kw) -> Stage2Config:
+    base = dict(store=env["store"], mapper_dir=env["stage1"], t3="tiny", out_dir=str(out), batch_size=8, lr=3e-3,
+                warmup_steps=2, epochs=100, max_steps=6, save_every=0, log_every=1, seed=0, device="cpu")
+    base.update(kw)
+    return Stage2Config(**base)
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ---- tokenizers ---------------------------------------------------------------------------------------------
+def test_byte_tokenizer_round_trips_vietnamese():
+    tok = ByteTextTokenizer()
+    ids = tok.encode(VIET)
+    assert all(256 <= i < 512 for i in ids) and tok.vocab_size == 512 <= 704
+    assert tok.decode(ids) == VIET
+    assert tok.encode(unicodedata.normalize("NFD", VIET)) == ids  # same visible text, same ids
+    assert len(ids) > len(VIET)  # multi-byte characters
+    tok.check_fits(704, 255, 0)
+    assert load_text_tokenizer("bytes").identity == tok.identity
+    assert load_text_tokenizer(None).identity == tok.identity  # the embedded default
+
+
+def _write_chatterbox_tokenizer(path, start_id: int = 255):
+    from tokenizers import Tokenizer
+    from tokenizers.models import BPE
+    from tokenizers.pre_tokenizers import Whitespace
+
+    specials = ["[STOP]", "[UNK]", "[SPACE]"]
+    chars = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?'-")
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    vocab["he"] = len(vocab)
+    vocab["ll"] = len(vocab)
+    vocab["[START]"] = start_id
+    tk = Tokenizer(BPE(vocab=vocab, merges=[("h", "e"), ("l", "l")], unk_token="[UNK]"))
+    tk.pre_tokenizer = Whitespace()
+    tk.add_special_tokens(["[START]", "[STOP]", "[UNK]", "[SPACE]"])
+    tk.save(str(path))
+    return path
+
+
+def test_chatterbox_tokenizer_json_loads_and_matches_en_tokenizer(tmp_path):
+    from tokenizers import Tokenizer
+
+    p = _write_chatterbox_tokenizer(tmp_path / "tokenizer.json")
+    tok = ChatterboxTextTokenizer.from_file(p, punc_norm=False)
+    text = "hello world 42"
+    ids = tok.encode(text)
+    # EnTokenizer.encode: spaces → "[SPACE]", then the HF tokenizer
+    assert ids == Tokenizer.from_file(str(p)).encode(text.replace(" ", "[SPACE]")).ids
+    assert tok.space_id in ids and 0 not in ids and 255 not in ids
+    assert tok.decode(ids) == text
+    assert tok.encode_batch([text, "he"]) == [ids, tok.encode("he")]
+    tok.check_fits(704, 255, 0)
+    normed = ChatterboxTextTokenizer.from_file(p)  # default: Chatterbox's punc_norm first
+    assert normed.decode(normed.encode("hello world")) == "Hello world."
+    assert isinstance(load_text_tokenizer(None, t3_dir=tmp_path), ChatterboxTextTokenizer)
+    bad = _write_chatterbox_tokenizer(tmp_path / "other.json", start_id=100)
+    with pytest.raises(TextTokenizerError, match="does not belong to this T3"):
+        ChatterboxTextTokenizer.from_file(bad).check_fits(704, 255, 0)
+
+
+# ---- sampler --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("max_tokens", [0, 400])
+def test_sampler_covers_each_row_once_per_epoch_on_any_world_size(max_tokens):
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(40, 200, size=203)
+    s = BucketBatchSampler(lengths, batch_size=8, max_tokens=max_tokens, pool_batches=4, seed=3)
+    assert [b.tolist() for b in s.batches(0)] == [b.tolist() for b in
+                                                 BucketBatchSampler(lengths, batch_size=8, max_tokens=max_tokens,
+                                                                    pool_batches=4, seed=3).batches(0)]
+    assert [b.tolist() for b in s.batches(0)] != [b.tolist() for b in s.batches(1)]
+    if max_tokens:
+        assert all(len(b) * lengths[b].max() <= max_tokens or len(b) == 1 for b in s.batches(0))
+    for world in (1, 2, 3):
+        seen, pos, steps = [], 0, 0
+        while pos < len(s.batches(0)):
+            for r in range(world):
+                _, rows, w = s.rank_batch(0, pos, r, world)
+                if w:
+                    seen.extend(rows.tolist())
+            pos += world
+            steps += 1
+        assert sorted(seen) == list(range(len(lengths)))  # each row exactly once
+        assert steps == s.steps_in_epoch(0, world)
+    # bucketing pays far less padding than random batches
+    rand_pad = 1 - lengths.sum() / sum(len(b) * lengths[b].max() for b in np.array_split(rng.permutation(203), 26))
+    assert s.padding_stats(0)["pad_frac"] < rand_pad / 2
+
+
+# ---- data + mixing -------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def prepared(env):
+    reader = CacheReader(env["store"])
+    encoder, mapper, meta = load_mapper(env["stage1"])
+    data = prepare_stage2_data(reader, ByteTextTokenizer(), encoder, mapper, mapper_meta=meta, mapper_samples=2)
+    return reader, encoder, mapper, data
+
+
+def test_precomputed_tables_are_exact(prepared):
+    reader, encoder, mapper, data = prepared
+    assert len(data) == N_ROWS - 1 and data.dropped["no_speech_tokens"] == 0
+    for u in range(6):
+        (states,) = reader.instruction_states([u])
+        states16 = torch.from_numpy(states).to(torch.float16)[None]
+        style = encoder.reference_forward(states16, torch.tensor([len(states)]))
+        torch.testing.assert_close(data.style_emb[u], style[0], rtol=1e-5, atol=1e-6)
+    # all instructions at once vs one at a time: same noise per instruction, same vectors
+    g = torch.Generator().manual_seed(mix_seed(0, "mapper-sample", 1))
+    noise = torch.randn((6, mapper.config.dim), generator=g)
+    spk3, _ = mapper.inference(data.style_emb[3:4], n_steps=4, noise=noise[3:4])
+    torch.testing.assert_close(data.mapper_spk[3, 1], spk3[0])
+    assert not torch.allclose(data.mapper_spk[0, 0], data.mapper_spk[1, 0])
+    tok = ByteTextTokenizer()
+    man = reader.ok_manifest
+    for r in (0, 6):
+        assert data.text_tokens_of(r).tolist() == tok.encode(man.transcript[r])
+        np.testing.assert_array_equal(data.speech_tokens_of(r), reader.speech_tokens(r))
+
+
+@pytest.mark.parametrize("p", [0.3, 0.5])
+def test_mixing_ratio_and_per_row_contents(prepared, p):
+    reader, _, _, data = prepared
+    gt = F.normalize(torch.from_numpy(reader.spk_emb(raw=True)), dim=-1)
+    speakers = reader.ok_manifest.speaker.tolist()
+    rows = np.arange(len(data))
+    n_inst = n_elig = 0
+    for step in range(150):
+        b = data.build_batch(rows, instruction_prob=p, rng=batch_rng(0, 0, step), prompt_len=5)
+        inst = b.is_instruction.numpy()
+        elig = data.instruction_id >= 0
+        assert not inst[~elig].any()  # rows without an instruction are always audio-only
+        n_inst += int(inst[elig].sum())
+        n_elig += int(elig.sum())
+        if step >= 3:
+            continue
+        c = b.batch.cond
+        for i, r in enumerate(rows):
+            if inst[i]:
+                u, k = data.instruction_id[r], b.mapper_k[i]
+                assert int(c.prompt_lens[i]) == 0 and bool(c.instruction_mask[i])
+                torch.testing.assert_close(c.speaker_emb[i], data.mapper_spk[u, k])
+                torch.testing.assert_close(c.instruction_emb[i], data.style_emb[u])
+            else:
+                assert not bool(c.instruction_mask[i]) and not c.instruction_emb[i].any()
+                torch.testing.assert_close(c.speaker_emb[i], gt[r])
+                src = b.prompt_src[i]
+                if speakers[r]:
+                    assert src != r and speakers[src] == speakers[r]  # another clip of the same speaker
+                else:
+                    assert src == r  # no speaker label: the clip's own first tokens
+                want = data.prompt_tokens_of(src, 5)
+                assert int(c.prompt_lens[i]) == len(want) == 5
+                assert c.prompt_tokens[i, :5].tolist() == want.tolist()
+            assert b.batch.speech_tokens[i, : data.speech_len[r]].tolist() == data.speech_tokens_of(r).tolist()
+    frac = n_inst / n_elig
+    assert abs(frac - p) < 0.03, frac
+    again = data.build_batch(rows, instruction_prob=p, rng=batch_rng(0, 0, 1), prompt_len=5)
+    first = data.build_batch(rows, instruction_prob=p, rng=batch_rng(0, 0, 1), prompt_len=5)
+    assert torch.equal(again.batch.cond.speaker_emb, first.batch.cond.speaker_emb)  # seeded per batch
+
+
+def test_stage2_model_loss_equals_t3_forward(prepared):
+    _, encoder, _, data = prepared
+    t3, _, _ = build_t3("tiny", instruction_dim=H)
+    t3.eval()  # no perceiver dropout: the two forwards must see the same network
+    b = data.build_batch(np.arange(12), instruction_prob=0.5, rng=batch_rng(0, 0, 0))
+    ref = t3(b.batch)
+    loss, stats = Stage2Model(t3)(b.batch, b.is_instruction)
+    torch.testing.assert_close(loss, ref.loss)
+    torch.testing.assert_close(stats[1:3], torch.stack([ref.loss_text, ref.loss_speech]))
+    # the per-segment sums add up to the totals
+    n_text = stats[4] + stats[6]
+    torch.testing.assert_close((stats[3] + stats[5]) / n_text, ref.loss_text)
+
+
+# ---- training -----------------------------------------------------------------------------------------------------
+def test_training_freezes_stage1_trains_t3_and_loss_decreases(env, tmp_path):
+    fresh = _state(build_t3("tiny", instruction_dim=H, seed=0)[0])
+    enc0, map0, _ = load_mapper(env["stage1"])
+    res = train_stage2(_cfg(env, tmp_path / "run", max_steps=40, instruction_prob=0.5, log_every=2))
+    assert res.global_step == 40 and res.stopped_reason == "max_steps" and res.nonfinite_steps == 0
+    # frozen: stage-1 modules untouched, not trainable
+    for mod, ref in ((res.encoder, enc0), (res.mapper, map0)):
+        assert not any(p.requires_grad for p in mod.parameters())
+        for (k, v), (_, w) in zip(mod.state_dict().items(), ref.state_dict().items()):
+            assert torch.equal(v.cpu(), w), k
+    # trainable: every group moved; the unused tfmr.embed_tokens is frozen
+    assert set(res.trainable) == {"backbone", "adapters", "embeddings", "heads", "cond_enc"}
+    assert all(n > 0 for n in res.trainable.values())
+    assert res.frozen["instruction_encoder"] > 0 and res.frozen["mapper"] > 0
+    after = res.t3.state_dict()
+    changed = {k for k in fresh if not torch.equal(fresh[k], after[k].cpu())}
+    for prefix in ("tfmr.layers.0.self_attn", "tfmr.layers.1.input_layernorm.adapter.fc1",
+                   "tfmr.layers.0.post_attention_layernorm.adapter.fc2", "speech_emb", "text_emb", "speech_head",
+                   "text_head", "cond_enc.spkr_enc", "cond_enc.perceiver"):
+        assert any(k.startswith(prefix) for k in changed), prefix
+    assert "tfmr.embed_tokens.weight" not in changed
+    # loss goes down on this tiny, structured data, for both kinds of rows
+    h = res.history
+    assert len(h) == 20 and all(r["text_inst"] is not None and r["speech_audio"] is not None for r in h[-5:])
+    first, last = np.mean([r["loss"] for r in h[:2]]), np.mean([r["loss"] for r in h[-2:]])
+    assert last < 0.6 * first, (first, last)
+    assert 0.2 < np.mean([r["inst_frac"] for r in h]) < 0.8
+    # outputs: published checkpoint is a valid --t3 source (adapters included: nothing extra)
+    out = tmp_path / "run"
+    assert (out / "report.md").read_text().count("| adapters |") == 1 and (out / "loss_curves.png").is_file()
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 20
+    meta = json.loads((out / "stage2.json").read_text())
+    assert meta["tokenizer"]["kind"] == "bytes" and meta["instruction_dim"] == H and meta["prompt_len"] == 150
+    t3b, rep, _ = build_t3(str(out), instruction_dim=H)
+    assert rep.missing_adapter == []
+    for k, v in t3b.state_dict().items():
+        assert torch.equal(v, after[k].cpu()), k
+    assert load_text_tokenizer(None, t3_dir=out).identity == ByteTextTokenizer().identity
+
+
+def test_resume_after_kill_is_bit_identical(env, tmp_path):
+    cfg_a = _cfg(env, tmp_path / "a", max_steps=6, save_every=2)
+    a = train_stage2(cfg_a)
+
+    class Killed(RuntimeError):
+        pass
+
+    def kill_at_5(row):
+        if row["step"] == 5:
+            raise Killed
+
+    cfg_b = _cfg(env, tmp_path / "b", max_steps=6, save_every=2)
+    with pytest.raises(Killed):
+        train_stage2(cfg_b, on_log=kill_at_5)
+    assert json.loads((tmp_path / "b" / "latest.json").read_text())["step"] == 4
+    b = train_stage2(cfg_b)
+    assert b.global_step == 6
+    sa, sb = a.t3.state_dict(), b.t3.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert [r["loss"] for r in a.history] == [r["loss"] for r in b.history]  # steps 5-6 re-logged, not doubled
+    with pytest.raises(ValueError, match="another run"):
+        train_stage2(_cfg(env, tmp_path / "b", max_steps=8, save_every=2, seed=1))
+
+
+def test_mapper_trained_on_another_text_encoder_is_refused(env, tmp_path):
+    other = _save_stage1(tmp_path / "stage1_other", ModelIdentity("another-text-encoder", "b" * 64))
+    with pytest.raises(TextEncoderMismatchError, match="stage 2 refuses"):
+        train_stage2(_cfg(env, tmp_path / "run", mapper_dir=str(other)))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_t3_directory_loads_strictly_adapters_only_extra_with_its_tokenizer(env, tmp_path):
+    src = tmp_path / "chatterbox"
+    torch.manual_seed(0)
+    plain = T3(T3Config.preset("tiny", adapters=False))
+    save_t3(plain, src / "t3_cfg.safetensors")
+    _write_chatterbox_tokenizer(src / "tokenizer.json")
+    t3, rep, _ = build_t3(str(src), instruction_dim=H)
+    assert len(rep.missing_adapter) == 2 * 2 * 4 and "extra: 16 adapter params" in rep.summary
+    assert set(rep.loaded) == set(plain.state_dict())
+    res = train_stage2(_cfg(env, tmp_path / "run", t3=str(src), max_steps=2))
+    assert isinstance(res.tokenizer, ChatterboxTextTokenizer) and "extra: 16 adapter params" in res.load_report
+    assert (tmp_path / "run" / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+
+
+def test_non_finite_steps_are_skipped_then_refused(env, tmp_path, monkeypatch):
+    orig = Stage2Model.forward
+    calls = {"n": 0, "bad": {2}}
+
+    def poisoned(self, batch, is_instruction, weight=1.0):
+        loss, stats = orig(self, batch, is_instruction, weight)
+        calls["n"] += 1
+        if calls["bad"] == "all" or calls["n"] in calls["bad"]:
+            loss = loss * float("nan")
+        return loss, stats
+
+    monkeypatch.setattr(Stage2Model, "forward", poisoned)
+    res = train_stage2(_cfg(env, tmp_path / "one", max_steps=4))
+    assert res.nonfinite_steps == 1 and all(torch.isfinite(v).all() for v in res.t3.state_dict().values())
+    calls.update(n=0, bad="all")
+    with pytest.raises(Stage2NonFiniteError, match="consecutive non-finite"):
+        train_stage2(_cfg(env, tmp_path / "all", max_steps=10, max_nonfinite=2))
+
+
+DDP_SCRIPT = """
+import os, sys, json, torch
+from tts_core.stage2 import Stage2Config, train_stage2
+cfg = Stage2Config(**json.loads(sys.argv[1]))
+res = train_stage2(cfg)
+torch.save(res.t3.state_dict(), sys.argv[2] + f".{res.world_size}.{os.environ['RANK']}.pt")
+"""
+
+
+@pytest.mark.skipif(not os.environ.get("INSTRUCT_TTS_DDP_TEST"), reason="spawns torchrun (set INSTRUCT_TTS_DDP_TEST=1)")
+def test_ddp_two_ranks_gloo_keep_replicas_identical(env, tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    cfg = _cfg(env, tmp_path / "run", max_steps=4, save_every=2).to_dict()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(script), json.dumps(cfg), str(tmp_path / "w")]
+    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    s0, s1 = torch.load(tmp_path / "w.2.0.pt"), torch.load(tmp_path / "w.2.1.pt")
+    assert all(torch.equal(s0[k], s1[k]) for k in s0)
+    assert json.loads((tmp_path / "run" / "latest.json").read_text())["step"] == 4
+    # resume the 2-rank run on 1 rank: global step kept, the epoch continues where it stopped
+    res = train_stage2(_cfg(env, tmp_path / "run", max_steps=6, save_every=2))
+    assert res.global_step == 6 and res.world_size == 1
+    assert [r["step"] for r in res.history] == [1, 2, 3, 4, 5, 6]

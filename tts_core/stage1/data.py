@@ -1,0 +1,211 @@
+"""Everything stage 1 trains on, in memory as torch tensors, plus the held-out split rule.
+
+`Stage1Data.from_reader(reader)` loads it from a finished cache store (`cache.reader.CacheReader`);
+`Stage1Data(...)` builds it from arrays (tests, synthetic data). Training then moves it to the device
+once and never touches the store again.
+
+What is kept
+------------
+* only clips with an instruction (``instruction_id >= 0``) and non-degenerate vectors (raw norm > 0);
+  the others are counted in ``dropped``;
+* ``spk`` [N, 256] and ``xvec`` [N, 192] are L2-normalised here whatever the store's normalisation
+  setting (DESIGN: the flow target is built from unit vectors; normalising twice is a no-op);
+* ``states`` [U, Lmax, H] float16 + ``lengths`` [U]: one row per *unique* instruction, so a clip
+  reaches its text states through ``instruction_id`` (no per-clip copy).
+
+Held-out split rule (`split_rows`)
+----------------------------------
+The instruction describes the voice, so what must not leak between train and held-out is the
+*instruction text*, not the clip or the speaker. Each unique instruction text is normalised
+(Unicode NFKC, case-folded, whitespace collapsed) and hashed with a salt (blake2b, 64 bits); the text
+is held out when ``hash / 2**64 < held_out_frac``. Every clip goes where its instruction text goes, so
+no instruction text — nor a trivially re-cased / re-spaced copy of it — is in both splits. The rule is
+deterministic, independent of row order and of the other rows (a growing dataset never moves a clip
+between splits). For tiny data where the hash puts every text on one side, the one text with the
+smallest (resp. largest) hash is moved, so both splits are non-empty whenever there are ≥ 2 texts.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SPK_DIM = 256
+XVEC_DIM = 192
+
+
+def normalise_instruction(text: str) -> str:
+    return re.sub(r"\s+", " ", unicodedata.normalize("NFKC", str(text)).casefold()).strip()
+
+
+def instruction_hash(text: str, salt: str) -> float:
+    """Uniform in [0, 1) — the position of a (normalised) instruction text on the split line."""
+    h = hashlib.blake2b(f"{salt}\x00{normalise_instruction(text)}".encode("utf-8"), digest_size=8)
+    return int.from_bytes(h.digest(), "big") / 2.0 ** 64
+
+
+def split_rows(instruction_id: np.ndarray, instruction_texts: Sequence[str], held_out_frac: float = 0.05,
+               salt: str = "instruct-tts/stage1") -> tuple[np.ndarray, np.ndarray]:
+    """Rows (clips) → (train_rows, held_out_rows), sorted int64, split by instruction-text hash (module doc)."""
+    instruction_id = np.asarray(instruction_id, dtype=np.int64)
+    if held_out_frac <= 0:
+        return np.arange(len(instruction_id), dtype=np.int64), np.zeros(0, dtype=np.int64)
+    used = np.unique(instruction_id)
+    norm = {int(i): normalise_instruction(instruction_texts[int(i)]) for i in used}
+    texts = sorted(set(norm.values()))
+    hashes = {t: instruction_hash(t, salt) for t in texts}
+    held = {t for t in texts if hashes[t] < held_out_frac}
+    if len(texts) >= 2:
+        if not held:
+            held = {min(texts, key=hashes.__getitem__)}
+        elif len(held) == len(texts):
+            held.discard(max(texts, key=hashes.__getitem__))
+    held_ids = np.array(sorted(i for i, t in norm.items() if t in held), dtype=np.int64)
+    is_held = np.isin(instruction_id, held_ids)
+    return np.flatnonzero(~is_held).astype(np.int64), np.flatnonzero(is_held).astype(np.int64)
+
+
+@dataclass
+class Stage1Data:
+    spk: torch.Tensor  # float32 [N, 256], L2-normalised
+    xvec: torch.Tensor  # float32 [N, 192], L2-normalised
+    instruction_id: torch.Tensor  # int64 [N], row of states
+    states: torch.Tensor  # float16 [U, Lmax, H], zero-padded, one row per unique instruction
+    lengths: torch.Tensor  # int64 [U]
+    clip_ids: list[str]
+    instruction_texts: list[str]  # [U]
+    text_encoder_identity: dict  # ModelIdentity.to_dict() of the encoder that produced `states`
+    speakers: list[str] | None = None
+    cache_identity: dict = field(default_factory=dict)  # where the data came from (store url, digests, models)
+    dropped: dict = field(default_factory=dict)  # reason -> count of clips not kept
+
+    def __post_init__(self):
+        self.spk = F.normalize(torch.as_tensor(self.spk, dtype=torch.float32), dim=-1)
+        self.xvec = F.normalize(torch.as_tensor(self.xvec, dtype=torch.float32), dim=-1)
+        self.instruction_id = torch.as_tensor(self.instruction_id, dtype=torch.long)
+        self.states = torch.as_tensor(self.states)
+        if not self.states.is_floating_point():
+            raise TypeError("states must be floating point")
+        self.lengths = torch.as_tensor(self.lengths, dtype=torch.long)
+        if hasattr(self.text_encoder_identity, "to_dict"):
+            self.text_encoder_identity = self.text_encoder_identity.to_dict()
+        self.clip_ids = [str(c) for c in self.clip_ids]
+        self.instruction_texts = [str(t) for t in self.instruction_texts]
+        self.validate()
+
+    def validate(self) -> None:
+        N, U = self.n_clips, self.n_instructions
+        problems = []
+        if self.spk.shape != (N, SPK_DIM):
+            problems.append(f"spk is {tuple(self.spk.shape)}, expected [{N}, {SPK_DIM}]")
+        if self.xvec.shape != (N, XVEC_DIM):
+            problems.append(f"xvec is {tuple(self.xvec.shape)}, expected [{N}, {XVEC_DIM}]")
+        if len(self.clip_ids) != N:
+            problems.append(f"{len(self.clip_ids)} clip ids for {N} clips")
+        if self.speakers is not None and len(self.speakers) != N:
+            problems.append(f"{len(self.speakers)} speakers for {N} clips")
+        if self.states.ndim != 3:
+            problems.append(f"states must be [U, Lmax, H], got {tuple(self.states.shape)}")
+        if self.lengths.shape != (U,) or len(self.instruction_texts) != U:
+            problems.append(f"{U} state rows, {tuple(self.lengths.shape)} lengths, {len(self.instruction_texts)} texts")
+        if N and (int(self.instruction_id.min()) < 0 or int(self.instruction_id.max()) >= U):
+            problems.append("instruction_id out of range [0, U)")
+        if U and self.states.ndim == 3 and (int(self.lengths.min()) < 0 or int(self.lengths.max()) > self.states.shape[1]):
+            problems.append("lengths out of range [0, Lmax]")
+        if not (torch.isfinite(self.spk).all() and torch.isfinite(self.xvec).all()):
+            problems.append("non-finite speaker vectors")
+        if problems:
+            raise ValueError("invalid Stage1Data: " + "; ".join(problems))
+
+    # ---- sizes --------------------------------------------------------------------------------------
+    @property
+    def n_clips(self) -> int:
+        return int(self.instruction_id.shape[0])
+
+    @property
+    def n_instructions(self) -> int:
+        return int(self.states.shape[0])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.states.shape[-1])
+
+    def fingerprint(self) -> str:
+        """Digest of what defines a run's data (clip ids, instruction ids/texts, shapes, text encoder)."""
+        h = hashlib.sha256()
+        h.update(f"{self.n_clips}/{self.n_instructions}/{tuple(self.states.shape)}".encode())
+        h.update("\n".join(self.clip_ids).encode())
+        h.update(self.instruction_id.numpy().astype("<i8").tobytes())
+        h.update("\n".join(self.instruction_texts).encode())
+        h.update(self.lengths.numpy().astype("<i8").tobytes())
+        ident = self.text_encoder_identity or {}
+        h.update(f"{ident.get('name')}/{ident.get('sha256')}".encode())
+        return h.hexdigest()
+
+    def split(self, held_out_frac: float = 0.05, salt: str = "instruct-tts/stage1") -> tuple[np.ndarray, np.ndarray]:
+        return split_rows(self.instruction_id.numpy(), self.instruction_texts, held_out_frac, salt)
+
+    def mean_pooled_states(self, chunk: int = 4096) -> torch.Tensor:
+        """Mean over real tokens of each instruction's raw states → float32 [U, H] (NN baseline)."""
+        out = torch.zeros(self.n_instructions, self.hidden_size)
+        for i in range(0, self.n_instructions, chunk):
+            s = self.states[i:i + chunk].float()
+            ln = self.lengths[i:i + chunk]
+            mask = (torch.arange(s.shape[1])[None, :] < ln[:, None]).float()
+            out[i:i + chunk] = (s * mask[..., None]).sum(1) / ln.clamp(min=1)[:, None].float()
+        return out
+
+    # ---- loading ------------------------------------------------------------------------------------
+    @classmethod
+    def from_reader(cls, reader: Any) -> "Stage1Data":
+        """Load from a `cache.reader.CacheReader` (or anything with its API; module doc)."""
+        spk = np.asarray(reader.spk_emb(), dtype=np.float32)
+        xvec = np.asarray(reader.xvec(), dtype=np.float32)
+        iid = np.asarray(reader.instruction_id(), dtype=np.int64)
+        man = reader.ok_manifest
+        if not (len(spk) == len(xvec) == len(iid) == len(man)):
+            raise ValueError(f"reader tables disagree: spk {len(spk)}, xvec {len(xvec)}, ids {len(iid)}, manifest {len(man)}")
+        states, lengths = reader.instruction_states_padded()
+        texts = list(reader.instruction_texts)
+        keep = iid >= 0
+        dropped = {"no_instruction": int((~keep).sum())}
+        degenerate = keep & ((np.linalg.norm(spk, axis=1) <= 1e-12) | (np.linalg.norm(xvec, axis=1) <= 1e-12)
+                             | ~np.isfinite(spk).all(1) | ~np.isfinite(xvec).all(1))
+        dropped["degenerate_vector"] = int(degenerate.sum())
+        keep &= ~degenerate
+        speakers = None
+        if "speaker" in man.columns:
+            sp = man["speaker"].fillna("").astype(str).tolist()
+            if any(sp):
+                speakers = [s for s, k in zip(sp, keep) if k]
+        identities = reader.identities
+        te = identities["text_encoder"]
+        return cls(
+            spk=torch.from_numpy(spk[keep]),
+            xvec=torch.from_numpy(xvec[keep]),
+            instruction_id=torch.from_numpy(iid[keep]),
+            states=torch.from_numpy(np.asarray(states)),
+            lengths=torch.from_numpy(np.asarray(lengths, dtype=np.int64)),
+            clip_ids=man["clip_id"].astype(str)[keep].tolist(),
+            instruction_texts=texts,
+            text_encoder_identity=te.to_dict() if hasattr(te, "to_dict") else dict(te),
+            speakers=speakers,
+            cache_identity=_cache_identity(reader),
+            dropped=dropped,
+        )
+
+
+def _cache_identity(reader: Any) -> dict:
+    info = getattr(reader, "info", None)
+    out: dict = {"url": str(getattr(reader, "url", ""))}
+    for key in ("schema_version", "lines_digest", "n_rows", "n_instructions", "text_hidden_size"):
+        if info is not None and hasattr(info, key):
+            out[key] = getattr(info, key)
+    out["models"] = {k: (v.to_dict() if hasattr(v, "to_dict") else dict(v)) for k, v in reader.identities.items()}
+    return out

@@ -1,0 +1,584 @@
+"""Stage-1 training loop: instruction encoder (pooling) + flow-matching mapper, as a library.
+
+    data = Stage1Data.from_reader(CacheReader(url))
+    result = train_stage1(data, Stage1TrainConfig(out_dir="runs/stage1"), on_epoch=print)
+    encoder, mapper, meta = load_mapper("runs/stage1", text_encoder_identity=text_encoder.identity)
+
+Speed path: every table (vectors, instruction ids, padded instruction states) is moved to the device
+once; an epoch is a device-side permutation and each batch is a handful of index ops on device tensors
+(no DataLoader, no per-sample Python). The only host sync per step is one 4-float transfer (loss parts
+and gradient norm) used to skip non-finite steps.
+
+Phases (DESIGN "Stage 1"): phase 1 trains with the heads reconstructing from ground-truth x1 at
+``lr_phase1``; phase 2 (``use_predicted_recon``) starts from phase 1's *best* checkpoint at the lower
+``lr_phase2`` with a fresh optimizer and a reset best cosine. Each phase early-stops on held-out AvgCos
+= (SpkCos + XVecCos) / 2 after ``patience`` evaluations without an improvement of ``min_delta``. The run
+root then publishes the better of the phases' best checkpoints (same held-out rows, same eval noise).
+
+Held-out evaluation uses a fixed noise tensor (``eval_seed``), so two evaluations differ only by the
+weights. Baselines, computed once beside it: the train-set mean vector, and nearest neighbour on
+instruction text (mean-pooled raw text-encoder states, cosine; predict the mean GT vectors of the nearest
+train instruction's clips).
+
+Output directory::
+
+    mapper.safetensors + mapper.json     selected checkpoint (what `load_mapper(out_dir)` reads)
+    phase1/, phase2/                     each phase's best checkpoint
+    last/resume.pt (+ resume.json)       model, optimizer, RNG, position; written atomically at every
+                                         evaluation (and every ``checkpoint_every`` steps), so a killed run
+                                         restarted with the same config resumes at the same epoch/step
+    metrics.json, report.md              per-evaluation held-out SpkCos / XVecCos / AvgCos and baselines
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tts_core.mapper.flow import InstructionMapper, MapperConfig
+from tts_core.mapper.pooling import InstructionEncoder, check_text_encoder_identity
+from tts_core.stage1.artifacts import (
+    META_FILE, WEIGHTS_FILE, Stage1Model, atomic_torch_save, atomic_write_json, atomic_write_text,
+    copy_checkpoint, dtype_name, load_mapper, load_weights, read_meta, resolve_checkpoint, save_checkpoint,
+)
+from tts_core.stage1.data import Stage1Data
+
+__all__ = ["Stage1TrainConfig", "Stage1Result", "NonFiniteLossError", "train_stage1", "load_mapper",
+           "compute_baselines", "evaluate"]
+
+log = logging.getLogger(__name__)
+
+PHASES = {"1": ("1",), "2": ("2",), "both": ("1", "2")}
+RESUME_FILE = "resume.pt"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Too many consecutive non-finite training steps."""
+
+
+@dataclass
+class Stage1TrainConfig:
+    out_dir: str = "runs/stage1"
+    phase: str = "both"  # "1" | "2" | "both"
+    batch_size: int = 512
+    lr_phase1: float = 3e-4
+    lr_phase2: float = 5e-5  # lower: phase 2 fine-tunes phase 1's best
+    weight_decay: float = 0.0
+    warmup_steps: int = 100  # linear warm-up at the start of each phase, then constant
+    grad_clip: float = 1.0  # 0 = no clipping
+    epochs: int = 20  # max epochs per phase
+    patience: int = 3  # evaluations without AvgCos improvement before a phase stops
+    min_delta: float = 1e-4
+    eval_every: int = 0  # optimizer steps between evaluations; 0 = at the end of every epoch
+    checkpoint_every: int = 0  # extra resume checkpoints every N steps (0 = only at evaluations)
+    max_steps: int | None = None  # stop the whole run after this many steps (both phases counted)
+    seed: int = 0
+    device: str = "auto"  # "auto" = cuda if available
+    amp_dtype: str = "auto"  # "bf16" | "fp32" | "auto" (bf16 on CUDA, fp32 elsewhere); pooling is always fp32
+    max_nonfinite: int = 20  # more consecutive non-finite steps than this → NonFiniteLossError
+    held_out_frac: float = 0.05
+    split_salt: str = "instruct-tts/stage1"
+    eval_n_steps: int = 10  # Euler steps in held-out evaluation
+    eval_seed: int = 1234
+    eval_batch_size: int = 8192
+    init_from: str | None = None  # phase "2" alone: a stage-1 checkpoint (run dir) to start from
+    resume: bool = True  # continue from out_dir/last when it exists
+    progress: bool = False  # tqdm bar over steps
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Fields that must match for a resume to be the same run (the rest may change: epochs, patience, ...).
+_RESUME_KEYS = ("phase", "batch_size", "lr_phase1", "lr_phase2", "weight_decay", "warmup_steps", "grad_clip",
+                "seed", "held_out_frac", "split_salt", "eval_n_steps", "eval_seed", "init_from")
+
+
+@dataclass
+class Stage1Result:
+    run_dir: Path
+    checkpoint: Path | None  # run_dir/mapper.safetensors (selected phase), None if nothing was evaluated
+    best: dict  # metrics row of the selected checkpoint
+    history: list[dict]
+    baselines: dict
+    phase_best: dict  # phase -> metrics row of its best checkpoint
+    global_step: int
+    nonfinite_steps: int
+    stopped_reason: str  # "done" | "max_steps"
+    n_train: int
+    n_val: int
+    model: Stage1Model  # weights at the last step (not necessarily the best)
+
+
+@dataclass
+class _State:
+    """Everything besides tensors that a resume needs (saved in last/resume.pt)."""
+
+    phase_idx: int = 0
+    epoch: int = 0  # epochs completed in the current phase
+    batch: int = 0  # next batch index in the current epoch
+    global_step: int = 0
+    phase_step: int = 0
+    best_avg: float = -math.inf
+    bad_evals: int = 0
+    phase_finished: bool = False
+    done: bool = False
+    consecutive_nonfinite: int = 0
+    nonfinite_total: int = 0
+    last_eval_step: int = -1
+    history: list = field(default_factory=list)
+    phase_best: dict = field(default_factory=dict)
+
+
+# ---- helpers ------------------------------------------------------------------------------------------------
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if name in ("bf16", "bfloat16"):
+        return torch.bfloat16
+    if name in ("fp32", "float32", "none"):
+        return None
+    raise ValueError(f"amp_dtype {name!r}: use 'bf16', 'fp32' or 'auto' (fp16 needs loss scaling, not supported)")
+
+
+def _mix_seed(*parts) -> int:
+    return int.from_bytes(hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest(), "big") >> 1
+
+
+def _epoch_perm(seed: int, phase: str, epoch: int, n: int, device: torch.device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(_mix_seed(seed, phase, epoch))
+    return torch.randperm(n, generator=g).to(device)
+
+
+def _lr_at(cfg: Stage1TrainConfig, phase: str, phase_step: int) -> float:
+    base = cfg.lr_phase1 if phase == "1" else cfg.lr_phase2
+    if cfg.warmup_steps > 0 and phase_step < cfg.warmup_steps:
+        return base * (phase_step + 1) / cfg.warmup_steps
+    return base
+
+
+def _cos_mean(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(F.cosine_similarity(a.float(), b.float(), dim=-1).mean())
+
+
+@dataclass
+class _OnDevice:
+    spk: torch.Tensor
+    xvec: torch.Tensor
+    iid: torch.Tensor
+    states: torch.Tensor
+    lengths: torch.Tensor
+    train_rows: torch.Tensor
+    val_rows: torch.Tensor
+
+    @classmethod
+    def build(cls, data: Stage1Data, train_rows: np.ndarray, val_rows: np.ndarray, device: torch.device):
+        return cls(
+            spk=data.spk.to(device), xvec=data.xvec.to(device), iid=data.instruction_id.to(device),
+            states=data.states.to(device), lengths=data.lengths.to(device),
+            train_rows=torch.from_numpy(train_rows).to(device), val_rows=torch.from_numpy(val_rows).to(device))
+
+
+# ---- evaluation -------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def compute_baselines(data: Stage1Data, train_rows: np.ndarray, val_rows: np.ndarray,
+                      device: torch.device | str = "cpu", chunk: int = 1024) -> dict:
+    """Held-out cosines of two references: the train-set mean vector, and nearest neighbour on instruction text."""
+    device = torch.device(device)
+    tr, va = torch.from_numpy(train_rows), torch.from_numpy(val_rows)
+    spk, xv, iid = data.spk, data.xvec, data.instruction_id
+    out = {}
+    m_spk, m_xv = _cos_mean(spk[va], spk[tr].mean(0)[None]), _cos_mean(xv[va], xv[tr].mean(0)[None])
+    out.update(mean_spk_cos=m_spk, mean_xvec_cos=m_xv, mean_avg_cos=(m_spk + m_xv) / 2)
+
+    # Nearest neighbour on mean-pooled raw text states.
+    U, H = data.n_instructions, data.hidden_size
+    pooled = torch.zeros(U, H, device=device)
+    for i in range(0, U, chunk):
+        s = data.states[i:i + chunk].to(device).float()
+        ln = data.lengths[i:i + chunk].to(device)
+        mask = (torch.arange(s.shape[1], device=device)[None] < ln[:, None]).float()
+        pooled[i:i + chunk] = (s * mask[..., None]).sum(1) / ln.clamp(min=1)[:, None].float()
+    pooled = F.normalize(pooled, dim=-1)
+    tr_iid, va_iid = iid[tr].to(device), iid[va].to(device)
+    counts = torch.zeros(U, device=device).index_add_(0, tr_iid, torch.ones_like(tr_iid, dtype=torch.float32))
+    sum_spk = torch.zeros(U, spk.shape[1], device=device).index_add_(0, tr_iid, spk[tr].to(device))
+    sum_xv = torch.zeros(U, xv.shape[1], device=device).index_add_(0, tr_iid, xv[tr].to(device))
+    train_u = torch.nonzero(counts > 0).squeeze(1)
+    val_u, inv = torch.unique(va_iid, return_inverse=True)
+    nn_of_val = torch.empty_like(val_u)
+    for i in range(0, len(val_u), chunk):
+        sims = pooled[val_u[i:i + chunk]] @ pooled[train_u].T
+        nn_of_val[i:i + chunk] = train_u[sims.argmax(dim=1)]
+    pred = nn_of_val[inv]
+    n_spk = _cos_mean(spk[va].to(device), sum_spk[pred] / counts[pred, None])
+    n_xv = _cos_mean(xv[va].to(device), sum_xv[pred] / counts[pred, None])
+    out.update(nn_spk_cos=n_spk, nn_xvec_cos=n_xv, nn_avg_cos=(n_spk + n_xv) / 2)
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: Stage1Model, dd: _OnDevice, noise: torch.Tensor, n_steps: int, batch_size: int = 8192) -> dict:
+    """Held-out SpkCos / XVecCos / AvgCos of inferred vectors vs ground truth (fixed noise per row)."""
+    was_training = model.training
+    model.eval()
+    rows = dd.val_rows
+    uniq, inv = torch.unique(dd.iid[rows], return_inverse=True)
+    style_u = torch.cat([model.encoder(dd.states[uniq[i:i + batch_size]], dd.lengths[uniq[i:i + batch_size]])
+                         for i in range(0, len(uniq), batch_size)])
+    spk_sum = xv_sum = 0.0
+    for i in range(0, len(rows), batch_size):
+        r = rows[i:i + batch_size]
+        spk_hat, xv_hat = model.mapper.inference(style_u[inv[i:i + batch_size]], n_steps=n_steps,
+                                                 noise=noise[i:i + batch_size])
+        spk_sum += float(F.cosine_similarity(spk_hat, dd.spk[r], dim=-1).sum())
+        xv_sum += float(F.cosine_similarity(xv_hat, dd.xvec[r], dim=-1).sum())
+    model.train(was_training)
+    n = max(len(rows), 1)
+    s, x = spk_sum / n, xv_sum / n
+    return {"spk_cos": s, "xvec_cos": x, "avg_cos": (s + x) / 2}
+
+
+# ---- report -----------------------------------------------------------------------------------------------------
+def _fmt(x) -> str:
+    return "—" if x is None else (f"{x:.4f}" if isinstance(x, float) else str(x))
+
+
+def _write_report(out: Path, summary: dict) -> None:
+    atomic_write_json(out / "metrics.json", summary)
+    b = summary["baselines"]
+    lines = [
+        "# Stage 1 — instruction mapper", "",
+        f"- data: {summary['data']['n_clips']} clips, {summary['data']['n_instructions']} unique instructions, "
+        f"hidden size {summary['data']['hidden_size']}; train {summary['data']['n_train']} / held-out "
+        f"{summary['data']['n_val']} clips (split by instruction-text hash, salt `{summary['config']['split_salt']}`)",
+        f"- text encoder: `{summary['text_encoder'].get('name')}` (sha256 {str(summary['text_encoder'].get('sha256'))[:12]})",
+        f"- stopped: {summary['stopped_reason']}; steps {summary['global_step']}; non-finite steps skipped "
+        f"{summary['nonfinite_steps']}",
+        f"- selected checkpoint: {summary.get('selected_phase') or '—'} "
+        f"(held-out AvgCos {_fmt((summary.get('best') or {}).get('avg_cos'))})", "",
+        "## Baselines (held-out)", "",
+        "| baseline | SpkCos | XVecCos | AvgCos |", "|---|---|---|---|",
+        f"| train-set mean vector | {_fmt(b['mean_spk_cos'])} | {_fmt(b['mean_xvec_cos'])} | {_fmt(b['mean_avg_cos'])} |",
+        f"| nearest instruction (mean-pooled text states) | {_fmt(b['nn_spk_cos'])} | {_fmt(b['nn_xvec_cos'])} | "
+        f"{_fmt(b['nn_avg_cos'])} |", "",
+        "## Held-out evaluations", "",
+        "| phase | epoch | step | train loss | SpkCos | XVecCos | AvgCos | mean AvgCos | NN AvgCos | best | rows/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for h in summary["history"]:
+        lines.append(
+            f"| {h['phase']} | {h['epoch']:.2f} | {h['step']} | {_fmt(h['train_loss'])} | {_fmt(h['spk_cos'])} | "
+            f"{_fmt(h['xvec_cos'])} | {_fmt(h['avg_cos'])} | {_fmt(b['mean_avg_cos'])} | {_fmt(b['nn_avg_cos'])} | "
+            f"{'*' if h['improved'] else ''} | {h['rows_per_s']:.0f} |")
+    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+
+
+# ---- training ---------------------------------------------------------------------------------------------------
+def train_stage1(data: Stage1Data, cfg: Stage1TrainConfig, mapper_cfg: MapperConfig | None = None,
+                 on_epoch: Callable[[dict], None] | None = None) -> Stage1Result:
+    """Train (or resume) stage 1 on in-memory data; see the module docstring for outputs and semantics.
+
+    ``on_epoch(metrics)`` is called after every held-out evaluation (end of epoch unless ``eval_every``),
+    once the resume checkpoint for that point is on disk.
+    """
+    if cfg.phase not in PHASES:
+        raise ValueError(f"phase must be '1', '2' or 'both', not {cfg.phase!r}")
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = _resolve_device(cfg.device)
+    amp = _resolve_amp(cfg.amp_dtype, device)
+    phases = PHASES[cfg.phase]
+    H = data.hidden_size
+    mapper_cfg = MapperConfig(**asdict(mapper_cfg or MapperConfig()))
+    if mapper_cfg.cond_dim is None:
+        mapper_cfg.cond_dim = H
+    elif mapper_cfg.cond_dim != H:
+        raise ValueError(f"MapperConfig.cond_dim {mapper_cfg.cond_dim} != text encoder hidden size {H}")
+
+    train_rows, val_rows = data.split(cfg.held_out_frac, cfg.split_salt)
+    if len(train_rows) == 0 or len(val_rows) == 0:
+        raise ValueError(f"split gave {len(train_rows)} train / {len(val_rows)} held-out clips; stage 1 needs both "
+                         "(need at least 2 distinct instruction texts and held_out_frac > 0)")
+    n_train, n_val = len(train_rows), len(val_rows)
+    fingerprint = data.fingerprint()
+
+    torch.manual_seed(cfg.seed)
+    encoder = InstructionEncoder(H, states_dtype=data.states.dtype)
+    model = Stage1Model(encoder, InstructionMapper(mapper_cfg)).to(device)
+    dd = _OnDevice.build(data, train_rows, val_rows, device)
+    t0 = time.time()
+    baselines = compute_baselines(data, train_rows, val_rows, device)
+    log.info("stage1 baselines (%.1fs): %s", time.time() - t0, baselines)
+    eval_noise = torch.randn((n_val, mapper_cfg.dim), generator=torch.Generator().manual_seed(cfg.eval_seed)).to(device)
+    noise_gen = torch.Generator(device=device).manual_seed(_mix_seed(cfg.seed, "noise"))
+
+    st = _State()
+    opt: torch.optim.Optimizer | None = None
+    resume_path = out / "last" / RESUME_FILE
+    resumed_opt_state = None
+    if cfg.resume and resume_path.exists():
+        saved = torch.load(resume_path, map_location="cpu", weights_only=True)
+        _check_resume(saved, cfg, mapper_cfg, fingerprint, resume_path)
+        model.load_state_dict(saved["model"])
+        st = _State(**json.loads(saved["state"]))
+        resumed_opt_state = saved["optimizer"] or None  # {} when saved between phases
+        try:
+            noise_gen.set_state(saved["noise_gen"])
+        except (RuntimeError, TypeError):
+            log.warning("resume on another device type: noise RNG reseeded (not bit-identical)")
+        torch.set_rng_state(saved["rng_cpu"])
+        if device.type == "cuda" and saved.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(saved["rng_cuda"], device)
+        log.info("resumed %s at phase %s epoch %d batch %d (step %d)", out, phases[min(st.phase_idx, len(phases) - 1)],
+                 st.epoch, st.batch, st.global_step)
+
+    base_meta = {
+        "text_encoder": data.text_encoder_identity,
+        "cache": data.cache_identity,
+        "train_config": cfg.to_dict(),
+        "data": {"fingerprint": fingerprint, "n_clips": data.n_clips, "n_instructions": data.n_instructions,
+                 "hidden_size": H, "n_train": n_train, "n_val": n_val, "states_dtype": dtype_name(data.states.dtype),
+                 "dropped": data.dropped},
+        "baselines": baselines,
+    }
+
+    def make_opt(phase: str) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(model.parameters(), lr=_lr_at(cfg, phase, 0), weight_decay=cfg.weight_decay,
+                                 fused=True if device.type == "cuda" else None)  # fused: one kernel per step
+
+    def save_resume() -> None:
+        atomic_torch_save({
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict() if opt is not None else {},
+            "state": json.dumps(asdict(st)),
+            "config": json.dumps(cfg.to_dict()),
+            "mapper_config": json.dumps(mapper_cfg.to_dict()),
+            "fingerprint": fingerprint,
+            "noise_gen": noise_gen.get_state(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        }, resume_path)
+        atomic_write_json(out / "last" / "resume.json", {"state": {k: v for k, v in asdict(st).items() if k != "history"},
+                                                         "config": cfg.to_dict()})
+
+    n_batches = math.ceil(n_train / cfg.batch_size)
+    stopped_reason = "done"
+    params = [p for p in model.parameters() if p.requires_grad]
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=cfg.max_steps, initial=st.global_step, unit="step", desc="stage1")
+
+    while st.phase_idx < len(phases) and not st.done:
+        phase = phases[st.phase_idx]
+        if st.phase_finished:  # resumed right after a phase ended
+            st = _advance_phase(st)
+            opt = None
+            st.done = st.phase_idx >= len(phases)
+            save_resume()
+            continue
+        if opt is None:
+            if st.phase_step == 0 and resumed_opt_state is None and phase == "2":
+                _init_phase2(model, cfg, out, phases, data)
+            opt = make_opt(phase)
+            if resumed_opt_state:
+                opt.load_state_dict(resumed_opt_state)
+            resumed_opt_state = None
+        use_pred = phase == "2"
+        acc = {"loss": 0.0, "fm": 0.0, "recon": 0.0, "n": 0, "t": time.time(), "rows": 0}
+        stop_run = False
+        while st.epoch < cfg.epochs and not st.phase_finished:
+            perm = _epoch_perm(cfg.seed, phase, st.epoch, n_train, device)
+            for b in range(st.batch, n_batches):
+                idx = dd.train_rows[perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]]
+                iid = dd.iid[idx]
+                style = model.encoder(dd.states[iid], dd.lengths[iid])  # fp32, autocast off inside
+                with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                    loss, parts = model.mapper.loss(style, dd.spk[idx], dd.xvec[idx], use_predicted_recon=use_pred,
+                                                    generator=noise_gen)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+                vals = torch.stack([loss.detach().float(), parts["fm"].float(), parts["recon"].float(),
+                                    gnorm.detach().float()]).tolist()
+                if all(math.isfinite(v) for v in vals):
+                    lr = _lr_at(cfg, phase, st.phase_step)
+                    for g in opt.param_groups:
+                        g["lr"] = lr
+                    opt.step()
+                    st.consecutive_nonfinite = 0
+                    acc["loss"] += vals[0]
+                    acc["fm"] += vals[1]
+                    acc["recon"] += vals[2]
+                    acc["n"] += 1
+                else:
+                    opt.zero_grad(set_to_none=True)
+                    st.consecutive_nonfinite += 1
+                    st.nonfinite_total += 1
+                    log.warning("non-finite step skipped (phase %s step %d): loss %s grad-norm %s", phase,
+                                st.global_step, vals[0], vals[3])
+                    if st.consecutive_nonfinite > cfg.max_nonfinite:
+                        raise NonFiniteLossError(
+                            f"stage 1: {st.consecutive_nonfinite} consecutive non-finite steps (loss {vals[0]}, "
+                            f"grad norm {vals[3]}) at phase {phase}, epoch {st.epoch}, step {st.global_step}; "
+                            f"{st.nonfinite_total} skipped in total (max_nonfinite={cfg.max_nonfinite}). Check the "
+                            f"data for NaN/inf, lower lr_phase{phase}, or try amp_dtype='fp32'. The last good "
+                            f"resume checkpoint is {resume_path}.")
+                acc["rows"] += int(idx.shape[0])
+                st.batch = b + 1
+                st.global_step += 1
+                st.phase_step += 1
+                if bar is not None:
+                    bar.update(1)
+                epoch_end = st.batch == n_batches
+                if epoch_end:
+                    st.epoch += 1
+                    st.batch = 0
+                hit_max = cfg.max_steps is not None and st.global_step >= cfg.max_steps
+                want_eval = ((cfg.eval_every > 0 and st.phase_step % cfg.eval_every == 0)
+                             or (cfg.eval_every <= 0 and epoch_end)
+                             or (epoch_end and st.epoch >= cfg.epochs) or hit_max)
+                if want_eval:
+                    metrics = _eval_and_checkpoint(model, dd, eval_noise, cfg, st, phase, acc, n_batches, baselines,
+                                                   out, base_meta, opt)
+                    save_resume()
+                    if on_epoch is not None:
+                        on_epoch(metrics)
+                    acc = {"loss": 0.0, "fm": 0.0, "recon": 0.0, "n": 0, "t": time.time(), "rows": 0}
+                elif cfg.checkpoint_every > 0 and st.global_step % cfg.checkpoint_every == 0:
+                    save_resume()
+                if hit_max:
+                    stop_run = True
+                if st.phase_finished or stop_run:
+                    break
+            if st.phase_finished or stop_run:
+                break
+        if stop_run:
+            stopped_reason = "max_steps"
+            break
+        st.phase_finished = True  # early stopping or epochs exhausted
+        st = _advance_phase(st)
+        opt = None
+        if st.phase_idx >= len(phases):
+            st.done = True
+        save_resume()
+    if bar is not None:
+        bar.close()
+
+    summary = _finalize(out, cfg, mapper_cfg, st, baselines, base_meta, stopped_reason)
+    best = summary.get("best") or {}
+    return Stage1Result(
+        run_dir=out, checkpoint=(out / WEIGHTS_FILE) if summary.get("selected_phase") else None, best=best,
+        history=st.history, baselines=baselines, phase_best=st.phase_best, global_step=st.global_step,
+        nonfinite_steps=st.nonfinite_total, stopped_reason=stopped_reason, n_train=n_train, n_val=n_val, model=model)
+
+
+def _advance_phase(st: _State) -> _State:
+    st.phase_idx += 1
+    st.epoch = st.batch = st.phase_step = st.bad_evals = 0
+    st.best_avg = -math.inf  # phase 2 resets best cosine
+    st.phase_finished = False
+    return st
+
+
+def _init_phase2(model: Stage1Model, cfg: Stage1TrainConfig, out: Path, phases: tuple, data: Stage1Data) -> None:
+    src = out / "phase1" if "1" in phases else (Path(cfg.init_from) if cfg.init_from else out / "phase1")
+    try:
+        resolve_checkpoint(src)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"phase 2 starts from phase 1's best checkpoint, but {e}. Run phase '1' (or 'both') "
+                                "first, or set init_from to a stage-1 checkpoint.") from None
+    meta = read_meta(src)
+    check_text_encoder_identity(meta.get("text_encoder"), data.text_encoder_identity,
+                                what=f"the phase-1 checkpoint {src}")
+    load_weights(model, resolve_checkpoint(src)[0], strict=True)
+    log.info("phase 2 starts from %s (AvgCos %s)", src, meta.get("best_avg_cos"))
+
+
+def _eval_and_checkpoint(model, dd, eval_noise, cfg, st: _State, phase: str, acc: dict, n_batches: int,
+                         baselines: dict, out: Path, base_meta: dict, opt) -> dict:
+    t_train = time.time() - acc["t"]
+    m = evaluate(model, dd, eval_noise, cfg.eval_n_steps, cfg.eval_batch_size)
+    improved = m["avg_cos"] > st.best_avg + cfg.min_delta
+    n = max(acc["n"], 1)
+    row = {
+        "phase": phase, "epoch": st.epoch + st.batch / n_batches, "step": st.global_step, "phase_step": st.phase_step,
+        "train_loss": acc["loss"] / n if acc["n"] else None, "train_fm": acc["fm"] / n if acc["n"] else None,
+        "train_recon": acc["recon"] / n if acc["n"] else None, **m, "improved": bool(improved),
+        "lr": opt.param_groups[0]["lr"], "rows_per_s": acc["rows"] / max(t_train, 1e-9),
+        "train_seconds": t_train, "nonfinite_total": st.nonfinite_total, **baselines,
+    }
+    if improved:
+        st.best_avg = m["avg_cos"]
+        st.bad_evals = 0
+    else:
+        st.bad_evals += 1
+    row["best_avg_cos"] = st.best_avg
+    st.history.append(row)
+    st.last_eval_step = st.global_step
+    if improved:
+        st.phase_best[phase] = row
+        save_checkpoint(model, out / f"phase{phase}", {
+            **base_meta, "phase": phase, "epoch": row["epoch"], "step": st.global_step, "best_avg_cos": st.best_avg,
+            "metrics": row, "history": st.history,
+        })
+    if st.bad_evals >= cfg.patience or (st.epoch >= cfg.epochs and st.batch == 0):
+        st.phase_finished = True
+    log.info("stage1 phase %s epoch %.2f step %d: SpkCos %.4f XVecCos %.4f AvgCos %.4f%s (mean %.4f, NN %.4f)",
+             phase, row["epoch"], st.global_step, m["spk_cos"], m["xvec_cos"], m["avg_cos"], " *" if improved else "",
+             baselines["mean_avg_cos"], baselines["nn_avg_cos"])
+    return row
+
+
+def _finalize(out: Path, cfg, mapper_cfg, st: _State, baselines: dict, base_meta: dict, stopped_reason: str) -> dict:
+    selected = None
+    if st.phase_best:
+        selected = max(st.phase_best, key=lambda p: st.phase_best[p]["avg_cos"])
+        if (out / f"phase{selected}" / META_FILE).exists():
+            copy_checkpoint(out / f"phase{selected}", out, {"selected_phase": selected, "phase_best": st.phase_best,
+                                                             "history": st.history})
+    summary = {
+        "config": cfg.to_dict(), "mapper_config": mapper_cfg.to_dict(), "text_encoder": base_meta["text_encoder"],
+        "cache": base_meta["cache"], "data": base_meta["data"], "baselines": baselines, "history": st.history,
+        "phase_best": st.phase_best, "selected_phase": selected,
+        "best": st.phase_best.get(selected) if selected else None, "global_step": st.global_step,
+        "nonfinite_steps": st.nonfinite_total, "stopped_reason": stopped_reason,
+    }
+    _write_report(out, summary)
+    return summary
+
+
+def _check_resume(saved: dict, cfg: Stage1TrainConfig, mapper_cfg: MapperConfig, fingerprint: str, path: Path) -> None:
+    problems = []
+    if saved.get("fingerprint") != fingerprint:
+        problems.append("the data differ (clip ids / instructions / text encoder)")
+    old = json.loads(saved["config"])
+    for k in _RESUME_KEYS:
+        if old.get(k) != getattr(cfg, k):
+            problems.append(f"{k}: {old.get(k)!r} then, {getattr(cfg, k)!r} now")
+    old_m = json.loads(saved["mapper_config"])
+    if old_m != mapper_cfg.to_dict():
+        problems.append(f"mapper config: {old_m} then, {mapper_cfg.to_dict()} now")
+    if problems:
+        raise ValueError(f"cannot resume {path}: it is another run — " + "; ".join(problems)
+                         + ". Use a new out_dir, or resume=False to start over in this one.")
+
+
+# Fields accepted by Stage1TrainConfig (for CLI layers that build it from dicts).
+CONFIG_FIELDS = tuple(f.name for f in fields(Stage1TrainConfig))
