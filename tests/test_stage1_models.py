@@ -13,12 +13,7 @@ from tts_core.mapper.pooling import pad_states
 from tts_core.stage1.synthetic import HashingTextEncoder
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _states(B=5, L=9, H=32, seed=0):

@@ -22,13 +22,7 @@ from tts_core.stage1.synthetic import HashingTextEncoder, make_synthetic_data
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops on a shared 2-core machine: one intra-op thread is faster than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SMALL_MAPPER = MapperConfig(hidden_dim=64, n_blocks=2)

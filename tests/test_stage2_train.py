@@ -80,13 +80,7 @@ def _save_stage1(path, identity: ModelIdentity, seed: int = 0):
     return path
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops on a shared 2-core machine: one intra-op thread is several times faster than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -397,7 +391,7 @@ def test_ddp_two_ranks_gloo_keep_replicas_identical(env, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(script), json.dumps(cfg), str(tmp_path / "w")]
     subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    s0, s1 = torch.load(tmp_path / "w.2.0.pt"), torch.load(tmp_path / "w.2.1.pt")
+    s0, s1 = torch.load(tmp_path / "w.2.0.pt", weights_only=True), torch.load(tmp_path / "w.2.1.pt", weights_only=True)
     assert all(torch.equal(s0[k], s1[k]) for k in s0)
     assert json.loads((tmp_path / "run" / "latest.json").read_text())["step"] == 4
     # resume the 2-rank run on 1 rank: global step kept, the epoch continues where it stopped

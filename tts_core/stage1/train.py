@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tts_core.precision import resolve_amp
 from tts_core.mapper.flow import InstructionMapper, MapperConfig
 from tts_core.mapper.pooling import InstructionEncoder, check_text_encoder_identity
 from tts_core.stage1.artifacts import (
@@ -144,16 +145,6 @@ def _resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def _resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    if name in ("bf16", "bfloat16"):
-        return torch.bfloat16
-    if name in ("fp32", "float32", "none"):
-        return None
-    raise ValueError(f"amp_dtype {name!r}: use 'bf16', 'fp32' or 'auto' (fp16 needs loss scaling, not supported)")
 
 
 def _mix_seed(*parts) -> int:
@@ -302,7 +293,7 @@ def train_stage1(data: Stage1Data, cfg: Stage1TrainConfig, mapper_cfg: MapperCon
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = _resolve_device(cfg.device)
-    amp = _resolve_amp(cfg.amp_dtype, device)
+    amp = resolve_amp(cfg.amp_dtype, device)
     phases = PHASES[cfg.phase]
     H = data.hidden_size
     mapper_cfg = MapperConfig(**asdict(mapper_cfg or MapperConfig()))

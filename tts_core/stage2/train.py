@@ -77,6 +77,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from tts_core.precision import resolve_amp
 from tts_core.mapper.pooling import TextEncoderMismatchError, check_text_encoder_identity
 from tts_core.stage2.data import (
     BucketBatchSampler, batch_rng, mix_seed, prepare_stage2_data,
@@ -381,16 +382,6 @@ def _init_distributed(device_pref: str) -> tuple[_Dist, torch.device]:
     return d, torch.device("cpu")
 
 
-def _resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    if name in ("bf16", "bfloat16"):
-        return torch.bfloat16
-    if name in ("fp32", "float32", "none"):
-        return None
-    raise ValueError(f"amp_dtype {name!r}: use 'auto', 'bf16' or 'fp32'")
-
-
 # ---- small file helpers ----------------------------------------------------------------------------------------
 def _atomic_write_text(path: Path, text: str) -> None:
     from tts_core.stage2.text_tokenizer import _atomic_write_text as w
@@ -606,7 +597,7 @@ def _train(cfg, on_log, dd: _Dist, device: torch.device, CacheReader, load_mappe
     if dd.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     dd.barrier()
-    amp = _resolve_amp(cfg.amp_dtype, device)
+    amp = resolve_amp(cfg.amp_dtype, device)
 
     # -- store, frozen stage-1 models, identity ----------------------------------------------------------
     reader = CacheReader(cfg.store)
