@@ -12,15 +12,10 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
     update_progress_artifact
 
 from cache import norms
+from flows.keys import artifact_key
 from cache.build import BuildConfig, BuildProgress, BuildSummary, build_cache
 from cache.schema import Normalisation
 from tts_core.frozen import FrozenModelsConfig
-
-
-def _artifact_key(store: str) -> str:
-    """Artifact keys allow lowercase letters, digits and dashes only."""
-    stem = Path(store.rstrip("/")).name.lower()
-    return "".join(c if c.isalnum() else "-" for c in stem).strip("-") or "cache"
 
 
 @flow(name="build-cache", log_prints=True)
@@ -30,7 +25,7 @@ def build_cache_flow(metadata: str, audio_root: str, store: str, chatterbox_dir:
                      chunk_rows: int = 256) -> dict:
     """Validate every clip, run the frozen models once, write the Zarr store and its norm report."""
     logger = get_run_logger()
-    key = _artifact_key(store)
+    key = artifact_key(store)
     bar = create_progress_artifact(0.0, key=f"{key}-progress", description=f"build-cache {store}")
 
     def on_progress(p: BuildProgress) -> None:

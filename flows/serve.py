@@ -19,10 +19,15 @@ DEFAULT_API = "http://127.0.0.1:4200/api"
 
 def deployments():
     from flows.build_cache import build_cache_flow
+    from flows.train_stage1 import train_stage1_flow
 
-    return [build_cache_flow.to_deployment(name=DEPLOYMENT_NAME,
-                                           description="prefect deployment run build-cache/- -p metadata=... "
-                                                       "-p audio_root=... -p store=...")]
+    return [
+        build_cache_flow.to_deployment(name=DEPLOYMENT_NAME, description="prefect deployment run build-cache/- "
+                                       "-p metadata=... -p audio_root=... -p store=..."),
+        train_stage1_flow.to_deployment(name=DEPLOYMENT_NAME, description="prefect deployment run train-stage1/- "
+                                        "-p store=cache/NAME.zarr -p out=runs/mapper [-p phase=both] "
+                                        "[-p train='{\"epochs\": 50}']"),
+    ]
 
 
 def _api_up(url: str) -> bool:

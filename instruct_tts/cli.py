@@ -56,6 +56,40 @@ def _cmd_report(a: argparse.Namespace) -> int:
     return 0
 
 
+def _stage1_overrides(a: argparse.Namespace) -> tuple[dict, dict]:
+    train = {k: v for k, v in dict(
+        epochs=a.epochs, batch_size=a.batch_size, lr_phase1=a.lr, lr_phase2=a.lr_phase2, patience=a.patience,
+        eval_every=a.eval_every, max_steps=a.max_steps, device=a.device, held_out_frac=a.held_out_frac,
+        init_from=str(a.init_from) if a.init_from else None, seed=a.seed, resume=not a.restart,
+        amp_dtype=a.amp).items() if v is not None}
+    mapper = {k: v for k, v in dict(hidden_dim=a.hidden_dim, n_blocks=a.n_blocks, temperature=a.temperature,
+                                    n_steps=a.n_steps).items() if v is not None}
+    return train, mapper
+
+
+def _cmd_train_stage1(a: argparse.Namespace) -> int:
+    train, mapper = _stage1_overrides(a)
+    if a.no_prefect:
+        from tts_core.mapper.flow import MapperConfig
+        from tts_core.stage1.from_store import train_stage1_from_store
+        from tts_core.stage1.train import Stage1TrainConfig
+
+        cfg = Stage1TrainConfig(**{**train, "out_dir": str(a.out), "phase": a.phase, "progress": sys.stderr.isatty()})
+        res = train_stage1_from_store(a.store, cfg, MapperConfig.from_dict(mapper), on_epoch=_print_stage1_row)
+    else:
+        from flows.train_stage1 import train_stage1_flow
+
+        train_stage1_flow(store=a.store, out=str(a.out), phase=a.phase, train=train, mapper=mapper)
+    print(Path(a.out, "report.md").read_text())
+    return 0
+
+
+def _print_stage1_row(r: dict) -> None:
+    print(f"  phase {r['phase']} epoch {r['epoch']:.2f} step {r['step']}: SpkCos {r['spk_cos']:.4f} "
+          f"XVecCos {r['xvec_cos']:.4f} AvgCos {r['avg_cos']:.4f}{' *' if r['improved'] else ''} "
+          f"(mean {r['mean_avg_cos']:.4f}, NN {r['nn_avg_cos']:.4f})", file=sys.stderr, flush=True)
+
+
 def _cmd_demo(a: argparse.Namespace) -> int:
     from instruct_tts.demo import DemoConfig, run_demo
 
@@ -94,6 +128,32 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-prefect", action="store_true", help="run without Prefect (no artifacts)")
     b.set_defaults(func=_cmd_build_cache)
 
+    t1 = sub.add_parser("train-stage1", help="train the instruction mapper (pooling + flow matching) on a cache")
+    t1.add_argument("--store", required=True, help="cache store written by build-cache")
+    t1.add_argument("--out", type=Path, required=True, help="run directory (resumed when it holds the same run)")
+    t1.add_argument("--phase", choices=("1", "2", "both"), default="both")
+    t1.add_argument("--init-from", type=Path, help="--phase 2 alone: the stage-1 run to start from")
+    t1.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    t1.add_argument("--amp", choices=("auto", "bf16", "fp32"), help="mapper autocast (pooling is always fp32)")
+    g = t1.add_argument_group("training (defaults: tts_core.stage1.Stage1TrainConfig)")
+    g.add_argument("--epochs", type=int, help="max epochs per phase")
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", type=float, help="phase-1 learning rate")
+    g.add_argument("--lr-phase2", type=float)
+    g.add_argument("--patience", type=int, help="evaluations without AvgCos improvement before a phase stops")
+    g.add_argument("--eval-every", type=int, help="steps between held-out evaluations (0: every epoch)")
+    g.add_argument("--max-steps", type=int, help="stop the whole run after this many steps")
+    g.add_argument("--held-out-frac", type=float)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--restart", action="store_true", help="ignore out/last and start over")
+    m = t1.add_argument_group("mapper (defaults: tts_core.mapper.MapperConfig)")
+    m.add_argument("--hidden-dim", type=int)
+    m.add_argument("--n-blocks", type=int)
+    m.add_argument("--n-steps", type=int, help="Euler steps at inference")
+    m.add_argument("--temperature", type=float, help="sampling temperature of the flow's start noise")
+    t1.add_argument("--no-prefect", action="store_true", help="run without Prefect (no artifacts)")
+    t1.set_defaults(func=_cmd_train_stage1)
+
     r = sub.add_parser("report", help="print (and save beside the store) the norm-statistics report")
     r.add_argument("store")
     r.add_argument("--max-rows", type=int, default=200_000, help="seeded sample size for huge stores")
@@ -115,9 +175,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:
         from cache.store import StoreError
+        from tts_core.mapper.pooling import TextEncoderMismatchError
         from tts_core.metadata import MetadataError
+        from tts_core.stage1.from_store import Stage1InputError
+        from tts_core.checkpoint import ResumeMismatchError
+        from tts_core.stage1.train import NonFiniteLossError
 
-        if isinstance(exc, (StoreError, FileNotFoundError, MetadataError)):
+        if isinstance(exc, (StoreError, FileNotFoundError, MetadataError, Stage1InputError, TextEncoderMismatchError,
+                            NonFiniteLossError, ResumeMismatchError)):
             print(f"instruct-tts: error: {exc}", file=sys.stderr)
             return 2
         raise

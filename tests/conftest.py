@@ -24,3 +24,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+DEMO_STORE_CLIPS = 300  # the demo's own size: stage-1 learning is judged on what `instruct-tts demo` trains on
+
+
+@pytest.fixture(scope="session")
+def demo_store(tmp_path_factory):
+    """A real cache of the embedded default (espeak-ng corpus, embedded frozen models), built once per session.
+
+    Returns (store_url, corpus). Tests must not write into it."""
+    from cache.build import BuildConfig, build_cache
+    from tts_core.corpus.demo import DemoCorpusConfig, generate_demo_corpus
+    from tts_core.frozen import FrozenModelsConfig
+
+    root = tmp_path_factory.mktemp("demo_store")
+    corpus = generate_demo_corpus(DemoCorpusConfig(out_dir=root / "corpus", n_clips=DEMO_STORE_CLIPS, seed=0))
+    store = str(root / "demo.zarr")
+    build_cache(BuildConfig(metadata=corpus.metadata, audio_root=corpus.root, store=store, models=FrozenModelsConfig()))
+    return store, corpus

@@ -1,5 +1,6 @@
 """The Prefect layer: the build-cache flow publishes its artifacts; deployments are named as documented."""
 import asyncio
+import json
 
 import pytest
 
@@ -40,4 +41,35 @@ def test_deployments_are_flow_slash_dash():
     from flows.serve import deployments
 
     names = [f"{d.flow_name}/{d.name}" for d in deployments()]
-    assert "build-cache/-" in names and DEPLOYMENT_NAME == "-"
+    assert {"build-cache/-", "train-stage1/-"} <= set(names) and DEPLOYMENT_NAME == "-"
+
+
+def test_train_stage1_flow_publishes_progress_report_and_tensorboard(demo_store, tmp_path, prefect_harness):
+    from prefect.client.orchestration import get_client
+
+    from flows.train_stage1 import train_stage1_flow
+
+    store, _ = demo_store
+    out = tmp_path / "mapper"
+    res = train_stage1_flow(store=store, out=str(out), phase="both",
+                            train={"max_steps": 12, "eval_every": 4, "batch_size": 32, "device": "cpu",
+                                   "min_phase_steps": 0, "epochs": 1},
+                            mapper={"hidden_dim": 32, "n_blocks": 1})
+    assert res["global_step"] == 12 and (out / "mapper.safetensors").is_file()
+
+    async def read():
+        async with get_client() as c:
+            return {a.key: a for a in await c.read_artifacts()}
+
+    arts = asyncio.run(read())
+    assert arts["mapper-stage1-progress"].data == 100.0
+    md = arts["mapper-stage1-report"].data
+    assert "train-set mean vector" in md and "nearest instruction" in md and "AvgCos" in md
+    assert "avg_cos" in arts["mapper-stage1-history"].data
+    # TensorBoard scalars written at each evaluation step
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(out / "tb"))
+    ea.Reload()
+    steps = [e.step for e in ea.Scalars("stage1/avg_cos")]
+    assert steps == [h["step"] for h in json.loads((out / "metrics.json").read_text())["history"]]

@@ -34,7 +34,8 @@ def _small_data():
 
 def _small_cfg(out, **kw) -> Stage1TrainConfig:
     base = dict(out_dir=str(out), phase="both", batch_size=32, lr_phase1=2e-3, lr_phase2=5e-4, epochs=1,
-                eval_every=5, patience=10, warmup_steps=3, held_out_frac=0.2, eval_batch_size=256, device="cpu")
+                eval_every=5, patience=10, warmup_steps=3, held_out_frac=0.2, eval_batch_size=256, device="cpu",
+                min_phase_steps=0)
     base.update(kw)
     return Stage1TrainConfig(**base)
 

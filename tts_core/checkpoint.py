@@ -96,3 +96,7 @@ def load_state_dict_safetensors(module: torch.nn.Module, path: str | Path, stric
     """
     state, _ = read_state_dict_safetensors(path)
     return module.load_state_dict(state, strict=strict)
+
+
+class ResumeMismatchError(ValueError):
+    """The run directory holds a resume checkpoint of another run (other data or config)."""

@@ -37,7 +37,13 @@ Training (linear path, x0 ~ N(0, I), t ~ U(0, 1)):
   ``x1_pred = x_t + v_pred·(1 − t)``, so L_recon also trains the velocity field and the heads see the
   kind of (imperfect) vector they will decode at inference. Run with a lower LR, from phase 1's best.
 
-Inference: ``n_steps`` Euler steps of dx/dt = v(x, t, c) from x0 ~ N(0, I) (seeded), heads, L2-norm.
+Inference: ``n_steps`` Euler steps of dx/dt = v(x, t, c) from x0 = temperature · ε, ε ~ N(0, I) (seeded),
+heads, L2-norm. A sampling temperature below 1 (as in Glow-TTS / Matcha-TTS) trades diversity for
+fidelity while the flow is still broad: on the embedded corpus (300 clips, 600 steps) held-out AvgCos was
+0.745 at temperature 1.0, 0.815 at 0.3, 0.80 at 0.6. Exactly 0 is *not* safe: training never shows the
+network x_t ≈ 0 at t = 0, and an early checkpoint once decoded AvgCos −0.03 from it. The default 0.3 is
+used everywhere the mapper is sampled (held-out evaluation, stage-2 instruction rows,
+synthesis), so what stage 1 reports is what stage 2 and synthesis get.
 Always fp32 with autocast disabled, so the vectors stage 2 consumes do not depend on its AMP context.
 """
 from __future__ import annotations
@@ -74,6 +80,7 @@ class MapperConfig:
     spk_dim: int = SPK_DIM
     xvec_dim: int = XVEC_DIM
     n_steps: int = 10  # Euler steps at inference
+    temperature: float = 0.3  # inference starts from temperature · N(0, I) (module doc, "Inference")
     recon_weight: float = 1.0
     target_scale: float = 16.0  # x1 = target_scale · make_target(...): fixed, ≈ noise scale (module doc)
 
@@ -192,14 +199,19 @@ class InstructionMapper(nn.Module):
 
     @torch.no_grad()
     def sample(self, style_emb: torch.Tensor, n_steps: int | None = None, seed: int | None = None,
-               generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Euler integration of the flow from x0 to x1 → float32 [B, dim] (fp32, autocast disabled)."""
+               generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+               temperature: float | None = None) -> torch.Tensor:
+        """Euler integration of the flow from x0 = temperature · noise → float32 [B, dim] (fp32, no autocast).
+
+        ``noise`` (or the seeded / generated draw) is standard normal; the temperature is applied here so
+        every caller samples the same distribution."""
         dev = self.out_proj.weight.device
         style_emb = torch.as_tensor(style_emb).to(device=dev, dtype=torch.float32)
         n = int(n_steps or self.config.n_steps)
         B = style_emb.shape[0]
         x = (noise.to(device=dev, dtype=torch.float32) if noise is not None
              else self.initial_noise(B, seed=seed, generator=generator))
+        x = x * float(self.config.temperature if temperature is None else temperature)
         with torch.autocast(device_type=dev.type, enabled=False):
             for i in range(n):
                 t = torch.full((B,), i / n, device=dev)
@@ -208,13 +220,14 @@ class InstructionMapper(nn.Module):
 
     @torch.no_grad()
     def inference(self, style_emb: torch.Tensor, n_steps: int | None = None, seed: int | None = None,
-                  generator: torch.Generator | None = None, noise: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                  generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+                  temperature: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """style_emb [B, H] → (spk_emb [B, 256], x_vector [B, 192]), L2-normalised, float32.
 
         Deterministic for a given ``seed`` (drawn on the CPU, so the same on any device), ``generator``
         or explicit ``noise`` [B, dim]. With none of them, the device's default RNG is used.
         """
-        x = self.sample(style_emb, n_steps=n_steps, seed=seed, generator=generator, noise=noise)
+        x = self.sample(style_emb, n_steps=n_steps, seed=seed, generator=generator, noise=noise,
+                        temperature=temperature)
         with torch.autocast(device_type=x.device.type, enabled=False):
             return self.decode(x)

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tts_core.checkpoint import ResumeMismatchError
 from tts_core.precision import resolve_amp
 from tts_core.mapper.flow import InstructionMapper, MapperConfig
 from tts_core.mapper.pooling import InstructionEncoder, check_text_encoder_identity
@@ -76,10 +77,11 @@ class Stage1TrainConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 100  # linear warm-up at the start of each phase, then constant
     grad_clip: float = 1.0  # 0 = no clipping
-    epochs: int = 20  # max epochs per phase
+    epochs: int = 20  # max epochs per phase (but see min_phase_steps)
+    min_phase_steps: int = 1000  # a phase runs at least this many steps before `epochs` can end it (small caches)
     patience: int = 3  # evaluations without AvgCos improvement before a phase stops
     min_delta: float = 1e-4
-    eval_every: int = 0  # optimizer steps between evaluations; 0 = at the end of every epoch
+    eval_every: int = 0  # optimizer steps between evaluations; 0 = every max(epoch, 100 steps)
     checkpoint_every: int = 0  # extra resume checkpoints every N steps (0 = only at evaluations)
     max_steps: int | None = None  # stop the whole run after this many steps (both phases counted)
     seed: int = 0
@@ -161,6 +163,15 @@ def _lr_at(cfg: Stage1TrainConfig, phase: str, phase_step: int) -> float:
     if cfg.warmup_steps > 0 and phase_step < cfg.warmup_steps:
         return base * (phase_step + 1) / cfg.warmup_steps
     return base
+
+
+def _epochs_done(cfg: Stage1TrainConfig, st: "_State") -> bool:
+    return st.epoch >= cfg.epochs and st.phase_step >= cfg.min_phase_steps
+
+
+def _eval_interval(cfg: Stage1TrainConfig, n_batches: int) -> int:
+    """Steps between evaluations: as configured, else one epoch but never under 100 steps (tiny caches)."""
+    return cfg.eval_every if cfg.eval_every > 0 else max(n_batches, 100)
 
 
 def _cos_mean(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -369,6 +380,7 @@ def train_stage1(data: Stage1Data, cfg: Stage1TrainConfig, mapper_cfg: MapperCon
                                                          "config": cfg.to_dict()})
 
     n_batches = math.ceil(n_train / cfg.batch_size)
+    eval_interval = _eval_interval(cfg, n_batches)
     stopped_reason = "done"
     params = [p for p in model.parameters() if p.requires_grad]
     bar = None
@@ -394,7 +406,7 @@ def train_stage1(data: Stage1Data, cfg: Stage1TrainConfig, mapper_cfg: MapperCon
         use_pred = phase == "2"
         acc = {"loss": 0.0, "fm": 0.0, "recon": 0.0, "n": 0, "t": time.time(), "rows": 0}
         stop_run = False
-        while st.epoch < cfg.epochs and not st.phase_finished:
+        while not _epochs_done(cfg, st) and not st.phase_finished:
             perm = _epoch_perm(cfg.seed, phase, st.epoch, n_train, device)
             for b in range(st.batch, n_batches):
                 idx = dd.train_rows[perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]]
@@ -442,9 +454,7 @@ def train_stage1(data: Stage1Data, cfg: Stage1TrainConfig, mapper_cfg: MapperCon
                     st.epoch += 1
                     st.batch = 0
                 hit_max = cfg.max_steps is not None and st.global_step >= cfg.max_steps
-                want_eval = ((cfg.eval_every > 0 and st.phase_step % cfg.eval_every == 0)
-                             or (cfg.eval_every <= 0 and epoch_end)
-                             or (epoch_end and st.epoch >= cfg.epochs) or hit_max)
+                want_eval = (st.phase_step % eval_interval == 0 or (epoch_end and _epochs_done(cfg, st)) or hit_max)
                 if want_eval:
                     metrics = _eval_and_checkpoint(model, dd, eval_noise, cfg, st, phase, acc, n_batches, baselines,
                                                    out, base_meta, opt)
@@ -529,7 +539,7 @@ def _eval_and_checkpoint(model, dd, eval_noise, cfg, st: _State, phase: str, acc
             **base_meta, "phase": phase, "epoch": row["epoch"], "step": st.global_step, "best_avg_cos": st.best_avg,
             "metrics": row, "history": st.history,
         })
-    if st.bad_evals >= cfg.patience or (st.epoch >= cfg.epochs and st.batch == 0):
+    if st.bad_evals >= cfg.patience or (_epochs_done(cfg, st) and st.batch == 0):
         st.phase_finished = True
     log.info("stage1 phase %s epoch %.2f step %d: SpkCos %.4f XVecCos %.4f AvgCos %.4f%s (mean %.4f, NN %.4f)",
              phase, row["epoch"], st.global_step, m["spk_cos"], m["xvec_cos"], m["avg_cos"], " *" if improved else "",
@@ -567,7 +577,7 @@ def _check_resume(saved: dict, cfg: Stage1TrainConfig, mapper_cfg: MapperConfig,
     if old_m != mapper_cfg.to_dict():
         problems.append(f"mapper config: {old_m} then, {mapper_cfg.to_dict()} now")
     if problems:
-        raise ValueError(f"cannot resume {path}: it is another run — " + "; ".join(problems)
+        raise ResumeMismatchError(f"cannot resume {path}: it is another run — " + "; ".join(problems)
                          + ". Use a new out_dir, or resume=False to start over in this one.")
 
 

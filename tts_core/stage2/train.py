@@ -77,6 +77,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from tts_core.checkpoint import ResumeMismatchError
 from tts_core.precision import resolve_amp
 from tts_core.mapper.pooling import TextEncoderMismatchError, check_text_encoder_identity
 from tts_core.stage2.data import (
@@ -473,7 +474,7 @@ def _check_resume(saved_cfg: dict, cfg: Stage2Config, saved_fp: str, fingerprint
         if saved_cfg.get(k) != now.get(k):
             problems.append(f"{k}: {saved_cfg.get(k)!r} then, {now.get(k)!r} now")
     if problems:
-        raise ValueError(f"cannot resume {path}: it is another run — " + "; ".join(problems)
+        raise ResumeMismatchError(f"cannot resume {path}: it is another run — " + "; ".join(problems)
                          + ". Use a new out_dir, or resume=False to start over in this one.")
 
 
