@@ -90,6 +90,37 @@ def _print_stage1_row(r: dict) -> None:
           f"(mean {r['mean_avg_cos']:.4f}, NN {r['nn_avg_cos']:.4f})", file=sys.stderr, flush=True)
 
 
+def _cmd_train_stage2(a: argparse.Namespace) -> int:
+    train = {k: v for k, v in dict(
+        instruction_prob=a.instruction_prob, batch_size=a.batch_size, max_tokens=a.max_tokens, lr=a.lr,
+        adapter_lr=a.adapter_lr, epochs=a.epochs, max_steps=a.max_steps, warmup_steps=a.warmup_steps,
+        device=a.device, amp_dtype=a.amp, compile=a.compile or None, save_every=a.save_every,
+        log_every=a.log_every, text_tokenizer=a.text_tokenizer, seed=a.seed,
+        resume=False if a.restart else None).items() if v is not None}
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if a.no_prefect or distributed:  # a flow run is one process; torchrun ranks run the library directly
+        from tts_core.stage2.train import Stage2Config, train_stage2
+        from tts_core.tb import logged
+
+        cfg = Stage2Config.from_dict({**train, "store": a.store, "mapper_dir": str(a.mapper), "t3": a.t3,
+                                      "out_dir": str(a.out), "progress": sys.stderr.isatty()})
+        with logged(a.out / "tb", "stage2", _print_stage2_row) as hook:
+            res = train_stage2(cfg, on_log=hook)
+        if res.checkpoint is None:  # not rank 0
+            return 0
+    else:
+        from flows.train_stage2 import train_stage2_flow
+
+        train_stage2_flow(store=a.store, mapper=str(a.mapper), t3=a.t3, out=str(a.out), train=train)
+    print(Path(a.out, "report.md").read_text())
+    return 0
+
+
+def _print_stage2_row(r: dict) -> None:
+    print(f"  step {r['step']}/{r.get('total_steps')}: loss {r['loss']:.4f} (text {r['loss_text']:.4f}, speech "
+          f"{r['loss_speech']:.4f}) {r['tokens_per_s']:.0f} tok/s", file=sys.stderr, flush=True)
+
+
 def _cmd_demo(a: argparse.Namespace) -> int:
     from instruct_tts.demo import DemoConfig, run_demo
 
@@ -154,6 +185,32 @@ def build_parser() -> argparse.ArgumentParser:
     t1.add_argument("--no-prefect", action="store_true", help="run without Prefect (no artifacts)")
     t1.set_defaults(func=_cmd_train_stage1)
 
+    t2 = sub.add_parser("train-stage2", help="train T3 + AdaRMSNorm adapters (torchrun for multi-GPU)")
+    t2.add_argument("--store", required=True, help="cache store written by build-cache")
+    t2.add_argument("--mapper", type=Path, required=True, help="stage-1 run directory (train-stage1 --out)")
+    t2.add_argument("--t3", required=True,
+                    help="Chatterbox checkpoint dir (t3_cfg.safetensors [+ tokenizer.json]) or a preset: tiny, 520m")
+    t2.add_argument("--out", type=Path, required=True, help="run directory (resumed when it holds the same run)")
+    t2.add_argument("--device", help="cpu, cuda (default: cuda when available; under torchrun: cuda:LOCAL_RANK)")
+    t2.add_argument("--amp", choices=("auto", "bf16", "fp32"))
+    g = t2.add_argument_group("training (defaults: tts_core.stage2.Stage2Config)")
+    g.add_argument("--instruction-prob", type=float, help="share of instruction-only rows (default 0.5)")
+    g.add_argument("--batch-size", type=int, help="rows per batch per rank (the cap with --max-tokens)")
+    g.add_argument("--max-tokens", type=int, help="token budget per batch (length bucketing)")
+    g.add_argument("--lr", type=float)
+    g.add_argument("--adapter-lr", type=float)
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--max-steps", type=int)
+    g.add_argument("--warmup-steps", type=int)
+    g.add_argument("--save-every", type=int)
+    g.add_argument("--log-every", type=int)
+    g.add_argument("--text-tokenizer", help="'bytes' or a tokenizer.json (default: the --t3 dir's)")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--compile", action="store_true", help="torch.compile the Llama backbone")
+    g.add_argument("--restart", action="store_true", help="ignore checkpoints in --out and start over")
+    t2.add_argument("--no-prefect", action="store_true", help="run without Prefect (always so under torchrun)")
+    t2.set_defaults(func=_cmd_train_stage2)
+
     r = sub.add_parser("report", help="print (and save beside the store) the norm-statistics report")
     r.add_argument("store")
     r.add_argument("--max-rows", type=int, default=200_000, help="seeded sample size for huge stores")
@@ -180,9 +237,11 @@ def main(argv: list[str] | None = None) -> int:
         from tts_core.stage1.from_store import Stage1InputError
         from tts_core.checkpoint import ResumeMismatchError
         from tts_core.stage1.train import NonFiniteLossError
+        from tts_core.stage2.text_tokenizer import TextTokenizerError
+        from tts_core.stage2.train import Stage2NonFiniteError
 
         if isinstance(exc, (StoreError, FileNotFoundError, MetadataError, Stage1InputError, TextEncoderMismatchError,
-                            NonFiniteLossError, ResumeMismatchError)):
+                            NonFiniteLossError, ResumeMismatchError, Stage2NonFiniteError, TextTokenizerError)):
             print(f"instruct-tts: error: {exc}", file=sys.stderr)
             return 2
         raise

@@ -1,12 +1,20 @@
 """`instruct-tts demo`: the whole pipeline on the embedded default, from nothing.
 
-Generates the espeak-ng demo corpus, builds its cache with the embedded frozen models, and prints
-where everything is. Every step is idempotent, so running it twice does no work the second time.
+corpus (espeak-ng) → build-cache → train-stage1 (mapper) → train-stage2 (tiny T3) → synthesize, each
+through its Prefect flow (or the same library call with --no-prefect), with settings sized for a CPU in
+minutes. Every step resumes / is idempotent, so a second run only redoes what is missing.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
+
+# CPU-sized settings, chosen on the 300-clip corpus (docs/benchmarks.md, "Stage 1").
+DEMO_STAGE1 = dict(batch_size=64, lr_phase1=3e-3, lr_phase2=7.5e-4, epochs=1, min_phase_steps=400, eval_every=100,
+                   patience=3, held_out_frac=0.2, warmup_steps=50)
+DEMO_MAPPER = dict(hidden_dim=256, n_blocks=4)
+DEMO_STAGE2 = dict(batch_size=16, lr=2e-3, warmup_steps=30, epochs=100, max_steps=300, log_every=25, save_every=100)
 
 
 @dataclass
@@ -21,34 +29,80 @@ class DemoConfig:
 def run_demo(cfg: DemoConfig) -> int:
     from tts_core.corpus.demo import DemoCorpusConfig, generate_demo_corpus
 
-    print(f"[1/2] demo corpus: {cfg.n_clips} clips -> {cfg.out / 'corpus'}")
+    n = 4
+    print(f"[1/{n}] demo corpus: {cfg.n_clips} clips -> {cfg.out / 'corpus'}")
     corpus = generate_demo_corpus(DemoCorpusConfig(out_dir=cfg.out / "corpus", n_clips=cfg.n_clips, seed=cfg.seed))
     store = str(cfg.out / "cache" / "demo.zarr")
-    print(f"[2/2] build-cache -> {store}")
-    args = dict(metadata=str(corpus.metadata), audio_root=str(corpus.root), store=store, device=cfg.device)
+    mapper_dir, t3_dir = cfg.out / "runs" / "mapper", cfg.out / "runs" / "t3"
+
+    print(f"[2/{n}] build-cache -> {store}")
+    _build_cache(cfg, corpus, store)
+    print(f"[3/{n}] train-stage1 -> {mapper_dir}")
+    _stage1(cfg, store, mapper_dir)
+    print(f"[4/{n}] train-stage2 (tiny T3) -> {t3_dir}")
+    _stage2(cfg, store, mapper_dir, t3_dir)
+    _summary(store, mapper_dir, t3_dir)
+    return 0
+
+
+def _build_cache(cfg: DemoConfig, corpus, store: str) -> None:
     if cfg.use_prefect:
         from flows.build_cache import build_cache_flow
 
-        build_cache_flow(**args)
-    else:
-        from cache.build import BuildConfig, build_cache
-        from tts_core.frozen import FrozenModelsConfig
+        build_cache_flow(metadata=str(corpus.metadata), audio_root=str(corpus.root), store=store, device=cfg.device)
+        return
+    from cache.build import BuildConfig, build_cache
+    from tts_core.frozen import FrozenModelsConfig
 
-        summary = build_cache(BuildConfig(metadata=Path(args["metadata"]), audio_root=Path(args["audio_root"]),
-                                          store=store, models=FrozenModelsConfig(device=cfg.device)))
-        for line in summary.lines():
-            print(line)
+    for line in build_cache(BuildConfig(metadata=corpus.metadata, audio_root=corpus.root, store=store,
+                                        models=FrozenModelsConfig(device=cfg.device))).lines():
+        print(line)
+
+
+def _stage1(cfg: DemoConfig, store: str, out: Path) -> None:
+    train = {**DEMO_STAGE1, "device": cfg.device, "seed": cfg.seed}
+    if cfg.use_prefect:
+        from flows.train_stage1 import train_stage1_flow
+
+        train_stage1_flow(store=store, out=str(out), phase="both", train=train, mapper=DEMO_MAPPER)
+        return
+    from tts_core.mapper.flow import MapperConfig
+    from tts_core.stage1.from_store import train_stage1_from_store
+    from tts_core.stage1.train import Stage1TrainConfig
+
+    train_stage1_from_store(store, Stage1TrainConfig(**train, out_dir=str(out), phase="both"),
+                            MapperConfig.from_dict(DEMO_MAPPER))
+
+
+def _stage2(cfg: DemoConfig, store: str, mapper_dir: Path, out: Path) -> None:
+    train = {**DEMO_STAGE2, "device": cfg.device, "seed": cfg.seed}
+    if cfg.use_prefect:
+        from flows.train_stage2 import train_stage2_flow
+
+        train_stage2_flow(store=store, mapper=str(mapper_dir), t3="tiny", out=str(out), train=train)
+        return
+    from tts_core.stage2.train import Stage2Config, train_stage2
+
+    train_stage2(Stage2Config.from_dict({**train, "store": store, "mapper_dir": str(mapper_dir), "t3": "tiny",
+                                         "out_dir": str(out)}))
+
+
+def _summary(store: str, mapper_dir: Path, t3_dir: Path) -> None:
     from cache.reader import CacheReader
-    from cache import norms
-    import json
 
     report = json.loads(Path(store, "norm_report.json").read_text())
     r = CacheReader(store)
+    s1 = json.loads((mapper_dir / "metrics.json").read_text())
+    best, b = s1["best"], s1["baselines"]
+    hist = [json.loads(l) for l in (t3_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
     print("\n== demo done ==")
-    print(f"store:        {store}  ({len(r)} OK clips, {r.n_instructions} unique instructions)")
-    print(f"norm report:  {store}/norm_report.md  (.json, .png)")
-    for v in ("spk", "xvec"):
-        s = report[v]
-        print(f"  {s['name']:8s} mean norm {s['mean']:.3f} ± {s['std']:.3f}: {s['verdict']}")
-    print(f"  verdict: {report['verdict']} — {report['recommendation']}")
-    return 0
+    print(f"store:   {store}  ({len(r)} OK clips, {r.n_instructions} unique instructions); "
+          f"norm verdict: {report['verdict']}  ({store}/norm_report.md)")
+    print(f"stage 1: {mapper_dir}/report.md  held-out SpkCos {best['spk_cos']:.3f} XVecCos {best['xvec_cos']:.3f} "
+          f"(train-set mean {b['mean_spk_cos']:.3f} / {b['mean_xvec_cos']:.3f}, nearest instruction "
+          f"{b['nn_spk_cos']:.3f} / {b['nn_xvec_cos']:.3f})")
+    if hist:
+        print(f"stage 2: {t3_dir}/report.md  loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f} "
+              f"over {hist[-1]['step']} steps (speech: instruction rows {hist[-1]['speech_inst'] or 0:.3f}, "
+              f"audio rows {hist[-1]['speech_audio'] or 0:.3f})")
+    print("TensorBoard: uv run tensorboard --logdir demo/runs")

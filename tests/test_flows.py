@@ -73,3 +73,26 @@ def test_train_stage1_flow_publishes_progress_report_and_tensorboard(demo_store,
     ea.Reload()
     steps = [e.step for e in ea.Scalars("stage1/avg_cos")]
     assert steps == [h["step"] for h in json.loads((out / "metrics.json").read_text())["history"]]
+
+
+def test_train_stage2_flow_publishes_progress_and_report(demo_store, tmp_path, prefect_harness):
+    from prefect.client.orchestration import get_client
+
+    from flows.train_stage1 import train_stage1_flow
+    from flows.train_stage2 import train_stage2_flow
+
+    store, _ = demo_store
+    train_stage1_flow(store=store, out=str(tmp_path / "m"), phase="1",
+                      train={"max_steps": 4, "eval_every": 4, "batch_size": 32, "device": "cpu"},
+                      mapper={"hidden_dim": 32, "n_blocks": 1})
+    res = train_stage2_flow(store=store, mapper=str(tmp_path / "m"), t3="tiny", out=str(tmp_path / "t3run"),
+                            train={"max_steps": 4, "log_every": 2, "batch_size": 8, "device": "cpu"})
+    assert res["global_step"] == 4 and res["trainable"]["adapters"] > 0
+
+    async def read():
+        async with get_client() as c:
+            return {a.key: a for a in await c.read_artifacts()}
+
+    arts = asyncio.run(read())
+    assert arts["t3run-stage2-progress"].data == 100.0
+    assert "adapter" in arts["t3run-stage2-report"].data

@@ -6,8 +6,11 @@ Loops stay free of logging backends: they call a hook with a flat dict per evalu
 from __future__ import annotations
 
 import math
+import os
+from contextlib import contextmanager
 from numbers import Real
 from pathlib import Path
+from typing import Callable
 
 
 class TensorBoardHook:
@@ -26,3 +29,19 @@ class TensorBoardHook:
 
     def close(self) -> None:
         self.writer.close()
+
+
+@contextmanager
+def logged(log_dir: str | Path | None, prefix: str, *hooks: Callable[[dict], None] | None):
+    """One hook calling ``hooks`` in order plus TensorBoard under ``log_dir`` (None: no TensorBoard).
+    Under torchrun only rank 0 writes events (the loops call hooks on rank 0 only anyway)."""
+    calls = [h for h in hooks if h is not None]
+    tb = None
+    if log_dir is not None and os.environ.get("RANK", "0") == "0":
+        tb = TensorBoardHook(log_dir, prefix)
+        calls.append(tb)
+    try:
+        yield lambda row: [h(row) for h in calls] and None
+    finally:
+        if tb is not None:
+            tb.close()

@@ -12,6 +12,7 @@ from typing import Callable
 from tts_core.mapper.flow import MapperConfig
 from tts_core.stage1.data import Stage1Data
 from tts_core.stage1.train import Stage1Result, Stage1TrainConfig, train_stage1
+from tts_core.tb import logged
 
 
 class Stage1InputError(ValueError):
@@ -36,15 +37,5 @@ def load_stage1_data(store: str) -> Stage1Data:
 def train_stage1_from_store(store: str, cfg: Stage1TrainConfig, mapper_cfg: MapperConfig | None = None,
                             on_epoch: Callable[[dict], None] | None = None, tensorboard: bool = True) -> Stage1Result:
     data = load_stage1_data(store)
-    hooks = [h for h in (on_epoch,) if h is not None]
-    tb = None
-    if tensorboard:
-        from tts_core.tb import TensorBoardHook
-
-        tb = TensorBoardHook(Path(cfg.out_dir) / "tb", prefix="stage1")
-        hooks.append(tb)
-    try:
-        return train_stage1(data, cfg, mapper_cfg, on_epoch=lambda row: [h(row) for h in hooks])
-    finally:
-        if tb is not None:
-            tb.close()
+    with logged(Path(cfg.out_dir) / "tb" if tensorboard else None, "stage1", on_epoch) as hook:
+        return train_stage1(data, cfg, mapper_cfg, on_epoch=hook)

@@ -270,7 +270,7 @@ def build_t3(spec: str, instruction_dim: int, seed: int = 0) -> tuple[T3, Any, P
         report = load_t3_checkpoint(model, ck)  # strict; only adapter keys may be missing
         return model, report, ck.parent
     if spec not in PRESETS:
-        raise ValueError(f"--t3 {spec!r} is neither a directory with {T3_WEIGHTS} nor a preset {PRESETS}")
+        raise FileNotFoundError(f"--t3 {spec!r} is neither a directory with {T3_WEIGHTS} nor a preset {PRESETS}")
     cfg = T3Config.preset(spec, instruction_dim=instruction_dim)
     torch.manual_seed(seed)
     return T3(cfg), None, None
@@ -849,7 +849,7 @@ def _log_row(acc: torch.Tensor, t_start: float, tokens: float, padded: float, gn
         return a[x] / a[y] if a[y] > 0 else None
 
     return {
-        "step": st.global_step, "epoch": st.epoch + st.position / max(nb, 1), "lr": lr,
+        "step": st.global_step, "total_steps": st.total_steps, "epoch": st.epoch + st.position / max(nb, 1), "lr": lr,
         "loss": a["loss"] / n, "loss_text": a["loss_text"] / n, "loss_speech": a["loss_speech"] / n,
         "text_inst": ratio("ce_text_inst", "n_text_inst"), "text_audio": ratio("ce_text_audio", "n_text_audio"),
         "speech_inst": ratio("ce_speech_inst", "n_speech_inst"),

@@ -1,0 +1,40 @@
+"""Prefect flow `train-stage2`: thin orchestration around tts_core.stage2.train_stage2.
+
+Progress artifact from the loop's log rows, then the run report (losses of instruction vs audio rows,
+trainable parameters per group, load report) as a markdown artifact. TensorBoard under ``out/tb``.
+Multi-GPU runs use torchrun with the CLI (README), not this flow: one flow run is one process.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+
+from flows.keys import artifact_key
+from tts_core.stage2.train import Stage2Config, train_stage2
+from tts_core.tb import logged
+
+
+@flow(name="train-stage2", log_prints=True)
+def train_stage2_flow(store: str, mapper: str, t3: str, out: str, train: dict | None = None) -> dict:
+    """Train T3 + adapters. ``t3``: a Chatterbox checkpoint dir or a preset (``tiny``, ``520m``);
+    ``train`` overrides Stage2Config fields (e.g. ``{"max_steps": 2000, "instruction_prob": 0.5}``)."""
+    logger = get_run_logger()
+    cfg = Stage2Config.from_dict({**(train or {}), "store": store, "mapper_dir": mapper, "t3": t3, "out_dir": out})
+    key = artifact_key(out, "stage2")
+    bar = create_progress_artifact(0.0, key=f"{key}-progress", description=f"train-stage2 {out}")
+
+    def on_log(row: dict) -> None:
+        update_progress_artifact(bar, 100.0 * row["step"] / max(row.get("total_steps") or 1, 1),
+                                 description=f"step {row['step']}: loss {row['loss']:.3f}")
+        logger.info("step %d: loss %.4f (text %.4f, speech %.4f), %.0f tokens/s", row["step"], row["loss"],
+                    row["loss_text"], row["loss_speech"], row["tokens_per_s"])
+
+    with logged(Path(out) / "tb", "stage2", on_log) as hook:
+        res = train_stage2(cfg, on_log=hook)
+    update_progress_artifact(bar, 100.0, description=f"done ({res.stopped_reason})")
+    create_markdown_artifact(Path(res.run_dir, "report.md").read_text(), key=f"{key}-report",
+                             description="stage-2 losses, parameter groups, load report")
+    return {"run_dir": str(res.run_dir), "global_step": res.global_step, "stopped_reason": res.stopped_reason,
+            "trainable": res.trainable}
