@@ -20,6 +20,7 @@ DEFAULT_API = "http://127.0.0.1:4200/api"
 def deployments():
     from flows.build_cache import build_cache_flow
     from flows.train_stage1 import train_stage1_flow
+    from flows.train_stage2 import train_stage2_flow
 
     return [
         build_cache_flow.to_deployment(name=DEPLOYMENT_NAME, description="prefect deployment run build-cache/- "
@@ -27,6 +28,9 @@ def deployments():
         train_stage1_flow.to_deployment(name=DEPLOYMENT_NAME, description="prefect deployment run train-stage1/- "
                                         "-p store=cache/NAME.zarr -p out=runs/mapper [-p phase=both] "
                                         "[-p train='{\"epochs\": 50}']"),
+        train_stage2_flow.to_deployment(name=DEPLOYMENT_NAME, description="prefect deployment run train-stage2/- "
+                                        "-p store=cache/NAME.zarr -p mapper=runs/mapper -p t3=DIR_OR_PRESET "
+                                        "-p out=runs/t3"),
     ]
 
 
