@@ -131,7 +131,7 @@ def _build_locked(cfg: BuildConfig, progress: Callable[[BuildProgress], None]) -
 
     ve, xv = load_speaker_models(cfg.models)
     text_enc = load_text_encoder(cfg.models)
-    tokenizer, fitted = load_speech_tokenizer(cfg.models, _saved_codebook(cfg.store),
+    tokenizer, fitted = load_speech_tokenizer(cfg.models, saved_codebook(cfg.store),
                                               lambda: _fit_clips(cfg, lines))
     identities = {"voice_encoder": ve.identity, "xvector": xv.identity,
                   "speech_tokenizer": tokenizer.identity, "text_encoder": text_enc.identity}
@@ -186,7 +186,7 @@ def _build_locked(cfg: BuildConfig, progress: Callable[[BuildProgress], None]) -
         report_paths=paths, model_names={k: v.name for k, v in identities.items()})
 
 
-def _saved_codebook(url: str) -> dict | None:
+def saved_codebook(url: str) -> dict | None:
     try:
         g = open_group(url, "r")
     except StoreError:

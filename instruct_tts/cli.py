@@ -121,6 +121,36 @@ def _print_stage2_row(r: dict) -> None:
           f"{r['loss_speech']:.4f}) {r['tokens_per_s']:.0f} tok/s", file=sys.stderr, flush=True)
 
 
+def _cmd_synthesize(a: argparse.Namespace) -> int:
+    import numpy as np
+
+    from tts_core.synthesis import SamplingConfig, Synthesizer
+
+    if a.instruction is None and a.reference is None:
+        print("instruct-tts: error: give --instruction, --reference, or both", file=sys.stderr)
+        return 2
+    ref = None
+    if a.reference is not None:
+        from tts_core.audio import load_clip
+
+        ref = load_clip(a.reference).wav
+    synth = Synthesizer.from_run(a.run, device=a.device, text_encoder=a.text_encoder, chatterbox_dir=a.chatterbox_dir)
+    sampling = SamplingConfig(temperature=a.temperature, top_p=a.top_p, min_p=a.min_p,
+                              repetition_penalty=a.repetition_penalty, cfg_weight=a.cfg_weight,
+                              max_new_tokens=a.max_new_tokens)
+    res = synth.synthesize(a.text, instruction=a.instruction, reference=ref, seed=a.seed, sampling=sampling)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(a.out.with_suffix(".tokens.npy"), res.tokens)
+    if res.wav is not None:
+        import soundfile as sf
+
+        sf.write(str(a.out), res.wav, res.sample_rate)
+        print(f"{a.out}: {len(res.wav) / res.sample_rate:.2f} s, {len(res.tokens)} speech tokens")
+    else:
+        print(f"{a.out.with_suffix('.tokens.npy')}: {len(res.tokens)} speech tokens (no vocoder for S3 tokens yet)")
+    return 0
+
+
 def _cmd_demo(a: argparse.Namespace) -> int:
     from instruct_tts.demo import DemoConfig, run_demo
 
@@ -136,6 +166,8 @@ def _cmd_serve(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tts_core.t3.model import DEFAULT_SAMPLING
+
     p = argparse.ArgumentParser(prog="instruct-tts", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -211,6 +243,25 @@ def build_parser() -> argparse.ArgumentParser:
     t2.add_argument("--no-prefect", action="store_true", help="run without Prefect (always so under torchrun)")
     t2.set_defaults(func=_cmd_train_stage2)
 
+    sy = sub.add_parser("synthesize", help="text + instruction (and/or a reference clip) -> wav")
+    sy.add_argument("--run", type=Path, required=True, help="train-stage2 --out directory")
+    sy.add_argument("--text", required=True)
+    sy.add_argument("--instruction", help="plain-language voice description")
+    sy.add_argument("--reference", type=Path, help="reference clip (Chatterbox-style audio conditioning)")
+    sy.add_argument("--out", type=Path, required=True, help="output .wav (tokens beside it as .tokens.npy)")
+    sy.add_argument("--seed", type=int, default=0)
+    sy.add_argument("--device", default="cpu")
+    sy.add_argument("--text-encoder", type=Path, help="local text-encoder dir the run was trained over")
+    sy.add_argument("--chatterbox-dir", type=Path, help="dir with ve/s3gen safetensors (production runs)")
+    sp = sy.add_argument_group("sampling (Chatterbox defaults)")
+    sp.add_argument("--temperature", type=float, default=DEFAULT_SAMPLING["temperature"])
+    sp.add_argument("--top-p", type=float, default=DEFAULT_SAMPLING["top_p"])
+    sp.add_argument("--min-p", type=float, default=DEFAULT_SAMPLING["min_p"])
+    sp.add_argument("--repetition-penalty", type=float, default=DEFAULT_SAMPLING["repetition_penalty"])
+    sp.add_argument("--cfg-weight", type=float, default=DEFAULT_SAMPLING["cfg_weight"])
+    sp.add_argument("--max-new-tokens", type=int, default=1000)
+    sy.set_defaults(func=_cmd_synthesize)
+
     r = sub.add_parser("report", help="print (and save beside the store) the norm-statistics report")
     r.add_argument("store")
     r.add_argument("--max-rows", type=int, default=200_000, help="seeded sample size for huge stores")
@@ -239,9 +290,10 @@ def main(argv: list[str] | None = None) -> int:
         from tts_core.stage1.train import NonFiniteLossError
         from tts_core.stage2.text_tokenizer import TextTokenizerError
         from tts_core.stage2.train import Stage2NonFiniteError
+        from tts_core.audio import AudioRejected
 
         if isinstance(exc, (StoreError, FileNotFoundError, MetadataError, Stage1InputError, TextEncoderMismatchError,
-                            NonFiniteLossError, ResumeMismatchError, Stage2NonFiniteError, TextTokenizerError)):
+                            NonFiniteLossError, ResumeMismatchError, Stage2NonFiniteError, TextTokenizerError, AudioRejected)):
             print(f"instruct-tts: error: {exc}", file=sys.stderr)
             return 2
         raise

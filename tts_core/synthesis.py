@@ -1,0 +1,168 @@
+"""Text + instruction (and/or a reference clip) → speech tokens → waveform, from a stage-2 run directory.
+
+The conditioning is the one training used, row kind by row kind (`tts_core.stage2.data.build_batch`):
+
+* instruction only: speaker embedding = the frozen mapper's sample for the instruction, no prompt tokens,
+  instruction embedding on (adapters active);
+* reference only (Chatterbox's way): speaker embedding = VoiceEncoder of the clip, its first
+  ``prompt_len`` speech tokens as the prompt, instruction masked out;
+* both: the reference's speaker embedding and prompt, with the instruction embedding on.
+
+The token sequence comes from `T3.generate`, i.e. `tts_core.t3.layout.build_generation_layout` — the
+same layout module that builds training batches; there is no second prefix builder here.
+
+Vocoder: the embedded default decodes the embedded mel-VQ tokens (codebook read from the run's cache
+store) with Griffin-Lim. S3 tokens (production) need S3Gen, not wired yet: `synthesize` then returns the
+tokens and ``wav=None``, and says so.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tts_core.t3.model import DEFAULT_SAMPLING, T3Cond
+
+log = logging.getLogger(__name__)
+
+RUN_FILES = ("t3_cfg.safetensors", "stage2.json")
+
+
+class RunIncompleteError(FileNotFoundError):
+    """A run directory is missing what synthesis needs; the message lists each missing piece."""
+
+
+@dataclass
+class SamplingConfig:
+    """Chatterbox's sampling options, with its defaults."""
+
+    temperature: float = DEFAULT_SAMPLING["temperature"]
+    top_p: float = DEFAULT_SAMPLING["top_p"]
+    min_p: float = DEFAULT_SAMPLING["min_p"]
+    repetition_penalty: float = DEFAULT_SAMPLING["repetition_penalty"]
+    cfg_weight: float = DEFAULT_SAMPLING["cfg_weight"]
+    max_new_tokens: int = 1000
+
+
+@dataclass
+class SynthResult:
+    tokens: np.ndarray  # speech tokens, EOS removed
+    wav: np.ndarray | None  # float32 mono, None without a vocoder
+    sample_rate: int
+    speaker_emb: np.ndarray  # [256] what T3 was conditioned on
+    x_vector: np.ndarray | None  # [192] the mapper's x-vector (instruction) — S3Gen's speaker slot
+
+
+def _resolve_mapper_dir(run_dir: Path, recorded: str) -> Path:
+    for cand in (Path(recorded), run_dir.parent / Path(recorded).name, run_dir / "mapper"):
+        if (cand / "mapper.safetensors").is_file() or cand.suffix == ".safetensors" and cand.is_file():
+            return cand
+    raise RunIncompleteError(f"{run_dir}: the stage-1 mapper it was trained with ({recorded}) is not there, nor "
+                             f"beside the run; copy the mapper run directory to {run_dir / 'mapper'}")
+
+
+class Synthesizer:
+    def __init__(self, t3, tokenizer, encoder, mapper, text_encoder, meta: dict, vocoder=None, speech_tokenizer=None,
+                 voice_encoder=None):
+        self.t3, self.tokenizer, self.encoder, self.mapper = t3, tokenizer, encoder, mapper
+        self.text_encoder, self.meta, self.vocoder = text_encoder, meta, vocoder
+        self.speech_tokenizer, self.voice_encoder = speech_tokenizer, voice_encoder
+        self.prompt_len = int(meta.get("prompt_len") or t3.cfg.speech_cond_prompt_len)
+        self.emotion_adv = float(meta.get("emotion_adv", 0.5))
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, device: str = "cpu", text_encoder: str | Path | None = None,
+                 chatterbox_dir: str | Path | None = None) -> "Synthesizer":
+        from tts_core.frozen import FrozenModelsConfig, load_speaker_models, load_text_encoder
+        from tts_core.stage1.artifacts import load_mapper
+        from tts_core.stage2.text_tokenizer import load_text_tokenizer
+        from tts_core.stage2.train import build_t3
+
+        run_dir = Path(run_dir)
+        missing = [f for f in RUN_FILES if not (run_dir / f).is_file()]
+        if missing:
+            raise RunIncompleteError(f"{run_dir} is not a finished train-stage2 run: missing {', '.join(missing)} "
+                                     "(pass the --out of train-stage2, or a checkpoints/step_* directory in it)")
+        meta = json.loads((run_dir / "stage2.json").read_text())
+        models = FrozenModelsConfig(chatterbox_dir=Path(chatterbox_dir) if chatterbox_dir else None,
+                                    text_encoder=Path(text_encoder) if text_encoder else None, device=device)
+        te = load_text_encoder(models)
+        encoder, mapper, _ = load_mapper(_resolve_mapper_dir(run_dir, meta["mapper"]["dir"]),
+                                         text_encoder_identity=te, device=device)
+        t3, _, _ = build_t3(str(run_dir), int(meta["instruction_dim"]))
+        t3.to(device).eval()
+        tokenizer = load_text_tokenizer(None, t3_dir=run_dir)
+        speech_tok = vocoder = None
+        codebook = _store_codebook(meta.get("store", {}).get("url"))
+        if codebook is not None:
+            from tts_core.encoders.mel_vq import MelVQTokenizer
+
+            speech_tok = vocoder = MelVQTokenizer.from_arrays(**codebook)
+        elif models.s3gen_path():
+            from tts_core.encoders.s3_tokenizer import S3SpeechTokenizer
+
+            speech_tok = S3SpeechTokenizer.from_s3gen(models.s3gen_path(), device=device)
+        ve, _ = load_speaker_models(models)
+        return cls(t3, tokenizer, encoder, mapper, te, meta, vocoder=vocoder, speech_tokenizer=speech_tok,
+                   voice_encoder=ve)
+
+    # ---- conditioning ------------------------------------------------------------------------------
+    def condition(self, instruction: str | None = None, reference: np.ndarray | None = None, seed: int = 0
+                  ) -> tuple[T3Cond, np.ndarray | None]:
+        """T3Cond for one utterance (module doc) and the mapper's x-vector (instruction given)."""
+        if instruction is None and reference is None:
+            raise ValueError("give an instruction, a reference clip, or both")
+        xv = None
+        style = torch.zeros(1, self.encoder.hidden_size)
+        if instruction is not None:
+            with torch.no_grad():
+                style = self.encoder.encode_text([instruction], self.text_encoder).float()
+                spk, xv_t = self.mapper.inference(style, seed=seed)
+            xv = xv_t[0].cpu().numpy()
+        if reference is not None:
+            if self.speech_tokenizer is None:
+                raise RunIncompleteError("a reference clip needs the speech tokenizer: pass --chatterbox-dir")
+            spk = torch.from_numpy(np.asarray(self.voice_encoder.embed_batch([reference]), np.float32))
+            prompt = np.asarray(self.speech_tokenizer.tokenize_batch([reference])[0])[: self.prompt_len]
+            prompt_t, plen = torch.from_numpy(prompt.astype(np.int64))[None], torch.tensor([len(prompt)])
+        else:
+            prompt_t, plen = torch.zeros(1, 1, dtype=torch.long), torch.tensor([0])
+        inst = torch.tensor([instruction is not None])
+        cond = T3Cond(speaker_emb=spk.reshape(1, -1), prompt_tokens=prompt_t, prompt_lens=plen,
+                      emotion_adv=self.emotion_adv, instruction_emb=style if instruction is not None
+                      else torch.zeros_like(style), instruction_mask=inst)
+        return cond, xv
+
+    # ---- synthesis ----------------------------------------------------------------------------------
+    def synthesize(self, text: str, instruction: str | None = None, reference: np.ndarray | None = None,
+                   seed: int = 0, sampling: SamplingConfig = SamplingConfig()) -> SynthResult:
+        cond, xv = self.condition(instruction, reference, seed)
+        ids = self.tokenizer.encode(text)
+        g = torch.Generator(device=self.t3.device).manual_seed(int(seed))
+        s = asdict(sampling)
+        max_new = s.pop("max_new_tokens")
+        tokens = self.t3.generate(torch.tensor([ids]), torch.tensor([len(ids)]), cond, max_new_tokens=max_new,
+                                  generator=g, **s)[0].cpu().numpy()
+        wav, sr = None, 16_000
+        if self.vocoder is not None:
+            usable = tokens[tokens < self.vocoder.vocab_size]
+            if len(usable) < len(tokens):
+                log.warning("%d of %d tokens are outside the %d-token codebook: dropped", len(tokens) - len(usable),
+                            len(tokens), self.vocoder.vocab_size)
+            wav, sr = self.vocoder.decode(usable), self.vocoder.config.sample_rate
+        else:
+            log.warning("no vocoder for these tokens (S3Gen not wired): returning speech tokens only")
+        return SynthResult(tokens=tokens, wav=wav, sample_rate=sr,
+                           speaker_emb=cond.speaker_emb[0].float().cpu().numpy(), x_vector=xv)
+
+
+def _store_codebook(url: str | None) -> dict | None:
+    if not url:
+        return None
+    from cache.build import saved_codebook
+
+    return saved_codebook(url)
