@@ -20,6 +20,7 @@ DEFAULT_API = "http://127.0.0.1:4200/api"
 def deployments():
     from flows.build_cache import build_cache_flow
     from flows.train_stage1 import train_stage1_flow
+    from flows.evaluate import evaluate_flow, synthesize_flow
     from flows.train_stage2 import train_stage2_flow
 
     return [
@@ -31,6 +32,11 @@ def deployments():
         train_stage2_flow.to_deployment(name=DEPLOYMENT_NAME, description="prefect deployment run train-stage2/- "
                                         "-p store=cache/NAME.zarr -p mapper=runs/mapper -p t3=DIR_OR_PRESET "
                                         "-p out=runs/t3"),
+        synthesize_flow.to_deployment(name=DEPLOYMENT_NAME, description="prefect deployment run synthesize/- "
+                                      "-p run_dir=runs/t3 -p batch=lines.txt -p out_dir=wavs  "
+                                      "(lines: text|instruction[|reference.wav])"),
+        evaluate_flow.to_deployment(name=DEPLOYMENT_NAME, description="prefect deployment run evaluate/- "
+                                    "-p run_dir=runs/t3 -p store=cache/NAME.zarr"),
     ]
 
 

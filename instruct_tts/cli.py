@@ -151,6 +151,27 @@ def _cmd_synthesize(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(a: argparse.Namespace) -> int:
+    from tts_core.evaluation.run import EvalConfig
+
+    cfg = EvalConfig(run_dir=str(a.run), store=a.store, out_dir=str(a.out) if a.out else None,
+                     n_instructions=a.n, seed=a.seed, device=a.device, max_new_tokens=a.max_new_tokens,
+                     text_encoder=str(a.text_encoder) if a.text_encoder else None,
+                     chatterbox_dir=str(a.chatterbox_dir) if a.chatterbox_dir else None)
+    if a.no_prefect:
+        from tts_core.evaluation.run import evaluate_run, to_markdown
+
+        summary = evaluate_run(cfg, on_item=lambda k, n, r: print(f"  {k}/{n} {r['instruction']}", file=sys.stderr))
+    else:
+        from flows.evaluate import evaluate_flow
+        from tts_core.evaluation.run import to_markdown
+
+        summary = evaluate_flow(**{k: v for k, v in vars(cfg).items()})
+    print(to_markdown(summary))
+    print(f"wavs, eval.json, eval.png: {summary['out_dir']}")
+    return 0
+
+
 def _cmd_demo(a: argparse.Namespace) -> int:
     from instruct_tts.demo import DemoConfig, run_demo
 
@@ -261,6 +282,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--cfg-weight", type=float, default=DEFAULT_SAMPLING["cfg_weight"])
     sp.add_argument("--max-new-tokens", type=int, default=1000)
     sy.set_defaults(func=_cmd_synthesize)
+
+    ev = sub.add_parser("evaluate", help="synthesize held-out instructions and measure what they asked for")
+    ev.add_argument("--run", type=Path, required=True, help="train-stage2 --out directory")
+    ev.add_argument("--store", required=True, help="the cache the run was trained on (held-out instructions)")
+    ev.add_argument("--out", type=Path, help="default: RUN/eval")
+    ev.add_argument("--n", type=int, default=24, help="held-out instructions to synthesize")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--max-new-tokens", type=int, default=400)
+    ev.add_argument("--text-encoder", type=Path)
+    ev.add_argument("--chatterbox-dir", type=Path)
+    ev.add_argument("--no-prefect", action="store_true")
+    ev.set_defaults(func=_cmd_evaluate)
 
     r = sub.add_parser("report", help="print (and save beside the store) the norm-statistics report")
     r.add_argument("store")

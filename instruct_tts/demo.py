@@ -21,6 +21,7 @@ DEMO_INSTRUCTIONS = {  # contrasting voices, phrased unlike any training instruc
     "high_fast_female": "A woman with a bright, high voice, talking fast.",
     "quiet_mid_female": "A soft-spoken woman at a moderate pitch and an ordinary pace, very quiet.",
 }
+DEMO_EVAL_N = 12
 DEMO_MAX_TOKENS = 200  # 8 s at 25 tokens/s: the tiny CPU model rarely stops on its own yet
 
 
@@ -36,7 +37,7 @@ class DemoConfig:
 def run_demo(cfg: DemoConfig) -> int:
     from tts_core.corpus.demo import DemoCorpusConfig, generate_demo_corpus
 
-    n = 5
+    n = 6
     print(f"[1/{n}] demo corpus: {cfg.n_clips} clips -> {cfg.out / 'corpus'}")
     corpus = generate_demo_corpus(DemoCorpusConfig(out_dir=cfg.out / "corpus", n_clips=cfg.n_clips, seed=cfg.seed))
     store = str(cfg.out / "cache" / "demo.zarr")
@@ -50,7 +51,12 @@ def run_demo(cfg: DemoConfig) -> int:
     _stage2(cfg, store, mapper_dir, t3_dir)
     print(f"[5/{n}] synthesize {len(DEMO_INSTRUCTIONS)} contrasting instructions -> {cfg.out / 'wavs'}")
     wavs = _synthesize(cfg, t3_dir)
+    print(f"[6/{n}] evaluate {DEMO_EVAL_N} held-out instructions -> {t3_dir / 'eval'}")
+    evaluation = _evaluate(cfg, store, t3_dir)
     _summary(store, mapper_dir, t3_dir, wavs)
+    from tts_core.evaluation.run import to_markdown
+
+    print("\n" + to_markdown(evaluation))
     return 0
 
 
@@ -111,6 +117,18 @@ def _synthesize(cfg: DemoConfig, t3_dir: Path) -> dict[str, Path]:
         sf.write(str(path), res.wav, res.sample_rate)
         out[instruction] = path
     return out
+
+
+def _evaluate(cfg: DemoConfig, store: str, t3_dir: Path) -> dict:
+    from tts_core.evaluation.run import EvalConfig, evaluate_run
+
+    ecfg = EvalConfig(run_dir=str(t3_dir), store=store, n_instructions=DEMO_EVAL_N, seed=cfg.seed, device=cfg.device,
+                      max_new_tokens=DEMO_MAX_TOKENS)
+    if cfg.use_prefect:
+        from flows.evaluate import evaluate_flow
+
+        return evaluate_flow(**vars(ecfg))
+    return evaluate_run(ecfg)
 
 
 def _summary(store: str, mapper_dir: Path, t3_dir: Path, wavs: dict[str, Path]) -> None:

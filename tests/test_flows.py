@@ -1,6 +1,7 @@
 """The Prefect layer: the build-cache flow publishes its artifacts; deployments are named as documented."""
 import asyncio
 import json
+from pathlib import Path
 
 import pytest
 
@@ -41,7 +42,7 @@ def test_deployments_are_flow_slash_dash():
     from flows.serve import deployments
 
     names = [f"{d.flow_name}/{d.name}" for d in deployments()]
-    assert {"build-cache/-", "train-stage1/-", "train-stage2/-"} <= set(names) and DEPLOYMENT_NAME == "-"
+    assert {"build-cache/-", "train-stage1/-", "train-stage2/-", "synthesize/-", "evaluate/-"} <= set(names) and DEPLOYMENT_NAME == "-"
 
 
 def test_train_stage1_flow_publishes_progress_report_and_tensorboard(demo_store, tmp_path, prefect_harness):
@@ -93,6 +94,19 @@ def test_train_stage2_flow_publishes_progress_and_report(demo_store, tmp_path, p
         async with get_client() as c:
             return {a.key: a for a in await c.read_artifacts()}
 
+    # the synthesize deployment's flow: a batch file -> wavs + a table artifact; a bad line is named
+    from flows.evaluate import synthesize_flow
+
+    batch = tmp_path / "batch.txt"
+    batch.write_text("Hello there.|A deep male voice.\nGood morning.|A high, fast female voice.\n")
+    rows = synthesize_flow(run_dir=str(tmp_path / "t3run"), batch=str(batch), out_dir=str(tmp_path / "wavs"),
+                           max_new_tokens=10)
+    assert [r["line"] for r in rows] == [1, 2] and all(Path(r["wav"]).is_file() for r in rows)
+    batch.write_text("Hello there.|A deep male voice.\nno instruction here\n")
+    with pytest.raises(ValueError, match="batch.txt:2"):
+        synthesize_flow(run_dir=str(tmp_path / "t3run"), batch=str(batch), out_dir=str(tmp_path / "wavs2"))
+
     arts = asyncio.run(read())
     assert arts["t3run-stage2-progress"].data == 100.0
     assert "adapter" in arts["t3run-stage2-report"].data
+    assert "Good morning." in arts["wavs-wavs"].data

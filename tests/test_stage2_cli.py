@@ -125,3 +125,34 @@ def test_synthesize_names_what_a_run_directory_lacks(t3_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "stage2.json" in err and str(broken) in err
     assert _synth(t3_run, tmp_path / "y.wav") == 2  # neither instruction nor reference
+
+
+def test_evaluate_writes_report_json_plot_and_scores_directions(t3_run, demo_store, tmp_path, capsys):
+    store, _ = demo_store
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--run", str(t3_run), "--store", store, "--out", str(out), "--n", "6",
+                 "--max-new-tokens", "40", "--no-prefect"]) == 0
+    s = json.loads((out / "eval.json").read_text())
+    assert s["n"] == 6 and (out / "eval.png").is_file() and (out / "report.md").is_file()
+    assert set(s["accuracy"]) == {"pitch", "rate", "loudness"}
+    for r in s["rows"]:
+        assert r["wav"] and r["tokens"] > 0 and -1 <= r["spk_cos"] <= 1
+    # held-out means the mapper never trained on these texts
+    from tts_core.stage1.data import normalise_instruction
+
+    meta = json.loads((t3_run / "stage2.json").read_text())
+    from tts_core.stage1.artifacts import read_meta
+
+    m = read_meta(meta["mapper"]["dir"])
+    held = {normalise_instruction(r["instruction"]) for r in s["rows"]}
+    from cache.reader import CacheReader
+    from tts_core.stage1.data import split_rows
+
+    rd = CacheReader(store)
+    import numpy as np
+
+    iid = np.asarray(rd.instruction_id())
+    tr, _ = split_rows(iid, rd.instruction_texts, m["train_config"]["held_out_frac"], m["train_config"]["split_salt"])
+    train_texts = {normalise_instruction(rd.instruction_texts[int(i)]) for i in np.unique(iid[tr])}
+    assert not held & train_texts
+    assert "Direction accuracy" in capsys.readouterr().out

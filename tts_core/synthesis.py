@@ -73,6 +73,7 @@ class Synthesizer:
         self.speech_tokenizer, self.voice_encoder = speech_tokenizer, voice_encoder
         self.prompt_len = int(meta.get("prompt_len") or t3.cfg.speech_cond_prompt_len)
         self.emotion_adv = float(meta.get("emotion_adv", 0.5))
+        self.mapper_meta: dict = {}
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str = "cpu", text_encoder: str | Path | None = None,
@@ -91,8 +92,8 @@ class Synthesizer:
         models = FrozenModelsConfig(chatterbox_dir=Path(chatterbox_dir) if chatterbox_dir else None,
                                     text_encoder=Path(text_encoder) if text_encoder else None, device=device)
         te = load_text_encoder(models)
-        encoder, mapper, _ = load_mapper(_resolve_mapper_dir(run_dir, meta["mapper"]["dir"]),
-                                         text_encoder_identity=te, device=device)
+        encoder, mapper, mapper_meta = load_mapper(_resolve_mapper_dir(run_dir, meta["mapper"]["dir"]),
+                                                   text_encoder_identity=te, device=device)
         t3, _, _ = build_t3(str(run_dir), int(meta["instruction_dim"]))
         t3.to(device).eval()
         tokenizer = load_text_tokenizer(None, t3_dir=run_dir)
@@ -107,8 +108,10 @@ class Synthesizer:
 
             speech_tok = S3SpeechTokenizer.from_s3gen(models.s3gen_path(), device=device)
         ve, _ = load_speaker_models(models)
-        return cls(t3, tokenizer, encoder, mapper, te, meta, vocoder=vocoder, speech_tokenizer=speech_tok,
-                   voice_encoder=ve)
+        synth = cls(t3, tokenizer, encoder, mapper, te, meta, vocoder=vocoder, speech_tokenizer=speech_tok,
+                    voice_encoder=ve)
+        synth.mapper_meta = mapper_meta
+        return synth
 
     # ---- conditioning ------------------------------------------------------------------------------
     def condition(self, instruction: str | None = None, reference: np.ndarray | None = None, seed: int = 0

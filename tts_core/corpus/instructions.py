@@ -111,3 +111,52 @@ def make_instruction(attrs: VoiceAttributes, seed: int) -> str:
     slots.update({_cap(k): _cap(v) for k, v in list(slots.items())})
     text = rng.choice(_TEMPLATES).format(**slots)
     return re.sub(r"\b([Aa]) (?=[aeiouAEIOU])", r"\1n ", text)  # "a average-pitched" -> "an ..."
+
+
+# ---- reading instructions back --------------------------------------------------------------------------------
+_GENDER_WORDS = {
+    "male": ("male", "man", "man's", "masculine", "gentleman", "boy", "guy"),
+    "female": ("female", "woman", "woman's", "feminine", "lady", "girl"),
+}
+_EXTRA = {  # free-form words users type that the templates do not use
+    "pitch": {"low": ("low-pitched", "deep", "bass", "baritone"), "high": ("high-pitched", "squeaky", "shrill")},
+    "rate": {"slow": ("slow", "slowly"), "fast": ("fast", "quick", "quickly", "rapid", "rapidly", "hurried")},
+    "loudness": {"quiet": ("quiet", "quietly", "soft", "softly", "whisper", "whispering", "hushed"),
+                 "loud": ("loud", "loudly", "booming", "shouting")},
+}
+
+
+def _lexicon() -> dict[str, list[tuple[str, str]]]:
+    """attribute → [(phrase, level)], longest phrase first, from the same vocabularies `make_instruction` uses."""
+    table: dict[str, dict[str, set[str]]] = {"gender": {}, "pitch": {}, "rate": {}, "loudness": {}}
+    sources = {"pitch": (_PITCH_ADJ,), "rate": (_RATE_ADV, _RATE_PRED), "loudness": (_LOUD_ADV, _LOUD_PRED),
+               "gender": (_GENDER_WORDS,)}
+    for attr, dicts in sources.items():
+        for d in (*dicts, _EXTRA.get(attr, {})):
+            for level, phrases in d.items():
+                table[attr].setdefault(level, set()).update(p.lower() for p in phrases)
+    return {a: sorted(((p, lv) for lv, ps in levels.items() for p in ps), key=lambda x: -len(x[0]))
+            for a, levels in table.items()}
+
+
+_LEXICON = _lexicon()
+
+
+def parse_instruction(text: str) -> dict[str, str | None]:
+    """Read gender / pitch / rate / loudness levels back from an instruction (None: not stated or ambiguous).
+
+    Longest phrases win and consume their words ("high-pitched" is not also "high"), whole words only.
+    Exact for every instruction `make_instruction` writes (tested); a best effort on free-form text,
+    which is what evaluation needs: which direction did the instruction ask for.
+    """
+    out: dict[str, str | None] = {}
+    for attr, entries in _LEXICON.items():
+        rest = " " + re.sub(r"[^\w'\- ]+", " ", text.lower()) + " "
+        found = set()
+        for phrase, level in entries:
+            pat = r"(?<![\w'\-])" + re.escape(phrase) + r"(?![\w'\-])"
+            if re.search(pat, rest):
+                found.add(level)
+                rest = re.sub(pat, " ", rest)
+        out[attr] = found.pop() if len(found) == 1 else None
+    return out
