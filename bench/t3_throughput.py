@@ -44,6 +44,15 @@ def _non_embedding_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if "emb" not in n and p.requires_grad)
 
 
+def _step(loss_fn, opt: torch.optim.Optimizer, dev: str, amp: torch.dtype | None) -> None:
+    """One optimizer step, identical for both models: autocast forward, backward, step."""
+    with torch.autocast(device_type=dev.split(":")[0], dtype=amp or torch.float32, enabled=amp is not None):
+        loss = loss_fn()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
 def _time(step, batches, warmup: int, device: str) -> float:
     for b in batches[:warmup]:
         step(b)
@@ -99,11 +108,7 @@ def main() -> None:
         ids = torch.randint(0, vocab, (len(rows), L), device=dev)
         mask = (torch.arange(L, device=dev)[None] < torch.as_tensor(total[rows], device=dev)[:, None]).long()
         labels = ids.masked_fill(mask == 0, -100)
-        with torch.autocast(device_type=dev.split(":")[0], dtype=amp or torch.float32, enabled=amp is not None):
-            loss = plain(input_ids=ids, attention_mask=mask, labels=labels).loss
-        opt_p.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_p.step()
+        _step(lambda: plain(input_ids=ids, attention_mask=mask, labels=labels).loss, opt_p, dev, amp)
 
     t_plain = _time(plain_step, plain_batches, a.warmup, dev)
     tok_plain = int(sum(total[b].sum() for b in plain_batches[a.warmup:]))
@@ -130,11 +135,7 @@ def main() -> None:
                       instruction_mask=torch.ones(B, dtype=torch.bool))
         batch = T3Batch(text_tokens=text, text_lens=torch.as_tensor(tl[rows]), speech_tokens=speech,
                         speech_lens=torch.as_tensor(sl[rows]), cond=cond)
-        with torch.autocast(device_type=dev.split(":")[0], dtype=amp or torch.float32, enabled=amp is not None):
-            loss = t3(batch, padding_mask=False).loss
-        opt_o.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_o.step()
+        _step(lambda: t3(batch, padding_mask=False).loss, opt_o, dev, amp)
 
     t_ours = _time(ours_step, ours_batches, a.warmup, dev)
     tok_ours = int(sum(total[b].sum() for b in ours_batches[a.warmup:]))

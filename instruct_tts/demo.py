@@ -2,7 +2,8 @@
 
 corpus (espeak-ng) → build-cache → train-stage1 (mapper) → train-stage2 (tiny T3), each through its
 Prefect flow (or the same library call with --no-prefect), with settings sized for a CPU in minutes,
-then wavs for contrasting instructions (a tiny T3 after 300 CPU steps: audible, not yet intelligible). Every step resumes / is idempotent, so a second run only redoes what is missing.
+then wavs for contrasting instructions and an evaluation table (a 2-layer T3 after 1000 CPU steps:
+voice-like, not yet intelligible). Every step resumes / is idempotent, so a second run only redoes what is missing.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 DEMO_STAGE1 = dict(batch_size=64, lr_phase1=3e-3, lr_phase2=7.5e-4, epochs=1, min_phase_steps=400, eval_every=100,
                    patience=3, held_out_frac=0.2, warmup_steps=50)
 DEMO_MAPPER = dict(hidden_dim=256, n_blocks=4)
-DEMO_STAGE2 = dict(batch_size=16, lr=2e-3, warmup_steps=30, epochs=100, max_steps=300, log_every=25, save_every=100)
+DEMO_STAGE2 = dict(batch_size=16, lr=2e-3, warmup_steps=30, epochs=1000, max_steps=1000, log_every=50, save_every=250)
 DEMO_TEXT = "The quick brown fox jumps over the lazy dog."
 DEMO_INSTRUCTIONS = {  # contrasting voices, phrased unlike any training instruction
     "deep_slow_male": "A deep, low-pitched man speaking slowly and calmly.",

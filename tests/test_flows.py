@@ -8,6 +8,17 @@ import pytest
 from flows.serve import DEPLOYMENT_NAME
 
 
+def _artifacts() -> dict:
+    """Every artifact the harness' server holds, by key (latest wins)."""
+    from prefect.client.orchestration import get_client
+
+    async def read():
+        async with get_client() as c:
+            return {a.key: a for a in await c.read_artifacts()}
+
+    return asyncio.run(read())
+
+
 @pytest.fixture(scope="module")
 def prefect_harness():
     from prefect.testing.utilities import prefect_test_harness
@@ -17,8 +28,6 @@ def prefect_harness():
 
 
 def test_build_cache_flow_publishes_artifacts(demo_corpus, tmp_path, prefect_harness):
-    from prefect.client.orchestration import get_client
-
     from flows.build_cache import build_cache_flow
 
     store = tmp_path / "flow.zarr"
@@ -26,11 +35,7 @@ def test_build_cache_flow_publishes_artifacts(demo_corpus, tmp_path, prefect_har
                            chunk_rows=16)
     assert out["n_ok"] == 48 and out["verdict"] in ("imbalance", "normalise")
 
-    async def read():
-        async with get_client() as c:
-            return {a.key: a for a in await c.read_artifacts()}
-
-    arts = asyncio.run(read())
+    arts = _artifacts()
     assert arts["flow-zarr-progress"].data == 100.0
     md = arts["flow-zarr-norm-report"].data
     assert "Verdict" in md and "spk_emb" in md and "norm_report.png" in md
@@ -46,8 +51,6 @@ def test_deployments_are_flow_slash_dash():
 
 
 def test_train_stage1_flow_publishes_progress_report_and_tensorboard(demo_store, tmp_path, prefect_harness):
-    from prefect.client.orchestration import get_client
-
     from flows.train_stage1 import train_stage1_flow
 
     store, _ = demo_store
@@ -58,11 +61,7 @@ def test_train_stage1_flow_publishes_progress_report_and_tensorboard(demo_store,
                             mapper={"hidden_dim": 32, "n_blocks": 1})
     assert res["global_step"] == 12 and (out / "mapper.safetensors").is_file()
 
-    async def read():
-        async with get_client() as c:
-            return {a.key: a for a in await c.read_artifacts()}
-
-    arts = asyncio.run(read())
+    arts = _artifacts()
     assert arts["mapper-stage1-progress"].data == 100.0
     md = arts["mapper-stage1-report"].data
     assert "train-set mean vector" in md and "nearest instruction" in md and "AvgCos" in md
@@ -77,8 +76,6 @@ def test_train_stage1_flow_publishes_progress_report_and_tensorboard(demo_store,
 
 
 def test_train_stage2_flow_publishes_progress_and_report(demo_store, tmp_path, prefect_harness):
-    from prefect.client.orchestration import get_client
-
     from flows.train_stage1 import train_stage1_flow
     from flows.train_stage2 import train_stage2_flow
 
@@ -89,10 +86,6 @@ def test_train_stage2_flow_publishes_progress_and_report(demo_store, tmp_path, p
     res = train_stage2_flow(store=store, mapper=str(tmp_path / "m"), t3="tiny", out=str(tmp_path / "t3run"),
                             train={"max_steps": 4, "log_every": 2, "batch_size": 8, "device": "cpu"})
     assert res["global_step"] == 4 and res["trainable"]["adapters"] > 0
-
-    async def read():
-        async with get_client() as c:
-            return {a.key: a for a in await c.read_artifacts()}
 
     # the synthesize deployment's flow: a batch file -> wavs + a table artifact; a bad line is named
     from flows.evaluate import synthesize_flow
@@ -106,7 +99,7 @@ def test_train_stage2_flow_publishes_progress_and_report(demo_store, tmp_path, p
     with pytest.raises(ValueError, match="batch.txt:2"):
         synthesize_flow(run_dir=str(tmp_path / "t3run"), batch=str(batch), out_dir=str(tmp_path / "wavs2"))
 
-    arts = asyncio.run(read())
+    arts = _artifacts()
     assert arts["t3run-stage2-progress"].data == 100.0
     assert "adapter" in arts["t3run-stage2-report"].data
     assert "Good morning." in arts["wavs-wavs"].data
