@@ -10,17 +10,17 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import fsspec
 import numpy as np
-import pandas as pd
 from filelock import FileLock, Timeout
 
 from cache import norms, schema
 from cache.store import StoreError, open_group
+from cache.shards import ShardJob, ShardMap, encode_batch, load_line
 from cache.writer import CacheWriter, ClipBatch
-from tts_core.audio import AudioPolicy, AudioRejected, LoadedAudio, load_clip
+from tts_core.audio import AudioPolicy, AudioRejected, load_clip
 from tts_core.frozen import FrozenModelsConfig, load_speaker_models, load_speech_tokenizer, load_text_encoder
 from tts_core.metadata import MetaLine, lines_digest, read_metadata
 
@@ -104,7 +104,11 @@ def instruction_ids(lines: list[MetaLine]) -> tuple[np.ndarray, list[str]]:
     return ids, texts
 
 
-def build_cache(cfg: BuildConfig, progress: Callable[[BuildProgress], None] | None = None) -> BuildSummary:
+def build_cache(cfg: BuildConfig, progress: Callable[[BuildProgress], None] | None = None,
+                shard_map: ShardMap | None = None) -> BuildSummary:
+    """Build (or resume, or confirm) ``cfg.store``. ``shard_map``: where clip batches are encoded —
+    None = here, with audio prefetch threads; else a function mapping `ShardJob`s to their
+    `ClipBatch`es *in order* (e.g. on Dask workers, flows/build_cache.py). The store is the same."""
     lock = _store_lock(cfg.store)
     if lock is not None:
         try:
@@ -113,13 +117,14 @@ def build_cache(cfg: BuildConfig, progress: Callable[[BuildProgress], None] | No
             raise StoreError(f"another build is writing {cfg.store} (lock {lock.lock_file} is held); "
                              "wait for it to finish or use another --store") from None
     try:
-        return _build_locked(cfg, progress or (lambda p: None))
+        return _build_locked(cfg, progress or (lambda p: None), shard_map)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _build_locked(cfg: BuildConfig, progress: Callable[[BuildProgress], None]) -> BuildSummary:
+def _build_locked(cfg: BuildConfig, progress: Callable[[BuildProgress], None], shard_map: ShardMap | None
+                  ) -> BuildSummary:
     t0 = time.perf_counter()
     lines, _ = read_metadata(cfg.metadata)
     if not lines:
@@ -161,15 +166,21 @@ def _build_locked(cfg: BuildConfig, progress: Callable[[BuildProgress], None]) -
     starts = list(range(info.committed_rows, len(lines), chunk))
     if cfg.max_batches is not None:
         starts = starts[: cfg.max_batches]
-    with ThreadPoolExecutor(cfg.loader_threads) as pool:
-        pending = _submit_batch(pool, cfg, lines[starts[0]: starts[0] + chunk]) if starts else None
-        for k, start in enumerate(starts):
-            loaded = [f.result() for f in pending]
-            if k + 1 < len(starts):
-                pending = _submit_batch(pool, cfg, lines[starts[k + 1]: starts[k + 1] + chunk])
-            batch_lines = lines[start: start + chunk]
-            w.write_clip_batch(_encode_batch(batch_lines, loaded, inst_ids, ve, xv, tokenizer))
-            progress(BuildProgress("clips", start + len(batch_lines), len(lines)))
+    if shard_map is None:
+        batches = _local_batches(cfg, lines, starts, chunk, inst_ids, ve, xv, tokenizer)
+    else:
+        codebook = None
+        if hasattr(tokenizer, "arrays"):  # embedded mel-VQ: workers rebuild it from these arrays
+            cb, conf = tokenizer.arrays()
+            codebook = {"codebook": cb, "config": conf}
+        jobs = (ShardJob(start=s, lines=tuple(lines[s:s + chunk]),
+                         instruction_ids=tuple(int(i) for i in inst_ids[s:s + chunk]),
+                         metadata_name=Path(cfg.metadata).name, audio_root=str(cfg.audio_root), audio=cfg.audio,
+                         models=cfg.models, codebook=codebook, loader_threads=cfg.loader_threads) for s in starts)
+        batches = shard_map(jobs)
+    for b in batches:
+        w.write_clip_batch(b)
+        progress(BuildProgress("clips", b.start + b.n, len(lines)))
 
     complete = w.info.committed_rows == len(lines)
     report, paths = None, {}
@@ -213,65 +224,20 @@ def _fit_clips(cfg: BuildConfig, lines: list[MetaLine]) -> list[np.ndarray]:
     return wavs
 
 
-def _load(cfg: BuildConfig, m: MetaLine) -> LoadedAudio | AudioRejected:
-    if not m.ok:
-        return AudioRejected(m.reason, m.detail)
-    try:
-        return load_clip(cfg.audio_root / m.audio_path, cfg.audio)
-    except AudioRejected as exc:
-        exc.detail = f"{cfg.metadata.name}:{m.line}: {exc.detail}"
-        return exc
+def _local_batches(cfg: BuildConfig, lines: list[MetaLine], starts: list[int], chunk: int, inst_ids: np.ndarray,
+                   ve, xv, tokenizer) -> Iterator[ClipBatch]:
+    """Encode batches in this process; the next batch's audio loads on threads while the models run."""
+    def submit(start: int) -> list:
+        return [pool.submit(load_line, cfg.audio_root, Path(cfg.metadata).name, cfg.audio, m)
+                for m in lines[start:start + chunk]]
 
-
-def _submit_batch(pool, cfg, batch):
-    return [pool.submit(_load, cfg, m) for m in batch]
-
-
-def _encode_batch(batch: list[MetaLine], loaded: list, inst_ids: np.ndarray, ve, xv, tokenizer) -> ClipBatch:
-    n = len(batch)
-    spk = np.zeros((n, schema.SPK_DIM), np.float32)
-    xvec = np.zeros((n, schema.XVEC_DIM), np.float32)
-    tokens: list[np.ndarray] = [np.zeros(0, np.int64)] * n
-    status = np.full(n, schema.STATUS_QUARANTINED, np.int8)
-    duration = np.zeros(n, np.float32)
-    reasons, details = [""] * n, [""] * n
-    ok = [i for i, a in enumerate(loaded) if isinstance(a, LoadedAudio)]
-    for i, a in enumerate(loaded):
-        if isinstance(a, AudioRejected):
-            reasons[i], details[i] = a.reason, a.detail
-        else:
-            duration[i] = a.duration
-            details[i] = ", ".join(a.notes)
-
-    def run(idx: list[int]) -> None:
-        wavs = [loaded[i].wav for i in idx]
-        s, x, t = ve.embed_batch(wavs), xv.embed_batch(wavs), tokenizer.tokenize_batch(wavs)
-        for j, i in enumerate(idx):
-            if not (np.isfinite(s[j]).all() and np.isfinite(x[j]).all()):
-                reasons[i], details[i] = "model_nonfinite", "a frozen model returned NaN/inf for this clip"
-                continue
-            spk[i], xvec[i], tokens[i], status[i] = s[j], x[j], np.asarray(t[j]), schema.STATUS_OK
-
-    try:
-        run(ok)
-    except Exception:  # one bad clip must not sink its batch: retry one by one, quarantine the culprit
-        for i in ok:
-            try:
-                run([i])
-            except Exception as exc:
-                reasons[i], details[i] = "model_error", f"{type(exc).__name__}: {exc}"
-    iid = np.where(status == schema.STATUS_OK, inst_ids[[m.row for m in batch]], -1).astype(np.int32)
-    for i in range(n):
-        if status[i] != schema.STATUS_OK:
-            spk[i], xvec[i], tokens[i], duration[i] = 0, 0, np.zeros(0, np.int64), duration[i]
-    manifest = pd.DataFrame({
-        "row": [m.row for m in batch], "clip_id": [m.clip_id for m in batch],
-        "audio_path": [m.audio_path for m in batch], "transcript": [m.transcript for m in batch],
-        "instruction": [m.instruction for m in batch], "speaker": [m.speaker for m in batch],
-        "instruction_id": iid, "status": [schema.STATUS_NAMES[int(s)] for s in status],
-        "reason": reasons, "detail": details, "duration": duration, "line": [m.line for m in batch],
-    }, columns=list(schema.MANIFEST_COLUMNS))
-    return ClipBatch(batch[0].row, spk, xvec, duration, iid, status, tokens, manifest)
+    with ThreadPoolExecutor(cfg.loader_threads) as pool:
+        pending = submit(starts[0]) if starts else None
+        for k, start in enumerate(starts):
+            loaded = [f.result() for f in pending]
+            if k + 1 < len(starts):
+                pending = submit(starts[k + 1])
+            yield encode_batch(lines[start:start + chunk], loaded, inst_ids[start:start + chunk], ve, xv, tokenizer)
 
 
 def publish_norm_report(url: str, max_rows: int | None = 200_000, seed: int = 0):

@@ -1,0 +1,163 @@
+"""The unit of build-cache model work — one chunk-aligned batch of rows — runnable in any process.
+
+Why workers encode and one process writes: loading audio and running the three frozen models is
+nearly all of a build's time, while writing a batch is a few array assignments. So a distributed build
+fans `ShardJob`s out (Dask workers through prefect-dask, see flows/build_cache.py) and the flow's
+process commits the returned `ClipBatch`es in row order with the same writer a local build uses. No two
+processes ever touch one Zarr chunk, the commit / resume protocol is unchanged, and the store is the
+one a single-process build writes (tested byte for byte).
+
+Workers load the frozen models once per process (`_worker_models`, keyed by the models config and the
+embedded tokenizer's codebook) and keep them for every later shard.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+
+from cache import schema
+from cache.writer import ClipBatch
+from tts_core.audio import AudioPolicy, AudioRejected, LoadedAudio, load_clip
+from tts_core.frozen import FrozenModelsConfig
+from tts_core.metadata import MetaLine
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """Everything a worker needs for rows [start, start + len(lines)) — small and picklable."""
+
+    start: int
+    lines: tuple[MetaLine, ...]
+    instruction_ids: tuple[int, ...]  # per line, -1 for unusable lines
+    metadata_name: str  # for error messages: "meta.txt:17: ..."
+    audio_root: str
+    audio: AudioPolicy
+    models: FrozenModelsConfig
+    codebook: dict | None  # embedded tokenizer arrays (`MelVQTokenizer.arrays`); None: S3 from s3gen weights
+    loader_threads: int = 4
+
+
+# ---- loading and encoding (shared by the local loop and remote workers) -------------------------------------
+def load_line(audio_root: Path, metadata_name: str, audio: AudioPolicy, m: MetaLine) -> LoadedAudio | AudioRejected:
+    if not m.ok:
+        return AudioRejected(m.reason, m.detail)
+    try:
+        return load_clip(Path(audio_root) / m.audio_path, audio)
+    except AudioRejected as exc:
+        exc.detail = f"{metadata_name}:{m.line}: {exc.detail}"
+        return exc
+
+
+def encode_batch(batch: Sequence[MetaLine], loaded: list, iids: Sequence[int], ve, xv, tokenizer) -> ClipBatch:
+    """Loaded (or rejected) clips of consecutive rows → their ClipBatch. A clip a model fails on is
+    quarantined with the reason; it never sinks its batch."""
+    n = len(batch)
+    spk = np.zeros((n, schema.SPK_DIM), np.float32)
+    xvec = np.zeros((n, schema.XVEC_DIM), np.float32)
+    tokens: list[np.ndarray] = [np.zeros(0, np.int64)] * n
+    status = np.full(n, schema.STATUS_QUARANTINED, np.int8)
+    duration = np.zeros(n, np.float32)
+    reasons, details = [""] * n, [""] * n
+    ok = [i for i, a in enumerate(loaded) if isinstance(a, LoadedAudio)]
+    for i, a in enumerate(loaded):
+        if isinstance(a, AudioRejected):
+            reasons[i], details[i] = a.reason, a.detail
+        else:
+            duration[i] = a.duration
+            details[i] = ", ".join(a.notes)
+
+    def run(idx: list[int]) -> None:
+        wavs = [loaded[i].wav for i in idx]
+        s, x, t = ve.embed_batch(wavs), xv.embed_batch(wavs), tokenizer.tokenize_batch(wavs)
+        for j, i in enumerate(idx):
+            if not (np.isfinite(s[j]).all() and np.isfinite(x[j]).all()):
+                reasons[i], details[i] = "model_nonfinite", "a frozen model returned NaN/inf for this clip"
+                continue
+            spk[i], xvec[i], tokens[i], status[i] = s[j], x[j], np.asarray(t[j]), schema.STATUS_OK
+
+    try:
+        run(ok)
+    except Exception:  # one bad clip must not sink its batch: retry one by one, quarantine the culprit
+        for i in ok:
+            try:
+                run([i])
+            except Exception as exc:
+                reasons[i], details[i] = "model_error", f"{type(exc).__name__}: {exc}"
+    iid = np.where(status == schema.STATUS_OK, np.asarray(iids, np.int64), -1).astype(np.int32)
+    for i in range(n):
+        if status[i] != schema.STATUS_OK:
+            spk[i], xvec[i], tokens[i] = 0, 0, np.zeros(0, np.int64)
+    manifest = pd.DataFrame({
+        "row": [m.row for m in batch], "clip_id": [m.clip_id for m in batch],
+        "audio_path": [m.audio_path for m in batch], "transcript": [m.transcript for m in batch],
+        "instruction": [m.instruction for m in batch], "speaker": [m.speaker for m in batch],
+        "instruction_id": iid, "status": [schema.STATUS_NAMES[int(s)] for s in status],
+        "reason": reasons, "detail": details, "duration": duration, "line": [m.line for m in batch],
+    }, columns=list(schema.MANIFEST_COLUMNS))
+    return ClipBatch(batch[0].row, spk, xvec, duration, iid, status, tokens, manifest)
+
+
+# ---- remote side ---------------------------------------------------------------------------------------------
+def _codebook_key(codebook: dict | None) -> str:
+    if codebook is None:
+        return ""
+    h = hashlib.sha256(np.ascontiguousarray(codebook["codebook"]).tobytes())
+    h.update(json.dumps(codebook["config"], sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+_CODEBOOKS: dict[str, dict] = {}
+_PATH_FIELDS = ("chatterbox_dir", "ve", "s3gen", "text_encoder")
+
+
+@lru_cache(maxsize=2)
+def _worker_models(models_json: str, codebook_key: str):
+    from tts_core.frozen import load_speaker_models, load_speech_tokenizer
+
+    raw = json.loads(models_json)
+    cfg = FrozenModelsConfig(**{k: (Path(v) if k in _PATH_FIELDS and v not in (None, "None") else
+                                    (None if v == "None" else v)) for k, v in raw.items()})
+    ve, xv = load_speaker_models(cfg)
+
+    def no_fit():
+        raise RuntimeError("a worker never fits the tokenizer: the build sends the codebook")
+
+    tok, _ = load_speech_tokenizer(cfg, _CODEBOOKS.get(codebook_key), no_fit)
+    return ve, xv, tok
+
+
+def encode_shard(job: ShardJob) -> ClipBatch:
+    """Load, validate and encode one shard in this process (models cached per process)."""
+    key = _codebook_key(job.codebook)
+    if job.codebook is not None:
+        _CODEBOOKS.setdefault(key, job.codebook)
+    ve, xv, tok = _worker_models(json.dumps(asdict(job.models), default=str, sort_keys=True), key)
+    with ThreadPoolExecutor(max(job.loader_threads, 1)) as pool:
+        loaded = list(pool.map(lambda m: load_line(Path(job.audio_root), job.metadata_name, job.audio, m), job.lines))
+    return encode_batch(job.lines, loaded, job.instruction_ids, ve, xv, tok)
+
+
+# ---- ordering --------------------------------------------------------------------------------------------------
+ShardMap = Callable[[Iterable[ShardJob]], Iterator[ClipBatch]]
+
+
+def ordered_window(submit: Callable[[ShardJob], object], result: Callable[[object], ClipBatch],
+                   jobs: Iterable[ShardJob], window: int) -> Iterator[ClipBatch]:
+    """Submit jobs keeping at most ``window`` in flight; yield results in submission (= row) order, so
+    the writer commits a prefix while later shards still run, and memory stays bounded."""
+    pending: deque = deque()
+    for job in jobs:
+        pending.append(submit(job))
+        if len(pending) >= window:
+            yield result(pending.popleft())
+    while pending:
+        yield result(pending.popleft())
