@@ -1,19 +1,26 @@
 """Prefect flow `build-cache`: thin orchestration around cache.build.build_cache.
 
 Adds what Prefect is good at — a progress artifact while building, the norm report as markdown and
-table artifacts, the run summary — and nothing else. The same function runs without Prefect in tests.
+table artifacts, the run summary — and, with ``task_runner="dask"``, fanning the clip shards out to a
+Dask cluster through prefect-dask: each shard is one `encode-shard` task run on a worker (models loaded
+once per worker process); this process commits the results in row order (cache/shards.py says why).
+``cluster`` is a scheduler address (``tcp://host:8786``); without one a local cluster of ``workers``
+processes is started. Dask rather than Ray: the cache build is a map over independent numpy/torch
+shards with modest payloads — Dask's home ground — prefect-dask is maintained with Prefect itself, and
+`distributed` is a pure-Python install that runs the same on a laptop and on a cluster.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, \
     update_progress_artifact
 
 from cache import norms
 from flows.keys import artifact_key
 from cache.build import BuildConfig, BuildProgress, BuildSummary, build_cache
+from cache.shards import encode_shard, ordered_window
 from cache.schema import Normalisation
 from tts_core.frozen import FrozenModelsConfig
 
@@ -21,25 +28,49 @@ from tts_core.frozen import FrozenModelsConfig
 @flow(name="build-cache", log_prints=True)
 def build_cache_flow(metadata: str, audio_root: str, store: str, chatterbox_dir: str | None = None,
                      text_encoder: str | None = None, device: str = "cpu", normalise_spk: bool = True,
-                     normalise_xvec: bool = True, loader_threads: int = 4,
-                     chunk_rows: int = 256) -> dict:
+                     normalise_xvec: bool = True, loader_threads: int = 4, chunk_rows: int = 256,
+                     task_runner: str = "local", cluster: str | None = None, workers: int = 2) -> dict:
     """Validate every clip, run the frozen models once, write the Zarr store and its norm report."""
-    logger = get_run_logger()
-    key = artifact_key(store)
-    bar = create_progress_artifact(0.0, key=f"{key}-progress", description=f"build-cache {store}")
-
-    def on_progress(p: BuildProgress) -> None:
-        if p.phase == "clips":
-            update_progress_artifact(bar, 100.0 * p.done / max(p.total, 1), description=f"{p.done}/{p.total} clips")
-        logger.info("%s: %d/%d", p.phase, p.done, p.total)
-
     cfg = BuildConfig(
         metadata=Path(metadata), audio_root=Path(audio_root), store=store,
         models=FrozenModelsConfig(chatterbox_dir=Path(chatterbox_dir) if chatterbox_dir else None,
                                   text_encoder=Path(text_encoder) if text_encoder else None, device=device),
         normalisation=Normalisation(spk_emb=normalise_spk, xvec=normalise_xvec), loader_threads=loader_threads,
         chunk_rows=chunk_rows)
-    summary = build_cache(cfg, on_progress)
+    if task_runner == "local":
+        return _build(cfg, shard_map=None)
+    if task_runner != "dask":
+        raise ValueError(f"task_runner must be 'local' or 'dask', not {task_runner!r}")
+    from prefect_dask import DaskTaskRunner
+
+    runner = (DaskTaskRunner(address=cluster) if cluster else
+              DaskTaskRunner(cluster_kwargs={"n_workers": workers, "processes": True, "threads_per_worker": 1}))
+    return _build_on_dask.with_options(task_runner=runner)(cfg, window=4 * max(workers, 1))
+
+
+encode_shard_task = task(encode_shard, name="encode-shard", cache_policy=None, retries=1)
+
+
+@flow(name="build-cache-shards", log_prints=True)
+def _build_on_dask(cfg: BuildConfig, window: int) -> dict:
+    """The clip shards on the flow's (Dask) task runner; writing stays in this process."""
+    def shard_map(jobs):
+        return ordered_window(lambda j: encode_shard_task.submit(j), lambda f: f.result(), jobs, window)
+
+    return _build(cfg, shard_map=shard_map)
+
+
+def _build(cfg: BuildConfig, shard_map) -> dict:
+    logger = get_run_logger()
+    key = artifact_key(cfg.store)
+    bar = create_progress_artifact(0.0, key=f"{key}-progress", description=f"build-cache {cfg.store}")
+
+    def on_progress(p: BuildProgress) -> None:
+        if p.phase == "clips":
+            update_progress_artifact(bar, 100.0 * p.done / max(p.total, 1), description=f"{p.done}/{p.total} clips")
+        logger.info("%s: %d/%d", p.phase, p.done, p.total)
+
+    summary = build_cache(cfg, on_progress, shard_map=shard_map)
     update_progress_artifact(bar, 100.0)
     publish_summary(summary, key)
     for line in summary.lines():

@@ -20,7 +20,11 @@ def _cmd_build_cache(a: argparse.Namespace) -> int:
                   chatterbox_dir=str(a.chatterbox_dir) if a.chatterbox_dir else None,
                   text_encoder=str(a.text_encoder) if a.text_encoder else None, device=a.device,
                   normalise_spk=not a.raw_spk, normalise_xvec=not a.raw_xvec, loader_threads=a.loader_threads,
-                  chunk_rows=a.chunk_rows)
+                  chunk_rows=a.chunk_rows, task_runner=a.task_runner, cluster=a.cluster, workers=a.workers)
+    if a.no_prefect and a.task_runner != "local":
+        print("instruct-tts: error: --task-runner dask runs through Prefect (prefect-dask); drop --no-prefect",
+              file=sys.stderr)
+        return 2
     if a.no_prefect:
         from cache.build import BuildConfig, build_cache
         from cache.schema import Normalisation
@@ -209,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--raw-xvec", action="store_true", help="reader does not L2-normalise x-vectors")
     b.add_argument("--loader-threads", type=int, default=4)
     b.add_argument("--chunk-rows", type=int, default=256, help="rows per Zarr chunk and per batch (new stores)")
+    b.add_argument("--task-runner", choices=("local", "dask"), default="local",
+                   help="where clip shards are encoded: this process, or Dask workers (prefect-dask)")
+    b.add_argument("--cluster", help="Dask scheduler address, e.g. tcp://scheduler:8786 (default: a local cluster)")
+    b.add_argument("--workers", type=int, default=2, help="worker processes of the local Dask cluster")
     b.add_argument("--no-prefect", action="store_true", help="run without Prefect (no artifacts)")
     b.set_defaults(func=_cmd_build_cache)
 

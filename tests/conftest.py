@@ -15,6 +15,15 @@ def demo_corpus(tmp_path_factory):
     return generate_demo_corpus(DemoCorpusConfig(out_dir=tmp_path_factory.mktemp("corpus"), n_clips=48, seed=0))
 
 
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect server for every flow test of the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny ops on a shared 2-core machine: one intra-op thread is several times faster than two."""

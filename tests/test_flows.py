@@ -19,14 +19,6 @@ def _artifacts() -> dict:
     return asyncio.run(read())
 
 
-@pytest.fixture(scope="module")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def test_build_cache_flow_publishes_artifacts(demo_corpus, tmp_path, prefect_harness):
     from flows.build_cache import build_cache_flow
 
