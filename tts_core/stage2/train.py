@@ -61,6 +61,7 @@ instruction rows vs audio rows, LR, grad norm, tokens/s, padding) and ``report.m
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -118,6 +119,7 @@ class Stage2Config:
     instruction_prob: float = 0.5  # per-row probability of an instruction-only row
     batch_size: int = 32  # rows per batch (per rank); the cap when max_tokens is set
     max_tokens: int = 0  # token budget per batch (rows × longest row); 0 = fixed batch_size
+    grad_accum: int = 1  # batches per rank per optimizer step (N ranks × A = A·N global batches per step)
     pool_batches: int = 64  # batches per length-sorting pool
     lr: float = 5e-5
     adapter_lr: float | None = None  # None = lr (fresh adapters may want more)
@@ -673,7 +675,13 @@ def _train(cfg, on_log, dd: _Dist, device: torch.device, CacheReader, load_mappe
     trainable, frozen = freeze_for_stage2(t3, encoder, mapper)
     log.info("stage2 trainable params %s (total %d); frozen %s", trainable, sum(trainable.values()), frozen)
 
-    st = _State(world_size=dd.world_size)
+    if cfg.grad_accum < 1:
+        raise ValueError(f"grad_accum must be ≥ 1, not {cfg.grad_accum}")
+    # A step covers V = ranks × grad_accum global batches; batch k of a step goes to "virtual rank"
+    # v = micro·N + rank, so N ranks × A micro-batches and 1 rank × N·A micro-batches see the same
+    # batches with the same seeds, and average the same gradients (tests/test_ddp_equivalence.py).
+    V = dd.world_size * cfg.grad_accum
+    st = _State(world_size=V)
     latest = _latest_checkpoint(out) if cfg.resume else None
     saved_opt = None
     if latest is not None:
@@ -691,19 +699,19 @@ def _train(cfg, on_log, dd: _Dist, device: torch.device, CacheReader, load_mappe
     # LR-schedule length: fixed at the start of a run and kept by a resume with the same world size and
     # length settings (so the resumed LR curve is the uninterrupted one); recomputed otherwise.
     saved_len = (json.loads(saved["config"]) if latest is not None else {})
-    if (latest is None or st.world_size != dd.world_size or not st.total_steps
+    if (latest is None or st.world_size != V or not st.total_steps
             or saved_len.get("epochs") != cfg.epochs or saved_len.get("max_steps") != cfg.max_steps):
-        spe = sampler.steps_in_epoch(0, dd.world_size)
+        spe = sampler.steps_in_epoch(0, V)
         remaining = 0 if st.epoch >= cfg.epochs else (
-            sampler.steps_in_epoch(st.epoch, dd.world_size, st.position) + (cfg.epochs - st.epoch - 1) * spe)
+            sampler.steps_in_epoch(st.epoch, V, st.position) + (cfg.epochs - st.epoch - 1) * spe)
         st.total_steps = st.global_step + remaining
         if cfg.max_steps is not None:
             st.total_steps = min(st.total_steps, cfg.max_steps)
-    if latest is not None and st.world_size != dd.world_size:
-        log.warning("resuming a run saved with world size %d on %d ranks: global step %d kept, epoch %d continues "
-                    "at global batch %d; LR schedule length now %d steps", st.world_size, dd.world_size,
+    if latest is not None and st.world_size != V:
+        log.warning("resuming a run saved with %d global batches per step with %d: global step %d kept, epoch %d "
+                    "continues at global batch %d; LR schedule length now %d steps", st.world_size, V,
                     st.global_step, st.epoch, st.position, st.total_steps)
-    st.world_size = dd.world_size
+    st.world_size = V
 
     if cfg.compile:
         t3.tfmr.compile(dynamic=True)
@@ -752,17 +760,23 @@ def _train(cfg, on_log, dd: _Dist, device: torch.device, CacheReader, load_mappe
 
     while st.epoch < cfg.epochs and (cfg.max_steps is None or st.global_step < cfg.max_steps):
         nb = len(sampler.batches(st.epoch))
-        gidx, rows, weight = sampler.rank_batch(st.epoch, st.position, dd.rank, dd.world_size)
-        b = data.build_batch(rows, instruction_prob=cfg.instruction_prob, rng=batch_rng(cfg.seed, st.epoch, gidx),
-                             prompt_len=prompt_len, cond_len=t3_cfg.cond_len, emotion_adv=cfg.emotion_adv)
-        torch.manual_seed(mix_seed(cfg.seed, "step", st.global_step, dd.rank))  # dropout: a function of the step
-        with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss, stats = wrapped(b.batch, b.is_instruction, weight)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        red = None
+        for micro in range(cfg.grad_accum):
+            vr = micro * dd.world_size + dd.rank
+            gidx, rows, weight = sampler.rank_batch(st.epoch, st.position, vr, V)
+            b = data.build_batch(rows, instruction_prob=cfg.instruction_prob, rng=batch_rng(cfg.seed, st.epoch, gidx),
+                                 prompt_len=prompt_len, cond_len=t3_cfg.cond_len, emotion_adv=cfg.emotion_adv)
+            torch.manual_seed(mix_seed(cfg.seed, "step", st.global_step, vr))  # dropout: a function of the step
+            sync = contextlib.nullcontext() if (not dd.enabled or micro == cfg.grad_accum - 1) else wrapped.no_sync()
+            with sync:
+                with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                    loss, stats = wrapped(b.batch, b.is_instruction, weight / cfg.grad_accum)
+                loss.backward()
+            part = torch.cat([stats.float() * weight, torch.tensor([weight, b.n_real_tokens * weight,
+                                                                    b.n_padded_tokens * weight], device=stats.device)])
+            red = part if red is None else red + part
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        red = torch.cat([stats.float() * weight, torch.tensor([weight, b.n_real_tokens * weight,
-                                                               b.n_padded_tokens * weight], device=stats.device)])
         if dd.enabled:
             dist.all_reduce(red)
         vals = torch.cat([red, gnorm.detach().float().reshape(1).to(red.device)]).cpu().double()
@@ -795,7 +809,7 @@ def _train(cfg, on_log, dd: _Dist, device: torch.device, CacheReader, load_mappe
         acc_padded += n_pad
         st.tokens_seen += int(n_tok)
         st.global_step += 1
-        st.position += dd.world_size
+        st.position += V
         if st.position >= nb:
             st.epoch += 1
             st.position = 0
