@@ -96,7 +96,8 @@ def _print_stage1_row(r: dict) -> None:
 
 def _cmd_train_stage2(a: argparse.Namespace) -> int:
     train = {k: v for k, v in dict(
-        instruction_prob=a.instruction_prob, batch_size=a.batch_size, max_tokens=a.max_tokens, lr=a.lr,
+        instruction_prob=a.instruction_prob, batch_size=a.batch_size, max_tokens=a.max_tokens,
+        grad_accum=a.grad_accum, lr=a.lr,
         adapter_lr=a.adapter_lr, epochs=a.epochs, max_steps=a.max_steps, warmup_steps=a.warmup_steps,
         device=a.device, amp_dtype=a.amp, compile=a.compile or None, save_every=a.save_every,
         log_every=a.log_every, text_tokenizer=a.text_tokenizer, seed=a.seed,
@@ -258,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--instruction-prob", type=float, help="share of instruction-only rows (default 0.5)")
     g.add_argument("--batch-size", type=int, help="rows per batch per rank (the cap with --max-tokens)")
     g.add_argument("--max-tokens", type=int, help="token budget per batch (length bucketing)")
+    g.add_argument("--grad-accum", type=int, help="batches per rank per step (N ranks x A = same run as 1 x N*A)")
     g.add_argument("--lr", type=float)
     g.add_argument("--adapter-lr", type=float)
     g.add_argument("--epochs", type=int)
