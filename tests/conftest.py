@@ -52,3 +52,28 @@ def demo_store(tmp_path_factory):
     store = str(root / "demo.zarr")
     build_cache(BuildConfig(metadata=corpus.metadata, audio_root=corpus.root, store=store, models=FrozenModelsConfig()))
     return store, corpus
+
+
+# ---- a short real pipeline on the demo store: stage 1 (8 steps) and stage 2 (tiny T3, 4 steps) ------------------
+@pytest.fixture(scope="session")
+def mapper_run(demo_store, tmp_path_factory):
+    from instruct_tts.cli import main as cli_main
+
+    store, _ = demo_store
+    out = tmp_path_factory.mktemp("s2cli") / "mapper"
+    assert cli_main(["train-stage1", "--store", store, "--out", str(out), "--no-prefect", "--device", "cpu",
+                     "--phase", "1", "--max-steps", "8", "--eval-every", "4", "--batch-size", "32",
+                     "--hidden-dim", "32", "--n-blocks", "1"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def t3_run(demo_store, mapper_run, tmp_path_factory):
+    """A finished train-stage2 run directory (tiny T3), for synthesis and evaluation tests."""
+    from instruct_tts.cli import main as cli_main
+
+    store, _ = demo_store
+    out = tmp_path_factory.mktemp("synth") / "t3"
+    assert cli_main(["train-stage2", "--store", store, "--mapper", str(mapper_run), "--t3", "tiny", "--out", str(out),
+                     "--no-prefect", "--device", "cpu", "--batch-size", "8", "--max-steps", "4", "--log-every", "2"]) == 0
+    return out

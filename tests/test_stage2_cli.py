@@ -11,16 +11,6 @@ from instruct_tts.cli import main
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def mapper_run(demo_store, tmp_path_factory):
-    store, _ = demo_store
-    out = tmp_path_factory.mktemp("s2cli") / "mapper"
-    assert main(["train-stage1", "--store", store, "--out", str(out), "--no-prefect", "--device", "cpu",
-                 "--phase", "1", "--max-steps", "8", "--eval-every", "4", "--batch-size", "32",
-                 "--hidden-dim", "32", "--n-blocks", "1"]) == 0
-    return out
-
-
 def test_cli_train_stage2_tiny_on_the_demo_cache(demo_store, mapper_run, tmp_path, capsys):
     store, _ = demo_store
     out = tmp_path / "t3"
@@ -52,15 +42,6 @@ def test_cli_train_stage2_names_a_bad_t3(demo_store, mapper_run, tmp_path, capsy
 
 
 # ---- synthesize ----------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def t3_run(demo_store, mapper_run, tmp_path_factory):
-    store, _ = demo_store
-    out = tmp_path_factory.mktemp("synth") / "t3"
-    assert main(["train-stage2", "--store", store, "--mapper", str(mapper_run), "--t3", "tiny", "--out", str(out),
-                 "--no-prefect", "--device", "cpu", "--batch-size", "8", "--max-steps", "4", "--log-every", "2"]) == 0
-    return out
-
-
 def _synth(t3_run, out, *extra):
     return main(["synthesize", "--run", str(t3_run), "--text", "Hello world.", "--out", str(out),
                  "--max-new-tokens", "20", *extra])

@@ -11,9 +11,10 @@ The conditioning is the one training used, row kind by row kind (`tts_core.stage
 The token sequence comes from `T3.generate`, i.e. `tts_core.t3.layout.build_generation_layout` — the
 same layout module that builds training batches; there is no second prefix builder here.
 
-Vocoder: the embedded default decodes the embedded mel-VQ tokens (codebook read from the run's cache
-store) with Griffin-Lim. S3 tokens (production) need S3Gen, not wired yet: `synthesize` then returns the
-tokens and ``wav=None``, and says so.
+Vocoder (`tts_core.vocoders`): the embedded default decodes the embedded mel-VQ tokens (codebook read
+from the run's cache store) with Griffin-Lim; S3 tokens (production) are decoded by Chatterbox's S3Gen
+from ``--chatterbox-dir`` (optional extra ``vocoder``), with the reference clip's voice when given, else
+the mapper's x-vector. Without a vocoder `synthesize` returns the tokens and ``wav=None``, and says so.
 """
 from __future__ import annotations
 
@@ -101,12 +102,19 @@ class Synthesizer:
         codebook = _store_codebook(meta.get("store", {}).get("url"))
         if codebook is not None:
             from tts_core.encoders.mel_vq import MelVQTokenizer
+            from tts_core.vocoders import MelVQVocoder
 
-            speech_tok = vocoder = MelVQTokenizer.from_arrays(**codebook)
+            speech_tok = MelVQTokenizer.from_arrays(**codebook)
+            vocoder = MelVQVocoder(speech_tok)
         elif models.s3gen_path():
             from tts_core.encoders.s3_tokenizer import S3SpeechTokenizer
+            from tts_core.vocoders import S3GenVocoder, VocoderUnavailable
 
             speech_tok = S3SpeechTokenizer.from_s3gen(models.s3gen_path(), device=device)
+            try:
+                vocoder = S3GenVocoder.from_file(models.s3gen_path(), device=device)
+            except VocoderUnavailable as exc:
+                log.warning("%s — synthesis will return speech tokens only", exc)
         ve, _ = load_speaker_models(models)
         synth = cls(t3, tokenizer, encoder, mapper, te, meta, vocoder=vocoder, speech_tokenizer=speech_tok,
                     voice_encoder=ve)
@@ -152,13 +160,11 @@ class Synthesizer:
                                   generator=g, **s)[0].cpu().numpy()
         wav, sr = None, 16_000
         if self.vocoder is not None:
-            usable = tokens[tokens < self.vocoder.vocab_size]
-            if len(usable) < len(tokens):
-                log.warning("%d of %d tokens are outside the %d-token codebook: dropped", len(tokens) - len(usable),
-                            len(tokens), self.vocoder.vocab_size)
-            wav, sr = self.vocoder.decode(usable), self.vocoder.config.sample_rate
+            torch.manual_seed(int(seed))  # S3Gen's flow matching starts from noise: seeded, so runs repeat
+            wav, sr = self.vocoder.decode(tokens, x_vector=xv, reference=reference), self.vocoder.sample_rate
         else:
-            log.warning("no vocoder for these tokens (S3Gen not wired): returning speech tokens only")
+            log.warning("no vocoder for S3 tokens (pass --chatterbox-dir and install the `vocoder` extra): "
+                        "returning speech tokens only")
         return SynthResult(tokens=tokens, wav=wav, sample_rate=sr,
                            speaker_emb=cond.speaker_emb[0].float().cpu().numpy(), x_vector=xv)
 

@@ -76,7 +76,8 @@ def evaluate_run(cfg: EvalConfig, on_item=None) -> dict:
             sf.write(str(path), res.wav, res.sample_rate)
             row["wav"] = str(path)
             row.update(measure(res.wav, res.sample_rate, cfg.text))
-            emb = np.asarray(synth.voice_encoder.embed_batch([res.wav]), np.float32)[0]
+            wav16 = res.wav if res.sample_rate == 16_000 else _resample(res.wav, res.sample_rate, 16_000)
+            emb = np.asarray(synth.voice_encoder.embed_batch([wav16]), np.float32)[0]
             row["spk_cos"] = float(emb @ res.speaker_emb / (np.linalg.norm(emb) * np.linalg.norm(res.speaker_emb)
                                                             + 1e-12))
         else:
@@ -93,6 +94,13 @@ def evaluate_run(cfg: EvalConfig, on_item=None) -> dict:
     _plot(rows, out / "eval.png")
     summary["out_dir"] = str(out)
     return summary
+
+
+def _resample(wav: np.ndarray, sr: int, target: int) -> np.ndarray:
+    import torch
+    import torchaudio.functional as AF
+
+    return AF.resample(torch.from_numpy(np.asarray(wav, np.float32)), sr, target).numpy()
 
 
 def to_markdown(s: dict) -> str:
