@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from flows.keys import artifact_key
 from tts_core.evaluation.run import EvalConfig, evaluate_run, to_markdown
@@ -25,6 +25,10 @@ def evaluate_flow(run_dir: str, store: str, out_dir: str | None = None, n_instru
     cols = ("instruction", "pitch", "rate", "loudness", "f0_hz", "rate_lps", "loudness_lufs", "spk_cos", "wav")
     create_table_artifact([{c: r.get(c) for c in cols} for r in summary["rows"]], key=f"{key}-clips",
                           description="per-instruction measurements and wav paths")
+    for name in ("eval.json", "eval.png"):
+        path = (Path(summary["out_dir"]) / name).resolve()
+        create_link_artifact(path.as_uri(), link_text=name, key=f"{key}-{name.replace('.', '-')}",
+                             description=f"evaluation {name.split('.')[1]}")
     return summary
 
 
