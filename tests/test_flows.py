@@ -95,3 +95,17 @@ def test_train_stage2_flow_publishes_progress_and_report(demo_store, tmp_path, p
     assert arts["t3run-stage2-progress"].data == 100.0
     assert "adapter" in arts["t3run-stage2-report"].data
     assert "Good morning." in arts["wavs-wavs"].data
+
+
+def test_evaluate_flow_publishes_report_table_and_links(t3_run, demo_store, tmp_path, prefect_harness):
+    from flows.evaluate import evaluate_flow
+
+    store, _ = demo_store
+    s = evaluate_flow(run_dir=str(t3_run), store=store, out_dir=str(tmp_path / "ev"), n_instructions=3,
+                      max_new_tokens=20)
+    assert s["n"] == 3
+    arts = _artifacts()
+    key = t3_run.name + "-eval"
+    assert "Direction accuracy" in arts[f"{key}-report"].data
+    assert "f0_hz" in arts[f"{key}-clips"].data
+    assert arts[f"{key}-eval-json"].data.startswith("[eval.json](file://")

@@ -9,14 +9,14 @@ never leaves a truncated checkpoint under the final name.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from tts_core.atomic_files import atomic_write
 
 ALIASES_KEY = "tied_aliases"  # metadata entry: JSON {dropped_name: kept_name}
 
@@ -65,15 +65,7 @@ def save_state_dict_safetensors(module: torch.nn.Module | Mapping[str, torch.Ten
         raise ValueError(f"metadata key {ALIASES_KEY!r} is reserved")
     meta[ALIASES_KEY] = json.dumps(aliases, sort_keys=True)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return path
 
 
@@ -100,3 +92,17 @@ def load_state_dict_safetensors(module: torch.nn.Module, path: str | Path, stric
 
 class ResumeMismatchError(ValueError):
     """The run directory holds a resume checkpoint of another run (other data or config)."""
+
+
+def read_prefixed_state(path: str | Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The ``prefix*`` tensors of a (large) safetensors file, prefix stripped; nothing else is read.
+
+    Used for the sub-modules of Chatterbox's ``s3gen.safetensors`` (speaker encoder, tokenizer)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: put Chatterbox's s3gen.safetensors there")
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        keys = [k for k in f.keys() if k.startswith(prefix)]
+        if not keys:
+            raise ValueError(f"{path} has no '{prefix}*' tensors: is it Chatterbox's s3gen.safetensors?")
+        return {k[len(prefix):]: f.get_tensor(k) for k in keys}

@@ -301,13 +301,6 @@ class CampPlus(nn.Module):
 
 def read_speaker_encoder_state(path: str | Path) -> dict[str, torch.Tensor]:
     """`speaker_encoder.*` tensors of an s3gen checkpoint, prefix stripped (flow/HiFT/tokenizer untouched)."""
-    from safetensors import safe_open
+    from tts_core.checkpoint import read_prefixed_state
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: put Chatterbox's s3gen.safetensors there")
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        keys = [k for k in f.keys() if k.startswith(S3GEN_PREFIX)]
-        if not keys:
-            raise ValueError(f"{path} has no '{S3GEN_PREFIX}*' tensors: is it Chatterbox's s3gen.safetensors?")
-        return {k[len(S3GEN_PREFIX):]: f.get_tensor(k) for k in keys}
+    return read_prefixed_state(path, S3GEN_PREFIX)

@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
-from safetensors import safe_open
-
 import s3tokenizer
 import s3tokenizer.utils
+import torch
 from s3tokenizer.model_v2 import ModelConfig, S3TokenizerV2
+
+from tts_core.checkpoint import read_prefixed_state
 from tts_core.identity import ModelIdentity, sha256_state_dict
 
 S3_NAME = "speech_tokenizer_v2_25hz"
@@ -39,14 +39,7 @@ IDENTITY_NAME = "s3tokenizer-v2-25hz (chatterbox s3gen)"
 
 def read_tokenizer_state(path: str | Path) -> dict[str, torch.Tensor]:
     """The `tokenizer.*` tensors of an s3gen checkpoint, prefix stripped; nothing else is read."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: put Chatterbox's s3gen.safetensors there")
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        keys = [k for k in f.keys() if k.startswith(S3_PREFIX)]
-        if not keys:
-            raise ValueError(f"{path} has no '{S3_PREFIX}*' tensors: is it Chatterbox's s3gen.safetensors?")
-        return {k[len(S3_PREFIX):]: f.get_tensor(k) for k in keys}
+    return read_prefixed_state(path, S3_PREFIX)
 
 
 def config_from_state(state: dict[str, torch.Tensor]) -> ModelConfig:

@@ -13,15 +13,16 @@ pairing new weights with old metadata.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from tts_core.atomic_files import (  # noqa: F401  (re-exported: stage-1 callers import them from here)
+    atomic_copy, atomic_torch_save, atomic_write_json, atomic_write_text, json_default,
+)
+from tts_core.checkpoint import load_state_dict_safetensors, save_state_dict_safetensors
 from tts_core.identity import ModelIdentity, sha256_file
 from tts_core.mapper.flow import InstructionMapper, MapperConfig
 from tts_core.mapper.pooling import InstructionEncoder, check_text_encoder_identity
@@ -47,114 +48,15 @@ class Stage1Model(nn.Module):
         self.mapper = mapper
 
 
-# ---- atomic file helpers ------------------------------------------------------------------------------
-def _publishable(tmp: str) -> None:
-    """mkstemp files are 0600; give the published file the usual 0644 (less the process umask)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o644 & ~mask)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        _publishable(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        _publishable(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_copy(src: str | Path, dst: str | Path) -> None:
-    dst = Path(dst)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        _publishable(tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _json_default(o: Any):
-    if isinstance(o, Path):
-        return str(o)
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if hasattr(o, "to_dict"):
-        return o.to_dict()
-    if hasattr(o, "item"):
-        return o.item()
-    raise TypeError(f"not JSON serialisable: {type(o)}")
-
-
 # ---- weights ----------------------------------------------------------------------------------------------
 def save_weights(module: nn.Module, path: str | Path) -> None:
-    """Atomic safetensors save (tts_core.checkpoint when present: tie-safe; else a local equivalent)."""
-    try:
-        from tts_core.checkpoint import save_state_dict_safetensors
-    except ImportError:
-        save_state_dict_safetensors = _save_state_dict_safetensors
+    """Atomic, tie-safe safetensors save (tts_core.checkpoint)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_state_dict_safetensors(module, path)
 
 
 def load_weights(module: nn.Module, path: str | Path, strict: bool = True) -> None:
-    try:
-        from tts_core.checkpoint import load_state_dict_safetensors
-    except ImportError:
-        load_state_dict_safetensors = _load_state_dict_safetensors
     load_state_dict_safetensors(module, path, strict=strict)
-
-
-def _save_state_dict_safetensors(module: nn.Module, path: str | Path) -> None:
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp)
-        _publishable(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _load_state_dict_safetensors(module: nn.Module, path: str | Path, strict: bool = True) -> None:
-    from safetensors.torch import load_file
-
-    module.load_state_dict(load_file(str(path)), strict=strict)
 
 
 # ---- checkpoints --------------------------------------------------------------------------------------------

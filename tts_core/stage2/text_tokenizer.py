@@ -28,12 +28,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import unicodedata
 from pathlib import Path
 from typing import Sequence
 
+from tts_core.atomic_files import atomic_copy, atomic_write_text
 from tts_core.identity import ModelIdentity, sha256_file
 
 SOT_TOKEN = "[START]"
@@ -136,7 +135,7 @@ class ByteTextTokenizer(TextTokenizer):
 
     def save(self, directory: str | os.PathLike) -> Path:
         path = Path(directory) / BYTE_FILE
-        _atomic_write_text(path, json.dumps(self.to_dict() | {"offset": self.offset}, indent=2) + "\n")
+        atomic_write_text(path, json.dumps(self.to_dict() | {"offset": self.offset}, indent=2) + "\n")
         return path
 
 
@@ -195,8 +194,8 @@ class ChatterboxTextTokenizer(TextTokenizer):
     def save(self, directory: str | os.PathLike) -> Path:
         dst = Path(directory) / CHATTERBOX_FILE
         if dst.resolve() != self.path.resolve():
-            _atomic_copy(self.path, dst)
-        _atomic_write_text(Path(directory) / CHATTERBOX_META,
+            atomic_copy(self.path, dst)
+        atomic_write_text(Path(directory) / CHATTERBOX_META,
                            json.dumps(self.to_dict(), indent=2) + "\n")
         return dst
 
@@ -234,37 +233,3 @@ def load_text_tokenizer(spec: str | os.PathLike | None, t3_dir: str | os.PathLik
     if p.is_file():
         return ChatterboxTextTokenizer(p, **({} if punc_norm is None else {"punc_norm": punc_norm}))
     raise FileNotFoundError(f"text tokenizer {spec!r}: not 'bytes', a tokenizer.json or a directory holding one")
-
-
-# ---- small atomic file helpers ------------------------------------------------------------------------
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        _chmod_default(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        _chmod_default(tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _chmod_default(path) -> None:
-    """mkstemp files are 0600; give them the permissions a plain open() would (0666 & ~umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)

@@ -78,6 +78,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from tts_core.atomic_files import atomic_copy, atomic_torch_save, atomic_write_json, atomic_write_text, json_default
 from tts_core.checkpoint import ResumeMismatchError
 from tts_core.precision import resolve_amp
 from tts_core.mapper.pooling import TextEncoderMismatchError, check_text_encoder_identity
@@ -385,38 +386,6 @@ def _init_distributed(device_pref: str) -> tuple[_Dist, torch.device]:
     return d, torch.device("cpu")
 
 
-# ---- small file helpers ----------------------------------------------------------------------------------------
-def _atomic_write_text(path: Path, text: str) -> None:
-    from tts_core.stage2.text_tokenizer import _atomic_write_text as w
-
-    w(Path(path), text)
-
-
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    _atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
-
-
-def _json_default(o: Any):
-    if isinstance(o, Path):
-        return str(o)
-    if isinstance(o, (np.integer, np.floating)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if hasattr(o, "to_dict"):
-        return o.to_dict()
-    raise TypeError(f"not JSON serialisable: {type(o)}")
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 # ---- checkpoints ----------------------------------------------------------------------------------------------
 def _save_checkpoint(out: Path, t3: T3, tokenizer: TextTokenizer, opt, st: _State, cfg: Stage2Config,
                      meta: dict, fingerprint: str, keep: int) -> Path:
@@ -429,14 +398,14 @@ def _save_checkpoint(out: Path, t3: T3, tokenizer: TextTokenizer, opt, st: _Stat
     tmp.mkdir()
     save_t3(t3, tmp / T3_WEIGHTS, config=t3.cfg)
     tokenizer.save(tmp)
-    _atomic_torch_save({"optimizer": opt.state_dict(), "state": json.dumps(asdict(st)),
+    atomic_torch_save({"optimizer": opt.state_dict(), "state": json.dumps(asdict(st)),
                         "config": json.dumps(cfg.to_dict()), "fingerprint": fingerprint}, tmp / TRAIN_STATE)
-    _atomic_write_json(tmp / STAGE2_META, {**meta, "step": st.global_step, "epoch": st.epoch,
+    atomic_write_json(tmp / STAGE2_META, {**meta, "step": st.global_step, "epoch": st.epoch,
                                            "position": st.position})
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _atomic_write_json(out / LATEST, {"checkpoint": f"checkpoints/{name}", "step": st.global_step})
+    atomic_write_json(out / LATEST, {"checkpoint": f"checkpoints/{name}", "step": st.global_step})
     # prune: older checkpoints beyond `keep`, and temporary dirs of killed writers
     done = sorted(p for p in root.iterdir() if p.name.startswith("step_"))
     for p in done[:-max(keep, 1)]:
@@ -482,12 +451,11 @@ def _check_resume(saved_cfg: dict, cfg: Stage2Config, saved_fp: str, fingerprint
 
 def _publish(out: Path, ckpt: Path) -> None:
     """Copy the final checkpoint's inference files to the run root (weights first, stage2.json last)."""
-    from tts_core.stage2.text_tokenizer import _atomic_copy
 
     for f in sorted(ckpt.iterdir()):
         if f.is_file() and f.name not in (TRAIN_STATE, STAGE2_META):
-            _atomic_copy(f, out / f.name)
-    _atomic_copy(ckpt / STAGE2_META, out / STAGE2_META)
+            atomic_copy(f, out / f.name)
+    atomic_copy(ckpt / STAGE2_META, out / STAGE2_META)
 
 
 # ---- metrics / report -------------------------------------------------------------------------------------------
@@ -510,7 +478,7 @@ def _read_metrics(path: Path) -> list[dict]:
 
 def _truncate_metrics(path: Path, step: int) -> None:
     rows = [r for r in _read_metrics(path) if r.get("step", 0) <= step]
-    _atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _fmt(x) -> str:
@@ -573,7 +541,7 @@ def _write_report(out: Path, summary: dict, history: list[dict], plot: bool) -> 
         lines.append(f"| {r['step']} | {r['epoch']:.3f} | {r['lr']:.2e} | {_fmt(r['loss'])} "
                      f"| {_fmt(r.get('text_inst'))} | {_fmt(r.get('text_audio'))} | {_fmt(r.get('speech_inst'))} | {_fmt(r.get('speech_audio'))} "
                      f"| {_fmt(r.get('inst_frac'))} | {r.get('tokens_per_s', 0):.0f} |")
-    _atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
 
 
 # ---- the loop ---------------------------------------------------------------------------------------------------
