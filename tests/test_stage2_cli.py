@@ -137,3 +137,25 @@ def test_evaluate_writes_report_json_plot_and_scores_directions(t3_run, demo_sto
     train_texts = {normalise_instruction(rd.instruction_texts[int(i)]) for i in np.unique(iid[tr])}
     assert not held & train_texts
     assert "Direction accuracy" in capsys.readouterr().out
+
+
+def test_a_moved_run_directory_still_synthesizes_from_its_own_codebook(t3_run, mapper_run, tmp_path, monkeypatch):
+    import shutil
+
+    import numpy as np
+
+    import tts_core.synthesis as synthesis
+
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(t3_run, moved / "t3")
+    shutil.copytree(mapper_run, moved / "mapper")
+    assert (moved / "t3" / "mel_vq.safetensors").is_file()
+
+    def no_store(url):
+        raise AssertionError("the run's own codebook must be used, not the cache store")
+
+    monkeypatch.setattr(synthesis, "_store_codebook", no_store)
+    monkeypatch.chdir(tmp_path)
+    s = synthesis.Synthesizer.from_run(moved / "t3")
+    res = s.synthesize("Hello.", instruction="A quiet woman.", sampling=synthesis.SamplingConfig(max_new_tokens=10))
+    assert res.wav is not None and np.isfinite(res.wav).all()

@@ -82,7 +82,7 @@ class Synthesizer:
         from tts_core.frozen import FrozenModelsConfig, load_speaker_models, load_text_encoder
         from tts_core.stage1.artifacts import load_mapper
         from tts_core.stage2.text_tokenizer import load_text_tokenizer
-        from tts_core.stage2.train import build_t3
+        from tts_core.stage2.train import SPEECH_CODEBOOK, build_t3
 
         run_dir = Path(run_dir)
         missing = [f for f in RUN_FILES if not (run_dir / f).is_file()]
@@ -99,12 +99,14 @@ class Synthesizer:
         t3.to(device).eval()
         tokenizer = load_text_tokenizer(None, t3_dir=run_dir)
         speech_tok = vocoder = None
-        codebook = _store_codebook(meta.get("store", {}).get("url"))
-        if codebook is not None:
+        own = next((d / SPEECH_CODEBOOK for d in (run_dir, run_dir.parent.parent) if (d / SPEECH_CODEBOOK).is_file()),
+                   None)  # the run's own copy (a checkpoints/step_* dir: its run's)
+        codebook = None if own else _store_codebook(meta.get("store", {}).get("url"))
+        if own or codebook is not None:
             from tts_core.encoders.mel_vq import MelVQTokenizer
             from tts_core.vocoders import MelVQVocoder
 
-            speech_tok = MelVQTokenizer.from_arrays(**codebook)
+            speech_tok = MelVQTokenizer.from_safetensors(own) if own else MelVQTokenizer.from_arrays(**codebook)
             vocoder = MelVQVocoder(speech_tok)
         elif models.s3gen_path():
             from tts_core.encoders.s3_tokenizer import S3SpeechTokenizer
@@ -170,7 +172,7 @@ class Synthesizer:
 
 
 def _store_codebook(url: str | None) -> dict | None:
-    if not url:
+    if not url or ("://" not in url and not Path(url).exists()):
         return None
     from cache.build import saved_codebook
 

@@ -100,6 +100,7 @@ T3_WEIGHTS = "t3_cfg.safetensors"
 STAGE2_META = "stage2.json"
 TRAIN_STATE = "train_state.pt"
 LATEST = "latest.json"
+SPEECH_CODEBOOK = "mel_vq.safetensors"  # embedded tokenizer codebook beside a run (absent for S3 runs)
 PREPARED = "prepared.safetensors"
 FORMAT = "instruct-tts/stage2"
 PRESETS = ("tiny", "520m")
@@ -428,6 +429,22 @@ def _clear_run(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
+def _absolute(url: str) -> str:
+    """Local paths recorded absolute (a run is used from other working directories); URLs as given."""
+    return url if "://" in url else str(Path(url).resolve())
+
+
+def _save_speech_codebook(store: str, out: Path) -> None:
+    """The embedded tokenizer's codebook beside the run (``mel_vq.safetensors``): the run directory then
+    decodes its own tokens wherever it is moved, without the cache store."""
+    from cache.build import saved_codebook
+    from tts_core.encoders.mel_vq import MelVQTokenizer
+
+    codebook = saved_codebook(store)
+    if codebook is not None:
+        MelVQTokenizer.from_arrays(**codebook).to_safetensors(out / SPEECH_CODEBOOK)
+
+
 def _latest_checkpoint(out: Path) -> Path | None:
     f = out / LATEST
     if not f.is_file():
@@ -663,6 +680,8 @@ def _train(cfg, on_log, dd: _Dist, device: torch.device, CacheReader, load_mappe
             _truncate_metrics(out / "metrics.jsonl", st.global_step)
     elif dd.rank == 0:
         _clear_run(out)  # a fresh start in an existing out_dir: no stale checkpoints, metrics or published files
+    if dd.rank == 0:
+        _save_speech_codebook(cfg.store, out)
 
     # LR-schedule length: fixed at the start of a run and kept by a resume with the same world size and
     # length settings (so the resumed LR curve is the uninterrupted one); recomputed otherwise.
@@ -701,11 +720,11 @@ def _train(cfg, on_log, dd: _Dist, device: torch.device, CacheReader, load_mappe
     meta = {
         "format": FORMAT, "t3_source": cfg.t3, "t3_config": t3_cfg.to_dict(), "tokenizer": tokenizer.to_dict(),
         "text_encoder": store_te.to_dict() if store_te is not None else None,
-        "mapper": {"dir": str(cfg.mapper_dir), "weights_sha256": mapper_meta.get("weights_sha256"),
+        "mapper": {"dir": _absolute(str(cfg.mapper_dir)), "weights_sha256": mapper_meta.get("weights_sha256"),
                    "n_steps": n_steps, "mapper_config": mapper_meta.get("mapper_config"),
                    "encoder": mapper_meta.get("encoder")},
         "instruction_dim": encoder.hidden_size, "prompt_len": prompt_len, "emotion_adv": cfg.emotion_adv,
-        "store": {"url": cfg.store, "lines_digest": reader.info.lines_digest},
+        "store": {"url": _absolute(cfg.store), "lines_digest": reader.info.lines_digest},
         "train_config": cfg.to_dict(), "load_report": report.summary if report is not None else None,
     }
 
