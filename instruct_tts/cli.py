@@ -64,7 +64,7 @@ def _stage1_overrides(a: argparse.Namespace) -> tuple[dict, dict]:
     train = {k: v for k, v in dict(
         epochs=a.epochs, batch_size=a.batch_size, lr_phase1=a.lr, lr_phase2=a.lr_phase2, patience=a.patience,
         eval_every=a.eval_every, max_steps=a.max_steps, device=a.device, held_out_frac=a.held_out_frac,
-        init_from=str(a.init_from) if a.init_from else None, seed=a.seed, resume=not a.restart,
+        init_from=str(a.init_from) if a.init_from else None, seed=a.seed, resume=not a.restart, split_by=a.split_by,
         amp_dtype=a.amp).items() if v is not None}
     mapper = {k: v for k, v in dict(hidden_dim=a.hidden_dim, n_blocks=a.n_blocks, temperature=a.temperature,
                                     n_steps=a.n_steps).items() if v is not None}
@@ -237,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-every", type=int, help="steps between held-out evaluations (0: every epoch)")
     g.add_argument("--max-steps", type=int, help="stop the whole run after this many steps")
     g.add_argument("--held-out-frac", type=float)
+    g.add_argument("--split-by", choices=("instruction", "speaker"),
+                   help="held-out unit: instruction texts (default) or speakers + their texts (needs a speaker column)")
     g.add_argument("--seed", type=int)
     g.add_argument("--restart", action="store_true", help="ignore out/last and start over")
     m = t1.add_argument_group("mapper (defaults: tts_core.mapper.MapperConfig)")

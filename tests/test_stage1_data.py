@@ -132,3 +132,32 @@ def test_stage1data_validates_shapes():
         Stage1Data(spk=torch.randn(3, 256), xvec=torch.randn(3, 190), instruction_id=torch.tensor([0, 1, 1]),
                    states=torch.zeros(2, 4, 8, dtype=torch.float16), lengths=torch.tensor([2, 4]),
                    clip_ids=["a", "b", "c"], instruction_texts=["x", "y"], text_encoder_identity=TE)
+
+
+def test_split_by_speaker_shares_neither_a_speaker_nor_an_instruction_text():
+    rng = np.random.default_rng(0)
+    n = 600
+    speakers = [f"spk{int(i)}" for i in rng.integers(0, 40, n)]
+    texts = [f"voice description {k}" for k in range(120)]
+    iid = rng.integers(0, 120, n)  # texts shared across speakers: the leak the rule must cut
+    tr, va = split_rows(iid, texts, 0.2, salt="s", speakers=speakers)
+    assert len(tr) and len(va) and not set(tr) & set(va)
+    sp = np.asarray(speakers)
+    assert not set(sp[tr]) & set(sp[va])
+    assert not {texts[i] for i in iid[tr]} & {texts[i] for i in iid[va]}
+    dropped = n - len(tr) - len(va)
+    assert dropped > 0  # train clips sharing a held-out text were dropped, not leaked
+    held_speakers = set(sp[va])
+    assert 0.05 < len(held_speakers) / 40 < 0.4
+    # deterministic and independent of row order
+    perm = rng.permutation(n)
+    _, va_p = split_rows(iid[perm], texts, 0.2, salt="s", speakers=list(sp[perm]))
+    assert set(sp[perm][va_p]) == held_speakers
+
+
+def test_split_by_speaker_needs_speakers():
+    data = Stage1Data(spk=torch.randn(4, 256), xvec=torch.randn(4, 192), instruction_id=torch.tensor([0, 1, 0, 1]),
+                      states=torch.zeros(2, 3, 8, dtype=torch.float16), lengths=torch.tensor([3, 2]),
+                      clip_ids=["a", "b", "c", "d"], instruction_texts=["x", "y"], text_encoder_identity={})
+    with pytest.raises(ValueError, match="speaker column"):
+        data.split(0.5, by="speaker")

@@ -37,16 +37,14 @@ class EvalConfig:
     chatterbox_dir: str | None = None
 
 
-def held_out_instructions(store: str, held_out_frac: float, salt: str) -> list[str]:
-    from cache.reader import CacheReader
-    from tts_core.stage1.data import split_rows
+def held_out_instructions(store: str, train_config: dict) -> list[str]:
+    """The instruction texts stage 1 held out (its split rule, fraction, salt and split_by)."""
+    from tts_core.stage1.from_store import load_stage1_data
 
-    r = CacheReader(store)
-    iid = np.asarray(r.instruction_id())
-    texts = r.instruction_texts
-    keep = iid >= 0
-    _, val = split_rows(iid[keep], texts, held_out_frac, salt)
-    return sorted({texts[int(i)] for i in np.unique(iid[keep][val])})
+    data = load_stage1_data(store)
+    _, val = data.split(train_config.get("held_out_frac", 0.05), train_config.get("split_salt", "instruct-tts/stage1"),
+                        train_config.get("split_by", "instruction"))
+    return sorted({data.instruction_texts[int(i)] for i in np.unique(data.instruction_id.numpy()[val])})
 
 
 def evaluate_run(cfg: EvalConfig, on_item=None) -> dict:
@@ -58,8 +56,7 @@ def evaluate_run(cfg: EvalConfig, on_item=None) -> dict:
     (out / "wavs").mkdir(parents=True, exist_ok=True)
     synth = Synthesizer.from_run(cfg.run_dir, device=cfg.device, text_encoder=cfg.text_encoder,
                                  chatterbox_dir=cfg.chatterbox_dir)
-    tc = synth.mapper_meta.get("train_config", {})
-    texts = held_out_instructions(cfg.store, tc.get("held_out_frac", 0.05), tc.get("split_salt", "instruct-tts/stage1"))
+    texts = held_out_instructions(cfg.store, synth.mapper_meta.get("train_config", {}))
     chosen = [(t, parse_instruction(t)) for t in texts]
     chosen = [(t, a) for t, a in chosen if any(a[k] in (v[1], v[2]) for k, v in ATTRIBUTES.items())]
     chosen = chosen[: cfg.n_instructions]

@@ -23,6 +23,14 @@ no instruction text — nor a trivially re-cased / re-spaced copy of it — is i
 deterministic, independent of row order and of the other rows (a growing dataset never moves a clip
 between splits). For tiny data where the hash puts every text on one side, the one text with the
 smallest (resp. largest) hash is moved, so both splits are non-empty whenever there are ≥ 2 texts.
+
+Why by instruction by default: the mapper's job is to read a *description*; a held-out description of
+a voice it trained on still tests that. With ``split_by="speaker"`` (needs the metadata's speaker
+column) the stricter question — unseen speakers *and* unseen descriptions — is asked instead: speakers
+are hashed the same way (salt + "/speaker"), every clip of a held-out speaker is held out, and train
+clips whose instruction text also occurs among held-out clips are dropped from both sides, so neither a
+speaker nor an instruction text is shared. Sensible with many speakers; with the demo's 8 voices it holds
+out one or two whole voices.
 """
 from __future__ import annotations
 
@@ -50,25 +58,53 @@ def instruction_hash(text: str, salt: str) -> float:
     return int.from_bytes(h.digest(), "big") / 2.0 ** 64
 
 
+def _held_keys(keys: Sequence[str], held_out_frac: float, salt: str) -> set[str]:
+    """Keys whose salted hash falls below ``held_out_frac``; both sides non-empty when ≥ 2 keys."""
+    keys = sorted(set(keys))
+    hashes = {k: instruction_hash(k, salt) for k in keys}
+    held = {k for k in keys if hashes[k] < held_out_frac}
+    if len(keys) >= 2:
+        if not held:
+            held = {min(keys, key=hashes.__getitem__)}
+        elif len(held) == len(keys):
+            held.discard(max(keys, key=hashes.__getitem__))
+    return held
+
+
 def split_rows(instruction_id: np.ndarray, instruction_texts: Sequence[str], held_out_frac: float = 0.05,
-               salt: str = "instruct-tts/stage1") -> tuple[np.ndarray, np.ndarray]:
-    """Rows (clips) → (train_rows, held_out_rows), sorted int64, split by instruction-text hash (module doc)."""
+               salt: str = "instruct-tts/stage1", speakers: Sequence[str] | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Rows (clips) → (train_rows, held_out_rows), sorted int64 (module doc, "Held-out split rule").
+
+    ``speakers`` (one per row, "" when unknown) switches to the speaker rule: held-out = the clips of
+    hashed-out speakers, and train rows whose instruction text also occurs in held-out are dropped."""
     instruction_id = np.asarray(instruction_id, dtype=np.int64)
     if held_out_frac <= 0:
         return np.arange(len(instruction_id), dtype=np.int64), np.zeros(0, dtype=np.int64)
+    if speakers is not None:
+        return _split_by_speaker(instruction_id, instruction_texts, held_out_frac, salt, speakers)
     used = np.unique(instruction_id)
     norm = {int(i): normalise_instruction(instruction_texts[int(i)]) for i in used}
-    texts = sorted(set(norm.values()))
-    hashes = {t: instruction_hash(t, salt) for t in texts}
-    held = {t for t in texts if hashes[t] < held_out_frac}
-    if len(texts) >= 2:
-        if not held:
-            held = {min(texts, key=hashes.__getitem__)}
-        elif len(held) == len(texts):
-            held.discard(max(texts, key=hashes.__getitem__))
+    held = _held_keys(list(norm.values()), held_out_frac, salt)
     held_ids = np.array(sorted(i for i, t in norm.items() if t in held), dtype=np.int64)
     is_held = np.isin(instruction_id, held_ids)
     return np.flatnonzero(~is_held).astype(np.int64), np.flatnonzero(is_held).astype(np.int64)
+
+
+def _split_by_speaker(instruction_id: np.ndarray, instruction_texts: Sequence[str], held_out_frac: float, salt: str,
+                      speakers: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    sp = np.asarray([str(x or "") for x in speakers])
+    if len(sp) != len(instruction_id):
+        raise ValueError(f"{len(sp)} speakers for {len(instruction_id)} rows")
+    known = sp != ""
+    if not known.any():
+        raise ValueError("split by speaker needs a speaker column in the metadata (4th field); none is filled")
+    held_sp = _held_keys(sp[known].tolist(), held_out_frac, salt + "/speaker")
+    is_held = np.isin(sp, sorted(held_sp)) & known
+    norm = np.asarray([normalise_instruction(instruction_texts[int(i)]) for i in instruction_id])
+    held_texts = set(norm[is_held])
+    leaks = ~is_held & np.isin(norm, sorted(held_texts))  # same text as a held-out clip: used by neither side
+    return np.flatnonzero(~is_held & ~leaks).astype(np.int64), np.flatnonzero(is_held).astype(np.int64)
 
 
 @dataclass
@@ -148,8 +184,15 @@ class Stage1Data:
         h.update(f"{ident.get('name')}/{ident.get('sha256')}".encode())
         return h.hexdigest()
 
-    def split(self, held_out_frac: float = 0.05, salt: str = "instruct-tts/stage1") -> tuple[np.ndarray, np.ndarray]:
-        return split_rows(self.instruction_id.numpy(), self.instruction_texts, held_out_frac, salt)
+    def split(self, held_out_frac: float = 0.05, salt: str = "instruct-tts/stage1", by: str = "instruction"
+              ) -> tuple[np.ndarray, np.ndarray]:
+        if by not in ("instruction", "speaker"):
+            raise ValueError(f"split by 'instruction' or 'speaker', not {by!r}")
+        if by == "speaker" and not self.speakers:
+            raise ValueError("split by speaker needs the cache's manifest to have a speaker column (metadata's "
+                             "4th field); this data has none — use split_by='instruction'")
+        return split_rows(self.instruction_id.numpy(), self.instruction_texts, held_out_frac, salt,
+                          speakers=self.speakers if by == "speaker" else None)
 
     def mean_pooled_states(self, chunk: int = 4096) -> torch.Tensor:
         """Mean over real tokens of each instruction's raw states → float32 [U, H] (NN baseline)."""

@@ -90,6 +90,7 @@ class Stage1TrainConfig:
     max_nonfinite: int = 20  # more consecutive non-finite steps than this → NonFiniteLossError
     held_out_frac: float = 0.05
     split_salt: str = "instruct-tts/stage1"
+    split_by: str = "instruction"  # "instruction" | "speaker" (stage1/data.py, "Held-out split rule")
     eval_n_steps: int = 10  # Euler steps in held-out evaluation
     eval_seed: int = 1234
     eval_batch_size: int = 8192
@@ -103,7 +104,7 @@ class Stage1TrainConfig:
 
 # Fields that must match for a resume to be the same run (the rest may change: epochs, patience, ...).
 _RESUME_KEYS = ("phase", "batch_size", "lr_phase1", "lr_phase2", "weight_decay", "warmup_steps", "grad_clip",
-                "seed", "held_out_frac", "split_salt", "eval_n_steps", "eval_seed", "init_from")
+                "seed", "held_out_frac", "split_salt", "split_by", "eval_n_steps", "eval_seed", "init_from")
 
 
 @dataclass
@@ -268,7 +269,8 @@ def _write_report(out: Path, summary: dict) -> None:
         "# Stage 1 — instruction mapper", "",
         f"- data: {summary['data']['n_clips']} clips, {summary['data']['n_instructions']} unique instructions, "
         f"hidden size {summary['data']['hidden_size']}; train {summary['data']['n_train']} / held-out "
-        f"{summary['data']['n_val']} clips (split by instruction-text hash, salt `{summary['config']['split_salt']}`)",
+        f"{summary['data']['n_val']} clips (split by {summary['config'].get('split_by', 'instruction')} hash, salt "
+        f"`{summary['config']['split_salt']}`)",
         f"- text encoder: `{summary['text_encoder'].get('name')}` (sha256 {str(summary['text_encoder'].get('sha256'))[:12]})",
         f"- stopped: {summary['stopped_reason']}; steps {summary['global_step']}; non-finite steps skipped "
         f"{summary['nonfinite_steps']}",
@@ -313,7 +315,7 @@ def train_stage1(data: Stage1Data, cfg: Stage1TrainConfig, mapper_cfg: MapperCon
     elif mapper_cfg.cond_dim != H:
         raise ValueError(f"MapperConfig.cond_dim {mapper_cfg.cond_dim} != text encoder hidden size {H}")
 
-    train_rows, val_rows = data.split(cfg.held_out_frac, cfg.split_salt)
+    train_rows, val_rows = data.split(cfg.held_out_frac, cfg.split_salt, cfg.split_by)
     if len(train_rows) == 0 or len(val_rows) == 0:
         raise ValueError(f"split gave {len(train_rows)} train / {len(val_rows)} held-out clips; stage 1 needs both "
                          "(need at least 2 distinct instruction texts and held_out_frac > 0)")
