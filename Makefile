@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 .PHONY: setup demo test bench
 setup:
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
-	$(UV) sync --frozen --extra vocoder
+	$(UV) sync --frozen --extra vocoder --extra cloud
 
 demo: setup
 	$(UV) run instruct-tts demo
