@@ -192,7 +192,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tts_core.t3.model import DEFAULT_SAMPLING
+    from tts_core.sampling_defaults import DEFAULT_SAMPLING
 
     p = argparse.ArgumentParser(prog="instruct-tts", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)

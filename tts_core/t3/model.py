@@ -39,10 +39,7 @@ from .adapters import AdaRMSNorm, attach_adaptive_norms, find_adaptive_norms, in
 from .config import IGNORE_INDEX, T3Config
 from .layout import SEG_SPEECH, SEG_TEXT, T3Layout, build_generation_layout, build_layout
 
-# Chatterbox's user-facing defaults (ChatterboxTTS.generate). T3.inference's own top_p default
-# is 0.95, but ChatterboxTTS.generate passes 1.0.
-DEFAULT_SAMPLING = dict(temperature=0.8, top_p=1.0, min_p=0.05, repetition_penalty=1.2, cfg_weight=0.5)
-DEFAULT_EXAGGERATION = 0.5  # emotion_adv
+from tts_core.sampling_defaults import DEFAULT_EXAGGERATION, DEFAULT_SAMPLING  # noqa: E402  (re-exported)
 
 
 # --------------------------------------------------------------------------------------
