@@ -53,3 +53,11 @@ def sha256_state_dict(state: Mapping[str, torch.Tensor] | Iterable[tuple[str, to
             arr = arr.view(torch.int16)
         h.update(np.ascontiguousarray(arr.numpy()).tobytes())
     return h.hexdigest()
+
+
+def loaded_frozen(model, state: Mapping[str, torch.Tensor], name: str, source: str):
+    """``model.load_checkpoint_state(state, source)``, then stamp its identity (name + sha256 of what was
+    actually loaded) and return it in eval mode: the one way a frozen encoder comes to life from weights."""
+    model.load_checkpoint_state(state, source)
+    model.identity = ModelIdentity(name, sha256_state_dict(model.state_dict()), source)
+    return model.eval()

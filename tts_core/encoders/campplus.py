@@ -38,7 +38,7 @@ import torchaudio.compliance.kaldi as kaldi
 from torch import nn
 
 from tts_core.encoders.base import SAMPLE_RATE
-from tts_core.identity import ModelIdentity, sha256_state_dict
+from tts_core.identity import ModelIdentity, loaded_frozen, sha256_state_dict
 
 CAMPPLUS_NAME = "campplus-xvector (chatterbox s3gen)"
 UNTRAINED_NAME = "campplus-xvector (random init, untrained)"
@@ -288,10 +288,7 @@ class CampPlus(nn.Module):
     @classmethod
     def from_state(cls, state: Mapping[str, torch.Tensor], name: str, source: str,
                    cfg: CampPlusConfig = CampPlusConfig()) -> "CampPlus":
-        model = cls(cfg)
-        model.load_checkpoint_state(state, source)
-        model.identity = ModelIdentity(name, sha256_state_dict(model.state_dict()), source)
-        return model.eval()
+        return loaded_frozen(cls(cfg), state, name, source)
 
     @classmethod
     def from_s3gen(cls, path: str | Path, cfg: CampPlusConfig = CampPlusConfig()) -> "CampPlus":

@@ -32,7 +32,7 @@ import torchaudio
 from torch import nn
 
 from tts_core.encoders.base import SAMPLE_RATE
-from tts_core.identity import ModelIdentity, sha256_state_dict
+from tts_core.identity import ModelIdentity, loaded_frozen, sha256_state_dict
 
 CHATTERBOX_NAME = "chatterbox-voice-encoder"
 RESEMBLYZER_NAME = "resemblyzer-ge2e-voice-encoder (Chatterbox VE architecture)"
@@ -212,10 +212,7 @@ class VoiceEncoder(nn.Module):
     @classmethod
     def from_state(cls, state: Mapping[str, torch.Tensor], name: str, source: str,
                    cfg: VoiceEncoderConfig = VoiceEncoderConfig()) -> "VoiceEncoder":
-        model = cls(cfg)
-        model.load_checkpoint_state(state, source)
-        model.identity = ModelIdentity(name, sha256_state_dict(model.state_dict()), source)
-        return model.eval()
+        return loaded_frozen(cls(cfg), state, name, source)
 
     @classmethod
     def from_chatterbox(cls, path: str | Path, cfg: VoiceEncoderConfig = VoiceEncoderConfig()) -> "VoiceEncoder":
