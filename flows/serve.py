@@ -25,7 +25,8 @@ def deployments():
 
     return [
         build_cache_flow.to_deployment(name=DEPLOYMENT_NAME, description="prefect deployment run build-cache/- "
-                                       "-p metadata=... -p audio_root=... -p store=..."),
+                                       "-p metadata=meta.txt -p audio_root=DIR -p store=cache/NAME.zarr "
+                                       "[-p task_runner=dask -p cluster=tcp://scheduler:8786]"),
         train_stage1_flow.to_deployment(name=DEPLOYMENT_NAME, description="prefect deployment run train-stage1/- "
                                         "-p store=cache/NAME.zarr -p out=runs/mapper [-p phase=both] "
                                         "[-p train='{\"epochs\": 50}']"),
@@ -80,10 +81,12 @@ def serve_all(start_server: bool = True) -> None:
     from prefect import serve  # only now: Prefect reads PREFECT_API_URL when it is first imported
 
     print(f"Prefect API: {os.environ.get('PREFECT_API_URL')}  (UI: {os.environ.get('PREFECT_API_URL', '')[:-4]})")
-    print("In another terminal:  uv run prefect deployment run build-cache/- "
-          "-p metadata=meta.txt -p audio_root=DIR -p store=cache/NAME.zarr")
+    deps = deployments()
+    print("In another terminal:")
+    for d in deps:
+        print(f"  uv run {d.description}")
     try:
-        serve(*deployments())
+        serve(*deps)
     finally:
         if server is not None:  # we started it: leave the profile as we found it
             server.terminate()
