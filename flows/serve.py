@@ -76,7 +76,14 @@ def _prefect_config(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "prefect", "config", *args], check=True, stdout=subprocess.DEVNULL)
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)  # so the `finally` below stops the server and restores the profile
+
+
 def serve_all(start_server: bool = True) -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     server = ensure_server() if start_server else None
     from prefect import serve  # only now: Prefect reads PREFECT_API_URL when it is first imported
 
