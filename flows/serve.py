@@ -17,28 +17,27 @@ DEPLOYMENT_NAME = "-"
 DEFAULT_API = "http://127.0.0.1:4200/api"
 
 
+# flow -> the parameters a user passes to `prefect deployment run FLOW/-` (shown as the description)
+USAGE = {
+    "build-cache": "-p metadata=meta.txt -p audio_root=DIR -p store=cache/NAME.zarr "
+                   "[-p task_runner=dask -p cluster=tcp://scheduler:8786]",
+    "train-stage1": "-p store=cache/NAME.zarr -p out=runs/mapper [-p phase=both] [-p train='{\"epochs\": 50}']",
+    "train-stage2": "-p store=cache/NAME.zarr -p mapper=runs/mapper -p t3=DIR_OR_PRESET -p out=runs/t3",
+    "synthesize": "-p run_dir=runs/t3 -p batch=lines.txt -p out_dir=wavs  (lines: text|instruction[|reference.wav])",
+    "evaluate": "-p run_dir=runs/t3 -p store=cache/NAME.zarr",
+}
+
+
 def deployments():
     from flows.build_cache import build_cache_flow
-    from flows.train_stage1 import train_stage1_flow
     from flows.evaluate import evaluate_flow, synthesize_flow
+    from flows.train_stage1 import train_stage1_flow
     from flows.train_stage2 import train_stage2_flow
 
-    return [
-        build_cache_flow.to_deployment(name=DEPLOYMENT_NAME, description="prefect deployment run build-cache/- "
-                                       "-p metadata=meta.txt -p audio_root=DIR -p store=cache/NAME.zarr "
-                                       "[-p task_runner=dask -p cluster=tcp://scheduler:8786]"),
-        train_stage1_flow.to_deployment(name=DEPLOYMENT_NAME, description="prefect deployment run train-stage1/- "
-                                        "-p store=cache/NAME.zarr -p out=runs/mapper [-p phase=both] "
-                                        "[-p train='{\"epochs\": 50}']"),
-        train_stage2_flow.to_deployment(name=DEPLOYMENT_NAME, description="prefect deployment run train-stage2/- "
-                                        "-p store=cache/NAME.zarr -p mapper=runs/mapper -p t3=DIR_OR_PRESET "
-                                        "-p out=runs/t3"),
-        synthesize_flow.to_deployment(name=DEPLOYMENT_NAME, description="prefect deployment run synthesize/- "
-                                      "-p run_dir=runs/t3 -p batch=lines.txt -p out_dir=wavs  "
-                                      "(lines: text|instruction[|reference.wav])"),
-        evaluate_flow.to_deployment(name=DEPLOYMENT_NAME, description="prefect deployment run evaluate/- "
-                                    "-p run_dir=runs/t3 -p store=cache/NAME.zarr"),
-    ]
+    flows = (build_cache_flow, train_stage1_flow, train_stage2_flow, synthesize_flow, evaluate_flow)
+    return [f.to_deployment(name=DEPLOYMENT_NAME,
+                            description=f"prefect deployment run {f.name}/{DEPLOYMENT_NAME} {USAGE[f.name]}")
+            for f in flows]
 
 
 def _api_up(url: str) -> bool:
