@@ -8,7 +8,7 @@ processes ever touch one Zarr chunk, the commit / resume protocol is unchanged, 
 one a single-process build writes (tested byte for byte).
 
 Workers load the frozen models once per process (`_worker_models`, keyed by the models config and the
-embedded tokenizer's codebook) and keep them for every later shard.
+embedded tokenizer's codebook) and keep them for every later shard of the build.
 """
 from __future__ import annotations
 
@@ -16,8 +16,7 @@ import hashlib
 import json
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
-from functools import lru_cache
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -115,32 +114,28 @@ def _codebook_key(codebook: dict | None) -> str:
     return h.hexdigest()
 
 
-_CODEBOOKS: dict[str, dict] = {}
-_PATH_FIELDS = ("chatterbox_dir", "ve", "s3gen", "text_encoder")
+_WORKER_MODELS: dict[tuple[str, str], tuple] = {}  # this process's loaded models (one set at a time)
 
 
-@lru_cache(maxsize=2)
-def _worker_models(models_json: str, codebook_key: str):
+def _worker_models(models: FrozenModelsConfig, codebook: dict | None) -> tuple:
     from tts_core.frozen import load_speaker_models, load_speech_tokenizer
 
-    raw = json.loads(models_json)
-    cfg = FrozenModelsConfig(**{k: (Path(v) if k in _PATH_FIELDS and v not in (None, "None") else
-                                    (None if v == "None" else v)) for k, v in raw.items()})
-    ve, xv = load_speaker_models(cfg)
+    key = (repr(models), _codebook_key(codebook))
+    if key not in _WORKER_MODELS:
+        _WORKER_MODELS.clear()
+        ve, xv = load_speaker_models(models)
 
-    def no_fit():
-        raise RuntimeError("a worker never fits the tokenizer: the build sends the codebook")
+        def no_fit():
+            raise RuntimeError("a worker never fits the tokenizer: the build sends the codebook")
 
-    tok, _ = load_speech_tokenizer(cfg, _CODEBOOKS.get(codebook_key), no_fit)
-    return ve, xv, tok
+        tok, _ = load_speech_tokenizer(models, codebook, no_fit)
+        _WORKER_MODELS[key] = (ve, xv, tok)
+    return _WORKER_MODELS[key]
 
 
 def encode_shard(job: ShardJob) -> ClipBatch:
     """Load, validate and encode one shard in this process (models cached per process)."""
-    key = _codebook_key(job.codebook)
-    if job.codebook is not None:
-        _CODEBOOKS.setdefault(key, job.codebook)
-    ve, xv, tok = _worker_models(json.dumps(asdict(job.models), default=str, sort_keys=True), key)
+    ve, xv, tok = _worker_models(job.models, job.codebook)
     with ThreadPoolExecutor(max(job.loader_threads, 1)) as pool:
         loaded = list(pool.map(lambda m: load_line(Path(job.audio_root), job.metadata_name, job.audio, m), job.lines))
     return encode_batch(job.lines, loaded, job.instruction_ids, ve, xv, tok)

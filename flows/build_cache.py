@@ -18,10 +18,10 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
     update_progress_artifact
 
 from cache import norms
-from flows.keys import artifact_key
 from cache.build import BuildConfig, BuildProgress, BuildSummary, build_cache
-from cache.shards import encode_shard, ordered_window
 from cache.schema import Normalisation
+from cache.shards import encode_shard, ordered_window
+from flows.keys import artifact_key
 from tts_core.frozen import FrozenModelsConfig
 
 

@@ -79,7 +79,7 @@ def _cmd_train_stage1(a: argparse.Namespace) -> int:
         from tts_core.stage1.train import Stage1TrainConfig
 
         cfg = Stage1TrainConfig(**{**train, "out_dir": str(a.out), "phase": a.phase, "progress": sys.stderr.isatty()})
-        res = train_stage1_from_store(a.store, cfg, MapperConfig.from_dict(mapper), on_epoch=_print_stage1_row)
+        train_stage1_from_store(a.store, cfg, MapperConfig.from_dict(mapper), on_epoch=_print_stage1_row)
     else:
         from flows.train_stage1 import train_stage1_flow
 
@@ -152,26 +152,24 @@ def _cmd_synthesize(a: argparse.Namespace) -> int:
         sf.write(str(a.out), res.wav, res.sample_rate)
         print(f"{a.out}: {len(res.wav) / res.sample_rate:.2f} s, {len(res.tokens)} speech tokens")
     else:
-        print(f"{a.out.with_suffix('.tokens.npy')}: {len(res.tokens)} speech tokens (no vocoder for S3 tokens yet)")
+        print(f"{a.out.with_suffix('.tokens.npy')}: {len(res.tokens)} speech tokens (no wav: S3 tokens need "
+              "--chatterbox-dir and the `vocoder` extra)")
     return 0
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> int:
-    from tts_core.evaluation.run import EvalConfig
+    from tts_core.evaluation.run import EvalConfig, evaluate_run, to_markdown
 
     cfg = EvalConfig(run_dir=str(a.run), store=a.store, out_dir=str(a.out) if a.out else None,
                      n_instructions=a.n, seed=a.seed, device=a.device, max_new_tokens=a.max_new_tokens,
                      text_encoder=str(a.text_encoder) if a.text_encoder else None,
                      chatterbox_dir=str(a.chatterbox_dir) if a.chatterbox_dir else None)
     if a.no_prefect:
-        from tts_core.evaluation.run import evaluate_run, to_markdown
-
         summary = evaluate_run(cfg, on_item=lambda k, n, r: print(f"  {k}/{n} {r['instruction']}", file=sys.stderr))
     else:
         from flows.evaluate import evaluate_flow
-        from tts_core.evaluation.run import to_markdown
 
-        summary = evaluate_flow(**{k: v for k, v in vars(cfg).items()})
+        summary = evaluate_flow(**vars(cfg))
     print(to_markdown(summary))
     print(f"wavs, eval.json, eval.png: {summary['out_dir']}")
     return 0
@@ -234,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, help="phase-1 learning rate")
     g.add_argument("--lr-phase2", type=float)
     g.add_argument("--patience", type=int, help="evaluations without AvgCos improvement before a phase stops")
-    g.add_argument("--eval-every", type=int, help="steps between held-out evaluations (0: every epoch)")
+    g.add_argument("--eval-every", type=int, help="steps between held-out evaluations (0: every epoch, at least 100 steps)")
     g.add_argument("--max-steps", type=int, help="stop the whole run after this many steps")
     g.add_argument("--held-out-frac", type=float)
     g.add_argument("--split-by", choices=("instruction", "speaker"),

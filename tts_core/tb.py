@@ -40,8 +40,12 @@ def logged(log_dir: str | Path | None, prefix: str, *hooks: Callable[[dict], Non
     if log_dir is not None and os.environ.get("RANK", "0") == "0":
         tb = TensorBoardHook(log_dir, prefix)
         calls.append(tb)
+    def hook(row: dict) -> None:
+        for h in calls:
+            h(row)
+
     try:
-        yield lambda row: [h(row) for h in calls] and None
+        yield hook
     finally:
         if tb is not None:
             tb.close()

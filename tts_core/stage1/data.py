@@ -206,15 +206,22 @@ class Stage1Data:
 
     # ---- loading ------------------------------------------------------------------------------------
     @classmethod
-    def from_reader(cls, reader: Any) -> "Stage1Data":
-        """Load from a `cache.reader.CacheReader` (or anything with its API; module doc)."""
+    def from_reader(cls, reader: Any, with_states: bool = True) -> "Stage1Data":
+        """Load from a `cache.reader.CacheReader` (or anything with its API; module doc).
+
+        ``with_states=False`` skips the instruction-state table (zero-width states, zero lengths): enough
+        for the split and the vectors, without materialising [U, Lmax, H] (evaluation of a big cache)."""
         spk = np.asarray(reader.spk_emb(), dtype=np.float32)
         xvec = np.asarray(reader.xvec(), dtype=np.float32)
         iid = np.asarray(reader.instruction_id(), dtype=np.int64)
         man = reader.ok_manifest
         if not (len(spk) == len(xvec) == len(iid) == len(man)):
             raise ValueError(f"reader tables disagree: spk {len(spk)}, xvec {len(xvec)}, ids {len(iid)}, manifest {len(man)}")
-        states, lengths = reader.instruction_states_padded()
+        if with_states:
+            states, lengths = reader.instruction_states_padded()
+        else:
+            states = np.zeros((reader.n_instructions, 0, reader.text_hidden_size), np.float16)
+            lengths = np.zeros(reader.n_instructions, np.int64)
         texts = list(reader.instruction_texts)
         keep = iid >= 0
         dropped = {"no_instruction": int((~keep).sum())}

@@ -19,7 +19,7 @@ class Stage1InputError(ValueError):
     """The store cannot train stage 1; the message names the store and the fix."""
 
 
-def load_stage1_data(store: str) -> Stage1Data:
+def load_stage1_data(store: str, with_states: bool = True) -> Stage1Data:
     from cache.reader import CacheReader
 
     reader = CacheReader(store)
@@ -27,7 +27,7 @@ def load_stage1_data(store: str) -> Stage1Data:
         raise Stage1InputError(
             f"{store}: the cache holds no instruction states (no clip had an instruction, or it was built "
             "without a text encoder). Add the instruction column to the metadata and rebuild with build-cache.")
-    data = Stage1Data.from_reader(reader)
+    data = Stage1Data.from_reader(reader, with_states=with_states)
     if data.n_clips < 2:
         raise Stage1InputError(f"{store}: only {data.n_clips} usable clips ({data.dropped} dropped); stage 1 needs a "
                                "train and a held-out split")
