@@ -94,15 +94,53 @@ class ResumeMismatchError(ValueError):
     """The run directory holds a resume checkpoint of another run (other data or config)."""
 
 
-def read_prefixed_state(path: str | Path, prefix: str) -> dict[str, torch.Tensor]:
-    """The ``prefix*`` tensors of a (large) safetensors file, prefix stripped; nothing else is read.
+PT_SUFFIXES = (".pt", ".pth", ".bin")  # torch.save files (Chatterbox's multilingual ve.pt / s3gen.pt)
 
-    Used for the sub-modules of Chatterbox's ``s3gen.safetensors`` (speaker encoder, tokenizer)."""
+
+def weights_format(path: str | Path) -> str:
+    """"safetensors" or "pt", from the file name (the official checkpoints use both)."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".safetensors":
+        return "safetensors"
+    if suffix in PT_SUFFIXES:
+        return "pt"
+    raise ValueError(f"{path}: unknown weights format {suffix!r} (expected .safetensors or {', '.join(PT_SUFFIXES)})")
+
+
+def _torch_state(path: Path) -> dict[str, torch.Tensor]:
+    """A ``torch.save`` state dict, read with ``weights_only=True`` (no code runs) onto the CPU."""
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise ValueError(f"{path} is not a plain state dict of tensors (torch.save(model.state_dict()))")
+    return state
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a ``.safetensors`` or ``.pt`` weights file, on the CPU (format from the suffix)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: put Chatterbox's s3gen.safetensors there")
+        raise FileNotFoundError(f"{path} not found")
+    if weights_format(path) == "pt":
+        return _torch_state(path)
     with safe_open(str(path), framework="pt", device="cpu") as f:
-        keys = [k for k in f.keys() if k.startswith(prefix)]
-        if not keys:
-            raise ValueError(f"{path} has no '{prefix}*' tensors: is it Chatterbox's s3gen.safetensors?")
-        return {k[len(prefix):]: f.get_tensor(k) for k in keys}
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def read_prefixed_state(path: str | Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The ``prefix*`` tensors of a (large) weights file, prefix stripped; from a safetensors file nothing
+    else is read. Used for the sub-modules of Chatterbox's ``s3gen.safetensors`` / ``s3gen.pt`` (speaker
+    encoder, tokenizer)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: put Chatterbox's {path.name} there")
+    if weights_format(path) == "pt":
+        keys = {k[len(prefix):]: v for k, v in _torch_state(path).items() if k.startswith(prefix)}
+    else:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            keys = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+    if not keys:
+        raise ValueError(f"{path} has no '{prefix}*' tensors: is it Chatterbox's s3gen weights file?")
+    return keys

@@ -216,13 +216,13 @@ class VoiceEncoder(nn.Module):
 
     @classmethod
     def from_chatterbox(cls, path: str | Path, cfg: VoiceEncoderConfig = VoiceEncoderConfig()) -> "VoiceEncoder":
-        """Chatterbox's `ve.safetensors`."""
-        from safetensors.torch import load_file
+        """Chatterbox's `ve.safetensors` (English) or `ve.pt` (multilingual): the same weights, two formats."""
+        from tts_core.checkpoint import read_weights
 
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: put Chatterbox's ve.safetensors there")
-        return cls.from_state(load_file(str(path)), CHATTERBOX_NAME, str(path), cfg)
+            raise FileNotFoundError(f"{path} not found: put Chatterbox's {path.name} there")
+        return cls.from_state(read_weights(path), CHATTERBOX_NAME, str(path), cfg)
 
     @classmethod
     def from_resemblyzer(cls, path: str | Path | None = None,

@@ -1,6 +1,6 @@
-"""Text tokenizers for T3's text vocabulary (704 ids; SOT 255 and EOT 0 are added by the layout).
+"""Text tokenizers for T3's text vocabulary (704 / 2454 ids; SOT 255 and EOT 0 are added by the layout).
 
-Two implementations of one small contract (`TextTokenizer`):
+Three implementations of one small contract (`TextTokenizer`):
 
 * `ChatterboxTextTokenizer` — Chatterbox's ``EnTokenizer`` reproduced exactly: a HF ``tokenizers``
   ``tokenizer.json`` whose vocabulary holds ``[START]`` / ``[STOP]``; every space is replaced by the
@@ -10,6 +10,18 @@ Two implementations of one small contract (`TextTokenizer`):
   way inference will. Use it with an official ``t3_cfg.safetensors``: the pretrained text
   embeddings are indexed by this vocabulary.
 
+* `MultilingualTextTokenizer` — Chatterbox's ``MTLTokenizer`` over
+  ``grapheme_mtl_merged_expanded_v1.json`` (the multilingual T3, text vocab 2454): Chatterbox's
+  multilingual ``punc_norm`` (which also accepts CJK sentence enders), then lowercase, NFKD, the
+  language's front end, the ``[lang]`` tag prepended, ``[SPACE]`` for spaces. Every text needs a
+  language (`MTL_LANGUAGES`, Chatterbox's ``SUPPORTED_LANGUAGES``). Front ends: Korean (Hangul →
+  Jamo, built in); Japanese (kanji → hiragana) needs ``pykakasi`` and Chinese (Cangjie codes after
+  pkuseg segmentation) needs ``spacy-pkuseg`` plus ``Cangjie5_TC.json`` beside the vocabulary —
+  without them those languages are refused (the official tokenizer would silently encode other ids).
+  Hebrew diacritics (``dicta_onnx``) and Russian stress marks (``russian_text_stresser``) are applied
+  when those packages are importable and skipped otherwise — exactly what the official tokenizer does
+  (``chatterbox-tts`` does not install them).
+
 * `ByteTextTokenizer` — the embedded default, no file needed: the UTF-8 bytes of the (NFC
   normalised) text, byte ``b`` → id ``b + 256``. Ids therefore lie in [256, 512): they never collide
   with SOT (255) or EOT (0), fit the 704-row text embedding, and any script is representable
@@ -18,7 +30,8 @@ Two implementations of one small contract (`TextTokenizer`):
   ``punc_norm=False``, its default). Meant for fresh (preset) T3 weights or a new language: it does
   not match the pretrained Chatterbox text embeddings.
 
-Both expose ``encode(text) -> list[int]`` (raw ids: no SOT/EOT), ``encode_batch``, ``decode``,
+All expose ``encode(text, language=None) -> list[int]`` (raw ids: no SOT/EOT; only the multilingual
+tokenizer uses the language), ``encode_batch``, ``decode``,
 ``vocab_size`` (ids are < vocab_size), ``identity`` (`ModelIdentity`: name + sha256 of what defines
 the mapping) and ``save(dir)`` / `load_text_tokenizer(dir)` so a stage-2 checkpoint directory
 carries the tokenizer it was trained with.
@@ -27,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import unicodedata
 from pathlib import Path
@@ -34,24 +48,49 @@ from typing import Sequence
 
 from tts_core.atomic_files import atomic_copy, atomic_write_text
 from tts_core.identity import ModelIdentity, sha256_file
+from tts_core.stage2.language_front_ends import CANGJIE_FILE, LanguageUnavailable, front_end
 
 SOT_TOKEN = "[START]"
 EOT_TOKEN = "[STOP]"
 UNK_TOKEN = "[UNK]"
 SPACE_TOKEN = "[SPACE]"
 CHATTERBOX_FILE = "tokenizer.json"  # the name Chatterbox (and a --t3 directory) uses
+MTL_FILE = "grapheme_mtl_merged_expanded_v1.json"  # the multilingual vocabulary's official name
 BYTE_FILE = "text_tokenizer.json"  # descriptor of the byte tokenizer in a checkpoint directory
 CHATTERBOX_META = "chatterbox_tokenizer.json"  # settings (punc_norm) beside a copied tokenizer.json
 BYTE_OFFSET = 256
+
+log = logging.getLogger(__name__)
+
+# chatterbox.mtl_tts.SUPPORTED_LANGUAGES (0.1.7); a test checks this copy against the package.
+MTL_LANGUAGES = {
+    "ar": "Arabic", "da": "Danish", "de": "German", "el": "Greek", "en": "English", "es": "Spanish",
+    "fi": "Finnish", "fr": "French", "he": "Hebrew", "hi": "Hindi", "it": "Italian", "ja": "Japanese",
+    "ko": "Korean", "ms": "Malay", "nl": "Dutch", "no": "Norwegian", "pl": "Polish", "pt": "Portuguese",
+    "ru": "Russian", "sv": "Swedish", "sw": "Swahili", "tr": "Turkish", "zh": "Chinese",
+}
+EN_SENTENCE_ENDERS = (".", "!", "?", "-", ",")
+MTL_SENTENCE_ENDERS = EN_SENTENCE_ENDERS + ("、", "，", "。", "？", "！")  # chatterbox/mtl_tts.py's punc_norm
 
 
 class TextTokenizerError(ValueError):
     pass
 
 
-def punc_norm(text: str) -> str:
-    """Chatterbox's ``punc_norm`` (``chatterbox/tts.py``), except that empty text stays empty
-    (Chatterbox substitutes a canned sentence, which would be a wrong training target)."""
+def check_language(language: str | None) -> str:
+    """A supported multilingual language code (lower-cased), or a clear error listing them."""
+    code = (language or "").strip().lower()
+    if code not in MTL_LANGUAGES:
+        what = f"unsupported language {language!r}" if code else "no language given"
+        raise TextTokenizerError(f"{what} for the multilingual T3; supported: {', '.join(sorted(MTL_LANGUAGES))} "
+                                 "(metadata's 5th column, or --language)")
+    return code
+
+
+def punc_norm(text: str, sentence_enders: Sequence[str] = EN_SENTENCE_ENDERS) -> str:
+    """Chatterbox's ``punc_norm`` (``chatterbox/tts.py``; ``mtl_tts.py`` passes `MTL_SENTENCE_ENDERS`),
+    except that empty text stays empty (Chatterbox substitutes a canned sentence, which would be a
+    wrong training target)."""
     if len(text) == 0:
         return text
     if text[0].islower():
@@ -61,7 +100,7 @@ def punc_norm(text: str) -> str:
                      (" ,", ","), ("“", "\""), ("”", "\""), ("‘", "'"), ("’", "'")):
         text = text.replace(old, new)
     text = text.rstrip(" ")
-    if text and not any(text.endswith(p) for p in (".", "!", "?", "-", ",")):
+    if text and not any(text.endswith(p) for p in sentence_enders):
         text += "."
     return text
 
@@ -78,12 +117,15 @@ class TextTokenizer:
         text = "" if text is None else str(text)
         return punc_norm(text) if self.punc_norm else text
 
-    def encode(self, text: str) -> list[int]:
-        """Raw text ids (no SOT/EOT) of one text."""
+    requires_language: bool = False  # True: every text needs a language code (multilingual)
+
+    def encode(self, text: str, language: str | None = None) -> list[int]:
+        """Raw text ids (no SOT/EOT) of one text. ``language`` is used by the multilingual tokenizer only."""
         return self._encode(self.normalize(text))
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [self.encode(t) for t in texts]
+    def encode_batch(self, texts: Sequence[str], languages: Sequence[str | None] | None = None) -> list[list[int]]:
+        langs = [None] * len(texts) if languages is None else list(languages)
+        return [self.encode(t, lang) for t, lang in zip(texts, langs, strict=True)]
 
     def _encode(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -143,6 +185,8 @@ class ChatterboxTextTokenizer(TextTokenizer):
     """Chatterbox's EnTokenizer over a ``tokenizer.json`` (module doc)."""
 
     name = "chatterbox"
+    file_name = CHATTERBOX_FILE  # the name it is saved under in a run directory
+    identity_name = "chatterbox-en-tokenizer"
 
     def __init__(self, path: str | os.PathLike, punc_norm: bool = True):
         from tokenizers import Tokenizer
@@ -159,7 +203,7 @@ class ChatterboxTextTokenizer(TextTokenizer):
         self.space_id = vocab.get(SPACE_TOKEN)
         self.punc_norm = bool(punc_norm)
         self.vocab_size = int(max(vocab.values()) + 1)
-        self.identity = ModelIdentity(name="chatterbox-en-tokenizer" + ("" if self.punc_norm else "-no-punc-norm"),
+        self.identity = ModelIdentity(name=self.identity_name + ("" if self.punc_norm else "-no-punc-norm"),
                                       sha256=sha256_file(self.path), source=str(self.path))
 
     @classmethod
@@ -176,7 +220,7 @@ class ChatterboxTextTokenizer(TextTokenizer):
     def _encode(self, text: str) -> list[int]:
         return self._strip(self.tokenizer.encode(text.replace(" ", SPACE_TOKEN)).ids)
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    def encode_batch(self, texts: Sequence[str], languages: Sequence[str | None] | None = None) -> list[list[int]]:
         encs = self.tokenizer.encode_batch([self._prep(t) for t in texts])
         return [self._strip(e.ids) for e in encs]
 
@@ -192,7 +236,7 @@ class ChatterboxTextTokenizer(TextTokenizer):
                 "this tokenizer.json does not belong to this T3")
 
     def save(self, directory: str | os.PathLike) -> Path:
-        dst = Path(directory) / CHATTERBOX_FILE
+        dst = Path(directory) / self.file_name
         if dst.resolve() != self.path.resolve():
             atomic_copy(self.path, dst)
         atomic_write_text(Path(directory) / CHATTERBOX_META,
@@ -200,36 +244,83 @@ class ChatterboxTextTokenizer(TextTokenizer):
         return dst
 
 
+class MultilingualTextTokenizer(ChatterboxTextTokenizer):
+    """Chatterbox's MTLTokenizer over ``grapheme_mtl_merged_expanded_v1.json`` (module doc)."""
+
+    name = "chatterbox-mtl"
+    file_name = MTL_FILE
+    identity_name = "chatterbox-mtl-tokenizer"
+    requires_language = True
+
+    def normalize(self, text: str) -> str:
+        text = "" if text is None else str(text)
+        return punc_norm(text, MTL_SENTENCE_ENDERS) if self.punc_norm else text
+
+    def prepare(self, text: str, language: str | None) -> str:
+        """The string the HF tokenizer encodes: MTLTokenizer.encode's preprocessing, tag included."""
+        code = check_language(language)
+        txt = unicodedata.normalize("NFKD", self.normalize(text).lower())
+        try:
+            txt = front_end(code, txt, self.path.parent)
+        except LanguageUnavailable as e:
+            raise TextTokenizerError(f"{MTL_LANGUAGES[code]} ({code}): {e}") from None
+        return f"[{code}]{txt}".replace(" ", SPACE_TOKEN)
+
+    def encode(self, text: str, language: str | None = None) -> list[int]:
+        return self._strip(self.tokenizer.encode(self.prepare(text, language)).ids)
+
+    def encode_batch(self, texts: Sequence[str], languages: Sequence[str | None] | None = None) -> list[list[int]]:
+        langs = [None] * len(texts) if languages is None else list(languages)
+        encs = self.tokenizer.encode_batch([self.prepare(t, lang) for t, lang in zip(texts, langs, strict=True)])
+        return [self._strip(e.ids) for e in encs]
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        dst = super().save(directory)
+        cangjie = self.path.parent / CANGJIE_FILE
+        if cangjie.is_file() and cangjie.resolve() != (Path(directory) / CANGJIE_FILE).resolve():
+            atomic_copy(cangjie, Path(directory) / CANGJIE_FILE)
+        return dst
+
+
+def _chatterbox_class(path: Path) -> type[ChatterboxTextTokenizer]:
+    return MultilingualTextTokenizer if path.name == MTL_FILE else ChatterboxTextTokenizer
+
+
 def load_text_tokenizer(spec: str | os.PathLike | None, t3_dir: str | os.PathLike | None = None,
                         punc_norm: bool | None = None) -> TextTokenizer:
     """Resolve the text tokenizer of a run.
 
-    ``spec``: ``"bytes"`` → `ByteTextTokenizer`; a ``tokenizer.json`` path (or a directory holding one)
-    → `ChatterboxTextTokenizer`; a directory holding ``text_tokenizer.json`` → the byte tokenizer it
-    describes; ``None`` → from ``t3_dir`` the same way (its ``tokenizer.json`` wins), else bytes.
+    ``spec``: ``"bytes"`` → `ByteTextTokenizer`; a ``tokenizer.json`` path → `ChatterboxTextTokenizer`, a
+    ``grapheme_mtl_merged_expanded_v1.json`` path → `MultilingualTextTokenizer`; a directory holding
+    one of them (not both) → that one; a directory holding ``text_tokenizer.json`` → the byte tokenizer it
+    describes; ``None`` → from ``t3_dir`` the same way, else bytes.
     ``punc_norm`` overrides the class default (a saved descriptor's setting wins over the default).
     """
+    kw = {} if punc_norm is None else {"punc_norm": punc_norm}
     if spec is None or str(spec) == "auto":
         if t3_dir is not None and Path(t3_dir).is_dir():
             d = Path(t3_dir)
-            if (d / CHATTERBOX_FILE).is_file() or (d / BYTE_FILE).is_file():
+            if any((d / f).is_file() for f in (CHATTERBOX_FILE, MTL_FILE, BYTE_FILE)):
                 return load_text_tokenizer(d, punc_norm=punc_norm)
-        return ByteTextTokenizer(**({} if punc_norm is None else {"punc_norm": punc_norm}))
+        return ByteTextTokenizer(**kw)
     if str(spec) == "bytes":
-        return ByteTextTokenizer(**({} if punc_norm is None else {"punc_norm": punc_norm}))
+        return ByteTextTokenizer(**kw)
     p = Path(spec)
     if p.is_dir():
-        if (p / CHATTERBOX_FILE).is_file():
+        files = [p / f for f in (CHATTERBOX_FILE, MTL_FILE) if (p / f).is_file()]
+        if len(files) > 1:
+            raise TextTokenizerError(f"{p} holds both {CHATTERBOX_FILE} and {MTL_FILE}: name the one to use")
+        if files:
             saved = p / CHATTERBOX_META
             pn = punc_norm
             if pn is None and saved.is_file():
                 pn = bool(json.loads(saved.read_text()).get("punc_norm", True))
-            return ChatterboxTextTokenizer(p / CHATTERBOX_FILE, **({} if pn is None else {"punc_norm": pn}))
+            return _chatterbox_class(files[0])(files[0], **({} if pn is None else {"punc_norm": pn}))
         if (p / BYTE_FILE).is_file():
             d = json.loads((p / BYTE_FILE).read_text())
             pn = d.get("punc_norm", False) if punc_norm is None else punc_norm
             return ByteTextTokenizer(punc_norm=pn, offset=int(d.get("offset", BYTE_OFFSET)))
-        raise FileNotFoundError(f"{p} holds neither {CHATTERBOX_FILE} nor {BYTE_FILE}")
+        raise FileNotFoundError(f"{p} holds none of {CHATTERBOX_FILE}, {MTL_FILE}, {BYTE_FILE}")
     if p.is_file():
-        return ChatterboxTextTokenizer(p, **({} if punc_norm is None else {"punc_norm": punc_norm}))
-    raise FileNotFoundError(f"text tokenizer {spec!r}: not 'bytes', a tokenizer.json or a directory holding one")
+        return _chatterbox_class(p)(p, **kw)
+    raise FileNotFoundError(f"text tokenizer {spec!r}: not 'bytes', a tokenizer file or a directory holding one")

@@ -60,11 +60,25 @@ class T3Config:
     llama_vocab_size: int = 8  # unused `tfmr.embed_tokens` (8 rows), kept: it is an official key
     attn_implementation: str = "sdpa"
 
+    # --- checkpoint family (tts_core.t3.families) ---
+    family: str = "english"  # "english" | "multilingual": which official Chatterbox T3 this shape is
+    # (layer, head) attention maps the multilingual AlignmentStreamAnalyzer reads while generating
+    # (tts_core.t3.alignment); empty: no analyzer (English, presets).
+    alignment_heads: tuple[tuple[int, int], ...] = ()
+
     # --- instruction adapters (AdaRMSNorm around the Llama RMSNorms) ---
     adapters: bool = True
     instruction_dim: int = 1024  # stage-1 mapper's style embedding size
     adapter_hidden: int = 256  # Linear(instruction_dim→adapter_hidden)→SiLU→Linear(→2·hidden)
     adapt_final_norm: bool = False  # DESIGN: "2 per layer × 30 layers"; tfmr.norm left plain
+
+    def __post_init__(self):
+        # JSON round trips give lists: keep the declared tuple type so configs compare equal
+        object.__setattr__(self, "alignment_heads", tuple(tuple(int(v) for v in p) for p in self.alignment_heads))
+        for layer, head in self.alignment_heads:
+            if not (0 <= layer < self.num_layers and 0 <= head < self.num_heads):
+                raise ValueError(f"alignment head ({layer}, {head}) outside a {self.num_layers}-layer, "
+                                 f"{self.num_heads}-head backbone")
 
     # ---------------------------------------------------------------------------------
     @property

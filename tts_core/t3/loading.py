@@ -1,4 +1,4 @@
-"""Loading Chatterbox's `t3_cfg.safetensors` (strict) and saving T3 checkpoints (atomic).
+"""Loading Chatterbox's T3 files (strict) and saving T3 checkpoints (atomic).
 
 `load_t3_checkpoint` is strict for every official key: an unknown key, a missing non-adapter key
 or a shape mismatch is an error naming the file. The only keys allowed to be missing are
@@ -22,6 +22,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+
+from tts_core.checkpoint import read_weights, weights_format
 
 from .adapters import is_adapter_key
 from .config import T3Config
@@ -64,6 +66,8 @@ def _tied_groups(model: nn.Module) -> dict[str, str]:
 
 
 def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, str]:
+    if weights_format(path) == "pt":
+        return {}  # torch.save files carry no metadata (official files only)
     with safe_open(str(path), framework="pt") as f:
         return dict(f.metadata() or {})
 
@@ -74,16 +78,48 @@ def config_from_checkpoint(path: str | os.PathLike) -> T3Config | None:
     return T3Config.from_dict(json.loads(meta[CONFIG_META_KEY])) if CONFIG_META_KEY in meta else None
 
 
+CHATTERBOX_HEADS = 16  # Llama_520M's head count: the one backbone setting weight shapes cannot tell
+
+
+def config_from_official_shapes(shapes: dict[str, tuple[int, ...]], **overrides) -> T3Config:
+    """The T3Config of an official Llama T3 file, read off its tensor shapes: width, depth, MLP size,
+    text / speech vocabularies (704 English, 2454 multilingual), position tables, perceiver queries,
+    emotion input. Everything else (token ids, rope, 16 heads) is Chatterbox's Llama_520M."""
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in shapes:
+            raise CheckpointMismatchError(f"not a Chatterbox Llama T3 checkpoint: no {key!r}")
+        return tuple(shapes[key])
+
+    vocab_text, hidden = shape("text_emb.weight")
+    head_dim = hidden // CHATTERBOX_HEADS
+    layers = {int(k.split(".")[2]) for k in shapes if k.startswith("tfmr.layers.")}
+    return T3Config(
+        text_vocab_size=vocab_text,
+        speech_vocab_size=shape("speech_emb.weight")[0],
+        max_text_tokens=shape("text_pos_emb.emb.weight")[0] - 2,
+        max_speech_tokens=shape("speech_pos_emb.emb.weight")[0] - 4,
+        speaker_embed_size=shape("cond_enc.spkr_enc.weight")[1],
+        perceiver_queries=shape("cond_enc.perceiver.pre_attention_query")[1],
+        emotion_adv="cond_enc.emotion_adv_fc.weight" in shapes,
+        hidden_size=hidden,
+        num_layers=max(layers) + 1 if layers else 0,
+        num_heads=CHATTERBOX_HEADS,
+        num_kv_heads=shape("tfmr.layers.0.self_attn.k_proj.weight")[0] // head_dim,
+        head_dim=head_dim,
+        intermediate_size=shape("tfmr.layers.0.mlp.gate_proj.weight")[0],
+        llama_vocab_size=shape("tfmr.embed_tokens.weight")[0],
+        **overrides,
+    )
+
+
 def load_t3_checkpoint(model: nn.Module, path: str | os.PathLike, *, allow_missing_adapters: bool = True) -> LoadReport:
-    """Load `path` (Chatterbox `t3_cfg.safetensors` or a `save_t3` file) into `model` in place."""
+    """Load `path` (an official Chatterbox T3 file, `.safetensors` or `.pt`, or a `save_t3` file) into
+    `model` in place."""
     path = str(Path(path))
     if not os.path.exists(path):
         raise FileNotFoundError(f"T3 checkpoint not found: {path}")
-    state: dict[str, torch.Tensor] = {}
-    with safe_open(path, framework="pt", device="cpu") as f:
-        meta = dict(f.metadata() or {})
-        for k in f.keys():
-            state[k] = f.get_tensor(k)
+    state = read_weights(path)
+    meta = read_checkpoint_metadata(path)
     file_aliases = json.loads(meta.get(TIED_META_KEY, "{}"))
     for alias, canonical in file_aliases.items():
         if canonical in state and alias not in state:

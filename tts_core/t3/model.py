@@ -36,6 +36,7 @@ from transformers.generation.logits_process import (
 )
 
 from .adapters import AdaRMSNorm, attach_adaptive_norms, find_adaptive_norms, instruction_context
+from .alignment import AlignmentGuard
 from .config import IGNORE_INDEX, T3Config
 from .layout import SEG_SPEECH, SEG_TEXT, T3Layout, build_generation_layout, build_layout
 
@@ -417,14 +418,21 @@ class T3(nn.Module):
         cfg_weight: float = DEFAULT_SAMPLING["cfg_weight"],
         do_sample: bool = True,
         generator: torch.Generator | None = None,
+        alignment_guard: bool | None = None,
+        raw: bool = False,
     ) -> list[Tensor]:
         """Sample speech tokens for a batch of raw texts (no SOT/EOT). Rows may differ in
         length; each stops at its own EOS. Returns one 1-D tensor of S3 tokens per row, EOS
-        and anything after it removed (other non-S3 ids ≥ BOS are dropped too).
+        and anything after it removed (other non-S3 ids ≥ BOS are dropped too); ``raw=True``
+        returns every sampled id instead, up to and including EOS.
 
         CFG (`cfg_weight > 0`): Chatterbox's scheme — the batch is doubled, the copy with text
         token embeddings zeroed, and `logits = cond + w·(cond − uncond)`; both copies are fed
-        the sampled token."""
+        the sampled token.
+
+        ``alignment_guard`` (default: on when the config names ``alignment_heads``, i.e. the
+        multilingual family): Chatterbox's AlignmentStreamAnalyzer per row, between CFG and the
+        repetition penalty (`tts_core.t3.alignment`) — EOS suppressed early, forced on repetition."""
         was_training = self.training
         self.eval()
         try:
@@ -442,13 +450,21 @@ class T3(nn.Module):
             history = bos  # Chatterbox's repetition penalty sees BOS too
             finished = torch.zeros(B, dtype=torch.bool, device=device)
             eos = self.cfg.stop_speech_token
-            with self.instruction_scope(cond):
+            guard = contextlib.nullcontext()
+            if alignment_guard if alignment_guard is not None else bool(self.cfg.alignment_heads):
+                if not self.cfg.alignment_heads:
+                    raise ValueError("alignment_guard needs T3Config.alignment_heads (the multilingual family)")
+                guard = AlignmentGuard(self.tfmr, self.cfg.alignment_heads, layout.cond_len, layout.text_lens[:B],
+                                       layout.last_index[:B], eos)
+            with self.instruction_scope(cond), guard:
                 logits, cache = self._prefill(layout, cond)
                 for step in range(max_new_tokens):
                     logits = logits.float()
                     if use_cfg:
                         c, u = logits[:B], logits[B:]
                         logits = c + cfg_weight * (c - u)
+                    if isinstance(guard, AlignmentGuard):
+                        logits = guard.step(logits, history[:, -1], ~finished)
                     nxt = sample_next_token(
                         logits, history, temperature=temperature, top_p=top_p, min_p=min_p,
                         repetition_penalty=repetition_penalty, do_sample=do_sample, generator=generator,
@@ -463,6 +479,9 @@ class T3(nn.Module):
             out = []
             for row in history[:, 1:]:
                 hit = (row == eos).nonzero()
+                if raw:
+                    out.append(row[: int(hit[0]) + 1 if hit.numel() else len(row)].clone())
+                    continue
                 row = row[: int(hit[0])] if hit.numel() else row
                 out.append(row[row < self.cfg.start_speech_token].clone())
             return out
