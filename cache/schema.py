@@ -12,6 +12,9 @@ Layout of a store (a Zarr v3 group, on any fsspec URL):
       clips/status       int8    [N]        STATUS_* below; rows are metadata data-lines, in file order
       clips/token_offsets int64  [N + 1]    speech tokens of row i are tokens/flat[off[i]:off[i+1]]
       tokens/flat        int16   [T]        speech tokens, all clips concatenated
+      clips/prompt_offsets int64 [N + 1]    prompt tokens of row i are prompt_tokens/flat[off[i]:off[i+1]]
+      prompt_tokens/flat int16   [P]        S3 tokens of each clip's first PROMPT_SECONDS (6 s; ≤ 150): T3's
+                                            prompt as Chatterbox builds it from a reference (tts_core.reference)
       instructions/offsets int64 [U + 1]    states of instruction j are instructions/states[off[j]:off[j+1]]
       instructions/states float16 [S, H]    text-encoder last hidden states, padding stripped
       models/mel_vq/*                        codebook of the embedded tokenizer, when that one is used
@@ -27,7 +30,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+from tts_core.reference import PROMPT_SECONDS
+
+SCHEMA_VERSION = 2  # 2: prompt tokens of each clip's first PROMPT_SECONDS; manifest language column
 
 SPK_DIM = 256
 XVEC_DIM = 192
@@ -64,6 +69,10 @@ CLIP_ARRAYS: tuple[ArraySpec, ...] = (
 TOKEN_OFFSETS = "clips/token_offsets"
 TOKENS = "tokens/flat"
 TOKEN_DTYPE = np.dtype("int16")  # S3 vocab 6561 < 2**15
+PROMPT_OFFSETS = "clips/prompt_offsets"
+PROMPT_TOKENS = "prompt_tokens/flat"
+PROMPT_MAX_TOKENS = 150  # Chatterbox's speech_cond_prompt_len: tokens kept of the first PROMPT_SECONDS
+RAGGED_TOKENS = ((TOKEN_OFFSETS, TOKENS), (PROMPT_OFFSETS, PROMPT_TOKENS))  # (offsets, flat) per token array
 INSTRUCTION_OFFSETS = "instructions/offsets"
 INSTRUCTION_STATES = "instructions/states"
 STATE_DTYPE = np.dtype("float16")
@@ -73,7 +82,7 @@ MANIFEST_FILE = "manifest.parquet"
 MANIFEST_PARTS = "manifest_parts"  # one parquet per committed batch while building
 MANIFEST_COLUMNS = (
     "row", "clip_id", "audio_path", "transcript", "instruction", "speaker", "instruction_id",
-    "status", "reason", "detail", "duration", "line",
+    "status", "reason", "detail", "duration", "line", "language",
 )
 
 # The frozen models a store records; each is a tts_core.identity.ModelIdentity dict in attrs.

@@ -28,6 +28,7 @@ from cache.writer import ClipBatch
 from tts_core.audio import AudioPolicy, AudioRejected, LoadedAudio, load_clip
 from tts_core.frozen import FrozenModelsConfig
 from tts_core.metadata import MetaLine
+from tts_core.reference import PROMPT_SECONDS, S3_SR, prompt_audio
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ def encode_batch(batch: Sequence[MetaLine], loaded: list, iids: Sequence[int], v
     spk = np.zeros((n, schema.SPK_DIM), np.float32)
     xvec = np.zeros((n, schema.XVEC_DIM), np.float32)
     tokens: list[np.ndarray] = [np.zeros(0, np.int64)] * n
+    prompts: list[np.ndarray] = [np.zeros(0, np.int64)] * n
     status = np.full(n, schema.STATUS_QUARANTINED, np.int8)
     duration = np.zeros(n, np.float32)
     reasons, details = [""] * n, [""] * n
@@ -77,11 +79,18 @@ def encode_batch(batch: Sequence[MetaLine], loaded: list, iids: Sequence[int], v
     def run(idx: list[int]) -> None:
         wavs = [loaded[i].wav for i in idx]
         s, x, t = ve.embed_batch(wavs), xv.embed_batch(wavs), tokenizer.tokenize_batch(wavs)
+        # T3's prompt as Chatterbox builds it: tokens of the first PROMPT_SECONDS, cut before tokenizing
+        # (a clip no longer than that is its own cut: its tokens are reused)
+        long = [j for j, w in enumerate(wavs) if len(w) > PROMPT_SECONDS * S3_SR]
+        p = list(t)
+        for j, cut in zip(long, tokenizer.tokenize_batch([prompt_audio(wavs[j]) for j in long]) if long else []):
+            p[j] = cut
         for j, i in enumerate(idx):
             if not (np.isfinite(s[j]).all() and np.isfinite(x[j]).all()):
                 reasons[i], details[i] = "model_nonfinite", "a frozen model returned NaN/inf for this clip"
                 continue
             spk[i], xvec[i], tokens[i], status[i] = s[j], x[j], np.asarray(t[j]), schema.STATUS_OK
+            prompts[i] = np.asarray(p[j])[: schema.PROMPT_MAX_TOKENS]
 
     try:
         run(ok)
@@ -94,15 +103,16 @@ def encode_batch(batch: Sequence[MetaLine], loaded: list, iids: Sequence[int], v
     iid = np.where(status == schema.STATUS_OK, np.asarray(iids, np.int64), -1).astype(np.int32)
     for i in range(n):
         if status[i] != schema.STATUS_OK:
-            spk[i], xvec[i], tokens[i] = 0, 0, np.zeros(0, np.int64)
+            spk[i], xvec[i], tokens[i], prompts[i] = 0, 0, np.zeros(0, np.int64), np.zeros(0, np.int64)
     manifest = pd.DataFrame({
         "row": [m.row for m in batch], "clip_id": [m.clip_id for m in batch],
         "audio_path": [m.audio_path for m in batch], "transcript": [m.transcript for m in batch],
         "instruction": [m.instruction for m in batch], "speaker": [m.speaker for m in batch],
         "instruction_id": iid, "status": [schema.STATUS_NAMES[int(s)] for s in status],
         "reason": reasons, "detail": details, "duration": duration, "line": [m.line for m in batch],
+        "language": [m.language for m in batch],
     }, columns=list(schema.MANIFEST_COLUMNS))
-    return ClipBatch(batch[0].row, spk, xvec, duration, iid, status, tokens, manifest)
+    return ClipBatch(batch[0].row, spk, xvec, duration, iid, status, tokens, manifest, prompts)
 
 
 # ---- remote side ---------------------------------------------------------------------------------------------

@@ -35,6 +35,9 @@ class ClipBatch:
     status: np.ndarray  # [n] int8
     tokens: Sequence[np.ndarray]  # n arrays (empty for quarantined rows)
     manifest: pd.DataFrame  # n rows, schema.MANIFEST_COLUMNS
+    # n arrays: S3 tokens of each clip's first PROMPT_SECONDS (tts_core.reference). None: each clip's own
+    # first PROMPT_MAX_TOKENS tokens — the same for clips up to PROMPT_SECONDS long (tests' short clips).
+    prompt_tokens: Sequence[np.ndarray] | None = None
 
     @property
     def n(self) -> int:
@@ -105,10 +108,13 @@ class CacheWriter:
             chunks = (chunk_rows, spec.width) if spec.width else (chunk_rows,)
             g.require_group(parent).create_array(name, shape=shape, chunks=chunks, dtype=spec.dtype,
                                                  fill_value=spec.fill, compressors=comp)
-        g.require_group("clips").create_array("token_offsets", shape=(n_rows + 1,), chunks=(chunk_rows,),
-                                              dtype="int64", fill_value=0, compressors=comp)
-        g.require_group("tokens").create_array("flat", shape=(0,), chunks=(schema.TOKEN_CHUNK,),
-                                               dtype=schema.TOKEN_DTYPE, fill_value=0, compressors=comp)
+        for offsets, flat in schema.RAGGED_TOKENS:
+            g.require_group(offsets.split("/")[0]).create_array(
+                offsets.split("/")[1], shape=(n_rows + 1,), chunks=(chunk_rows,), dtype="int64", fill_value=0,
+                compressors=comp)
+            g.require_group(flat.split("/")[0]).create_array(
+                flat.split("/")[1], shape=(0,), chunks=(schema.TOKEN_CHUNK,), dtype=schema.TOKEN_DTYPE,
+                fill_value=0, compressors=comp)
         ig = g.require_group("instructions")
         ig.create_array("offsets", shape=(n_instructions + 1,), chunks=(schema.STATE_CHUNK_ROWS,), dtype="int64",
                         fill_value=0, compressors=comp)
@@ -125,6 +131,7 @@ class CacheWriter:
             "lines_digest": lines_digest,
             "committed_rows": 0, "committed_instructions": 0, "complete": False,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "prompt_seconds": schema.PROMPT_SECONDS, "prompt_max_tokens": schema.PROMPT_MAX_TOKENS,
             "extra": dict(extra),
         })
         return cls(url, g)
@@ -133,7 +140,8 @@ class CacheWriter:
         for spec in schema.CLIP_ARRAYS:
             arr = self.g[spec.path]
             arr.resize((n_rows, spec.width) if spec.width else (n_rows,))
-        self.g[schema.TOKEN_OFFSETS].resize((n_rows + 1,))
+        for offsets, _ in schema.RAGGED_TOKENS:
+            self.g[offsets].resize((n_rows + 1,))
         self.g[schema.INSTRUCTION_OFFSETS].resize((n_instructions + 1,))
         self.g.attrs.update({"n_rows": n_rows, "n_instructions": n_instructions,
                              "lines_digest": lines_digest, "complete": False})
@@ -146,9 +154,10 @@ class CacheWriter:
     def rollback_uncommitted(self) -> None:
         """Drop whatever a killed build wrote past its last commit (tokens and states are appended)."""
         info = self.info
-        tok_end = int(self.g[schema.TOKEN_OFFSETS][info.committed_rows]) if info.committed_rows else 0
-        if self.g[schema.TOKENS].shape[0] != tok_end:
-            self.g[schema.TOKENS].resize((tok_end,))
+        for offsets, flat in schema.RAGGED_TOKENS:
+            end = int(self.g[offsets][info.committed_rows]) if info.committed_rows else 0
+            if self.g[flat].shape[0] != end:
+                self.g[flat].resize((end,))
         st_end = int(self.g[schema.INSTRUCTION_OFFSETS][info.committed_instructions]) if info.committed_instructions else 0
         if self.g[schema.INSTRUCTION_STATES].shape[0] != st_end:
             self.g[schema.INSTRUCTION_STATES].resize((st_end, info.text_hidden_size))
@@ -185,15 +194,23 @@ class CacheWriter:
         g["clips/duration"][b.start:end] = b.duration
         g["clips/instruction_id"][b.start:end] = b.instruction_id
         g["clips/status"][b.start:end] = b.status
-        tok_start = int(g[schema.TOKEN_OFFSETS][b.start]) if b.start else 0
-        lens = np.array([len(t) for t in b.tokens], dtype=np.int64)
-        if lens.sum():
-            flat = np.concatenate([np.asarray(t) for t in b.tokens if len(t)]).astype(schema.TOKEN_DTYPE)
-            g[schema.TOKENS].resize((tok_start + flat.shape[0],))
-            g[schema.TOKENS][tok_start:] = flat
-        g[schema.TOKEN_OFFSETS][b.start + 1: end + 1] = tok_start + np.cumsum(lens)
+        prompts = b.prompt_tokens if b.prompt_tokens is not None else \
+            [np.asarray(t)[: schema.PROMPT_MAX_TOKENS] for t in b.tokens]
+        for (offsets, flat), seqs in zip(schema.RAGGED_TOKENS, (b.tokens, prompts), strict=True):
+            self._append_ragged(offsets, flat, b.start, seqs)
         self._write_manifest_part(b.start, b.manifest)
         g.attrs["committed_rows"] = end  # the commit
+
+    def _append_ragged(self, offsets: str, flat: str, start: int, seqs: Sequence[np.ndarray]) -> None:
+        """Append rows [start, start + len(seqs)) of a ragged token array (flat values + offsets)."""
+        g = self.g
+        first = int(g[offsets][start]) if start else 0
+        lens = np.array([len(t) for t in seqs], dtype=np.int64)
+        if lens.sum():
+            values = np.concatenate([np.asarray(t) for t in seqs if len(t)]).astype(schema.TOKEN_DTYPE)
+            g[flat].resize((first + values.shape[0],))
+            g[flat][first:] = values
+        g[offsets][start + 1: start + 1 + len(seqs)] = first + np.cumsum(lens)
 
     def _write_manifest_part(self, start: int, df: pd.DataFrame) -> None:
         buf = io.BytesIO()

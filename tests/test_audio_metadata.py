@@ -43,17 +43,22 @@ def test_metadata_lines_and_reasons(tmp_path):
         "c.wav||an instruction\n"
         "a.wav|dup|dup instruction\n"
         "d/e.flac|text|instr|spk7\n"
-        "f.wav|a|b|c|d\n", encoding="utf-8")
+        "f.wav|a|b|c|d|e\n"
+        "g.wav|Ça va ?|instr|spk7| FR \n", encoding="utf-8")
     lines, sha = read_metadata(meta)
-    assert [m.row for m in lines] == [0, 1, 2, 3, 4, 5]
-    assert [m.line for m in lines] == [2, 4, 5, 6, 7, 8]
-    assert [m.reason for m in lines] == ["", "bad_field_count", "empty_field", "duplicate_clip", "", "bad_field_count"]
+    assert [m.row for m in lines] == [0, 1, 2, 3, 4, 5, 6]
+    assert [m.line for m in lines] == [2, 4, 5, 6, 7, 8, 9]
+    assert [m.reason for m in lines] == ["", "bad_field_count", "empty_field", "duplicate_clip", "", "bad_field_count",
+                                         ""]
+    assert lines[6].language == "fr" and lines[4].language == ""  # 5th column: the multilingual T3's language
     assert lines[0].transcript.encode() == "Xin chào, tôi là giọng nữ.".encode()  # byte-exact
     assert lines[2].detail.startswith("meta.txt:5") and "transcript" in lines[2].detail
     assert "line 2" in lines[3].detail
     assert lines[4].speaker == "spk7" and lines[4].clip_id == "d/e"
     assert len(sha) == 64
     assert lines_digest(lines[:2]) != lines_digest(lines[:3])
+    no_lang = lines[6].__class__(**{**lines[6].__dict__, "language": ""})
+    assert lines_digest([no_lang]) != lines_digest(lines[6:])
 
 
 def test_metadata_not_utf8_names_the_line(tmp_path):

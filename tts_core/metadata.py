@@ -1,4 +1,7 @@
-"""Parse the pipe-separated metadata file: `audio_path|transcript|instruction[|speaker]`.
+"""Parse the pipe-separated metadata file: `audio_path|transcript|instruction[|speaker[|language]]`.
+
+`language` (a code such as ``fr``, lower-cased here) is what the multilingual T3 tags the transcript
+with; stage 2 checks it against the model's languages (``tts_core.languages``).
 
 Every data line becomes exactly one `MetaLine` (its row in the cache), good or bad, so that the
 manifest accounts for every line and row numbers never shift. Problems are reasons, not crashes.
@@ -9,7 +12,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-N_FIELDS = (3, 4)
+N_FIELDS = (3, 4, 5)
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,7 @@ class MetaLine:
     speaker: str
     reason: str = ""  # non-empty: the line itself is unusable
     detail: str = ""
+    language: str = ""  # "" = not given (stage 2's --language default applies)
 
     @property
     def ok(self) -> bool:
@@ -64,24 +68,26 @@ def _parse_line(row: int, line_no: int, text: str, seen: dict[str, int], path: P
     where = f"{path.name}:{line_no}"
     if len(fields) not in N_FIELDS:
         return MetaLine(row, line_no, fields[0].strip(), "", "", "", "bad_field_count",
-                        f"{where}: {len(fields)} fields; expected audio_path|transcript|instruction[|speaker]")
+                        f"{where}: {len(fields)} fields; expected audio_path|transcript|instruction[|speaker[|language]]")
     audio, transcript, instruction = (f.strip() for f in fields[:3])
-    speaker = fields[3].strip() if len(fields) == 4 else ""
+    speaker = fields[3].strip() if len(fields) >= 4 else ""
+    language = fields[4].strip().lower() if len(fields) == 5 else ""
     empty = [name for name, v in (("audio_path", audio), ("transcript", transcript), ("instruction", instruction)) if not v]
     if empty:
         return MetaLine(row, line_no, audio, transcript, instruction, speaker, "empty_field",
-                        f"{where}: empty {', '.join(empty)}")
+                        f"{where}: empty {', '.join(empty)}", language)
     if audio in seen:
         return MetaLine(row, line_no, audio, transcript, instruction, speaker, "duplicate_clip",
-                        f"{where}: {audio} already listed on line {seen[audio]}")
+                        f"{where}: {audio} already listed on line {seen[audio]}", language)
     seen[audio] = line_no
-    return MetaLine(row, line_no, audio, transcript, instruction, speaker)
+    return MetaLine(row, line_no, audio, transcript, instruction, speaker, language=language)
 
 
 def lines_digest(lines: list[MetaLine]) -> str:
     """Digest of the parsed lines: what a store was built from, independent of comments/blank lines."""
     h = hashlib.sha256()
     for m in lines:
-        h.update("\x1f".join((m.audio_path, m.transcript, m.instruction, m.speaker)).encode())
+        fields = (m.audio_path, m.transcript, m.instruction, m.speaker) + ((m.language,) if m.language else ())
+        h.update("\x1f".join(fields).encode())  # a line without a language digests as before
         h.update(b"\x1e")
     return h.hexdigest()

@@ -8,8 +8,11 @@
 
 What is precomputed (nothing per sample happens in Python after this)
 --------------------------------------------------------------------
-* per clip: text token ids (the run's `TextTokenizer` over the manifest transcript; flat + offsets),
-  S3 speech tokens (the store's flat int16 array, addressed by offsets — never copied per clip),
+* per clip: text token ids (the run's `TextTokenizer` over the manifest transcript, with the row's
+  language — metadata's 5th column, else ``language`` — for the multilingual tokenizer; flat + offsets),
+  S3 speech tokens (the store's flat int16 array, addressed by offsets — never copied per clip), the
+  prompt tokens (S3 tokens of the clip's first 6 s, ≤ 150: what Chatterbox's reference path feeds T3 —
+  `tts_core.reference`; the store's flat array as well),
   the ground-truth VoiceEncoder embedding (L2-normalised: the VoiceEncoder's own output is unit
   norm, and so is the mapper's), the instruction id, a speaker-group index;
 * per *unique* instruction: ``style_emb`` [U, H] from the frozen stage-1 `InstructionEncoder` over
@@ -32,11 +35,12 @@ the device, the rank or the world size) is, with probability ``instruction_prob`
   (``prompt_lens`` 0 — the perceiver attends an empty set), ``instruction_emb`` = style_emb,
   ``instruction_mask`` 1;
 * otherwise **audio-only**: ground-truth speaker emb, prompt = the first ``prompt_len`` (≤ 150)
-  speech tokens of a *different* clip of the same speaker (drawn uniformly among that speaker's
-  other clips), ``instruction_emb`` = 0 with ``instruction_mask`` 0 (adapters return plain norm(x)).
+  prompt tokens of a *different* clip of the same speaker (drawn uniformly among that speaker's
+  other clips) — the tokens of that clip's first 6 s, exactly what inference builds from a reference
+  clip — ``instruction_emb`` = 0 with ``instruction_mask`` 0 (adapters return plain norm(x)).
 
   Prompt fallback: when the manifest's ``speaker`` is empty/missing for the clip, or the speaker
-  has no other clip, the prompt is the clip's *own* first ``prompt_len`` tokens. That is what
+  has no other clip, the prompt is the clip's *own* prompt tokens. That is what
   Chatterbox's reference-clip conditioning looks like, but it lets the model copy the start of its
   own target; the fraction of such rows is reported (``own_prompt_frac``) so a corpus without
   speaker labels is visible in the logs.
@@ -116,6 +120,9 @@ class Stage2Data:
     speech_flat: torch.Tensor  # int16 [S] (the store's flat array)
     speech_start: np.ndarray  # int64 [N]
     speech_len: np.ndarray  # int64 [N]
+    prompt_flat: torch.Tensor  # int16 [P]: S3 tokens of each clip's first 6 s (the store's flat array)
+    prompt_start: np.ndarray  # int64 [N]
+    prompt_len: np.ndarray  # int64 [N]
     spk: torch.Tensor  # float32 [N, 256], unit norm
     instruction_id: np.ndarray  # int64 [N], -1 = none
     style_emb: torch.Tensor  # float32 [U, H]
@@ -126,7 +133,8 @@ class Stage2Data:
 
     def __post_init__(self):
         N = len(self.clip_ids)
-        for name in ("text_start", "text_len", "speech_start", "speech_len", "instruction_id", "speaker_code"):
+        for name in ("text_start", "text_len", "speech_start", "speech_len", "prompt_start", "prompt_len",
+                     "instruction_id", "speaker_code"):
             arr = np.asarray(getattr(self, name), dtype=np.int64)
             if arr.shape != (N,):
                 raise ValueError(f"{name} has shape {arr.shape}, expected ({N},)")
@@ -165,7 +173,7 @@ class Stage2Data:
 
     def to(self, device: torch.device | str) -> "Stage2Data":
         """Move the tensor tables (tokens, vectors) to ``device``; index arrays stay on the host."""
-        for name in ("text_flat", "speech_flat", "spk", "style_emb", "mapper_spk"):
+        for name in ("text_flat", "speech_flat", "prompt_flat", "spk", "style_emb", "mapper_spk"):
             setattr(self, name, getattr(self, name).to(device))
         return self
 
@@ -227,10 +235,10 @@ class Stage2Data:
         tl, sl = self.text_len[rows], self.speech_len[rows]
         text = _gather_padded(self.text_flat, self.text_start[rows], tl, dev)
         speech = _gather_padded(self.speech_flat, self.speech_start[rows], sl, dev)
-        plen = np.where(inst, 0, np.minimum(self.speech_len[src], prompt_len))
+        plen = np.where(inst, 0, np.minimum(self.prompt_len[src], prompt_len))
         # width ≥ 1 even when every row is instruction-only, so the perceiver's key/value path runs
         # (masked) in every step and every cond_enc parameter gets a gradient (DDP-safe).
-        prompt = _gather_padded(self.speech_flat, self.speech_start[src], plen, dev, min_width=1)
+        prompt = _gather_padded(self.prompt_flat, self.prompt_start[src], plen, dev, min_width=1)
 
         inst_t = torch.from_numpy(inst).to(dev)
         iid = np.where(inst, self.instruction_id[rows], 0)
@@ -251,9 +259,9 @@ class Stage2Data:
                            n_padded_tokens=int(B * seq.max(initial=0)))
 
     def prompt_tokens_of(self, row: int, prompt_len: int = 150) -> np.ndarray:
-        """The first ``prompt_len`` speech tokens of one row (tests and audits)."""
-        s, n = int(self.speech_start[row]), int(min(self.speech_len[row], prompt_len))
-        return self.speech_flat[s:s + n].cpu().numpy().astype(np.int64)
+        """The prompt tokens one row gives an audio row (tests and audits)."""
+        s, n = int(self.prompt_start[row]), int(min(self.prompt_len[row], prompt_len))
+        return self.prompt_flat[s:s + n].cpu().numpy().astype(np.int64)
 
     def speech_tokens_of(self, row: int) -> np.ndarray:
         s, n = int(self.speech_start[row]), int(self.speech_len[row])
@@ -327,7 +335,7 @@ def compute_instruction_tables(reader, encoder, mapper, *, mapper_seed: int = 0,
 
 
 def prepared_fingerprint(reader, tokenizer, mapper_meta: dict, *, mapper_seed: int, mapper_samples: int,
-                         n_steps: int) -> str:
+                         n_steps: int, language: str | None = None) -> str:
     info = reader.info
     d = {
         "format": PREPARED_FORMAT,
@@ -337,15 +345,39 @@ def prepared_fingerprint(reader, tokenizer, mapper_meta: dict, *, mapper_seed: i
         "mapper_weights": mapper_meta.get("weights_sha256"),
         "mapper_seed": mapper_seed, "mapper_samples": mapper_samples, "n_steps": n_steps,
     }
+    if tokenizer.requires_language:
+        d["language"] = language
     d["store"]["models"] = {k: {"name": v["name"], "sha256": v["sha256"]} for k, v in d["store"]["models"].items()}
     d["tokenizer"] = {"name": d["tokenizer"]["name"], "sha256": d["tokenizer"]["sha256"]}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
-def _tokenize_all(tokenizer, texts: list[str], chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+def row_languages(manifest, tokenizer, default: str | None) -> list[str | None]:
+    """Each OK row's language for the tokenizer (the metadata's column, else ``default``); every row must
+    have a supported one when the tokenizer needs it — else one error naming the rows and the fix."""
+    from tts_core.languages import MTL_LANGUAGES
+    from tts_core.stage2.text_tokenizer import TextTokenizerError, check_language
+
+    col = manifest["language"].fillna("").astype(str).tolist() if "language" in manifest.columns else \
+        [""] * len(manifest)
+    langs = [c or default for c in col]
+    if not tokenizer.requires_language:
+        return langs
+    bad = [i for i, lang in enumerate(langs) if (lang or "").strip().lower() not in MTL_LANGUAGES]
+    if bad:
+        try:
+            check_language(langs[bad[0]])
+        except TextTokenizerError as e:
+            raise TextTokenizerError(f"{len(bad)} row(s) without a usable language, e.g. clip "
+                                     f"{manifest['clip_id'].iloc[bad[0]]}: {e}") from None
+    return [check_language(lang) for lang in langs]
+
+
+def _tokenize_all(tokenizer, texts: list[str], languages: list[str | None], chunk: int = 4096
+                  ) -> tuple[np.ndarray, np.ndarray]:
     ids: list[list[int]] = []
     for i in range(0, len(texts), chunk):
-        ids.extend(tokenizer.encode_batch(texts[i:i + chunk]))
+        ids.extend(tokenizer.encode_batch(texts[i:i + chunk], languages[i:i + chunk]))
     lens = np.array([len(x) for x in ids], dtype=np.int64)
     off = np.zeros(len(ids) + 1, np.int64)
     np.cumsum(lens, out=off[1:])
@@ -354,10 +386,11 @@ def _tokenize_all(tokenizer, texts: list[str], chunk: int = 4096) -> tuple[np.nd
 
 
 def compute_prepared(reader, tokenizer, encoder, mapper, *, mapper_seed: int, mapper_samples: int,
-                     n_steps: int) -> dict[str, torch.Tensor]:
+                     n_steps: int, language: str | None = None) -> dict[str, torch.Tensor]:
     """The expensive, shareable part: text ids of every OK row + the instruction tables."""
-    texts = reader.ok_manifest["transcript"].fillna("").astype(str).tolist()
-    flat, off = _tokenize_all(tokenizer, texts)
+    man = reader.ok_manifest
+    texts = man["transcript"].fillna("").astype(str).tolist()
+    flat, off = _tokenize_all(tokenizer, texts, row_languages(man, tokenizer, language))
     if flat.size and (flat.min() < 0 or flat.max() >= 2 ** 15):
         raise ValueError("text ids outside int16")
     style, mspk = compute_instruction_tables(reader, encoder, mapper, mapper_seed=mapper_seed,
@@ -394,7 +427,8 @@ def prepare_stage2_data(reader, tokenizer, encoder=None, mapper=None, *, mapper_
                         mapper_seed: int = 0, mapper_samples: int = 1, n_steps: int | None = None,
                         max_text_tokens: int = 2048, max_speech_tokens: int = 4096,
                         prepared: dict[str, torch.Tensor] | None = None,
-                        prepared_path: str | Path | None = None, write_prepared: bool = True) -> Stage2Data:
+                        prepared_path: str | Path | None = None, write_prepared: bool = True,
+                        language: str | None = None) -> Stage2Data:
     """Build `Stage2Data` from a finished cache store (module doc).
 
     ``prepared``: tensors from `compute_prepared` / `load_prepared` (DDP ranks pass what rank 0 wrote).
@@ -406,14 +440,14 @@ def prepare_stage2_data(reader, tokenizer, encoder=None, mapper=None, *, mapper_
             raise ValueError("n_steps is required without a mapper")
         n_steps = int(mapper.config.n_steps)
     fp = prepared_fingerprint(reader, tokenizer, mapper_meta or {}, mapper_seed=mapper_seed,
-                              mapper_samples=mapper_samples, n_steps=n_steps)
+                              mapper_samples=mapper_samples, n_steps=n_steps, language=language)
     if prepared is None and prepared_path is not None:
         prepared = load_prepared(prepared_path, fp)
     if prepared is None:
         if encoder is None or mapper is None:
             raise ValueError("no prepared tensors and no encoder/mapper to compute them")
         prepared = compute_prepared(reader, tokenizer, encoder, mapper, mapper_seed=mapper_seed,
-                                    mapper_samples=mapper_samples, n_steps=n_steps)
+                                    mapper_samples=mapper_samples, n_steps=n_steps, language=language)
         if prepared_path is not None and write_prepared:
             save_prepared(prepared_path, prepared, fp)
 
@@ -425,10 +459,15 @@ def prepare_stage2_data(reader, tokenizer, encoder=None, mapper=None, *, mapper_
     # speech tokens: the store's flat array, addressed through its offsets (no per-clip copies)
     from cache import schema
 
-    tok_off = np.asarray(reader.group[schema.TOKEN_OFFSETS][:], dtype=np.int64)
-    speech_flat = torch.from_numpy(np.asarray(reader.group[schema.TOKENS][:]).astype(np.int16))
     ok = np.asarray(reader.ok_index, np.int64)
-    s_start, s_len = tok_off[ok], tok_off[ok + 1] - tok_off[ok]
+
+    def ragged(offsets: str, flat: str) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        off = np.asarray(reader.group[offsets][:], dtype=np.int64)
+        values = torch.from_numpy(np.asarray(reader.group[flat][:]).astype(np.int16))
+        return values, off[ok], off[ok + 1] - off[ok]
+
+    speech_flat, s_start, s_len = ragged(schema.TOKEN_OFFSETS, schema.TOKENS)
+    prompt_flat, p_start, p_len = ragged(schema.PROMPT_OFFSETS, schema.PROMPT_TOKENS)
     t_start, t_len = text_off[:-1], np.diff(text_off)
     spk_raw = np.asarray(reader.spk_emb(raw=True), dtype=np.float32)
     iid = np.asarray(reader.instruction_id(), np.int64)
@@ -466,6 +505,7 @@ def prepare_stage2_data(reader, tokenizer, encoder=None, mapper=None, *, mapper_
         clip_ids=man["clip_id"].astype(str).to_numpy()[rows].tolist(),
         text_flat=prepared["text_flat"], text_start=t_start[rows], text_len=t_len[rows],
         speech_flat=speech_flat, speech_start=s_start[rows], speech_len=s_len[rows],
+        prompt_flat=prompt_flat, prompt_start=p_start[rows], prompt_len=p_len[rows],
         spk=spk, instruction_id=iid[rows],
         style_emb=prepared["style_emb"].float(), mapper_spk=prepared["mapper_spk"].float(),
         speaker_code=code, dropped=dropped,

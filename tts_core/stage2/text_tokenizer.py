@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import unicodedata
 from pathlib import Path
@@ -48,27 +47,21 @@ from typing import Sequence
 
 from tts_core.atomic_files import atomic_copy, atomic_write_text
 from tts_core.identity import ModelIdentity, sha256_file
+from tts_core.languages import MTL_LANGUAGES
 from tts_core.stage2.language_front_ends import CANGJIE_FILE, LanguageUnavailable, front_end
+from tts_core.t3.families import ENGLISH, FAMILIES, MULTILINGUAL
 
 SOT_TOKEN = "[START]"
 EOT_TOKEN = "[STOP]"
 UNK_TOKEN = "[UNK]"
 SPACE_TOKEN = "[SPACE]"
-CHATTERBOX_FILE = "tokenizer.json"  # the name Chatterbox (and a --t3 directory) uses
-MTL_FILE = "grapheme_mtl_merged_expanded_v1.json"  # the multilingual vocabulary's official name
+CHATTERBOX_FILE = FAMILIES[ENGLISH].tokenizer_file  # official names (and the names in a run directory)
+MTL_FILE = FAMILIES[MULTILINGUAL].tokenizer_file
 BYTE_FILE = "text_tokenizer.json"  # descriptor of the byte tokenizer in a checkpoint directory
 CHATTERBOX_META = "chatterbox_tokenizer.json"  # settings (punc_norm) beside a copied tokenizer.json
 BYTE_OFFSET = 256
 
-log = logging.getLogger(__name__)
 
-# chatterbox.mtl_tts.SUPPORTED_LANGUAGES (0.1.7); a test checks this copy against the package.
-MTL_LANGUAGES = {
-    "ar": "Arabic", "da": "Danish", "de": "German", "el": "Greek", "en": "English", "es": "Spanish",
-    "fi": "Finnish", "fr": "French", "he": "Hebrew", "hi": "Hindi", "it": "Italian", "ja": "Japanese",
-    "ko": "Korean", "ms": "Malay", "nl": "Dutch", "no": "Norwegian", "pl": "Polish", "pt": "Portuguese",
-    "ru": "Russian", "sv": "Swedish", "sw": "Swahili", "tr": "Turkish", "zh": "Chinese",
-}
 EN_SENTENCE_ENDERS = (".", "!", "?", "-", ",")
 MTL_SENTENCE_ENDERS = EN_SENTENCE_ENDERS + ("、", "，", "。", "？", "！")  # chatterbox/mtl_tts.py's punc_norm
 

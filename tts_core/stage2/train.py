@@ -18,12 +18,17 @@ parameter counts per group; the run's report lists them.
 
 ``t3`` resolution
 -----------------
-* a directory holding ``t3_cfg.safetensors`` (or that file itself): Chatterbox's official file or a
-  stage-2 checkpoint. Its `T3Config` comes from the file's metadata (our checkpoints) or is the
-  ``"520m"`` preset (official file); the adapters get ``instruction_dim`` = the stage-1 encoder's
-  hidden size. Loaded strictly with `load_t3_checkpoint`: the only keys allowed to be absent are the
-  adapters (``LoadReport.summary``: "extra: N adapter params"). A ``tokenizer.json`` beside it is the
-  run's text tokenizer unless ``text_tokenizer`` says otherwise.
+* a directory holding one official Chatterbox T3 file, or that file itself (`tts_core.t3.families`:
+  English ``t3_cfg.safetensors``, multilingual ``t3_mtl23ls_v2.safetensors``; Turbo is recognised
+  and handed to ``tts_core.t3.turbo``), or a stage-2 checkpoint (our ``t3_cfg.safetensors``). Which
+  family was found is printed. Its `T3Config` comes from the file's metadata (our checkpoints) or from
+  the official file's tensor shapes (text vocab 704 / 2454, depth, width…); the adapters get
+  ``instruction_dim`` = the stage-1 encoder's hidden size. Loaded strictly with `load_t3_checkpoint`
+  (``.safetensors`` or ``.pt``): the only keys allowed to be absent are the adapters
+  (``LoadReport.summary``: "extra: N adapter params"). The family's tokenizer file beside it
+  (``tokenizer.json`` / ``grapheme_mtl_merged_expanded_v1.json``) is the run's text tokenizer unless
+  ``text_tokenizer`` says otherwise. Multilingual rows are tokenized with their language (metadata's
+  5th column, else ``language``).
 * a preset name (``"tiny"``, ``"520m"``): fresh weights (seeded), the byte tokenizer by default.
 
 Identity: the stage-1 mapper must have been trained over the text encoder that built the store
@@ -85,11 +90,11 @@ from tts_core.mapper.pooling import TextEncoderMismatchError, check_text_encoder
 from tts_core.stage2.data import (
     BucketBatchSampler, batch_rng, mix_seed, prepare_stage2_data,
 )
-from tts_core.stage2.text_tokenizer import TextTokenizer, load_text_tokenizer
+from tts_core.stage2.text_tokenizer import TextTokenizer, check_language, load_text_tokenizer
 from tts_core.t3 import (
-    IGNORE_INDEX, T3, T3Batch, T3Config, build_layout, config_from_checkpoint, is_adapter_key,
-    load_t3_checkpoint, save_t3,
+    IGNORE_INDEX, T3, T3Batch, T3Config, build_layout, is_adapter_key, load_t3_checkpoint, save_t3,
 )
+from tts_core.t3.families import TURBO, T3Source, announce, detect_t3
 
 __all__ = ["Stage2Config", "Stage2Result", "Stage2Model", "Stage2NonFiniteError", "train_stage2", "build_t3",
            "parameter_groups", "T3_WEIGHTS", "STAGE2_META", "TRAIN_STATE"]
@@ -117,7 +122,8 @@ class Stage2Config:
     mapper_dir: str = ""  # stage-1 run dir (load_mapper)
     out_dir: str = "runs/stage2"
     t3: str = "520m"  # preset name, or a directory / file with t3_cfg.safetensors
-    text_tokenizer: str | None = None  # None: the t3 dir's tokenizer.json, else bytes; "bytes"; a tokenizer.json
+    text_tokenizer: str | None = None  # None: the t3 family's tokenizer file, else bytes; "bytes"; a tokenizer file
+    language: str | None = None  # multilingual T3: language of rows whose metadata has no 5th column
     instruction_prob: float = 0.5  # per-row probability of an instruction-only row
     batch_size: int = 32  # rows per batch (per rank); the cap when max_tokens is set
     max_tokens: int = 0  # token budget per batch (rows × longest row); 0 = fixed batch_size
@@ -168,7 +174,7 @@ class Stage2Config:
 _RUN_KEYS = ("t3", "instruction_prob", "batch_size", "max_tokens", "pool_batches", "lr", "adapter_lr",
              "min_lr_ratio", "weight_decay", "betas", "warmup_steps", "text_loss_weight", "grad_clip", "seed",
              "mapper_seed", "mapper_samples", "mapper_n_steps", "prompt_len", "emotion_adv", "padding_mask",
-             "amp_dtype")
+             "amp_dtype", "language")
 
 
 @dataclass
@@ -252,32 +258,34 @@ class Stage2Model(nn.Module):
 
 
 # ---- T3 / parameters ---------------------------------------------------------------------------------------
-def build_t3(spec: str, instruction_dim: int, seed: int = 0) -> tuple[T3, Any, Path | None]:
-    """(model, LoadReport or None, source directory or None) — see the module doc, "t3 resolution"."""
-    p = Path(spec)
-    if p.is_dir() or p.suffix == ".safetensors":
-        ck = p / T3_WEIGHTS if p.is_dir() else p
-        if not ck.is_file():
-            raise FileNotFoundError(f"--t3 {spec}: no {T3_WEIGHTS} there (expected a Chatterbox checkpoint directory, "
-                                    f"a stage-2 checkpoint, or a preset name {PRESETS})")
-        cfg = config_from_checkpoint(ck)
-        if cfg is None:  # official Chatterbox file: the 520m shape
-            cfg = T3Config.preset("520m", instruction_dim=instruction_dim)
-        else:
-            if cfg.adapters and cfg.instruction_dim != instruction_dim:
-                raise ValueError(
-                    f"{ck} has adapters over {cfg.instruction_dim}-d instruction embeddings, but the stage-1 encoder "
-                    f"gives {instruction_dim}-d ones: it was trained with another instruction encoder")
-            cfg = cfg.replace(adapters=True, instruction_dim=instruction_dim)
+def build_t3(spec: str, instruction_dim: int, seed: int = 0) -> tuple[T3, Any, T3Source | None]:
+    """(model, LoadReport or None, resolved `T3Source` or None) — see the module doc, "t3 resolution"."""
+    if spec in PRESETS and not Path(spec).exists():
+        cfg = T3Config.preset(spec, instruction_dim=instruction_dim)
         torch.manual_seed(seed)
-        model = T3(cfg)
-        report = load_t3_checkpoint(model, ck)  # strict; only adapter keys may be missing
-        return model, report, ck.parent
-    if spec not in PRESETS:
-        raise FileNotFoundError(f"--t3 {spec!r} is neither a directory with {T3_WEIGHTS} nor a preset {PRESETS}")
-    cfg = T3Config.preset(spec, instruction_dim=instruction_dim)
+        return T3(cfg), None, None
+    if not Path(spec).exists():
+        raise FileNotFoundError(f"--t3 {spec!r} is neither a Chatterbox checkpoint directory / file nor a preset "
+                                f"{PRESETS}")
+    source = detect_t3(spec)
+    announce(spec, source)
+    if source.family.name == TURBO:
+        try:
+            from tts_core.t3.turbo import load_turbo
+        except ImportError:
+            raise NotImplementedError(f"--t3 {spec}: Chatterbox Turbo (GPT-2 T3) is not supported by this "
+                                      "version") from None
+        return load_turbo(source, instruction_dim=instruction_dim, seed=seed)
+    cfg = source.config
+    if source.own_checkpoint and cfg.adapters and cfg.instruction_dim != instruction_dim:
+        raise ValueError(
+            f"{source.t3.path} has adapters over {cfg.instruction_dim}-d instruction embeddings, but the stage-1 "
+            f"encoder gives {instruction_dim}-d ones: it was trained with another instruction encoder")
+    cfg = cfg.replace(adapters=True, instruction_dim=instruction_dim)
     torch.manual_seed(seed)
-    return T3(cfg), None, None
+    model = T3(cfg)
+    report = load_t3_checkpoint(model, source.t3.path)  # strict; only adapter keys may be missing
+    return model, report, source
 
 
 def _group_of(name: str) -> str:
@@ -611,13 +619,20 @@ def _train(cfg, on_log, dd: _Dist, device: torch.device, CacheReader, load_mappe
     mapper.to(device)
 
     # -- T3, tokenizer --------------------------------------------------------------------------------------
-    t3, report, t3_dir = build_t3(cfg.t3, instruction_dim=encoder.hidden_size, seed=cfg.seed)
-    tokenizer = load_text_tokenizer(cfg.text_tokenizer, t3_dir=t3_dir)
+    t3, report, source = build_t3(cfg.t3, instruction_dim=encoder.hidden_size, seed=cfg.seed)
+    t3_dir = source.directory if source is not None else None
+    tok_spec = cfg.text_tokenizer
+    if tok_spec is None and source is not None and not source.own_checkpoint:
+        tok_spec = source.text_tokenizer or "bytes"  # the family's own file; never another family's
+    tokenizer = load_text_tokenizer(tok_spec, t3_dir=t3_dir)
     tokenizer.check_fits(t3.cfg.text_vocab_size, t3.cfg.start_text_token, t3.cfg.stop_text_token)
-    if report is not None and t3_dir is not None and getattr(tokenizer, "name", "") == "bytes" \
-            and config_from_checkpoint(t3_dir / T3_WEIGHTS) is None:
+    if source is not None and not source.own_checkpoint and getattr(tokenizer, "name", "") == "bytes":
         log.warning("training an official Chatterbox T3 with the byte tokenizer: its pretrained text embeddings "
-                    "are indexed by tokenizer.json, not by bytes")
+                    "are indexed by its own tokenizer file, not by bytes")
+    language = check_language(cfg.language) if cfg.language else None
+    if tokenizer.requires_language is False and cfg.language:
+        log.warning("--language %s is ignored: the %s T3's tokenizer takes no language", cfg.language,
+                    t3.cfg.family)
     if report is not None:
         log.info("T3 from %s: %s", cfg.t3, report.summary)
     if t3_dir is not None and t3_dir.resolve() == out.resolve() and (not cfg.resume or _latest_checkpoint(out) is None):
@@ -632,7 +647,7 @@ def _train(cfg, on_log, dd: _Dist, device: torch.device, CacheReader, load_mappe
     n_steps = int(cfg.mapper_n_steps or mapper.config.n_steps)
     kw = dict(mapper_meta=mapper_meta, mapper_seed=cfg.mapper_seed, mapper_samples=cfg.mapper_samples,
               n_steps=n_steps, max_text_tokens=t3_cfg.max_text_tokens, max_speech_tokens=t3_cfg.max_speech_tokens,
-              prepared_path=out / PREPARED)
+              prepared_path=out / PREPARED, language=language)
     t0 = time.time()
     if dd.rank == 0:
         data = prepare_stage2_data(reader, tokenizer, encoder, mapper, **kw)
@@ -724,6 +739,7 @@ def _train(cfg, on_log, dd: _Dist, device: torch.device, CacheReader, load_mappe
                    "n_steps": n_steps, "mapper_config": mapper_meta.get("mapper_config"),
                    "encoder": mapper_meta.get("encoder")},
         "instruction_dim": encoder.hidden_size, "prompt_len": prompt_len, "emotion_adv": cfg.emotion_adv,
+        "language": language, "family": t3_cfg.family,
         "store": {"url": _absolute(cfg.store), "lines_digest": reader.info.lines_digest},
         "train_config": cfg.to_dict(), "load_report": report.summary if report is not None else None,
     }
