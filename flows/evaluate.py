@@ -13,11 +13,11 @@ from tts_core.evaluation.run import EvalConfig, evaluate_run, to_markdown
 @flow(name="evaluate", log_prints=True)
 def evaluate_flow(run_dir: str, store: str, out_dir: str | None = None, n_instructions: int = 24,
                   text: str = EvalConfig.text, seed: int = 0, device: str = "cpu", max_new_tokens: int = 400,
-                  text_encoder: str | None = None, chatterbox_dir: str | None = None) -> dict:
+                  text_encoder: str | None = None, chatterbox_dir: str | None = None, language: str = "en") -> dict:
     logger = get_run_logger()
     cfg = EvalConfig(run_dir=run_dir, store=store, out_dir=out_dir, n_instructions=n_instructions, text=text,
                      seed=seed, device=device, max_new_tokens=max_new_tokens, text_encoder=text_encoder,
-                     chatterbox_dir=chatterbox_dir)
+                     chatterbox_dir=chatterbox_dir, language=language)
     summary = evaluate_run(cfg, on_item=lambda k, n, r: logger.info("%d/%d %s", k, n, r["instruction"]))
     key = artifact_key(run_dir, "eval")
     create_markdown_artifact(to_markdown(summary) + f"\n![plot]({Path(summary['out_dir']) / 'eval.png'})\n",
@@ -38,7 +38,7 @@ def synthesize_flow(run_dir: str, batch: str, out_dir: str, seed: int = 0, devic
     """``batch``: a file of ``text|instruction[|reference.wav]`` lines (instruction may be empty)."""
     import soundfile as sf
 
-    from tts_core.audio import load_clip
+    from tts_core.reference import Reference
     from tts_core.synthesis import SamplingConfig, Synthesizer
 
     synth = Synthesizer.from_run(run_dir, device=device)
@@ -53,7 +53,7 @@ def synthesize_flow(run_dir: str, batch: str, out_dir: str, seed: int = 0, devic
             raise ValueError(f"{batch}:{n}: expected text|instruction[|reference.wav] with an instruction or a "
                              f"reference, got {line!r}")
         text, instruction = parts[0], parts[1].strip() or None
-        ref = load_clip(parts[2].strip()).wav if len(parts) > 2 and parts[2].strip() else None
+        ref = Reference.load(parts[2].strip()) if len(parts) > 2 and parts[2].strip() else None
         res = synth.synthesize(text, instruction=instruction, reference=ref, seed=seed,
                                sampling=SamplingConfig(max_new_tokens=max_new_tokens))
         path = out / f"{n:04d}.wav"

@@ -10,7 +10,8 @@ from pathlib import Path
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("frozen models (local paths; omit all for the embedded default)")
-    g.add_argument("--chatterbox-dir", type=Path, help="dir with Chatterbox ve.safetensors and s3gen.safetensors")
+    g.add_argument("--chatterbox-dir", type=Path,
+                   help="dir with Chatterbox ve.safetensors / ve.pt and s3gen.safetensors / s3gen.pt")
     g.add_argument("--text-encoder", type=Path, help="local flan-t5-large (or other HF encoder) directory")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
 
@@ -100,7 +101,7 @@ def _cmd_train_stage2(a: argparse.Namespace) -> int:
         grad_accum=a.grad_accum, lr=a.lr,
         adapter_lr=a.adapter_lr, epochs=a.epochs, max_steps=a.max_steps, warmup_steps=a.warmup_steps,
         device=a.device, amp_dtype=a.amp, compile=a.compile or None, save_every=a.save_every,
-        log_every=a.log_every, text_tokenizer=a.text_tokenizer, seed=a.seed,
+        log_every=a.log_every, text_tokenizer=a.text_tokenizer, seed=a.seed, language=a.language,
         resume=False if a.restart else None).items() if v is not None}
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if a.no_prefect or distributed:  # a flow run is one process; torchrun ranks run the library directly
@@ -136,14 +137,15 @@ def _cmd_synthesize(a: argparse.Namespace) -> int:
         return 2
     ref = None
     if a.reference is not None:
-        from tts_core.audio import load_clip
+        from tts_core.reference import Reference
 
-        ref = load_clip(a.reference).wav
+        ref = Reference.load(a.reference)  # Chatterbox's loading: 24 kHz, resampled to 16 kHz
     synth = Synthesizer.from_run(a.run, device=a.device, text_encoder=a.text_encoder, chatterbox_dir=a.chatterbox_dir)
     sampling = SamplingConfig(temperature=a.temperature, top_p=a.top_p, min_p=a.min_p,
                               repetition_penalty=a.repetition_penalty, cfg_weight=a.cfg_weight,
                               max_new_tokens=a.max_new_tokens)
-    res = synth.synthesize(a.text, instruction=a.instruction, reference=ref, seed=a.seed, sampling=sampling)
+    res = synth.synthesize(a.text, instruction=a.instruction, reference=ref, seed=a.seed, sampling=sampling,
+                           language=a.language)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     np.save(a.out.with_suffix(".tokens.npy"), res.tokens)
     if res.wav is not None:
@@ -163,7 +165,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     cfg = EvalConfig(run_dir=str(a.run), store=a.store, out_dir=str(a.out) if a.out else None,
                      n_instructions=a.n, seed=a.seed, device=a.device, max_new_tokens=a.max_new_tokens,
                      text_encoder=str(a.text_encoder) if a.text_encoder else None,
-                     chatterbox_dir=str(a.chatterbox_dir) if a.chatterbox_dir else None)
+                     chatterbox_dir=str(a.chatterbox_dir) if a.chatterbox_dir else None, language=a.language)
     if a.no_prefect:
         summary = evaluate_run(cfg, on_item=lambda k, n, r: print(f"  {k}/{n} {r['instruction']}", file=sys.stderr))
     else:
@@ -190,6 +192,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tts_core.languages import MTL_LANGUAGES
     from tts_core.sampling_defaults import DEFAULT_SAMPLING
 
     p = argparse.ArgumentParser(prog="instruct-tts", description=__doc__)
@@ -204,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_cmd_demo)
 
     b = sub.add_parser("build-cache", help="validate clips, run frozen models once, write a Zarr cache")
-    b.add_argument("--metadata", type=Path, required=True, help="audio_path|transcript|instruction[|speaker] per line")
+    b.add_argument("--metadata", type=Path, required=True,
+                   help="audio_path|transcript|instruction[|speaker[|language]] per line")
     b.add_argument("--audio-root", type=Path, required=True, help="directory the audio paths are relative to")
     b.add_argument("--store", required=True, help="output store: a path (cache/NAME.zarr) or any fsspec URL")
     _add_model_flags(b)
@@ -251,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     t2.add_argument("--store", required=True, help="cache store written by build-cache")
     t2.add_argument("--mapper", type=Path, required=True, help="stage-1 run directory (train-stage1 --out)")
     t2.add_argument("--t3", required=True,
-                    help="Chatterbox checkpoint dir (t3_cfg.safetensors [+ tokenizer.json]) or a preset: tiny, 520m")
+                    help="Chatterbox checkpoint dir or T3 file (English t3_cfg.safetensors, multilingual "
+                         "t3_mtl23ls_v2.safetensors, each with its tokenizer) or a preset: tiny, 520m")
     t2.add_argument("--out", type=Path, required=True, help="run directory (resumed when it holds the same run)")
     t2.add_argument("--device", help="cpu, cuda (default: cuda when available; under torchrun: cuda:LOCAL_RANK)")
     t2.add_argument("--amp", choices=("auto", "bf16", "fp32"))
@@ -267,7 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-steps", type=int)
     g.add_argument("--save-every", type=int)
     g.add_argument("--log-every", type=int)
-    g.add_argument("--text-tokenizer", help="'bytes' or a tokenizer.json (default: the --t3 dir's)")
+    g.add_argument("--text-tokenizer", help="'bytes' or a tokenizer file (default: the --t3 family's)")
+    g.add_argument("--language", help=f"multilingual T3: language of rows without a 5th metadata column "
+                                      f"({', '.join(sorted(MTL_LANGUAGES))})")
     g.add_argument("--seed", type=int)
     g.add_argument("--compile", action="store_true", help="torch.compile the Llama backbone")
     g.add_argument("--restart", action="store_true", help="ignore checkpoints in --out and start over")
@@ -283,12 +290,14 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--seed", type=int, default=0)
     sy.add_argument("--device", default="cpu")
     sy.add_argument("--text-encoder", type=Path, help="local text-encoder dir the run was trained over")
-    sy.add_argument("--chatterbox-dir", type=Path, help="dir with ve/s3gen safetensors (production runs)")
+    sy.add_argument("--chatterbox-dir", type=Path, help="dir with ve/s3gen weights (production runs)")
+    sy.add_argument("--language", help="multilingual T3: the text's language (default: the run's --language)")
     sp = sy.add_argument_group("sampling (Chatterbox defaults)")
     sp.add_argument("--temperature", type=float, default=DEFAULT_SAMPLING["temperature"])
     sp.add_argument("--top-p", type=float, default=DEFAULT_SAMPLING["top_p"])
     sp.add_argument("--min-p", type=float, default=DEFAULT_SAMPLING["min_p"])
-    sp.add_argument("--repetition-penalty", type=float, default=DEFAULT_SAMPLING["repetition_penalty"])
+    sp.add_argument("--repetition-penalty", type=float,
+                    help="default: the T3 family's official value (1.2 English, 2.0 multilingual)")
     sp.add_argument("--cfg-weight", type=float, default=DEFAULT_SAMPLING["cfg_weight"])
     sp.add_argument("--max-new-tokens", type=int, default=1000)
     sy.set_defaults(func=_cmd_synthesize)
@@ -303,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=int, default=400)
     ev.add_argument("--text-encoder", type=Path)
     ev.add_argument("--chatterbox-dir", type=Path)
+    ev.add_argument("--language", default="en", help="multilingual T3: language of the evaluation text")
     ev.add_argument("--no-prefect", action="store_true")
     ev.set_defaults(func=_cmd_evaluate)
 
@@ -336,9 +346,12 @@ def main(argv: list[str] | None = None) -> int:
         from tts_core.stage2.text_tokenizer import TextTokenizerError
         from tts_core.stage2.train import Stage2NonFiniteError
         from tts_core.audio import AudioRejected
+        from tts_core.t3.families import T3FamilyError
+        from tts_core.t3.loading import CheckpointMismatchError
 
         if isinstance(exc, (StoreError, FileNotFoundError, MetadataError, Stage1InputError, TextEncoderMismatchError,
-                            NonFiniteLossError, ResumeMismatchError, Stage2NonFiniteError, TextTokenizerError, AudioRejected)):
+                            NonFiniteLossError, ResumeMismatchError, Stage2NonFiniteError, TextTokenizerError, AudioRejected,
+                            T3FamilyError, CheckpointMismatchError)):
             print(f"instruct-tts: error: {exc}", file=sys.stderr)
             return 2
         raise

@@ -1,6 +1,7 @@
 """Which frozen models a cache build runs, loaded from local paths only.
 
-Production: a Chatterbox checkpoint directory (`ve.safetensors`, `s3gen.safetensors`) and a local
+Production: a Chatterbox checkpoint directory (`ve.safetensors` / `ve.pt`, `s3gen.safetensors` / `s3gen.pt`:
+the English and multilingual releases ship the same weights in the two formats) and a local
 flan-t5-large directory. Embedded default (nothing given): real small models that pip packages ship —
 Resemblyzer's GE2E weights in the VoiceEncoder slot, a Resemblyzer-based stand-in honestly labelled
 in the x-vector slot, a mel k-means tokenizer fitted on the corpus in the S3 slot, and the packaged
@@ -24,26 +25,37 @@ class WeightsNotFound(FileNotFoundError):
 
 @dataclass(frozen=True)
 class FrozenModelsConfig:
-    chatterbox_dir: Path | None = None  # holds ve.safetensors and s3gen.safetensors
-    ve: Path | None = None  # overrides chatterbox_dir/ve.safetensors
-    s3gen: Path | None = None  # overrides chatterbox_dir/s3gen.safetensors
+    chatterbox_dir: Path | None = None  # holds ve.{safetensors,pt} and s3gen.{safetensors,pt}
+    ve: Path | None = None  # overrides chatterbox_dir/ve.*
+    s3gen: Path | None = None  # overrides chatterbox_dir/s3gen.*
     text_encoder: Path | None = None  # local flan-t5-large (or other HF encoder) directory
     device: str = "cpu"
     tokenizer_vocab: int = 1024  # embedded mel-VQ tokenizer only
 
     def ve_path(self) -> Path | None:
-        return self._resolve(self.ve, "ve.safetensors")
+        from tts_core.t3.families import ENGLISH, FAMILIES
+
+        return self._resolve(self.ve, FAMILIES[ENGLISH].ve_files)
 
     def s3gen_path(self) -> Path | None:
-        return self._resolve(self.s3gen, "s3gen.safetensors")
+        from tts_core.t3.families import ENGLISH, FAMILIES
 
-    def _resolve(self, explicit: Path | None, name: str) -> Path | None:
-        path = explicit or (self.chatterbox_dir / name if self.chatterbox_dir else None)
-        if path is not None and not Path(path).is_file():
+        return self._resolve(self.s3gen, FAMILIES[ENGLISH].s3gen_files)
+
+    def _resolve(self, explicit: Path | None, names: tuple[str, ...]) -> Path | None:
+        """The explicit file, else the first official name present in chatterbox_dir (safetensors first)."""
+        if explicit is None and self.chatterbox_dir is None:
+            return None
+        if explicit is not None:
+            path = Path(explicit)
+        else:
+            path = next((self.chatterbox_dir / n for n in names if (self.chatterbox_dir / n).is_file()),
+                        self.chatterbox_dir / names[0])
+        if not path.is_file():
             raise WeightsNotFound(
-                f"{path} not found: put Chatterbox's {name} there (from the official checkpoint, copied to this "
-                f"machine), or omit the option to use the embedded default models")
-        return Path(path) if path else None
+                f"{path} not found: put Chatterbox's {' or '.join(names)} there (from the official checkpoint, copied "
+                f"to this machine), or omit the option to use the embedded default models")
+        return path
 
 
 @dataclass

@@ -4,8 +4,9 @@ The conditioning is the one training used, row kind by row kind (`tts_core.stage
 
 * instruction only: speaker embedding = the frozen mapper's sample for the instruction, no prompt tokens,
   instruction embedding on (adapters active);
-* reference only (Chatterbox's way): speaker embedding = VoiceEncoder of the clip, its first
-  ``prompt_len`` speech tokens as the prompt, instruction masked out;
+* reference only (Chatterbox's way, `tts_core.reference`): the clip loaded at 24 kHz and resampled to
+  16 kHz; speaker embedding = VoiceEncoder of the whole 16 kHz clip, prompt = the S3 tokens of its first
+  6 s (≤ ``prompt_len``), instruction masked out;
 * both: the reference's speaker embedding and prompt, with the instruction embedding on.
 
 The token sequence comes from `T3.generate`, i.e. `tts_core.t3.layout.build_generation_layout` — the
@@ -26,7 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tts_core.t3.model import DEFAULT_SAMPLING, T3Cond
+from tts_core.reference import Reference, prompt_audio
+from tts_core.sampling_defaults import DEFAULT_SAMPLING, sampling_defaults
+from tts_core.t3.model import T3Cond
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +42,13 @@ class RunIncompleteError(FileNotFoundError):
 
 @dataclass
 class SamplingConfig:
-    """Chatterbox's sampling options, with its defaults."""
+    """Chatterbox's sampling options, with its defaults (``repetition_penalty=None``: the T3 family's official
+    default — 1.2 English, 2.0 multilingual)."""
 
     temperature: float = DEFAULT_SAMPLING["temperature"]
     top_p: float = DEFAULT_SAMPLING["top_p"]
     min_p: float = DEFAULT_SAMPLING["min_p"]
-    repetition_penalty: float = DEFAULT_SAMPLING["repetition_penalty"]
+    repetition_penalty: float | None = None
     cfg_weight: float = DEFAULT_SAMPLING["cfg_weight"]
     max_new_tokens: int = 1000
 
@@ -74,6 +78,7 @@ class Synthesizer:
         self.speech_tokenizer, self.voice_encoder = speech_tokenizer, voice_encoder
         self.prompt_len = int(meta.get("prompt_len") or t3.cfg.speech_cond_prompt_len)
         self.emotion_adv = float(meta.get("emotion_adv", 0.5))
+        self.language = meta.get("language")  # default language of a multilingual run
         self.mapper_meta: dict = {}
 
     @classmethod
@@ -124,8 +129,17 @@ class Synthesizer:
         return synth
 
     # ---- conditioning ------------------------------------------------------------------------------
-    def condition(self, instruction: str | None = None, reference: np.ndarray | None = None, seed: int = 0
-                  ) -> tuple[T3Cond, np.ndarray | None]:
+    def reference_prompt(self, reference: Reference) -> tuple[torch.Tensor, np.ndarray]:
+        """(VoiceEncoder embedding [1, 256] of the whole clip, prompt tokens of its first 6 s) — Chatterbox's
+        ``prepare_conditionals`` for T3."""
+        if self.speech_tokenizer is None or self.voice_encoder is None:
+            raise RunIncompleteError("a reference clip needs the speech tokenizer: pass --chatterbox-dir")
+        spk = torch.from_numpy(np.asarray(self.voice_encoder.embed_batch([reference.wav_16k]), np.float32))
+        prompt = np.asarray(self.speech_tokenizer.tokenize_batch([prompt_audio(reference.wav_16k)])[0])
+        return spk.reshape(1, -1), prompt[: self.prompt_len].astype(np.int64)
+
+    def condition(self, instruction: str | None = None, reference: Reference | np.ndarray | None = None,
+                  seed: int = 0) -> tuple[T3Cond, np.ndarray | None]:
         """T3Cond for one utterance (module doc) and the mapper's x-vector (instruction given)."""
         if instruction is None and reference is None:
             raise ValueError("give an instruction, a reference clip, or both")
@@ -137,11 +151,8 @@ class Synthesizer:
                 spk, xv_t = self.mapper.inference(style, seed=seed)
             xv = xv_t[0].cpu().numpy()
         if reference is not None:
-            if self.speech_tokenizer is None:
-                raise RunIncompleteError("a reference clip needs the speech tokenizer: pass --chatterbox-dir")
-            spk = torch.from_numpy(np.asarray(self.voice_encoder.embed_batch([reference]), np.float32))
-            prompt = np.asarray(self.speech_tokenizer.tokenize_batch([reference])[0])[: self.prompt_len]
-            prompt_t, plen = torch.from_numpy(prompt.astype(np.int64))[None], torch.tensor([len(prompt)])
+            spk, prompt = self.reference_prompt(_as_reference(reference))
+            prompt_t, plen = torch.from_numpy(prompt)[None], torch.tensor([len(prompt)])
         else:
             prompt_t, plen = torch.zeros(1, 1, dtype=torch.long), torch.tensor([0])
         inst = torch.tensor([instruction is not None])
@@ -151,13 +162,19 @@ class Synthesizer:
         return cond, xv
 
     # ---- synthesis ----------------------------------------------------------------------------------
-    def synthesize(self, text: str, instruction: str | None = None, reference: np.ndarray | None = None,
-                   seed: int = 0, sampling: SamplingConfig = SamplingConfig()) -> SynthResult:
+    def synthesize(self, text: str, instruction: str | None = None, reference: Reference | np.ndarray | None = None,
+                   seed: int = 0, sampling: SamplingConfig = SamplingConfig(), language: str | None = None
+                   ) -> SynthResult:
+        """``reference``: a `Reference` (``Reference.load(path)``: Chatterbox's loading) or a 16 kHz array.
+        ``language``: the multilingual T3's text language (default: the run's ``--language``)."""
+        reference = None if reference is None else _as_reference(reference)
         cond, xv = self.condition(instruction, reference, seed)
-        ids = self.tokenizer.encode(text)
+        ids = self.tokenizer.encode(text, language or self.language)
         g = torch.Generator(device=self.t3.device).manual_seed(int(seed))
         s = asdict(sampling)
         max_new = s.pop("max_new_tokens")
+        if s["repetition_penalty"] is None:
+            s["repetition_penalty"] = sampling_defaults(self.t3.cfg.family)["repetition_penalty"]
         tokens = self.t3.generate(torch.tensor([ids]), torch.tensor([len(ids)]), cond, max_new_tokens=max_new,
                                   generator=g, **s)[0].cpu().numpy()
         wav, sr = None, 16_000
@@ -169,6 +186,10 @@ class Synthesizer:
                         "returning speech tokens only")
         return SynthResult(tokens=tokens, wav=wav, sample_rate=sr,
                            speaker_emb=cond.speaker_emb[0].float().cpu().numpy(), x_vector=xv)
+
+
+def _as_reference(reference: Reference | np.ndarray) -> Reference:
+    return reference if isinstance(reference, Reference) else Reference.from_16k(reference)
 
 
 def _store_codebook(url: str | None) -> dict | None:

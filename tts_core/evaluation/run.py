@@ -35,6 +35,7 @@ class EvalConfig:
     max_new_tokens: int = 400
     text_encoder: str | None = None
     chatterbox_dir: str | None = None
+    language: str = "en"  # multilingual T3: the language of `text` (ignored by the English tokenizer)
 
 
 def held_out_instructions(store: str, train_config: dict) -> list[str]:
@@ -65,7 +66,7 @@ def evaluate_run(cfg: EvalConfig, on_item=None) -> dict:
                          "(evaluation reads them back from the text)")
     rows = []
     for k, (instruction, attrs) in enumerate(chosen):
-        res = synth.synthesize(cfg.text, instruction=instruction, seed=cfg.seed,
+        res = synth.synthesize(cfg.text, instruction=instruction, seed=cfg.seed, language=cfg.language,
                                sampling=SamplingConfig(max_new_tokens=cfg.max_new_tokens))
         row = {"instruction": instruction, **attrs, "tokens": int(len(res.tokens)), "wav": None}
         if res.wav is not None and len(res.wav):

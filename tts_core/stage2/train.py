@@ -94,7 +94,7 @@ from tts_core.stage2.text_tokenizer import TextTokenizer, check_language, load_t
 from tts_core.t3 import (
     IGNORE_INDEX, T3, T3Batch, T3Config, build_layout, is_adapter_key, load_t3_checkpoint, save_t3,
 )
-from tts_core.t3.families import TURBO, T3Source, announce, detect_t3
+from tts_core.t3.families import TURBO, T3FamilyError, T3Source, announce, detect_t3
 
 __all__ = ["Stage2Config", "Stage2Result", "Stage2Model", "Stage2NonFiniteError", "train_stage2", "build_t3",
            "parameter_groups", "T3_WEIGHTS", "STAGE2_META", "TRAIN_STATE"]
@@ -273,8 +273,7 @@ def build_t3(spec: str, instruction_dim: int, seed: int = 0) -> tuple[T3, Any, T
         try:
             from tts_core.t3.turbo import load_turbo
         except ImportError:
-            raise NotImplementedError(f"--t3 {spec}: Chatterbox Turbo (GPT-2 T3) is not supported by this "
-                                      "version") from None
+            raise T3FamilyError(f"--t3 {spec}: Chatterbox Turbo (GPT-2 T3) is not supported by this version") from None
         return load_turbo(source, instruction_dim=instruction_dim, seed=seed)
     cfg = source.config
     if source.own_checkpoint and cfg.adapters and cfg.instruction_dim != instruction_dim:

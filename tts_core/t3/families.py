@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 ENGLISH, MULTILINGUAL, TURBO = "english", "multilingual", "turbo"
 
 
+class T3FamilyError(ValueError):
+    """A --t3 file whose name and tensors disagree, or a family this version cannot load."""
+
+
 @dataclass(frozen=True)
 class FamilySpec:
     """What an official family's directory holds and how its T3 behaves."""
@@ -157,7 +161,7 @@ def detect_t3(path: str | Path) -> T3Source:
                 f"(text vocab {shapes.get('text_emb.weight', ('?',))[0]})")
         if by_name is not None and by_shape != by_name:
             spec = FAMILIES[by_name]
-            raise ValueError(
+            raise T3FamilyError(
                 f"--t3 {t3_file}: named like the {by_name} T3 but its tensors are not ({_shape_summary(shapes)}; "
                 f"expected text vocab {spec.text_vocab})")
         family, own = FAMILIES[name], False
@@ -185,5 +189,5 @@ def announce(spec: str, source: T3Source) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-__all__ = ["FAMILIES", "FamilySpec", "T3Source", "WeightsFile", "detect_t3", "family_from_shapes", "announce",
+__all__ = ["FAMILIES", "FamilySpec", "T3FamilyError", "T3Source", "WeightsFile", "detect_t3", "family_from_shapes", "announce",
            "read_shapes", "ENGLISH", "MULTILINGUAL", "TURBO"]
