@@ -133,3 +133,35 @@ def test_resume_after_kill_is_identical(demo_corpus, tmp_path):
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     pd.testing.assert_frame_equal(CacheReader(str(ref)).manifest, CacheReader(str(killed)).manifest)
+
+
+def test_prompt_tokens_are_tokens_of_the_first_6_seconds():
+    """T3's prompt is Chatterbox's: the tokens of the clip's first 6 s, cut *before* tokenizing (a tokenizer
+    that looks at the whole clip gives other tokens for a cropped prefix). A clip ≤ 6 s is its own cut."""
+    from cache.shards import encode_batch
+    from tts_core.audio import LoadedAudio
+    from tts_core.metadata import MetaLine
+
+    class WholeClipTokenizer:  # every token depends on the clip's loudest sample, like S3's per-clip mel max
+        def tokenize_batch(self, wavs):
+            return [(np.arange(len(w) // 640) + int(np.abs(w).max() * 1000)) % 6561 for w in wavs]
+
+    class Embed:
+        def __init__(self, dim):
+            self.dim = dim
+
+        def embed_batch(self, wavs):
+            return np.ones((len(wavs), self.dim), np.float32)
+
+    sr = 16_000
+    quiet_start = np.concatenate([np.full(6 * sr, 0.1), np.full(6 * sr, 0.5)]).astype(np.float32)  # 12 s
+    short = np.full(4 * sr, 0.2, np.float32)
+    lines = [MetaLine(i, i + 1, f"{i}.wav", "t", "i", "", language=lang) for i, lang in enumerate(("fr", ""))]
+    loaded = [LoadedAudio(quiet_start, 12.0), LoadedAudio(short, 4.0)]
+    b = encode_batch(lines, loaded, [0, 0], Embed(256), Embed(192), WholeClipTokenizer())
+    tok = WholeClipTokenizer()
+    assert b.manifest.status.tolist() == ["ok", "ok"]
+    assert b.prompt_tokens[0].tolist() == tok.tokenize_batch([quiet_start[:6 * sr]])[0].tolist()
+    assert len(b.prompt_tokens[0]) == 150 and b.prompt_tokens[0].tolist() != b.tokens[0][:150].tolist()
+    assert b.prompt_tokens[1].tolist() == b.tokens[1].tolist()  # 4 s: its own tokens
+    assert b.manifest.language.tolist() == ["fr", ""]

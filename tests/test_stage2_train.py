@@ -42,6 +42,12 @@ def _speaker(i: int) -> str:
     return f"s{i % 5}" if i < 35 else ""
 
 
+def _prompt(tokens: np.ndarray) -> np.ndarray:
+    """The store's prompt tokens of a clip: unlike its first speech tokens, as tokens of a 6 s cut of a
+    longer clip are (cache.schema PROMPT_TOKENS); stage 2 must read these, not crop the speech tokens."""
+    return ((tokens[::-1] + 7) % 6561)[:6]
+
+
 def _build_store(url: str) -> None:
     rng = np.random.default_rng(0)
     centroids = rng.normal(size=(5, 256)).astype(np.float32)
@@ -65,7 +71,8 @@ def _build_store(url: str) -> None:
     w = CacheWriter.open_for_build(url, n_rows=N_ROWS, n_instructions=6, lines_digest="d", prefix_digest=None,
                                    models=MODELS, normalisation=schema.Normalisation(), text_hidden_size=H)
     w.append_instruction_states(0, [rng.normal(size=(3 + k % 4, H)).astype(np.float32) for k in range(6)])
-    w.write_clip_batch(ClipBatch(0, spk, xv, np.ones(N_ROWS, np.float32), iid, status, toks, man))
+    w.write_clip_batch(ClipBatch(0, spk, xv, np.ones(N_ROWS, np.float32), iid, status, toks, man,
+                                 [_prompt(t) for t in toks]))
     w.finalize()
 
 
@@ -211,6 +218,8 @@ def test_precomputed_tables_are_exact(prepared):
     for r in (0, 6):
         assert data.text_tokens_of(r).tolist() == tok.encode(man.transcript[r])
         np.testing.assert_array_equal(data.speech_tokens_of(r), reader.speech_tokens(r))
+        np.testing.assert_array_equal(data.prompt_tokens_of(r), _prompt(reader.speech_tokens(r)))
+        assert data.prompt_tokens_of(r).tolist() != data.speech_tokens_of(r)[:6].tolist()
 
 
 @pytest.mark.parametrize("p", [0.3, 0.5])
@@ -245,6 +254,7 @@ def test_mixing_ratio_and_per_row_contents(prepared, p):
                 else:
                     assert src == r  # no speaker label: the clip's own first tokens
                 want = data.prompt_tokens_of(src, 5)
+                assert want.tolist() == _prompt(data.speech_tokens_of(src))[:5].tolist()  # the stored 6 s prompt
                 assert int(c.prompt_lens[i]) == len(want) == 5
                 assert c.prompt_tokens[i, :5].tolist() == want.tolist()
             assert b.batch.speech_tokens[i, : data.speech_len[r]].tolist() == data.speech_tokens_of(r).tolist()

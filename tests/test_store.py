@@ -64,6 +64,15 @@ def test_round_trip_and_reader(tmp_path):
     loader = __import__("torch").utils.data.DataLoader(ds, batch_size=None, num_workers=2)
     got = [it["clip_id"] for it, _ in zip(loader, range(3))]
     assert got == ds.clip_ids[:3]  # multi-worker safe
+    # prompt tokens: given per clip (b3), else each clip's own first 150 tokens (b1)
+    b3 = _batch(300, 20, rng, bad=(1,))
+    b3.prompt_tokens = [t[::-1][:4] for t in b3.tokens]
+    w = _open(url, n_rows=320, digest="d2", prefix="d1")
+    w.write_clip_batch(b3)
+    poff, pflat = np.asarray(w.g[schema.PROMPT_OFFSETS][:]), np.asarray(w.g[schema.PROMPT_TOKENS][:])
+    prompt = lambda row: pflat[poff[row]:poff[row + 1]].tolist()  # noqa: E731
+    assert prompt(3) == list(b1.tokens[3][:150]) and prompt(5) == []  # row 5 quarantined
+    assert prompt(300) == list(b3.tokens[0][::-1][:4]) and prompt(301) == []
 
 
 def test_uncommitted_writes_are_rolled_back(tmp_path):
@@ -73,11 +82,12 @@ def test_uncommitted_writes_are_rolled_back(tmp_path):
     w.append_instruction_states(0, [np.ones((2, H), np.float32)] * 3)
     b = _batch(0, 256, rng)
     w.write_clip_batch(b)
-    committed_tokens = w.g[schema.TOKENS].shape[0]
+    committed = {flat: w.g[flat].shape[0] for _, flat in schema.RAGGED_TOKENS}
     # simulate a kill in the middle of the next batch: tokens appended, commit never happened
-    w.g[schema.TOKENS].resize((committed_tokens + 50,))
+    for flat, n in committed.items():
+        w.g[flat].resize((n + 50,))
     w2 = _open(url)
-    assert w2.g[schema.TOKENS].shape[0] == committed_tokens
+    assert {flat: w2.g[flat].shape[0] for flat in committed} == committed
     assert w2.info.committed_rows == 256
     with pytest.raises(RuntimeError, match="expects 256"):
         w2.write_clip_batch(_batch(0, 256, rng))
