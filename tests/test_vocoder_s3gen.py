@@ -12,6 +12,7 @@ pytest.importorskip("chatterbox", reason="the `vocoder` extra (chatterbox-tts) i
 from tts_core.vocoders import S3GenVocoder, _s3gen_class  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+FRONT_END = ("tokenizer._mel_filters", "tokenizer.window")
 
 
 @pytest.fixture(scope="module")
@@ -21,9 +22,10 @@ def s3gen_file(tmp_path_factory):
     torch.manual_seed(0)
     model = _s3gen_class()()
     path = tmp_path_factory.mktemp("chatterbox") / "s3gen.safetensors"
-    # Chatterbox's key names, fp16 to halve the test's disk use (loading casts to the module's fp32)
-    save_file({k: v.detach().half().contiguous() if v.is_floating_point() else v.contiguous()
-               for k, v in model.state_dict().items()}, str(path))
+    # Chatterbox's key names, fp16 to halve the test's disk use (loading casts to the module's fp32); the S3
+    # tokenizer's front end (mel filterbank, window) stays fp32: our loader checks it against the s3tokenizer package
+    save_file({k: v.detach().half().contiguous() if v.is_floating_point() and k not in FRONT_END
+               else v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return path
 
 
@@ -69,3 +71,59 @@ def test_synthesizer_voices_s3_tokens_with_the_mappers_x_vector(t3_run, s3gen_fi
     a, b = s.synthesize("Hello.", seed=5, **kw), s.synthesize("Hello.", seed=5, **kw)
     assert a.sample_rate == 24_000 and a.x_vector.shape == (192,)
     assert len(a.wav) == 960 * int((a.tokens < 6561).sum()) and np.array_equal(a.wav, b.wav)
+
+
+def test_reference_paths_equal_the_official_prepare_conditionals(s3gen_file, tmp_path):
+    """A 12 s reference through our synthesis path and through chatterbox-tts 0.1.7's own
+    `ChatterboxTTS.prepare_conditionals` (same weights): T3's prompt = tokens of the first 6 s, speaker
+    embedding of the whole clip, S3Gen's reference = embed_ref of the first 10 s at 24 kHz. The cache's
+    prompt rule (cache/shards.py) gives the same tokens for the same 16 kHz waveform."""
+    from types import SimpleNamespace
+
+    import soundfile as sf
+    from chatterbox.models.voice_encoder import VoiceEncoder as OfficialVoiceEncoder
+    from chatterbox.tts import ChatterboxTTS
+
+    from cache.shards import encode_batch
+    from tts_core.audio import LoadedAudio
+    from tts_core.encoders.s3_tokenizer import S3SpeechTokenizer
+    from tts_core.encoders.voice_encoder import VoiceEncoder
+    from tts_core.metadata import MetaLine
+    from tts_core.reference import Reference, t3_prompt
+
+    voc = S3GenVocoder.from_file(s3gen_file)
+    torch.manual_seed(0)
+    official_ve = OfficialVoiceEncoder().eval()
+    torch.save(official_ve.state_dict(), tmp_path / "ve.pt")  # the multilingual release's format
+    sr = 22_050  # neither 16 nor 24 kHz: both loaders resample
+    t = np.arange(12 * sr) / sr
+    swell = np.clip(t / 12, 0.1, 1.0)  # louder later: a whole-clip log-mel max differs from the first 6 s'
+    wav = (0.4 * swell * np.sin(2 * np.pi * (110 + 40 * np.sin(2 * np.pi * 0.7 * t)) * t)
+           * (0.6 + 0.4 * np.sin(2 * np.pi * 3 * t))).astype(np.float32)
+    sf.write(tmp_path / "ref.wav", wav, sr)
+
+    official = SimpleNamespace(s3gen=voc.model, ve=official_ve, device="cpu",
+                               t3=SimpleNamespace(hp=SimpleNamespace(speech_cond_prompt_len=150)),
+                               ENC_COND_LEN=ChatterboxTTS.ENC_COND_LEN, DEC_COND_LEN=ChatterboxTTS.DEC_COND_LEN)
+    ChatterboxTTS.prepare_conditionals(official, str(tmp_path / "ref.wav"))
+    want_t3, want_gen = official.conds.t3, official.conds.gen
+
+    ref = Reference.load(tmp_path / "ref.wav")
+    tok = S3SpeechTokenizer.from_s3gen(s3gen_file)
+    spk, prompt = t3_prompt(ref, VoiceEncoder.from_chatterbox(tmp_path / "ve.pt"), tok, 150)
+    assert prompt.tolist() == want_t3.cond_prompt_speech_tokens[0].tolist() and len(prompt) == 150
+    np.testing.assert_allclose(spk, want_t3.speaker_emb[0].numpy(), atol=1e-5)
+    whole = tok.tokenize_batch([ref.wav_16k])[0][:150]  # the old way: crop the whole clip's tokens
+    assert whole.tolist() != prompt.tolist()
+
+    gen = voc.reference_dict(ref)
+    assert gen["prompt_feat"].shape[1] == 500 == want_gen["prompt_feat"].shape[1]  # 10 s at 50 Hz, not 600
+    assert torch.equal(gen["prompt_feat"], want_gen["prompt_feat"])
+    assert torch.equal(gen["prompt_token"], want_gen["prompt_token"])
+    torch.testing.assert_close(gen["embedding"], want_gen["embedding"])
+
+    line = MetaLine(0, 1, "ref.wav", "t", "i", "")
+    emb = SimpleNamespace(embed_batch=lambda wavs: np.ones((len(wavs), 256), np.float32))
+    xv = SimpleNamespace(embed_batch=lambda wavs: np.ones((len(wavs), 192), np.float32))
+    cached = encode_batch([line], [LoadedAudio(ref.wav_16k, 12.0)], [0], emb, xv, tok)
+    assert cached.prompt_tokens[0].tolist() == prompt.tolist()

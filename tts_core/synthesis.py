@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tts_core.reference import Reference, prompt_audio
+from tts_core.reference import Reference, t3_prompt
 from tts_core.sampling_defaults import DEFAULT_SAMPLING, sampling_defaults
 from tts_core.t3.model import T3Cond
 
@@ -129,15 +129,6 @@ class Synthesizer:
         return synth
 
     # ---- conditioning ------------------------------------------------------------------------------
-    def reference_prompt(self, reference: Reference) -> tuple[torch.Tensor, np.ndarray]:
-        """(VoiceEncoder embedding [1, 256] of the whole clip, prompt tokens of its first 6 s) — Chatterbox's
-        ``prepare_conditionals`` for T3."""
-        if self.speech_tokenizer is None or self.voice_encoder is None:
-            raise RunIncompleteError("a reference clip needs the speech tokenizer: pass --chatterbox-dir")
-        spk = torch.from_numpy(np.asarray(self.voice_encoder.embed_batch([reference.wav_16k]), np.float32))
-        prompt = np.asarray(self.speech_tokenizer.tokenize_batch([prompt_audio(reference.wav_16k)])[0])
-        return spk.reshape(1, -1), prompt[: self.prompt_len].astype(np.int64)
-
     def condition(self, instruction: str | None = None, reference: Reference | np.ndarray | None = None,
                   seed: int = 0) -> tuple[T3Cond, np.ndarray | None]:
         """T3Cond for one utterance (module doc) and the mapper's x-vector (instruction given)."""
@@ -151,7 +142,11 @@ class Synthesizer:
                 spk, xv_t = self.mapper.inference(style, seed=seed)
             xv = xv_t[0].cpu().numpy()
         if reference is not None:
-            spk, prompt = self.reference_prompt(_as_reference(reference))
+            if self.speech_tokenizer is None or self.voice_encoder is None:
+                raise RunIncompleteError("a reference clip needs the speech tokenizer: pass --chatterbox-dir")
+            spk_np, prompt = t3_prompt(_as_reference(reference), self.voice_encoder, self.speech_tokenizer,
+                                       self.prompt_len)
+            spk = torch.from_numpy(spk_np)[None]
             prompt_t, plen = torch.from_numpy(prompt)[None], torch.tensor([len(prompt)])
         else:
             prompt_t, plen = torch.zeros(1, 1, dtype=torch.long), torch.tensor([0])

@@ -53,7 +53,7 @@ class FamilySpec:
 FAMILIES: dict[str, FamilySpec] = {s.name: s for s in (
     FamilySpec(ENGLISH, ("t3_cfg.safetensors",), "tokenizer.json", ("ve.safetensors", "ve.pt"),
                ("s3gen.safetensors", "s3gen.pt"), 704),
-    FamilySpec(MULTILINGUAL, ("t3_mtl23ls_v2.safetensors", "t3_mtl23ls_v2.pt"), "grapheme_mtl_merged_expanded_v1.json",
+    FamilySpec(MULTILINGUAL, ("t3_mtl23ls_v2.safetensors",), "grapheme_mtl_merged_expanded_v1.json",
                ("ve.pt", "ve.safetensors"), ("s3gen.pt", "s3gen.safetensors"), 2454, LLAMA_ALIGNED_HEADS),
     FamilySpec(TURBO, ("t3_turbo_v1.safetensors",), None, ("ve.safetensors", "ve.pt"),
                ("s3gen_meanflow.safetensors",), None, prompt_seconds=15.0),
