@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from cache import schema
+from chatterbox_files import write_en_tokenizer
 from cache.reader import CacheReader
 from cache.writer import CacheWriter, ClipBatch
 from tts_core.identity import ModelIdentity
@@ -123,28 +124,10 @@ def test_byte_tokenizer_round_trips_vietnamese():
     assert load_text_tokenizer(None).identity == tok.identity  # the embedded default
 
 
-def _write_chatterbox_tokenizer(path, start_id: int = 255):
-    from tokenizers import Tokenizer
-    from tokenizers.models import BPE
-    from tokenizers.pre_tokenizers import Whitespace
-
-    specials = ["[STOP]", "[UNK]", "[SPACE]"]
-    chars = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?'-")
-    vocab = {t: i for i, t in enumerate(specials + chars)}
-    vocab["he"] = len(vocab)
-    vocab["ll"] = len(vocab)
-    vocab["[START]"] = start_id
-    tk = Tokenizer(BPE(vocab=vocab, merges=[("h", "e"), ("l", "l")], unk_token="[UNK]"))
-    tk.pre_tokenizer = Whitespace()
-    tk.add_special_tokens(["[START]", "[STOP]", "[UNK]", "[SPACE]"])
-    tk.save(str(path))
-    return path
-
-
 def test_chatterbox_tokenizer_json_loads_and_matches_en_tokenizer(tmp_path):
     from tokenizers import Tokenizer
 
-    p = _write_chatterbox_tokenizer(tmp_path / "tokenizer.json")
+    p = write_en_tokenizer(tmp_path / "tokenizer.json")
     tok = ChatterboxTextTokenizer.from_file(p, punc_norm=False)
     text = "hello world 42"
     ids = tok.encode(text)
@@ -157,7 +140,7 @@ def test_chatterbox_tokenizer_json_loads_and_matches_en_tokenizer(tmp_path):
     normed = ChatterboxTextTokenizer.from_file(p)  # default: Chatterbox's punc_norm first
     assert normed.decode(normed.encode("hello world")) == "Hello world."
     assert isinstance(load_text_tokenizer(None, t3_dir=tmp_path), ChatterboxTextTokenizer)
-    bad = _write_chatterbox_tokenizer(tmp_path / "other.json", start_id=100)
+    bad = write_en_tokenizer(tmp_path / "other.json", start_id=100)
     with pytest.raises(TextTokenizerError, match="does not belong to this T3"):
         ChatterboxTextTokenizer.from_file(bad).check_fits(704, 255, 0)
 
@@ -356,13 +339,42 @@ def test_t3_directory_loads_strictly_adapters_only_extra_with_its_tokenizer(env,
     torch.manual_seed(0)
     plain = T3(T3Config.preset("tiny", adapters=False))
     save_t3(plain, src / "t3_cfg.safetensors")
-    _write_chatterbox_tokenizer(src / "tokenizer.json")
+    write_en_tokenizer(src / "tokenizer.json")
     t3, rep, _ = build_t3(str(src), instruction_dim=H)
     assert len(rep.missing_adapter) == 2 * 2 * 4 and "extra: 16 adapter params" in rep.summary
     assert set(rep.loaded) == set(plain.state_dict())
     res = train_stage2(_cfg(env, tmp_path / "run", t3=str(src), max_steps=2))
     assert isinstance(res.tokenizer, ChatterboxTextTokenizer) and "extra: 16 adapter params" in res.load_report
     assert (tmp_path / "run" / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+
+
+def test_multilingual_t3_dir_trains_with_row_languages_and_is_recognised_after(env, tmp_path):
+    """An official-format multilingual directory (t3_mtl23ls_v2.safetensors + its vocabulary; 14 layers so the
+    alignment heads exist): loaded by name and shape, rows tokenized with the --language default, and the run
+    directory is itself a multilingual T3 source."""
+    from safetensors.torch import save_file
+
+    from chatterbox_files import write_mtl_vocab
+    from tts_core.stage2 import MultilingualTextTokenizer
+    from tts_core.t3.families import detect_t3
+
+    src = tmp_path / "mtl"
+    src.mkdir()
+    torch.manual_seed(0)
+    shape = dict(text_vocab_size=2454, hidden_size=64, num_layers=14, num_heads=16, num_kv_heads=16, head_dim=4,
+                 intermediate_size=128, adapters=False, max_text_tokens=510, max_speech_tokens=1020)
+    plain = T3(T3Config(**shape))
+    save_file({k: v.contiguous() for k, v in plain.state_dict().items()}, str(src / "t3_mtl23ls_v2.safetensors"))
+    write_mtl_vocab(src / "grapheme_mtl_merged_expanded_v1.json")
+    with pytest.raises(TextTokenizerError, match="no language given.*--language"):
+        train_stage2(_cfg(env, tmp_path / "nolang", t3=str(src), max_steps=1))
+    res = train_stage2(_cfg(env, tmp_path / "run", t3=str(src), max_steps=2, language="fr"))
+    assert isinstance(res.tokenizer, MultilingualTextTokenizer) and res.t3.cfg.family == "multilingual"
+    meta = json.loads((tmp_path / "run" / "stage2.json").read_text())
+    assert meta["language"] == "fr" and meta["family"] == "multilingual"
+    again = detect_t3(tmp_path / "run")
+    assert again.own_checkpoint and again.family.name == "multilingual" and again.config.alignment_heads
+    assert again.text_tokenizer.name == "grapheme_mtl_merged_expanded_v1.json"
 
 
 def test_non_finite_steps_are_skipped_then_refused(env, tmp_path, monkeypatch):
