@@ -324,3 +324,22 @@ def test_row_languages_from_the_metadata_column_or_the_default(tmp_path):
     with pytest.raises(TextTokenizerError, match="2 row.*clip a: unsupported language 'xx'"):
         row_languages(pd.DataFrame({"clip_id": ["a", "b"], "language": ["xx", "yy"]}), mtl, None)
     assert row_languages(man.drop(columns="language"), ByteTextTokenizer(), None) == [None] * 3  # ignored
+
+
+def test_pt_weights_are_found_and_read_like_safetensors(tmp_path):
+    """The multilingual release's ve.pt / s3gen.pt: found in --chatterbox-dir, read with weights_only."""
+    from tts_core.checkpoint import read_prefixed_state, read_weights
+    from tts_core.frozen import FrozenModelsConfig, WeightsNotFound
+
+    state = {"tokenizer.a": torch.arange(3.0), "flow.b": torch.ones(2)}
+    torch.save(state, tmp_path / "s3gen.pt")
+    save_file(state, str(tmp_path / "same.safetensors"))
+    assert read_weights(tmp_path / "s3gen.pt").keys() == read_weights(tmp_path / "same.safetensors").keys()
+    assert torch.equal(read_prefixed_state(tmp_path / "s3gen.pt", "tokenizer.")["a"], torch.arange(3.0))
+    models = FrozenModelsConfig(chatterbox_dir=tmp_path)
+    assert models.s3gen_path() == tmp_path / "s3gen.pt"
+    with pytest.raises(WeightsNotFound, match="ve.safetensors or ve.pt"):
+        models.ve_path()
+    torch.save({"w": torch.ones(1), "code": [1, 2]}, tmp_path / "odd.pt")
+    with pytest.raises(ValueError, match="not a plain state dict"):
+        read_weights(tmp_path / "odd.pt")

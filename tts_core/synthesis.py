@@ -100,7 +100,7 @@ class Synthesizer:
         te = load_text_encoder(models)
         encoder, mapper, mapper_meta = load_mapper(_resolve_mapper_dir(run_dir, meta["mapper"]["dir"]),
                                                    text_encoder_identity=te, device=device)
-        t3, _, _ = build_t3(str(run_dir), int(meta["instruction_dim"]))
+        t3, _, _ = build_t3(str(run_dir), int(meta["instruction_dim"]), label=f"run {run_dir}")
         t3.to(device).eval()
         tokenizer = load_text_tokenizer(None, t3_dir=run_dir)
         speech_tok = vocoder = None

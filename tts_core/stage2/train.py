@@ -258,8 +258,10 @@ class Stage2Model(nn.Module):
 
 
 # ---- T3 / parameters ---------------------------------------------------------------------------------------
-def build_t3(spec: str, instruction_dim: int, seed: int = 0) -> tuple[T3, Any, T3Source | None]:
-    """(model, LoadReport or None, resolved `T3Source` or None) — see the module doc, "t3 resolution"."""
+def build_t3(spec: str, instruction_dim: int, seed: int = 0, label: str | None = None
+             ) -> tuple[T3, Any, T3Source | None]:
+    """(model, LoadReport or None, resolved `T3Source` or None) — see the module doc, "t3 resolution".
+    What was found is printed, prefixed with ``label`` (default ``--t3 SPEC``)."""
     if spec in PRESETS and not Path(spec).exists():
         cfg = T3Config.preset(spec, instruction_dim=instruction_dim)
         torch.manual_seed(seed)
@@ -268,7 +270,7 @@ def build_t3(spec: str, instruction_dim: int, seed: int = 0) -> tuple[T3, Any, T
         raise FileNotFoundError(f"--t3 {spec!r} is neither a Chatterbox checkpoint directory / file nor a preset "
                                 f"{PRESETS}")
     source = detect_t3(spec)
-    announce(spec, source)
+    announce(label or f"--t3 {spec}", source)
     if source.family.name == TURBO:
         try:
             from tts_core.t3.turbo import load_turbo
@@ -539,7 +541,8 @@ def _write_report(out: Path, summary: dict, history: list[dict], plot: bool) -> 
     s = summary
     lines = [
         "# Stage 2 — T3 with instruction adapters", "",
-        f"- T3: `{s['t3_source']}`" + (f" — {s['load_report']}" if s.get("load_report") else " (fresh weights)"),
+        f"- T3: `{s['t3_source']}`" + (f" — {s['t3_found']}" if s.get("t3_found") else "")
+        + (f" — {s['load_report']}" if s.get("load_report") else " (fresh weights)"),
         f"- text tokenizer: `{s['tokenizer']['identity']['name']}` (vocab {s['tokenizer']['vocab_size']})",
         f"- stage-1 mapper: `{s['mapper_dir']}`; text encoder `{s['text_encoder'].get('name')}`",
         f"- data: {s['data']['rows']} rows used of {s['data']['n_ok']} OK clips (dropped: {s['data']['dropped']}); "
@@ -741,6 +744,7 @@ def _train(cfg, on_log, dd: _Dist, device: torch.device, CacheReader, load_mappe
         "language": language, "family": t3_cfg.family,
         "store": {"url": _absolute(cfg.store), "lines_digest": reader.info.lines_digest},
         "train_config": cfg.to_dict(), "load_report": report.summary if report is not None else None,
+        "t3_found": source.describe() if source is not None else None,
     }
 
     # -- training -----------------------------------------------------------------------------------------
@@ -841,7 +845,8 @@ def _train(cfg, on_log, dd: _Dist, device: torch.device, CacheReader, load_mappe
         ckpt_dir = _latest_checkpoint(out)
         _publish(out, ckpt_dir)
         ckpt = out
-        summary = {"t3_source": cfg.t3, "load_report": meta["load_report"], "tokenizer": tokenizer.to_dict(),
+        summary = {"t3_source": cfg.t3, "t3_found": meta["t3_found"], "load_report": meta["load_report"],
+                   "tokenizer": tokenizer.to_dict(),
                    "mapper_dir": str(cfg.mapper_dir), "text_encoder": meta["text_encoder"] or {},
                    "data": data_stats, "config": cfg.to_dict(), "world_size": dd.world_size, "device": str(device),
                    "amp": str(amp).removeprefix("torch.") if amp else "fp32", "global_step": st.global_step,

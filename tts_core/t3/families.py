@@ -182,9 +182,9 @@ def _shape_summary(shapes: dict) -> str:
     return f"text vocab {shapes.get('text_emb.weight', ('?',))[0]}"
 
 
-def announce(spec: str, source: T3Source) -> None:
-    """Say which family ``--t3`` resolved to (stderr and the log): a user sees what will be trained."""
-    line = f"--t3 {spec}: {source.describe()}"
+def announce(label: str, source: T3Source) -> None:
+    """Say which family a T3 path resolved to (stderr and the log): a user sees what will be trained/used."""
+    line = f"{label}: {source.describe()}"
     log.info(line)
     print(line, file=sys.stderr, flush=True)
 
