@@ -13,7 +13,8 @@ The official generation entry point is `T3.inference` with `initial_speech_token
 `[cond | SOT text EOT | BOS]`, the one layout ours builds (its default feeds BOS twice — DESIGN "Known
 failure modes" 5). Seeded sampling: the official loop draws from the global RNG (`torch.manual_seed`),
 ours from a generator with the same seed. Greedy: the official loop with `torch.multinomial` replaced by
-argmax (every warper is monotone, so this is the argmax of its processed logits). Thread count 1.
+argmax (every warper is monotone, so this is the argmax of its processed logits). Run with 1 thread
+(exact equality also held with 2).
 """
 from __future__ import annotations
 
@@ -195,6 +196,24 @@ def test_generated_tokens_equal_the_official_inference(pair, cfg_weight, greedy)
     if cfg_weight and not greedy:  # CFG changes what is sampled here, so the CFG path is really compared
         other = _our_generate(ours, seed=1, **dict(kw, cfg_weight=0.0))
         assert other != got
+
+
+def test_each_row_of_a_batched_generation_equals_the_row_alone(pair):
+    """Rows of different text lengths (one of 3 tokens: too short for the analyzer's repetition check) share
+    a padded batch; each row's tokens — and, multilingual, its own analyzer's decisions — are the row's alone."""
+    from tts_core.t3 import pad_sequences
+
+    family, _, ours, _, _ = pair
+    texts = [RAW_TEXT, [12, 13, 14], list(range(20, 31))]
+    g = torch.Generator().manual_seed(3)
+    spk, prompt = torch.randn(3, 256, generator=g), torch.randint(0, 6561, (3, 150), generator=g)
+    kw = dict(SAMPLING[family], cfg_weight=0.5, do_sample=False, raw=True, max_new_tokens=30)
+    t, tl = pad_sequences(texts)
+    batch = ours.generate(t, tl, T3Cond(speaker_emb=spk, prompt_tokens=prompt, emotion_adv=0.5), **kw)
+    for i, text in enumerate(texts):
+        alone = ours.generate(torch.tensor([text]), torch.tensor([len(text)]),
+                              T3Cond(speaker_emb=spk[i:i + 1], prompt_tokens=prompt[i:i + 1], emotion_adv=0.5), **kw)
+        assert batch[i].tolist() == alone[0].tolist(), i
 
 
 # ---- the multilingual AlignmentStreamAnalyzer ----------------------------------------------------------------------

@@ -61,7 +61,8 @@ class AlignmentStream:
             self.completed_at = T
 
         long_tail = self.complete and (A[self.completed_at:, -3:].sum(dim=0).max() >= 5)
-        alignment_repetition = self.complete and (A[self.completed_at:, :-5].max(dim=1).values.sum() > 5)
+        # (S ≤ 5: no earlier tokens to re-read; Chatterbox's max over an empty dimension raises there)
+        alignment_repetition = self.complete and S > 5 and (A[self.completed_at:, :-5].max(dim=1).values.sum() > 5)
 
         if next_token is not None:
             self.generated_tokens.append(int(next_token))
