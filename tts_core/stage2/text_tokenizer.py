@@ -204,21 +204,26 @@ def load_text_tokenizer(spec: str | os.PathLike | None, t3_dir: str | os.PathLik
                         punc_norm: bool | None = None) -> TextTokenizer:
     """Resolve the text tokenizer of a run.
 
-    ``spec``: ``"bytes"`` → `ByteTextTokenizer`; a ``tokenizer.json`` path (or a directory holding one)
+    ``spec``: ``"bytes"`` → `ByteTextTokenizer`; a directory with Chatterbox Turbo's GPT-2 BPE files
+    (``vocab.json``, ``merges.txt``, ``tokenizer_config.json``) → `TurboTextTokenizer`; a ``tokenizer.json`` path (or a directory holding one)
     → `ChatterboxTextTokenizer`; a directory holding ``text_tokenizer.json`` → the byte tokenizer it
     describes; ``None`` → from ``t3_dir`` the same way (its ``tokenizer.json`` wins), else bytes.
     ``punc_norm`` overrides the class default (a saved descriptor's setting wins over the default).
     """
+    from tts_core.stage2.turbo_tokenizer import TurboTextTokenizer, is_turbo_tokenizer_dir
+
     if spec is None or str(spec) == "auto":
         if t3_dir is not None and Path(t3_dir).is_dir():
             d = Path(t3_dir)
-            if (d / CHATTERBOX_FILE).is_file() or (d / BYTE_FILE).is_file():
+            if (d / CHATTERBOX_FILE).is_file() or (d / BYTE_FILE).is_file() or is_turbo_tokenizer_dir(d):
                 return load_text_tokenizer(d, punc_norm=punc_norm)
         return ByteTextTokenizer(**({} if punc_norm is None else {"punc_norm": punc_norm}))
     if str(spec) == "bytes":
         return ByteTextTokenizer(**({} if punc_norm is None else {"punc_norm": punc_norm}))
     p = Path(spec)
     if p.is_dir():
+        if is_turbo_tokenizer_dir(p):  # before tokenizer.json: a GPT-2 directory may also hold one
+            return TurboTextTokenizer.load(p, punc_norm=punc_norm)
         if (p / CHATTERBOX_FILE).is_file():
             saved = p / CHATTERBOX_META
             pn = punc_norm

@@ -87,8 +87,8 @@ from tts_core.stage2.data import (
 )
 from tts_core.stage2.text_tokenizer import TextTokenizer, load_text_tokenizer
 from tts_core.t3 import (
-    IGNORE_INDEX, T3, T3Batch, T3Config, build_layout, config_from_checkpoint, is_adapter_key,
-    load_t3_checkpoint, save_t3,
+    IGNORE_INDEX, T3, T3Batch, T3Config, TurboFiles, build_layout, config_from_checkpoint, is_adapter_key,
+    load_t3_checkpoint, load_turbo, save_t3, t3_for_config,
 )
 
 __all__ = ["Stage2Config", "Stage2Result", "Stage2Model", "Stage2NonFiniteError", "train_stage2", "build_t3",
@@ -228,7 +228,7 @@ class Stage2Model(nn.Module):
         t3 = self.t3
         batch = batch.to(t3.device, t3.dtype)
         layout = build_layout(t3.cfg, batch.text_tokens, batch.text_lens, batch.speech_tokens, batch.speech_lens,
-                              append_eos=True)
+                              append_eos=True, prompt_lens=batch.cond.prompt_lengths())
         embeds = t3.embed_layout(layout, batch.cond)
         with t3.instruction_scope(batch.cond):
             h = t3._backbone(embeds, layout.attention_mask if self.padding_mask else None,
@@ -255,6 +255,9 @@ class Stage2Model(nn.Module):
 def build_t3(spec: str, instruction_dim: int, seed: int = 0) -> tuple[T3, Any, Path | None]:
     """(model, LoadReport or None, source directory or None) — see the module doc, "t3 resolution"."""
     p = Path(spec)
+    if p.is_dir() and TurboFiles.looks_like(p) and not (p / T3_WEIGHTS).is_file():  # official Turbo directory
+        turbo = load_turbo(p, instruction_dim=instruction_dim)
+        return turbo.t3, turbo.report, p
     if p.is_dir() or p.suffix == ".safetensors":
         ck = p / T3_WEIGHTS if p.is_dir() else p
         if not ck.is_file():
@@ -270,7 +273,7 @@ def build_t3(spec: str, instruction_dim: int, seed: int = 0) -> tuple[T3, Any, P
                     f"gives {instruction_dim}-d ones: it was trained with another instruction encoder")
             cfg = cfg.replace(adapters=True, instruction_dim=instruction_dim)
         torch.manual_seed(seed)
-        model = T3(cfg)
+        model = t3_for_config(cfg)
         report = load_t3_checkpoint(model, ck)  # strict; only adapter keys may be missing
         return model, report, ck.parent
     if spec not in PRESETS:
@@ -306,13 +309,15 @@ def parameter_groups(t3: T3) -> dict[str, list[tuple[str, nn.Parameter]]]:
 def freeze_for_stage2(t3: T3, encoder: nn.Module, mapper: nn.Module) -> tuple[dict[str, int], dict[str, int]]:
     """Apply DESIGN's freezing; → (trainable counts per group, frozen counts)."""
     t3.requires_grad_(True)
-    t3.tfmr.embed_tokens.requires_grad_(False)  # never read (inputs_embeds): no gradient, DDP-unsafe
+    unused = t3.tfmr.get_input_embeddings()  # Llama embed_tokens / GPT-2 wte: never read (inputs_embeds)
+    unused.requires_grad_(False)  # no gradient would reach it: DDP-unsafe
     for m in (encoder, mapper):
         m.requires_grad_(False)
         m.eval()
     groups = parameter_groups(t3)
     trainable = {g: sum(p.numel() for _, p in ps) for g, ps in groups.items()}
-    frozen = {"t3.tfmr.embed_tokens (unused)": t3.tfmr.embed_tokens.weight.numel(),
+    unused_name = next(n for n, m in t3.tfmr.named_modules() if m is unused)
+    frozen = {f"t3.tfmr.{unused_name} (unused)": unused.weight.numel(),
               "instruction_encoder": sum(p.numel() for p in encoder.parameters()),
               "mapper": sum(p.numel() for p in mapper.parameters())}
     return trainable, frozen
@@ -615,9 +620,9 @@ def _train(cfg, on_log, dd: _Dist, device: torch.device, CacheReader, load_mappe
     tokenizer = load_text_tokenizer(cfg.text_tokenizer, t3_dir=t3_dir)
     tokenizer.check_fits(t3.cfg.text_vocab_size, t3.cfg.start_text_token, t3.cfg.stop_text_token)
     if report is not None and t3_dir is not None and getattr(tokenizer, "name", "") == "bytes" \
-            and config_from_checkpoint(t3_dir / T3_WEIGHTS) is None:
+            and (not (t3_dir / T3_WEIGHTS).is_file() or config_from_checkpoint(t3_dir / T3_WEIGHTS) is None):
         log.warning("training an official Chatterbox T3 with the byte tokenizer: its pretrained text embeddings "
-                    "are indexed by tokenizer.json, not by bytes")
+                    "are indexed by its own tokenizer files, not by bytes")
     if report is not None:
         log.info("T3 from %s: %s", cfg.t3, report.summary)
     if t3_dir is not None and t3_dir.resolve() == out.resolve() and (not cfg.resume or _latest_checkpoint(out) is None):
@@ -625,8 +630,9 @@ def _train(cfg, on_log, dd: _Dist, device: torch.device, CacheReader, load_mappe
                          "a fresh run would overwrite its weights: choose another out_dir")
     t3_cfg = t3.cfg
     prompt_len = int(cfg.prompt_len if cfg.prompt_len is not None else t3_cfg.speech_cond_prompt_len)
-    if not 0 <= prompt_len <= 150:
-        raise ValueError("prompt_len must lie in [0, 150] (Chatterbox feeds ≤ 150 prompt tokens)")
+    if not 0 <= prompt_len <= t3_cfg.speech_cond_prompt_len:
+        raise ValueError(f"prompt_len must lie in [0, {t3_cfg.speech_cond_prompt_len}] (this Chatterbox T3 feeds "
+                         f"≤ {t3_cfg.speech_cond_prompt_len} prompt tokens)")
 
     # -- data (rank 0 prepares the shared tables; the others load them) ---------------------------------
     n_steps = int(cfg.mapper_n_steps or mapper.config.n_steps)
