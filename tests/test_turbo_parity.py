@@ -235,6 +235,33 @@ def test_batched_rows_with_different_prompts_equal_each_row_alone_and_kv_decodin
                     torch.testing.assert_close(logits[b], full.speech_logits[b, col], atol=1e-5, rtol=1e-5)
 
 
+def test_layout_turbo_rows_have_no_text_markers_and_their_own_conditioning_length():
+    from tts_core.t3 import SEG_COND, SEG_SPEECH, SEG_TEXT, T3Config
+
+    cfg = turbo_config(hidden_size=64, num_layers=1)
+    text, tl = pad_sequences([[0, 255, 7], [9]])  # GPT-2 ids 0 ("!") and 255 are ordinary text here
+    speech, sl = pad_sequences([[5, 6], [7, 8, 9]])
+    lay = build_layout(cfg, text, tl, speech, sl, prompt_lens=torch.tensor([4, 0]))
+    assert lay.cond_lens.tolist() == [5, 1] and lay.cond_len == 5
+    assert lay.segment[0].tolist() == [SEG_COND] * 5 + [SEG_TEXT] * 3 + [SEG_SPEECH] * 4
+    assert lay.token_ids[0, 5:].tolist() == [0, 255, 7, BOS, 5, 6, EOS]
+    assert lay.segment[1, :7].tolist() == [SEG_COND, SEG_TEXT] + [SEG_SPEECH] * 5
+    assert lay.position_ids[1, :7].tolist() == list(range(7))  # GPT-2 wpe positions: contiguous per row
+    assert lay.text_labels[0, 5:8].tolist() == [255, 7, -100]  # next text token; the last one has none
+    with pytest.raises(ValueError, match="special id"):  # the English layout keeps SOT/EOT reserved
+        build_layout(T3Config.preset("tiny"), text, tl, speech, sl)
+
+
+def test_turbo_runs_decode_with_the_meanflow_s3gen_beside_s3gen(tmp_path):
+    from tts_core.vocoders import s3gen_spec_for
+
+    turbo = s3gen_spec_for("gpt2", tmp_path / "s3gen.safetensors")
+    assert (turbo.path, turbo.meanflow, turbo.cfm_steps, turbo.trailing_silence) == \
+        (tmp_path / "s3gen_meanflow.safetensors", True, 2, 3)
+    en = s3gen_spec_for("llama", tmp_path / "s3gen.safetensors")
+    assert (en.path.name, en.meanflow, en.cfm_steps, en.trailing_silence) == ("s3gen.safetensors", False, 10, 0)
+
+
 # ---- generation: greedy, seeded sampling, CFG ignored ---------------------------------------------------------
 def _official_generate(official, x, seed: int, **kw):
     torch.manual_seed(seed)
@@ -351,6 +378,31 @@ def test_stage2_step_trains_turbo_adapters_from_the_exact_official_model(turbo_d
     torch.testing.assert_close(stats[0], loss.detach())
     changed = [n for n, p in t3.named_parameters() if n in before and not torch.equal(p, before[n])]
     assert any(".fc2." in n for n in changed) and any("ln_f.adapter" in n for n in changed)
+
+
+def test_train_stage2_with_t3_turbo_dir_trains_and_publishes_a_turbo_run(turbo_dir, tmp_path):
+    """`--t3 DIR` with Turbo's files: the GPT-2 T3 and its tokenizer train end to end; the run is a Turbo
+    `--t3` source itself (T3Config records the GPT-2 backbone) and carries the tokenizer files."""
+    from test_stage2_train import H, _build_store, _save_stage1, TE  # the tiny store and stage-1 run
+
+    from tts_core.stage2 import Stage2Config, build_t3, train_stage2
+    from tts_core.t3 import TurboT3
+
+    _build_store(str(tmp_path / "store.zarr"))
+    s1 = _save_stage1(tmp_path / "stage1", TE)
+    res = train_stage2(Stage2Config(store=str(tmp_path / "store.zarr"), mapper_dir=str(s1), t3=str(turbo_dir[0]),
+                                    out_dir=str(tmp_path / "run"), batch_size=8, max_steps=2, epochs=10,
+                                    save_every=0, log_every=1, seed=0, device="cpu"))
+    assert isinstance(res.t3, TurboT3) and isinstance(res.tokenizer, TurboTextTokenizer)
+    assert res.global_step == 2 and res.nonfinite_steps == 0 and "extra: 20 adapter params" in res.load_report
+    assert np.isfinite([r["loss"] for r in res.history]).all()
+    out = tmp_path / "run"
+    assert (out / "vocab.json").read_bytes() == (turbo_dir[0] / "vocab.json").read_bytes()
+    again, report, _ = build_t3(str(out), instruction_dim=H)
+    assert isinstance(again, TurboT3) and report.missing_adapter == []
+    assert all(torch.equal(v, res.t3.state_dict()[k].cpu()) for k, v in again.state_dict().items())
+    carried = load_text_tokenizer(None, t3_dir=out).identity
+    assert (carried.name, carried.sha256) == (res.tokenizer.identity.name, res.tokenizer.identity.sha256)
 
 
 # ---- meanflow S3Gen -----------------------------------------------------------------------------------------------

@@ -71,6 +71,13 @@ class S3GenSpec:
         return S3GenVocoder.from_file(self.path, device=device, spec=self)
 
 
+def s3gen_spec_for(backbone: str, s3gen_path: str | Path) -> S3GenSpec:
+    """The S3Gen a T3 decodes with: Turbo's GPT-2 T3 the meanflow one in the same Chatterbox directory as
+    ``s3gen_path``, the Llama T3s ``s3gen_path`` itself."""
+    s3gen_path = Path(s3gen_path)
+    return S3GenSpec.meanflow_in(s3gen_path.parent) if backbone == "gpt2" else S3GenSpec(s3gen_path)
+
+
 class S3GenVocoder:
     sample_rate = 24_000
 
