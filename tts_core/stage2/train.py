@@ -87,7 +87,7 @@ from tts_core.stage2.data import (
 )
 from tts_core.stage2.text_tokenizer import TextTokenizer, load_text_tokenizer
 from tts_core.t3 import (
-    IGNORE_INDEX, T3, T3Batch, T3Config, TurboFiles, build_layout, config_from_checkpoint, is_adapter_key,
+    IGNORE_INDEX, T3, T3Batch, T3Config, TurboFiles, build_layout, cond_lens, config_from_checkpoint, is_adapter_key,
     load_t3_checkpoint, load_turbo, save_t3, t3_for_config,
 )
 
@@ -653,7 +653,9 @@ def _train(cfg, on_log, dd: _Dist, device: torch.device, CacheReader, load_mappe
     log.info("stage2 data ready in %.1fs: %d rows", time.time() - t0, len(data))
     fingerprint = data.meta["fingerprint"]
 
-    sampler = BucketBatchSampler(data.seq_lens(t3_cfg.cond_len), batch_size=cfg.batch_size,
+    # conditioning positions per row, at most (Turbo: 1 + prompt tokens; a perceiver T3: always 34)
+    cond_bound = int(cond_lens(t3_cfg, torch.tensor([prompt_len]), 1)[0])
+    sampler = BucketBatchSampler(data.seq_lens(cond_bound), batch_size=cfg.batch_size,
                                  max_tokens=cfg.max_tokens, pool_batches=cfg.pool_batches, seed=cfg.seed)
     n_inst = int((data.instruction_id >= 0).sum())
     data_stats = {"rows": len(data), "n_ok": data.meta["n_ok"], "dropped": data.dropped,
@@ -759,7 +761,7 @@ def _train(cfg, on_log, dd: _Dist, device: torch.device, CacheReader, load_mappe
             vr = micro * dd.world_size + dd.rank
             gidx, rows, weight = sampler.rank_batch(st.epoch, st.position, vr, V)
             b = data.build_batch(rows, instruction_prob=cfg.instruction_prob, rng=batch_rng(cfg.seed, st.epoch, gidx),
-                                 prompt_len=prompt_len, cond_len=t3_cfg.cond_len, emotion_adv=cfg.emotion_adv)
+                                 prompt_len=prompt_len, cond_len=cond_bound, emotion_adv=cfg.emotion_adv)
             torch.manual_seed(mix_seed(cfg.seed, "step", st.global_step, vr))  # dropout: a function of the step
             sync = contextlib.nullcontext() if (not dd.enabled or micro == cfg.grad_accum - 1) else wrapped.no_sync()
             with sync:

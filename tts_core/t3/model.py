@@ -470,14 +470,20 @@ class T3(nn.Module):
                         break
                     feed = torch.cat([nxt, nxt]) if use_cfg else nxt
                     logits, cache = self._decode(layout, step, feed, cache)
-            out = []
-            for row in history[:, 1:]:
-                hit = (row == eos).nonzero()
-                row = row[: int(hit[0])] if hit.numel() else row
-                out.append(row[row < self.cfg.start_speech_token].clone())
-            return out
+            return speech_rows(history[:, 1:], eos, self.cfg.start_speech_token)
         finally:
             self.train(was_training)
+
+
+def speech_rows(sampled: Tensor, eos: int, bos: int, eos_from: int = 0) -> list[Tensor]:
+    """Sampled ids [B, n] → one 1-D tensor of S3 tokens per row: cut at the first EOS at or after
+    column `eos_from`, then ids ≥ BOS (non-S3) dropped."""
+    rows = []
+    for row in sampled:
+        hit = (row[eos_from:] == eos).nonzero()
+        row = row[: int(hit[0]) + eos_from] if hit.numel() else row
+        rows.append(row[row < bos].clone())
+    return rows
 
 
 def t3_for_config(cfg: T3Config) -> T3:

@@ -48,7 +48,7 @@ from .adapters import attach_adaptive_layernorms
 from .config import T3Config
 from .layout import SEG_SPEECH, SEG_TEXT, build_generation_layout
 from .loading import CheckpointMismatchError, LoadReport, load_t3_checkpoint
-from .model import T3, T3Cond
+from .model import T3, T3Cond, speech_rows
 
 log = logging.getLogger(__name__)
 
@@ -204,12 +204,7 @@ class TurboT3(T3):
                     if bool(finished.all()) or step == max_new_tokens - 1:
                         break
                     logits, cache = self._decode(layout, step, nxt, cache)
-            rows = []
-            for row in out:
-                hit = (row[1:] == eos).nonzero()
-                row = row[: int(hit[0]) + 1] if hit.numel() else row
-                rows.append(row[row < self.cfg.start_speech_token].clone())
-            return rows
+            return speech_rows(out, eos, self.cfg.start_speech_token, eos_from=1)
         finally:
             self.train(was_training)
 
