@@ -24,6 +24,10 @@ parameter counts per group; the run's report lists them.
   hidden size. Loaded strictly with `load_t3_checkpoint`: the only keys allowed to be absent are the
   adapters (``LoadReport.summary``: "extra: N adapter params"). A ``tokenizer.json`` beside it is the
   run's text tokenizer unless ``text_tokenizer`` says otherwise.
+* a Chatterbox Turbo directory (``t3_turbo_v1.safetensors``, GPT-2 BPE files): `load_turbo` — the GPT-2
+  T3 at the file's shape, strictly, adapters on its LayerNorms; its tokenizer files are the run's text
+  tokenizer (docs/production-weights.md "Turbo"). A run trained from it saves ``t3_cfg.safetensors``
+  whose T3Config says ``backbone="gpt2"``, so it is a ``t3`` source like any stage-2 checkpoint.
 * a preset name (``"tiny"``, ``"520m"``): fresh weights (seeded), the byte tokenizer by default.
 
 Identity: the stage-1 mapper must have been trained over the text encoder that built the store
@@ -256,6 +260,7 @@ def build_t3(spec: str, instruction_dim: int, seed: int = 0) -> tuple[T3, Any, P
     """(model, LoadReport or None, source directory or None) — see the module doc, "t3 resolution"."""
     p = Path(spec)
     if p.is_dir() and TurboFiles.looks_like(p) and not (p / T3_WEIGHTS).is_file():  # official Turbo directory
+        torch.manual_seed(seed)  # the adapters' first layers
         turbo = load_turbo(p, instruction_dim=instruction_dim)
         return turbo.t3, turbo.report, p
     if p.is_dir() or p.suffix == ".safetensors":

@@ -83,7 +83,7 @@ class T3Layout:
     text_labels: Tensor  # [B, L] long: next text token or IGNORE_INDEX
     speech_labels: Tensor  # [B, L] long: next speech token or IGNORE_INDEX
     seq_lens: Tensor  # [B] real length of each row
-    text_lens: Tensor  # [B] text segment length, SOT and EOT included
+    text_lens: Tensor  # [B] text segment length, SOT and EOT included (when the T3 has them)
     speech_lens: Tensor  # [B] speech segment length, BOS (and EOS) included
     uncond: Tensor  # [B] bool: CFG unconditional copy
     cond_len: int  # width of the conditioning block: the largest of `cond_lens`
