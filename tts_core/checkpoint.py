@@ -135,7 +135,7 @@ def read_prefixed_state(path: str | Path, prefix: str) -> dict[str, torch.Tensor
     encoder, tokenizer)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: put Chatterbox's {path.name} there")
+        raise FileNotFoundError(f"{path} not found: put Chatterbox's s3gen weights there (s3gen.safetensors, or the multilingual s3gen.pt)")
     if weights_format(path) == "pt":
         keys = {k[len(prefix):]: v for k, v in _torch_state(path).items() if k.startswith(prefix)}
     else:

@@ -115,11 +115,11 @@ class Synthesizer:
             vocoder = MelVQVocoder(speech_tok)
         elif models.s3gen_path():
             from tts_core.encoders.s3_tokenizer import S3SpeechTokenizer
-            from tts_core.vocoders import S3GenVocoder, VocoderUnavailable
+            from tts_core.vocoders import VocoderUnavailable, s3gen_spec_for
 
             speech_tok = S3SpeechTokenizer.from_s3gen(models.s3gen_path(), device=device)
-            try:
-                vocoder = S3GenVocoder.from_file(models.s3gen_path(), device=device)
+            try:  # Turbo decodes with s3gen_meanflow.safetensors beside it
+                vocoder = s3gen_spec_for(t3.cfg.backbone, models.s3gen_path()).load(device=device)
             except VocoderUnavailable as exc:
                 log.warning("%s — synthesis will return speech tokens only", exc)
         ve, _ = load_speaker_models(models)

@@ -4,11 +4,12 @@ from tts_core.stage2.text_tokenizer import (
     ByteTextTokenizer, ChatterboxTextTokenizer, MultilingualTextTokenizer, TextTokenizer, TextTokenizerError,
     load_text_tokenizer, punc_norm,
 )
+from tts_core.stage2.turbo_tokenizer import TurboTextTokenizer, turbo_punc_norm
 from tts_core.stage2.train import (
     Stage2Config, Stage2Model, Stage2NonFiniteError, Stage2Result, build_t3, parameter_groups, train_stage2,
 )
 
 __all__ = ["BucketBatchSampler", "ByteTextTokenizer", "ChatterboxTextTokenizer", "MultilingualTextTokenizer", "Stage2Batch", "Stage2Config",
            "Stage2Data", "Stage2Model", "Stage2NonFiniteError", "Stage2Result", "TextTokenizer", "TextTokenizerError",
-           "batch_rng", "build_t3", "load_text_tokenizer", "parameter_groups", "prepare_stage2_data", "punc_norm",
-           "train_stage2"]
+           "TurboTextTokenizer", "batch_rng", "build_t3", "load_text_tokenizer", "parameter_groups",
+           "prepare_stage2_data", "punc_norm", "train_stage2", "turbo_punc_norm"]

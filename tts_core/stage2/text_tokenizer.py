@@ -283,23 +283,28 @@ def load_text_tokenizer(spec: str | os.PathLike | None, t3_dir: str | os.PathLik
                         punc_norm: bool | None = None) -> TextTokenizer:
     """Resolve the text tokenizer of a run.
 
-    ``spec``: ``"bytes"`` → `ByteTextTokenizer`; a ``tokenizer.json`` path → `ChatterboxTextTokenizer`, a
-    ``grapheme_mtl_merged_expanded_v1.json`` path → `MultilingualTextTokenizer`; a directory holding
-    one of them (not both) → that one; a directory holding ``text_tokenizer.json`` → the byte tokenizer it
-    describes; ``None`` → from ``t3_dir`` the same way, else bytes.
-    ``punc_norm`` overrides the class default (a saved descriptor's setting wins over the default).
+    ``spec``: ``"bytes"`` → `ByteTextTokenizer`; a directory with Chatterbox Turbo's GPT-2 BPE files
+    (``vocab.json``, ``merges.txt``, ``tokenizer_config.json``) → `TurboTextTokenizer`; a ``tokenizer.json``
+    path → `ChatterboxTextTokenizer`, a ``grapheme_mtl_merged_expanded_v1.json`` path →
+    `MultilingualTextTokenizer`; a directory holding one of them (not both) → that one; a directory holding
+    ``text_tokenizer.json`` → the byte tokenizer it describes; ``None`` → from ``t3_dir`` the same way,
+    else bytes. ``punc_norm`` overrides the class default (a saved descriptor's setting wins over the default).
     """
+    from tts_core.stage2.turbo_tokenizer import TurboTextTokenizer, is_turbo_tokenizer_dir
+
     kw = {} if punc_norm is None else {"punc_norm": punc_norm}
     if spec is None or str(spec) == "auto":
         if t3_dir is not None and Path(t3_dir).is_dir():
             d = Path(t3_dir)
-            if any((d / f).is_file() for f in (CHATTERBOX_FILE, MTL_FILE, BYTE_FILE)):
+            if any((d / f).is_file() for f in (CHATTERBOX_FILE, MTL_FILE, BYTE_FILE)) or is_turbo_tokenizer_dir(d):
                 return load_text_tokenizer(d, punc_norm=punc_norm)
         return ByteTextTokenizer(**kw)
     if str(spec) == "bytes":
         return ByteTextTokenizer(**kw)
     p = Path(spec)
     if p.is_dir():
+        if is_turbo_tokenizer_dir(p):  # before tokenizer.json: a GPT-2 directory may also hold one
+            return TurboTextTokenizer.load(p, punc_norm=punc_norm)
         files = [p / f for f in (CHATTERBOX_FILE, MTL_FILE) if (p / f).is_file()]
         if len(files) > 1:
             raise TextTokenizerError(f"{p} holds both {CHATTERBOX_FILE} and {MTL_FILE}: name the one to use")

@@ -19,16 +19,19 @@ parameter counts per group; the run's report lists them.
 ``t3`` resolution
 -----------------
 * a directory holding one official Chatterbox T3 file, or that file itself (`tts_core.t3.families`:
-  English ``t3_cfg.safetensors``, multilingual ``t3_mtl23ls_v2.safetensors``; Turbo is recognised
-  and handed to ``tts_core.t3.turbo``), or a stage-2 checkpoint (our ``t3_cfg.safetensors``). Which
-  family was found is printed. Its `T3Config` comes from the file's metadata (our checkpoints) or from
-  the official file's tensor shapes (text vocab 704 / 2454, depth, width…); the adapters get
-  ``instruction_dim`` = the stage-1 encoder's hidden size. Loaded strictly with `load_t3_checkpoint`
-  (``.safetensors`` or ``.pt``): the only keys allowed to be absent are the adapters
-  (``LoadReport.summary``: "extra: N adapter params"). The family's tokenizer file beside it
-  (``tokenizer.json`` / ``grapheme_mtl_merged_expanded_v1.json``) is the run's text tokenizer unless
-  ``text_tokenizer`` says otherwise. Multilingual rows are tokenized with their language (metadata's
-  5th column, else ``language``).
+  English ``t3_cfg.safetensors``, multilingual ``t3_mtl23ls_v2.safetensors``, Turbo
+  ``t3_turbo_v1.safetensors``), or a stage-2 checkpoint (our ``t3_cfg.safetensors``). Which family was
+  found is printed. Its `T3Config` comes from the file's metadata (our checkpoints) or from the official
+  file's tensor shapes (text vocab 704 / 2454, depth, width…); the adapters get ``instruction_dim`` = the
+  stage-1 encoder's hidden size. Loaded strictly with `load_t3_checkpoint` (``.safetensors`` or ``.pt``):
+  the only keys allowed to be absent are the adapters (``LoadReport.summary``: "extra: N adapter params").
+  The family's tokenizer file beside it (``tokenizer.json`` / ``grapheme_mtl_merged_expanded_v1.json``)
+  is the run's text tokenizer unless ``text_tokenizer`` says otherwise. Multilingual rows are tokenized
+  with their language (metadata's 5th column, else ``language``).
+* Turbo (official directory): `load_turbo` — the GPT-2 T3 at the file's shape, strictly, adapters on its
+  LayerNorms; its GPT-2 BPE tokenizer files are the run's text tokenizer (docs/production-weights.md
+  "Turbo"). A run trained from it saves ``t3_cfg.safetensors`` whose T3Config says ``backbone="gpt2"``,
+  so it is a ``t3`` source like any stage-2 checkpoint.
 * a preset name (``"tiny"``, ``"520m"``): fresh weights (seeded), the byte tokenizer by default.
 
 Identity: the stage-1 mapper must have been trained over the text encoder that built the store
@@ -92,7 +95,8 @@ from tts_core.stage2.data import (
 )
 from tts_core.stage2.text_tokenizer import TextTokenizer, check_language, load_text_tokenizer
 from tts_core.t3 import (
-    IGNORE_INDEX, T3, T3Batch, T3Config, build_layout, is_adapter_key, load_t3_checkpoint, save_t3,
+    IGNORE_INDEX, T3, T3Batch, T3Config, build_layout, cond_lens, is_adapter_key, load_t3_checkpoint, load_turbo,
+    save_t3, t3_for_config,
 )
 from tts_core.t3.families import TURBO, T3FamilyError, T3Source, announce, detect_t3
 
@@ -234,7 +238,7 @@ class Stage2Model(nn.Module):
         t3 = self.t3
         batch = batch.to(t3.device, t3.dtype)
         layout = build_layout(t3.cfg, batch.text_tokens, batch.text_lens, batch.speech_tokens, batch.speech_lens,
-                              append_eos=True)
+                              append_eos=True, prompt_lens=batch.cond.prompt_lengths())
         embeds = t3.embed_layout(layout, batch.cond)
         with t3.instruction_scope(batch.cond):
             h = t3._backbone(embeds, layout.attention_mask if self.padding_mask else None,
@@ -271,12 +275,10 @@ def build_t3(spec: str, instruction_dim: int, seed: int = 0, label: str | None =
                                 f"{PRESETS}")
     source = detect_t3(spec)
     announce(label or f"--t3 {spec}", source)
-    if source.family.name == TURBO:
-        try:
-            from tts_core.t3.turbo import load_turbo
-        except ImportError:
-            raise T3FamilyError(f"--t3 {spec}: Chatterbox Turbo (GPT-2 T3) is not supported by this version") from None
-        return load_turbo(source, instruction_dim=instruction_dim, seed=seed)
+    if source.family.name == TURBO and not source.own_checkpoint:
+        torch.manual_seed(seed)  # the adapters' first layers
+        turbo = load_turbo(source.directory, instruction_dim=instruction_dim)
+        return turbo.t3, turbo.report, source
     cfg = source.config
     if source.own_checkpoint and cfg.adapters and cfg.instruction_dim != instruction_dim:
         raise ValueError(
@@ -284,7 +286,7 @@ def build_t3(spec: str, instruction_dim: int, seed: int = 0, label: str | None =
             f"encoder gives {instruction_dim}-d ones: it was trained with another instruction encoder")
     cfg = cfg.replace(adapters=True, instruction_dim=instruction_dim)
     torch.manual_seed(seed)
-    model = T3(cfg)
+    model = t3_for_config(cfg)
     report = load_t3_checkpoint(model, source.t3.path)  # strict; only adapter keys may be missing
     return model, report, source
 
@@ -315,13 +317,15 @@ def parameter_groups(t3: T3) -> dict[str, list[tuple[str, nn.Parameter]]]:
 def freeze_for_stage2(t3: T3, encoder: nn.Module, mapper: nn.Module) -> tuple[dict[str, int], dict[str, int]]:
     """Apply DESIGN's freezing; → (trainable counts per group, frozen counts)."""
     t3.requires_grad_(True)
-    t3.tfmr.embed_tokens.requires_grad_(False)  # never read (inputs_embeds): no gradient, DDP-unsafe
+    unused = t3.tfmr.get_input_embeddings()  # Llama embed_tokens / GPT-2 wte: never read (inputs_embeds)
+    unused.requires_grad_(False)  # no gradient would reach it: DDP-unsafe
     for m in (encoder, mapper):
         m.requires_grad_(False)
         m.eval()
     groups = parameter_groups(t3)
     trainable = {g: sum(p.numel() for _, p in ps) for g, ps in groups.items()}
-    frozen = {"t3.tfmr.embed_tokens (unused)": t3.tfmr.embed_tokens.weight.numel(),
+    unused_name = next(n for n, m in t3.tfmr.named_modules() if m is unused)
+    frozen = {f"t3.tfmr.{unused_name} (unused)": unused.weight.numel(),
               "instruction_encoder": sum(p.numel() for p in encoder.parameters()),
               "mapper": sum(p.numel() for p in mapper.parameters())}
     return trainable, frozen
@@ -625,7 +629,8 @@ def _train(cfg, on_log, dd: _Dist, device: torch.device, CacheReader, load_mappe
     t3_dir = source.directory if source is not None else None
     tok_spec = cfg.text_tokenizer
     if tok_spec is None and source is not None and not source.own_checkpoint:
-        tok_spec = source.text_tokenizer or "bytes"  # the family's own file; never another family's
+        # the family's own file(s) — Turbo's GPT-2 BPE files are its directory — never another family's
+        tok_spec = source.directory if source.family.name == TURBO else (source.text_tokenizer or "bytes")
     tokenizer = load_text_tokenizer(tok_spec, t3_dir=t3_dir)
     tokenizer.check_fits(t3.cfg.text_vocab_size, t3.cfg.start_text_token, t3.cfg.stop_text_token)
     if source is not None and not source.own_checkpoint and getattr(tokenizer, "name", "") == "bytes":
@@ -642,8 +647,9 @@ def _train(cfg, on_log, dd: _Dist, device: torch.device, CacheReader, load_mappe
                          "a fresh run would overwrite its weights: choose another out_dir")
     t3_cfg = t3.cfg
     prompt_len = int(cfg.prompt_len if cfg.prompt_len is not None else t3_cfg.speech_cond_prompt_len)
-    if not 0 <= prompt_len <= 150:
-        raise ValueError("prompt_len must lie in [0, 150] (Chatterbox feeds ≤ 150 prompt tokens)")
+    if not 0 <= prompt_len <= t3_cfg.speech_cond_prompt_len:
+        raise ValueError(f"prompt_len must lie in [0, {t3_cfg.speech_cond_prompt_len}] (this Chatterbox T3 feeds "
+                         f"≤ {t3_cfg.speech_cond_prompt_len} prompt tokens)")
 
     # -- data (rank 0 prepares the shared tables; the others load them) ---------------------------------
     n_steps = int(cfg.mapper_n_steps or mapper.config.n_steps)
@@ -664,7 +670,9 @@ def _train(cfg, on_log, dd: _Dist, device: torch.device, CacheReader, load_mappe
     log.info("stage2 data ready in %.1fs: %d rows", time.time() - t0, len(data))
     fingerprint = data.meta["fingerprint"]
 
-    sampler = BucketBatchSampler(data.seq_lens(t3_cfg.cond_len), batch_size=cfg.batch_size,
+    # conditioning positions per row, at most (Turbo: 1 + prompt tokens; a perceiver T3: always 34)
+    cond_bound = int(cond_lens(t3_cfg, torch.tensor([prompt_len]), 1)[0])
+    sampler = BucketBatchSampler(data.seq_lens(cond_bound), batch_size=cfg.batch_size,
                                  max_tokens=cfg.max_tokens, pool_batches=cfg.pool_batches, seed=cfg.seed)
     n_inst = int((data.instruction_id >= 0).sum())
     data_stats = {"rows": len(data), "n_ok": data.meta["n_ok"], "dropped": data.dropped,
@@ -772,7 +780,7 @@ def _train(cfg, on_log, dd: _Dist, device: torch.device, CacheReader, load_mappe
             vr = micro * dd.world_size + dd.rank
             gidx, rows, weight = sampler.rank_batch(st.epoch, st.position, vr, V)
             b = data.build_batch(rows, instruction_prob=cfg.instruction_prob, rng=batch_rng(cfg.seed, st.epoch, gidx),
-                                 prompt_len=prompt_len, cond_len=t3_cfg.cond_len, emotion_adv=cfg.emotion_adv)
+                                 prompt_len=prompt_len, cond_len=cond_bound, emotion_adv=cfg.emotion_adv)
             torch.manual_seed(mix_seed(cfg.seed, "step", st.global_step, vr))  # dropout: a function of the step
             sync = contextlib.nullcontext() if (not dd.enabled or micro == cfg.grad_accum - 1) else wrapped.no_sync()
             with sync:

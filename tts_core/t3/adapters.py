@@ -1,26 +1,29 @@
-"""AdaRMSNorm: instruction-conditioned modulation of the Llama RMSNorms (DESIGN "Stage 2").
+"""Adaptive norms: instruction-conditioned modulation of the backbone's norms (DESIGN "Stage 2").
 
     out = norm(x) · (1 + γ) + β,      [γ, β] = fc2(SiLU(fc1(instruction_emb)))
 
-`fc2` starts at zero, so a fresh adapter is exactly the identity and a pretrained Chatterbox T3
-is reproduced bit for bit. Rows without an instruction (no context set, or mask 0) get exactly
+One wrapper (`AdaptiveNorm`) for any norm module: `AdaRMSNorm` around the Llama RMSNorms (EN and
+multilingual T3), `AdaLayerNorm` around GPT-2's LayerNorms `ln_1` / `ln_2` / `ln_f` (Turbo T3).
+`fc2` starts at zero, so a fresh adapter is exactly the identity and a pretrained Chatterbox T3 is
+reproduced bit for bit. Rows without an instruction (no context set, or mask 0) get exactly
 `norm(x)`.
 
-Checkpoint compatibility: `attach_adaptive_norms` swaps each `LlamaRMSNorm` for an `AdaRMSNorm`
-that *owns the very same `weight` Parameter* under the same attribute name, so
-`tfmr.layers.0.input_layernorm.weight` is still the RMSNorm weight. The adapter's own
-parameters live under `<norm path>.adapter.fc1/fc2` — the only keys an official checkpoint lacks
-(`is_adapter_key`). The RMSNorm math is not rewritten: the wrapped norm class's own `forward`
-runs on this module (it reads only `weight` and `variance_epsilon`).
+Checkpoint compatibility: `attach_adaptive_norms` / `attach_adaptive_layernorms` swap each norm for
+a wrapper that *owns the very same Parameters* (`weight`, and `bias` for a LayerNorm) under the same
+attribute names, so `tfmr.layers.0.input_layernorm.weight` / `tfmr.h.0.ln_1.bias` are still the
+norm's own tensors. The adapter's parameters live under `<norm path>.adapter.fc1/fc2` — the only
+keys an official checkpoint lacks (`is_adapter_key`). The norm math is not rewritten: the wrapped
+norm class's own `forward` runs on this module (it reads only the parameters and the plain
+attributes — `variance_epsilon`, or `normalized_shape` / `eps` — copied here).
 
-How the instruction reaches the norms: the Llama decoder layer calls `norm(x)` with nothing
-else, so T3 sets the instruction on every adapter right before the backbone runs and clears it
-right after (`instruction_context`). The modulation (γ, β) is computed once at set time —
-in fp32 with autocast disabled (DESIGN failure mode 1) — and held on the module, so a
-generation loop computes it once, not per token. The state is a per-module attribute of this
-model instance: DDP replicas (one process each) never share it. Gradient checkpointing is not
-supported while an instruction is set (the recomputation in backward runs after the context is
-cleared); `T3` refuses that combination.
+How the instruction reaches the norms: the decoder layer calls `norm(x)` with nothing else, so T3
+sets the instruction on every adapter right before the backbone runs and clears it right after
+(`instruction_context`). The modulation (γ, β) is computed once at set time — in fp32 with
+autocast disabled (DESIGN failure mode 1) — and held on the module, so a generation loop computes
+it once, not per token. The state is a per-module attribute of this model instance: DDP replicas
+(one process each) never share it. Gradient checkpointing is not supported while an instruction is
+set (the recomputation in backward runs after the context is cleared); `T3` refuses that
+combination.
 """
 from __future__ import annotations
 
@@ -59,17 +62,22 @@ class AdaptiveModulation(nn.Module):
         return gamma, beta
 
 
-class AdaRMSNorm(nn.Module):
-    """Wraps one `LlamaRMSNorm`, keeping its `weight` Parameter under the same name."""
+class AdaptiveNorm(nn.Module):
+    """Wraps one norm module, keeping its Parameters (same objects, same names) and plain attributes."""
+
+    param_names: tuple[str, ...] = ()  # exactly the wrapped norm's own parameters
 
     def __init__(self, norm: nn.Module, instruction_dim: int, adapter_hidden: int):
         super().__init__()
         own = dict(norm.named_parameters(recurse=False))
-        if set(own) != {"weight"} or list(norm.children()) or list(norm.buffers()):
-            raise TypeError(f"AdaRMSNorm wraps a norm with exactly one `weight` parameter, got {norm!r}")
-        self.weight = norm.weight  # the same Parameter object: official key path unchanged
-        self.variance_epsilon = norm.variance_epsilon
-        self._norm_forward = type(norm).forward  # the wrapped class's own RMSNorm code
+        if set(own) != set(self.param_names) or list(norm.children()) or list(norm.buffers()):
+            raise TypeError(f"{type(self).__name__} wraps a norm with parameters {self.param_names}, got {norm!r}")
+        for name, param in own.items():
+            setattr(self, name, param)  # the same Parameter object: official key path unchanged
+        for name, value in vars(norm).items():  # eps / normalized_shape / variance_epsilon ...
+            if not name.startswith("_") and name != "training":
+                setattr(self, name, value)
+        self._norm_forward = type(norm).forward  # the wrapped class's own norm code
         hidden = norm.weight.shape[0]
         self.adapter = AdaptiveModulation(instruction_dim, adapter_hidden, hidden)
         self._modulation: tuple[Tensor, Tensor] | None = None
@@ -108,7 +116,33 @@ class AdaRMSNorm(nn.Module):
         return normed + normed * gamma.to(normed.dtype) + beta.to(normed.dtype)
 
     def extra_repr(self) -> str:
-        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+        eps = getattr(self, "variance_epsilon", getattr(self, "eps", None))
+        return f"{tuple(self.weight.shape)}, eps={eps}"
+
+
+class AdaRMSNorm(AdaptiveNorm):
+    """Around a `LlamaRMSNorm` (`weight`, `variance_epsilon`)."""
+
+    param_names = ("weight",)
+
+
+class AdaLayerNorm(AdaptiveNorm):
+    """Around an `nn.LayerNorm` (`weight`, `bias`, `normalized_shape`, `eps`): GPT-2's ln_1 / ln_2 / ln_f."""
+
+    param_names = ("weight", "bias")
+
+
+def _wrap_norms(targets: Iterable[tuple[nn.Module, str]], kind: type[AdaptiveNorm], instruction_dim: int,
+                adapter_hidden: int) -> list[AdaptiveNorm]:
+    """Replace `getattr(parent, attr)` by a `kind` wrapper for each target, in order. Idempotent."""
+    adapters: list[AdaptiveNorm] = []
+    for parent, attr in targets:
+        current = getattr(parent, attr)
+        if not isinstance(current, kind):
+            current = kind(current, instruction_dim, adapter_hidden).to(device=current.weight.device)
+            setattr(parent, attr, current)
+        adapters.append(current)
+    return adapters
 
 
 def attach_adaptive_norms(
@@ -117,36 +151,37 @@ def attach_adaptive_norms(
     adapter_hidden: int,
     *,
     include_final_norm: bool = False,
-) -> list[AdaRMSNorm]:
+) -> list[AdaptiveNorm]:
     """Replace every decoder layer's `input_layernorm` / `post_attention_layernorm` (and, if
     asked, the final `norm`) of a transformers `LlamaModel` in place. Returns the adapters in
     module order. Idempotent: already-wrapped norms are left as they are."""
-    adapters: list[AdaRMSNorm] = []
-
-    def wrap(parent: nn.Module, attr: str) -> None:
-        current = getattr(parent, attr)
-        if not isinstance(current, AdaRMSNorm):
-            current = AdaRMSNorm(current, instruction_dim, adapter_hidden).to(
-                device=current.weight.device
-            )
-            setattr(parent, attr, current)
-        adapters.append(current)
-
-    for layer in llama_model.layers:
-        wrap(layer, "input_layernorm")
-        wrap(layer, "post_attention_layernorm")
+    targets = [(layer, attr) for layer in llama_model.layers for attr in ("input_layernorm", "post_attention_layernorm")]
     if include_final_norm:
-        wrap(llama_model, "norm")
-    return adapters
+        targets.append((llama_model, "norm"))
+    return _wrap_norms(targets, AdaRMSNorm, instruction_dim, adapter_hidden)
 
 
-def find_adaptive_norms(module: nn.Module) -> list[AdaRMSNorm]:
-    return [m for m in module.modules() if isinstance(m, AdaRMSNorm)]
+def attach_adaptive_layernorms(
+    gpt2_model: nn.Module,
+    instruction_dim: int,
+    adapter_hidden: int,
+    *,
+    include_final_norm: bool = True,
+) -> list[AdaptiveNorm]:
+    """The same for a transformers `GPT2Model` (Turbo): every block's `ln_1` / `ln_2`, then `ln_f`."""
+    targets = [(block, attr) for block in gpt2_model.h for attr in ("ln_1", "ln_2")]
+    if include_final_norm:
+        targets.append((gpt2_model, "ln_f"))
+    return _wrap_norms(targets, AdaLayerNorm, instruction_dim, adapter_hidden)
+
+
+def find_adaptive_norms(module: nn.Module) -> list[AdaptiveNorm]:
+    return [m for m in module.modules() if isinstance(m, AdaptiveNorm)]
 
 
 @contextmanager
 def instruction_context(
-    adapters: Iterable[AdaRMSNorm], instruction_emb: Tensor | None, mask: Tensor | None = None
+    adapters: Iterable[AdaptiveNorm], instruction_emb: Tensor | None, mask: Tensor | None = None
 ) -> Iterator[None]:
     """Set the instruction on every adapter for the duration of one backbone call (or one
     generation loop), then clear it even if the call raises."""

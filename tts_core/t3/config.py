@@ -61,7 +61,7 @@ class T3Config:
     attn_implementation: str = "sdpa"
 
     # --- checkpoint family (tts_core.t3.families) ---
-    family: str = "english"  # "english" | "multilingual": which official Chatterbox T3 this shape is
+    family: str = "english"  # "english" | "multilingual" | "turbo": which official Chatterbox T3 this shape is
     # (layer, head) attention maps the multilingual AlignmentStreamAnalyzer reads while generating
     # (tts_core.t3.alignment); empty: no analyzer (English, presets).
     alignment_heads: tuple[tuple[int, int], ...] = ()
@@ -71,6 +71,15 @@ class T3Config:
     instruction_dim: int = 1024  # stage-1 mapper's style embedding size
     adapter_hidden: int = 256  # Linear(instruction_dim→adapter_hidden)→SiLU→Linear(→2·hidden)
     adapt_final_norm: bool = False  # DESIGN: "2 per layer × 30 layers"; tfmr.norm left plain
+
+    # --- Chatterbox Turbo: GPT-2 backbone, raw prompt, no position tables (tts_core/t3/turbo.py) ---
+    backbone: str = "llama"  # "llama" (English / multilingual T3) or "gpt2" (Turbo, transformers GPT2Model)
+    perceiver: bool = True  # False: the prompt's speech embeddings enter raw, one position per token
+    learned_positions: bool = True  # text_pos_emb / speech_pos_emb; False: none (GPT-2 adds its own `wpe`)
+    text_markers: bool = True  # SOT … EOT around the text; False: the tokenizer's ids only (Turbo)
+    gpt2_vocab_size: int = 50276  # rows of GPT-2's `tfmr.wte`: never read (inputs_embeds), an official key
+    layer_norm_eps: float = 1e-5  # GPT-2 LayerNorm
+    dropout: float = 0.1  # GPT-2 embd/attn/resid dropout (GPT2_medium's value; active in train mode)
 
     def __post_init__(self):
         # JSON round trips give lists: keep the declared tuple type so configs compare equal
@@ -83,8 +92,11 @@ class T3Config:
     # ---------------------------------------------------------------------------------
     @property
     def cond_len(self) -> int:
-        """Conditioning positions: speaker (1) + perceiver queries (32) + emotion (1) = 34."""
-        return 1 + self.perceiver_queries + (1 if self.emotion_adv else 0)
+        """Conditioning positions: speaker (1) + perceiver queries (32) + emotion (1) = 34. Without a
+        perceiver (Turbo) the most a row can have: speaker (1) + every prompt token (375); each row
+        then has its own count (`tts_core.t3.layout.cond_lens`)."""
+        prompt = self.perceiver_queries if self.perceiver else self.speech_cond_prompt_len
+        return 1 + prompt + (1 if self.emotion_adv else 0)
 
     @property
     def text_pos_size(self) -> int:

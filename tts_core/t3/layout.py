@@ -23,6 +23,20 @@ text padding between text and speech, no attention mask, no next-token shift).
 CFG (`with_cfg`): Chatterbox doubles the batch; the second copy ("uncond") has its text *token*
 embeddings zeroed (text position embeddings and all conditioning kept). `uncond` marks those
 rows; the model applies the zeroing.
+
+Turbo (`cfg.backbone == "gpt2"`, `tts_core.t3.turbo`) is laid out by the same builder, from its
+config switches:
+
+    [ speaker (1) | prompt s₀ … s_{P-1} (P per row) | t₀ … t_last | BOS speech… (EOS) | pad … ]
+
+* no perceiver (`cfg.perceiver=False`): the conditioning is the speaker position plus one position
+  per prompt token, so each row has its own `cond_lens` (1 + its prompt length; 1 with no prompt),
+  no emotion position;
+* no SOT/EOT (`cfg.text_markers=False`): the text segment is the tokenizer's ids only — Turbo's
+  GPT-2 BPE uses 0 and 255 as ordinary tokens (Chatterbox's `inference_turbo` adds no markers);
+* no learned position tables (`cfg.learned_positions=False`): `seg_pos` is unused; GPT-2 adds its own
+  `wpe[position_ids]`, and `position_ids` count 0, 1, 2, … over the row exactly as the official
+  single-row inference does (no gaps, since each row is contiguous).
 """
 from __future__ import annotations
 
@@ -69,10 +83,11 @@ class T3Layout:
     text_labels: Tensor  # [B, L] long: next text token or IGNORE_INDEX
     speech_labels: Tensor  # [B, L] long: next speech token or IGNORE_INDEX
     seq_lens: Tensor  # [B] real length of each row
-    text_lens: Tensor  # [B] text segment length, SOT and EOT included
+    text_lens: Tensor  # [B] text segment length, SOT and EOT included (when the T3 has them)
     speech_lens: Tensor  # [B] speech segment length, BOS (and EOS) included
     uncond: Tensor  # [B] bool: CFG unconditional copy
-    cond_len: int
+    cond_len: int  # width of the conditioning block: the largest of `cond_lens`
+    cond_lens: Tensor  # [B] conditioning positions of each row (all cond_len with a perceiver)
 
     @property
     def batch_size(self) -> int:
@@ -85,7 +100,7 @@ class T3Layout:
     @property
     def speech_start(self) -> Tensor:
         """[B] column of each row's BOS."""
-        return self.cond_len + self.text_lens
+        return self.cond_lens + self.text_lens
 
     @property
     def last_index(self) -> Tensor:
@@ -147,6 +162,20 @@ def _check_raw(name: str, raw: Tensor, lens: Tensor, lo: int, hi: int, forbidden
             )
 
 
+def cond_lens(cfg: T3Config, prompt_lens: Tensor | None, batch: int, device=None) -> Tensor:
+    """[B] conditioning positions per row: `cfg.cond_len` for every row of a perceiver T3 (34);
+    without a perceiver (Turbo) speaker (1) + the row's prompt tokens (+ emotion)."""
+    if cfg.perceiver or prompt_lens is None:
+        fixed = cfg.cond_len if cfg.perceiver else cfg.cond_len - cfg.speech_cond_prompt_len
+        return torch.full((batch,), fixed, dtype=torch.long, device=device)
+    prompt_lens = torch.as_tensor(prompt_lens, device=device).to(torch.long).reshape(-1)
+    if prompt_lens.shape[0] != batch or bool((prompt_lens < 0).any()) \
+            or bool((prompt_lens > cfg.speech_cond_prompt_len).any()):
+        raise ValueError(f"prompt_lens must be {batch} values in [0, {cfg.speech_cond_prompt_len}], "
+                         f"got {prompt_lens.tolist()}")
+    return cfg.cond_len - cfg.speech_cond_prompt_len + prompt_lens
+
+
 def build_layout(
     cfg: T3Config,
     text_tokens: Tensor,
@@ -155,10 +184,13 @@ def build_layout(
     speech_lens: Tensor | None = None,
     *,
     append_eos: bool = True,
+    prompt_lens: Tensor | None = None,
 ) -> T3Layout:
     """Raw text tokens [B, Tm] (no SOT/EOT) and raw S3 speech tokens [B, Sm] (< BOS, no BOS/EOS)
     with their lengths → the full layout. `speech_tokens=None` and `append_eos=False` give a
-    generation prefix ending in BOS (see `build_generation_layout`)."""
+    generation prefix ending in BOS (see `build_generation_layout`). `prompt_lens` [B] (the
+    conditioning's prompt tokens per row) sets the rows' conditioning lengths when the T3 has no
+    perceiver (Turbo); a perceiver T3 ignores it."""
     device = text_tokens.device
     text_tokens = text_tokens.to(torch.long)
     text_lens = torch.as_tensor(text_lens, device=device).to(torch.long).reshape(-1)
@@ -171,24 +203,24 @@ def build_layout(
         raise ValueError("speech_lens is required with speech_tokens")
     speech_lens = torch.as_tensor(speech_lens, device=device).to(torch.long).reshape(-1)
 
-    _check_raw("text_tokens", text_tokens, text_lens, 0, cfg.text_vocab_size,
-               (cfg.start_text_token, cfg.stop_text_token))
+    markers = (cfg.start_text_token, cfg.stop_text_token) if cfg.text_markers else ()
+    _check_raw("text_tokens", text_tokens, text_lens, 0, cfg.text_vocab_size, markers)
     _check_raw("speech_tokens", speech_tokens, speech_lens, 0, cfg.start_speech_token, ())
     if bool((text_lens > cfg.max_text_tokens).any()):
         raise ValueError(f"text longer than max_text_tokens={cfg.max_text_tokens}")
     if bool((speech_lens > cfg.max_speech_tokens).any()):
         raise ValueError(f"speech longer than max_speech_tokens={cfg.max_speech_tokens}")
 
-    C = cfg.cond_len
-    T = text_lens + 2  # SOT … EOT
+    C = cond_lens(cfg, prompt_lens, B, device)
+    T = text_lens + (2 if markers else 0)  # (SOT) … (EOT)
     S = speech_lens + 1 + int(append_eos)  # BOS … (EOS)
     n = C + T + S
     L = int(n.max())
 
     col = torch.arange(L, device=device)[None, :].expand(B, L)
-    tp = col - C  # position within text segment
-    sp = col - C - T[:, None]  # position within speech segment
-    is_cond = col < C
+    tp = col - C[:, None]  # position within text segment
+    sp = tp - T[:, None]  # position within speech segment
+    is_cond = col < C[:, None]
     is_text = (tp >= 0) & (tp < T[:, None])
     is_speech = (sp >= 0) & (sp < S[:, None])
 
@@ -198,9 +230,12 @@ def build_layout(
             return torch.zeros_like(pos)
         return raw.gather(1, (pos - 1).clamp(0, raw.shape[1] - 1))
 
-    text_tok = gather_raw(text_tokens, tp)
-    text_tok = torch.where(tp == 0, cfg.start_text_token, text_tok)
-    text_tok = torch.where(tp == T[:, None] - 1, cfg.stop_text_token, text_tok)
+    if markers:
+        text_tok = gather_raw(text_tokens, tp)
+        text_tok = torch.where(tp == 0, cfg.start_text_token, text_tok)
+        text_tok = torch.where(tp == T[:, None] - 1, cfg.stop_text_token, text_tok)
+    else:  # raw token j at text position j
+        text_tok = gather_raw(text_tokens, tp + 1)
     speech_tok = gather_raw(speech_tokens, sp)
     speech_tok = torch.where(sp == 0, cfg.start_speech_token, speech_tok)
     if append_eos:
@@ -234,10 +269,13 @@ def build_layout(
         text_lens=T,
         speech_lens=S,
         uncond=torch.zeros(B, dtype=torch.bool, device=device),
-        cond_len=C,
+        cond_len=int(C.max()) if B else cfg.cond_len,
+        cond_lens=C,
     )
 
 
-def build_generation_layout(cfg: T3Config, text_tokens: Tensor, text_lens: Tensor) -> T3Layout:
-    """Generation prefix `[cond | SOT text EOT | BOS]`: the training builder with no speech."""
-    return build_layout(cfg, text_tokens, text_lens, None, None, append_eos=False)
+def build_generation_layout(cfg: T3Config, text_tokens: Tensor, text_lens: Tensor,
+                            prompt_lens: Tensor | None = None) -> T3Layout:
+    """Generation prefix `[cond | SOT text EOT | BOS]` (Turbo: `[cond | text | BOS]`): the training
+    builder with no speech."""
+    return build_layout(cfg, text_tokens, text_lens, None, None, append_eos=False, prompt_lens=prompt_lens)

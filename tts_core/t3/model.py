@@ -38,7 +38,7 @@ from transformers.generation.logits_process import (
 from .adapters import AdaRMSNorm, attach_adaptive_norms, find_adaptive_norms, instruction_context
 from .alignment import AlignmentGuard
 from .config import IGNORE_INDEX, T3Config
-from .layout import SEG_SPEECH, SEG_TEXT, T3Layout, build_generation_layout, build_layout
+from .layout import SEG_COND, SEG_SPEECH, SEG_TEXT, T3Layout, build_generation_layout, build_layout
 
 from tts_core.sampling_defaults import DEFAULT_EXAGGERATION, DEFAULT_SAMPLING  # noqa: E402  (re-exported)
 
@@ -81,6 +81,13 @@ class T3Cond:
             instruction_mask=None if self.instruction_mask is None
             else torch.as_tensor(self.instruction_mask).to(device=device, dtype=torch.bool).reshape(-1),
         )
+
+    def prompt_lengths(self) -> Tensor:
+        """[B] real prompt tokens of each row: `prompt_lens`, else the prompt's width, else 0."""
+        if self.prompt_lens is not None:
+            return torch.as_tensor(self.prompt_lens).to(torch.long).reshape(-1)
+        width = 0 if self.prompt_tokens is None else self.prompt_tokens.shape[1]
+        return torch.full((self.batch_size,), width, dtype=torch.long, device=self.speaker_emb.device)
 
     def repeat(self, n: int) -> "T3Cond":
         """Rows tiled n times along the batch (CFG doubling: [rows, rows])."""
@@ -234,6 +241,8 @@ class T3CondEnc(nn.Module):
 class T3(nn.Module):
     def __init__(self, cfg: T3Config):
         super().__init__()
+        if cfg.backbone != "llama":
+            raise ValueError(f"T3 builds the Llama T3; a {cfg.backbone!r} config needs t3_for_config (Turbo: TurboT3)")
         self.cfg = cfg
         self.llama_config = cfg.to_llama_config()
         H = cfg.hidden_size
@@ -318,13 +327,14 @@ class T3(nn.Module):
         return torch.where(is_speech[..., None], se, out)
 
     def embed_layout(self, layout: T3Layout, cond: T3Cond) -> Tensor:
-        """inputs_embeds [B, L, H] of a layout: conditioning in its first cond_len columns."""
+        """inputs_embeds [B, L, H] of a layout: each row's conditioning in its first `cond_lens` columns."""
         cond_emb = self.encode_cond(cond)
-        if cond_emb.shape[:2] != (layout.batch_size, layout.cond_len):
+        if cond_emb.shape[0] != layout.batch_size or cond_emb.shape[1] < layout.cond_len:
             raise ValueError(f"conditioning {tuple(cond_emb.shape[:2])} does not fit layout "
                              f"({layout.batch_size}, {layout.cond_len})")
         tok = self.embed_tokens(layout.segment, layout.token_ids, layout.seg_pos, layout.uncond)
-        return torch.cat([cond_emb.to(tok.dtype), tok[:, layout.cond_len:]], dim=1)
+        cond_emb = F.pad(cond_emb[:, : layout.cond_len].to(tok.dtype), (0, 0, 0, layout.length - layout.cond_len))
+        return torch.where((layout.segment == SEG_COND)[..., None], cond_emb, tok)
 
     # -- backbone --------------------------------------------------------------------
     def _backbone(self, embeds: Tensor, attention_mask: Tensor | None, position_ids: Tensor,
@@ -347,8 +357,8 @@ class T3(nn.Module):
         because the layout puts padding only after each row's tokens; only the (unlabelled)
         padding columns see different values. Tested both ways."""
         batch = batch.to(self.device, self.dtype)
-        layout = build_layout(self.cfg, batch.text_tokens, batch.text_lens,
-                              batch.speech_tokens, batch.speech_lens, append_eos=True)
+        layout = build_layout(self.cfg, batch.text_tokens, batch.text_lens, batch.speech_tokens, batch.speech_lens,
+                              append_eos=True, prompt_lens=batch.cond.prompt_lengths())
         return self.forward_embeds(self.embed_layout(layout, batch.cond), layout, batch.cond,
                                    padding_mask=padding_mask)
 
@@ -441,7 +451,7 @@ class T3(nn.Module):
             text_lens = torch.as_tensor(text_lens).to(device=device, dtype=torch.long)
             cond = cond.to(device, self.dtype)
             B = text_tokens.shape[0]
-            layout = build_generation_layout(self.cfg, text_tokens, text_lens)
+            layout = build_generation_layout(self.cfg, text_tokens, text_lens, cond.prompt_lengths())
             use_cfg = cfg_weight > 0.0
             if use_cfg:
                 layout, cond = layout.with_cfg(), cond.repeat(2)
@@ -476,17 +486,36 @@ class T3(nn.Module):
                         break
                     feed = torch.cat([nxt, nxt]) if use_cfg else nxt
                     logits, cache = self._decode(layout, step, feed, cache)
-            out = []
-            for row in history[:, 1:]:
-                hit = (row == eos).nonzero()
-                if raw:
+            rows = history[:, 1:]
+            if raw:  # the analyzer's view: up to and including the first EOS, nothing dropped
+                out = []
+                for row in rows:
+                    hit = (row == eos).nonzero()
                     out.append(row[: int(hit[0]) + 1 if hit.numel() else len(row)].clone())
-                    continue
-                row = row[: int(hit[0])] if hit.numel() else row
-                out.append(row[row < self.cfg.start_speech_token].clone())
-            return out
+                return out
+            return speech_rows(rows, eos, self.cfg.start_speech_token)
         finally:
             self.train(was_training)
+
+
+def speech_rows(sampled: Tensor, eos: int, bos: int, eos_from: int = 0) -> list[Tensor]:
+    """Sampled ids [B, n] → one 1-D tensor of S3 tokens per row: cut at the first EOS at or after
+    column `eos_from`, then ids ≥ BOS (non-S3) dropped."""
+    rows = []
+    for row in sampled:
+        hit = (row[eos_from:] == eos).nonzero()
+        row = row[: int(hit[0]) + eos_from] if hit.numel() else row
+        rows.append(row[row < bos].clone())
+    return rows
+
+
+def t3_for_config(cfg: T3Config) -> T3:
+    """The T3 class of `cfg`'s backbone: `T3` (Llama: English, multilingual) or `TurboT3` (GPT-2)."""
+    if cfg.backbone == "gpt2":
+        from .turbo import TurboT3  # turbo.py builds on this module
+
+        return TurboT3(cfg)
+    return T3(cfg)
 
 
 def sample_next_token(
