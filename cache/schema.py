@@ -2,7 +2,7 @@
 
 Layout of a store (a Zarr v3 group, on any fsspec URL):
 
-    <store>/                          attrs: see `StoreAttrs`
+    <store>/                          attrs: see `cache.store.StoreInfo`
       clips/spk_emb      float32 [N, 256]   raw VoiceEncoder embedding (never normalised on disk)
       clips/xvec         float32 [N, 192]   raw x-vector
       clips/spk_norm     float32 [N]        L2 norm of the raw spk_emb
@@ -18,6 +18,9 @@ Layout of a store (a Zarr v3 group, on any fsspec URL):
       manifest.parquet                       one row per data line (see MANIFEST_COLUMNS)
       norm_report.{json,md,png}              published beside the arrays (also as Prefect artifacts)
 
+Every array's codecs are Blosc/zstd then CRC32C, and every chunk inside an array's shape is written (even
+all-fill ones), so a finished store's reader refuses a corrupted or missing chunk (cache/store.py).
+
 Rows are fixed by metadata line order (quarantined lines keep their row, filled with zeros), so a
 resumed or sharded build writes every row to the same place an uninterrupted build does.
 """
@@ -27,7 +30,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+# 2: every array ends its codec chain with a CRC32C, every chunk of a finished store exists (empty chunks are
+#    written), attrs record manifest_sha256. Version-1 stores are refused (rebuild them).
+SCHEMA_VERSION = 2
 
 SPK_DIM = 256
 XVEC_DIM = 192
