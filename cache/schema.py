@@ -80,6 +80,10 @@ MANIFEST_COLUMNS = (
     "row", "clip_id", "audio_path", "transcript", "instruction", "speaker", "instruction_id",
     "status", "reason", "detail", "duration", "line",
 )
+# What a store's directory holds at its top (besides norm_report.*): creating a store clears its location,
+# so a location holding anything else is refused, never cleared.
+STORE_ENTRIES = frozenset({"zarr.json", "clips", "tokens", "instructions", MEL_VQ_GROUP.split("/")[0],
+                           MANIFEST_FILE, MANIFEST_PARTS})
 
 # The frozen models a store records; each is a tts_core.identity.ModelIdentity dict in attrs.
 MODEL_ROLES = ("voice_encoder", "xvector", "speech_tokenizer", "text_encoder")

@@ -31,6 +31,9 @@ from cache.store import (StoreError, StoreInfo, StoreNotFound, before_write, che
                          open_group, os_errors)
 from tts_core.identity import ModelIdentity
 
+# Every chunk of a finished store exists, even an all-fill one, so a missing chunk is always damage.
+_CONFIG = {"write_empty_chunks": True}
+
 
 @dataclass
 class ClipBatch:
@@ -106,7 +109,8 @@ class CacheWriter:
     @classmethod
     def _create(cls, url, n_rows, n_instructions, lines_digest, models, normalisation, text_hidden_size,
                 chunk_rows, extra):
-        g = open_group(url, "w")
+        _refuse_foreign(url)
+        g = open_group(url, "w")  # clears what an interrupted creation left
 
         def create(path: str, shape: tuple, chunks: tuple, dtype, fill=0) -> zarr.Array:
             parent, name = path.split("/")
@@ -273,11 +277,21 @@ def saved_arrays(g: zarr.Group, group_path: str, names: Sequence[str]) -> tuple[
     return {n: sub[n][...] for n in names}, attrs
 
 
+def _refuse_foreign(url: str) -> None:
+    """Creating a store clears its location: only ever one that holds nothing but store files (an
+    interrupted creation), never a directory of other data given as --store by mistake."""
+    fs, root = fsspec.core.url_to_fs(url)
+    with os_errors(url):
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)] if fs.isdir(root) else []
+    foreign = [n for n in names if n not in schema.STORE_ENTRIES and not n.startswith("norm_report.")
+               and not n.endswith((".partial", ".tmp"))]
+    if foreign:
+        raise StoreError(f"{url} exists and is not a cache store (it holds {', '.join(sorted(foreign)[:3])}"
+                         f"{', ...' if len(foreign) > 3 else ''}); nothing was changed: use a new --store")
+
+
 def _parquet(df: pd.DataFrame) -> bytes:
     buf = io.BytesIO()
     df.to_parquet(buf, index=False)
     return buf.getvalue()
 
-
-# Every chunk of a finished store exists, even an all-fill one, so a missing chunk is always damage.
-_CONFIG = {"write_empty_chunks": True}
