@@ -12,14 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-import fsspec
 import numpy as np
 from filelock import FileLock, Timeout
 
 from cache import norms, schema
-from cache.store import StoreError, open_group
+from cache.store import EXPECTED_ERRNOS, StoreError, StoreNotFound, io_error, lock_path, open_group, os_errors
 from cache.shards import ShardJob, ShardMap, encode_batch, load_line
-from cache.writer import CacheWriter, ClipBatch
+from cache.writer import CacheWriter, ClipBatch, saved_arrays
 from tts_core.audio import AudioPolicy, AudioRejected, load_clip
 from tts_core.frozen import FrozenModelsConfig, load_speaker_models, load_speech_tokenizer, load_text_encoder
 from tts_core.metadata import MetaLine, lines_digest, read_metadata
@@ -82,14 +81,14 @@ class BuildSummary:
         return out
 
 
-def _store_lock(url: str) -> FileLock | None:
-    """An OS-level lock beside a local store (released by the kernel if the process dies)."""
-    protocol = fsspec.core.split_protocol(url)[0]
-    if protocol not in (None, "file", "local"):
-        return None  # object stores: one writer per store is the user's contract (docs/scaling.md)
-    path = Path(fsspec.core.strip_protocol(url) if protocol else url)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(path) + ".lock", timeout=0)
+def _store_lock(url: str) -> FileLock:
+    """An OS-level lock keyed by the store's resolved location (released by the kernel if the process dies).
+    For an object store it guards this machine only; across machines one writer per store is the user's
+    contract (docs/scaling.md)."""
+    path = lock_path(url)
+    with os_errors(str(path.parent)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path), timeout=0)
 
 
 def instruction_ids(lines: list[MetaLine]) -> tuple[np.ndarray, list[str]]:
@@ -110,17 +109,19 @@ def build_cache(cfg: BuildConfig, progress: Callable[[BuildProgress], None] | No
     None = here, with audio prefetch threads; else a function mapping `ShardJob`s to their
     `ClipBatch`es *in order* (e.g. on Dask workers, flows/build_cache.py). The store is the same."""
     lock = _store_lock(cfg.store)
-    if lock is not None:
-        try:
-            lock.acquire()
-        except Timeout:
-            raise StoreError(f"another build is writing {cfg.store} (lock {lock.lock_file} is held); "
-                             "wait for it to finish or use another --store") from None
     try:
-        return _build_locked(cfg, progress or (lambda p: None), shard_map)
+        lock.acquire()
+    except Timeout:  # (a TimeoutError, so before OSError)
+        raise StoreError(f"another build is writing {cfg.store} (lock {lock.lock_file} is held); "
+                         "wait for it to finish or use another --store") from None
+    except OSError as exc:
+        raise io_error(lock.lock_file, exc) from None
+    try:
+        # Expected faults the store layer did not already name (a full disk under a report or temp file)
+        with os_errors(cfg.store, only=EXPECTED_ERRNOS):
+            return _build_locked(cfg, progress or (lambda p: None), shard_map)
     finally:
-        if lock is not None:
-            lock.release()
+        lock.release()
 
 
 def _build_locked(cfg: BuildConfig, progress: Callable[[BuildProgress], None], shard_map: ShardMap | None
@@ -198,14 +199,16 @@ def _build_locked(cfg: BuildConfig, progress: Callable[[BuildProgress], None], s
 
 
 def saved_codebook(url: str) -> dict | None:
+    """The embedded tokenizer's codebook of a created store; None when there is none yet, or when its
+    write (or the store's creation) was interrupted: the build then refits it, deterministically."""
     try:
-        g = open_group(url, "r")
-    except StoreError:
+        g = open_group(url, "r", strict=True)
+    except StoreNotFound:
         return None
-    if schema.MEL_VQ_GROUP not in g:
-        return None
-    sub = g[schema.MEL_VQ_GROUP]
-    return {"codebook": sub["codebook"][...], "config": dict(sub.attrs)}
+    if g.attrs.get("schema_version") != schema.SCHEMA_VERSION:
+        return None  # no store yet (interrupted creation), or another schema: open_for_build says which
+    saved = saved_arrays(g, schema.MEL_VQ_GROUP, ("codebook",))
+    return None if saved is None else {"codebook": saved[0]["codebook"], "config": saved[1]}
 
 
 def _fit_clips(cfg: BuildConfig, lines: list[MetaLine]) -> list[np.ndarray]:
@@ -248,4 +251,5 @@ def publish_norm_report(url: str, max_rows: int | None = 200_000, seed: int = 0)
     rows = norms.sample_rows(len(r), max_rows, seed)
     spk_n, xv_n = r.raw_norms(rows)
     report = norms.norm_report(spk_n, xv_n, r.normalisation.to_dict(), total_rows=len(r), sampled=rows is not None)
-    return report, norms.save_report(report, url)
+    with os_errors(url):
+        return report, norms.save_report(report, url)

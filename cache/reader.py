@@ -6,6 +6,8 @@ are never changed. Zarr handles are opened lazily per process, so DataLoader wor
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 from functools import cached_property
 from typing import Sequence
@@ -16,7 +18,7 @@ import pandas as pd
 import torch
 
 from cache import schema
-from cache.store import StoreError, StoreInfo, open_group
+from cache.store import CORRUPTED, MISSING, StoreError, StoreInfo, check_complete, damaged, io_error, open_group
 
 
 def l2_normalise(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
@@ -28,9 +30,13 @@ class CacheReader:
         self.url = url.rstrip("/")
         self._pid = None
         self._g = None
+        self._strict = False
         self.info = StoreInfo.from_attrs(self.url, self.group.attrs.asdict())
         if require_complete and not self.info.complete:
             raise StoreError(f"{self.url} is not complete (build interrupted?); rerun the same build-cache command to finish it")
+        if self.info.complete:  # every chunk exists: from here on a missing one is damage, not fill values
+            self._strict, self._g = True, None
+            check_complete(self.url, self.group, self.info)
         self.normalisation = normalisation or self.info.normalisation
         status = self.group["clips/status"][:]
         self.ok_index = np.flatnonzero(status == schema.STATUS_OK)  # store row of each OK position
@@ -38,7 +44,7 @@ class CacheReader:
     @property
     def group(self):
         if self._g is None or self._pid != os.getpid():
-            self._g, self._pid = open_group(self.url, "r"), os.getpid()
+            self._g, self._pid = open_group(self.url, "r", strict=self._strict), os.getpid()
         return self._g
 
     def __getstate__(self):  # zarr handles are not shared across processes
@@ -84,9 +90,19 @@ class CacheReader:
 
     @cached_property
     def manifest(self) -> pd.DataFrame:
-        """Every data line of the metadata, OK or quarantined, in row order."""
-        with fsspec.open(f"{self.url}/{schema.MANIFEST_FILE}", "rb") as f:
-            return pd.read_parquet(f)
+        """Every data line of the metadata, OK or quarantined, in row order (checked against the hash
+        recorded when the store was finalised)."""
+        path = f"{self.url}/{schema.MANIFEST_FILE}"
+        try:
+            with fsspec.open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise damaged(path, MISSING) from None
+        except OSError as exc:
+            raise io_error(path, exc) from None
+        if self.info.manifest_sha256 is not None and hashlib.sha256(data).hexdigest() != self.info.manifest_sha256:
+            raise damaged(path, CORRUPTED)
+        return pd.read_parquet(io.BytesIO(data))
 
     @cached_property
     def ok_manifest(self) -> pd.DataFrame:

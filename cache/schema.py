@@ -2,7 +2,7 @@
 
 Layout of a store (a Zarr v3 group, on any fsspec URL):
 
-    <store>/                          attrs: see `StoreAttrs`
+    <store>/                          attrs: see `cache.store.StoreInfo`
       clips/spk_emb      float32 [N, 256]   raw VoiceEncoder embedding (never normalised on disk)
       clips/xvec         float32 [N, 192]   raw x-vector
       clips/spk_norm     float32 [N]        L2 norm of the raw spk_emb
@@ -21,6 +21,9 @@ Layout of a store (a Zarr v3 group, on any fsspec URL):
       manifest.parquet                       one row per data line (see MANIFEST_COLUMNS)
       norm_report.{json,md,png}              published beside the arrays (also as Prefect artifacts)
 
+Every array's codecs are Blosc/zstd then CRC32C, and every chunk inside an array's shape is written (even
+all-fill ones), so a finished store's reader refuses a corrupted or missing chunk (cache/store.py).
+
 Rows are fixed by metadata line order (quarantined lines keep their row, filled with zeros), so a
 resumed or sharded build writes every row to the same place an uninterrupted build does.
 """
@@ -32,7 +35,10 @@ import numpy as np
 
 from tts_core.reference import PROMPT_SECONDS
 
-SCHEMA_VERSION = 2  # 2: prompt tokens of each clip's first PROMPT_SECONDS; manifest language column
+# 2: prompt tokens of each clip's first PROMPT_SECONDS and a manifest language column; every array ends its
+#    codec chain with a CRC32C, every chunk of a finished store exists (empty chunks are written), attrs
+#    record manifest_sha256. Version-1 stores are refused (rebuild them).
+SCHEMA_VERSION = 2
 
 SPK_DIM = 256
 XVEC_DIM = 192
@@ -84,6 +90,11 @@ MANIFEST_COLUMNS = (
     "row", "clip_id", "audio_path", "transcript", "instruction", "speaker", "instruction_id",
     "status", "reason", "detail", "duration", "line", "language",
 )
+# What a store's directory holds at its top (besides norm_report.*): creating a store clears its location,
+# so a location holding anything else is refused, never cleared.
+STORE_ENTRIES = frozenset({"zarr.json", "clips", "tokens", PROMPT_TOKENS.split("/")[0], "instructions",
+                           MEL_VQ_GROUP.split("/")[0],
+                           MANIFEST_FILE, MANIFEST_PARTS})
 
 # The frozen models a store records; each is a tts_core.identity.ModelIdentity dict in attrs.
 MODEL_ROLES = ("voice_encoder", "xvector", "speech_tokenizer", "text_encoder")

@@ -1,13 +1,21 @@
 """Chunked, resumable writes into a cache store.
 
-Commit protocol (what makes kill -9 safe): a batch writes its rows' arrays, appends its tokens,
-writes its offsets and manifest part, and only then advances `committed_rows` in the store
-attributes (an atomic file replace on local disks). On reopen everything past the last commit is
-rolled back (token array truncated to the committed offset), so a resumed build ends with exactly
-the rows an uninterrupted one writes.
+Commit protocol (what makes kill -9 at any write safe; every Zarr key and published file is replaced
+atomically, locally by Zarr's LocalStore and here by temp file + rename):
+- creation: arrays first, store attributes last — a store without attributes is an interrupted
+  creation and is recreated;
+- embedded tokenizer arrays: arrays first, their attributes last — without attributes they are absent,
+  and the build refits them (deterministically: same codebook, same identity) and writes them again;
+- a batch writes its rows' arrays, appends its tokens, writes its offsets and manifest part, and only
+  then advances `committed_rows` in the store attributes. On reopen everything past the last commit
+  is rolled back (ragged arrays truncated to the committed offset, stray temp files removed);
+- finalize: manifest.parquet, then `complete` with the manifest's sha256.
+So a resumed build ends byte-identical to an uninterrupted one (tests/test_store_faults.py kills a
+build at every single write).
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import time
 from dataclasses import dataclass
@@ -19,8 +27,12 @@ import pandas as pd
 import zarr
 
 from cache import schema
-from cache.store import StoreError, StoreInfo, check_identities, compressor, open_group
+from cache.store import (StoreError, StoreInfo, StoreNotFound, before_write, check_identities, compressors,
+                         open_group, os_errors)
 from tts_core.identity import ModelIdentity
+
+# Every chunk of a finished store exists, even an all-fill one, so a missing chunk is always damage.
+_CONFIG = {"write_empty_chunks": True}
 
 
 @dataclass
@@ -66,7 +78,7 @@ class CacheWriter:
         """
         try:
             g = open_group(url, "r+")
-        except StoreError:
+        except StoreNotFound:
             g = None
         if g is None or "schema_version" not in g.attrs:
             return cls._create(url, n_rows, n_instructions, lines_digest, models, normalisation,
@@ -93,35 +105,34 @@ class CacheWriter:
     def recorded_rows(url: str) -> int | None:
         try:
             g = open_group(url, "r")
-        except StoreError:
+        except StoreNotFound:
             return None
         return int(g.attrs["n_rows"]) if "n_rows" in g.attrs else None
 
     @classmethod
     def _create(cls, url, n_rows, n_instructions, lines_digest, models, normalisation, text_hidden_size,
                 chunk_rows, extra):
-        g = zarr.open_group(store=url, mode="w", zarr_format=3)
-        comp = compressor()
+        _refuse_foreign(url)
+        g = open_group(url, "w")  # clears what an interrupted creation left
+
+        def create(path: str, shape: tuple, chunks: tuple, dtype, fill=0) -> zarr.Array:
+            parent, name = path.split("/")
+            return g.require_group(parent).create_array(name, shape=shape, chunks=chunks, dtype=dtype,
+                                                        fill_value=fill, compressors=compressors(), config=_CONFIG)
+
         for spec in schema.CLIP_ARRAYS:
-            parent, name = spec.path.split("/")
-            shape = (n_rows, spec.width) if spec.width else (n_rows,)
-            chunks = (chunk_rows, spec.width) if spec.width else (chunk_rows,)
-            g.require_group(parent).create_array(name, shape=shape, chunks=chunks, dtype=spec.dtype,
-                                                 fill_value=spec.fill, compressors=comp)
+            create(spec.path, (n_rows, spec.width) if spec.width else (n_rows,),
+                   (chunk_rows, spec.width) if spec.width else (chunk_rows,), spec.dtype, spec.fill)
+        # offsets[0] = 0 is written so that their first chunk exists even if no batch ever writes it
         for offsets, flat in schema.RAGGED_TOKENS:
-            g.require_group(offsets.split("/")[0]).create_array(
-                offsets.split("/")[1], shape=(n_rows + 1,), chunks=(chunk_rows,), dtype="int64", fill_value=0,
-                compressors=comp)
-            g.require_group(flat.split("/")[0]).create_array(
-                flat.split("/")[1], shape=(0,), chunks=(schema.TOKEN_CHUNK,), dtype=schema.TOKEN_DTYPE,
-                fill_value=0, compressors=comp)
-        ig = g.require_group("instructions")
-        ig.create_array("offsets", shape=(n_instructions + 1,), chunks=(schema.STATE_CHUNK_ROWS,), dtype="int64",
-                        fill_value=0, compressors=comp)
-        ig.create_array("states", shape=(0, text_hidden_size), chunks=(schema.STATE_CHUNK_ROWS, text_hidden_size),
-                        dtype=schema.STATE_DTYPE, fill_value=0, compressors=comp)
+            create(offsets, (n_rows + 1,), (chunk_rows,), "int64")[0] = 0
+            create(flat, (0,), (schema.TOKEN_CHUNK,), schema.TOKEN_DTYPE)
+        create(schema.INSTRUCTION_OFFSETS, (n_instructions + 1,), (schema.STATE_CHUNK_ROWS,), "int64")[0] = 0
+        create(schema.INSTRUCTION_STATES, (0, text_hidden_size), (schema.STATE_CHUNK_ROWS, text_hidden_size),
+               schema.STATE_DTYPE)
         # Attributes last: a store without them is an interrupted creation and is simply recreated.
-        g.attrs.update({
+        # (Always `update_attributes`: one atomic write. `attrs.update` writes zarr.json once per key.)
+        g.update_attributes({
             "schema_version": schema.SCHEMA_VERSION,
             "models": {k: v.to_dict() for k, v in models.items()},
             "normalisation": normalisation.to_dict(),
@@ -138,37 +149,49 @@ class CacheWriter:
 
     def _grow(self, n_rows: int, n_instructions: int, lines_digest: str) -> None:
         for spec in schema.CLIP_ARRAYS:
-            arr = self.g[spec.path]
-            arr.resize((n_rows, spec.width) if spec.width else (n_rows,))
+            self._arr(spec.path).resize((n_rows, spec.width) if spec.width else (n_rows,))
         for offsets, _ in schema.RAGGED_TOKENS:
-            self.g[offsets].resize((n_rows + 1,))
-        self.g[schema.INSTRUCTION_OFFSETS].resize((n_instructions + 1,))
-        self.g.attrs.update({"n_rows": n_rows, "n_instructions": n_instructions,
-                             "lines_digest": lines_digest, "complete": False})
+            self._arr(offsets).resize((n_rows + 1,))
+        self._arr(schema.INSTRUCTION_OFFSETS).resize((n_instructions + 1,))
+        self.g.update_attributes({"n_rows": n_rows, "n_instructions": n_instructions,
+                                  "lines_digest": lines_digest, "complete": False})
 
     # ---- state -------------------------------------------------------------------------------
     @property
     def info(self) -> StoreInfo:
         return StoreInfo.from_attrs(self.url, self.g.attrs.asdict())
 
+    def _arr(self, path: str) -> zarr.Array:
+        return self.g[path].with_config(_CONFIG)
+
     def rollback_uncommitted(self) -> None:
         """Drop whatever a killed build wrote past its last commit (tokens and states are appended)."""
         info = self.info
-        for offsets, flat in schema.RAGGED_TOKENS:
-            end = int(self.g[offsets][info.committed_rows]) if info.committed_rows else 0
-            if self.g[flat].shape[0] != end:
-                self.g[flat].resize((end,))
-        st_end = int(self.g[schema.INSTRUCTION_OFFSETS][info.committed_instructions]) if info.committed_instructions else 0
-        if self.g[schema.INSTRUCTION_STATES].shape[0] != st_end:
-            self.g[schema.INSTRUCTION_STATES].resize((st_end, info.text_hidden_size))
+        ragged = [(flat, offsets, info.committed_rows) for offsets, flat in schema.RAGGED_TOKENS]
+        ragged.append((schema.INSTRUCTION_STATES, schema.INSTRUCTION_OFFSETS, info.committed_instructions))
+        for flat, offsets, committed in ragged:
+            end = int(self._arr(offsets)[committed]) if committed else 0
+            arr = self._arr(flat)
+            if arr.shape[0] != end:
+                arr.resize((end,) + arr.shape[1:])
+        self._remove_temp_files()
+
+    def _remove_temp_files(self) -> None:
+        """Half-written files of a killed build (Zarr's `*.partial`, our `*.tmp`) are never read, only removed."""
+        with os_errors(self.url):
+            stray = [p for p in self.fs.find(self.root) if p.endswith((".partial", ".tmp"))]
+        for p in stray:
+            before_write(p)
+            with os_errors(p):
+                self.fs.rm(p)
 
     # ---- instruction states ------------------------------------------------------------------
     def append_instruction_states(self, first_id: int, states: Sequence[np.ndarray]) -> None:
         info = self.info
         if first_id != info.committed_instructions:
             raise RuntimeError(f"instruction batch starts at {first_id}, store expects {info.committed_instructions}")
-        arr = self.g[schema.INSTRUCTION_STATES]
-        offsets = self.g[schema.INSTRUCTION_OFFSETS]
+        arr = self._arr(schema.INSTRUCTION_STATES)
+        offsets = self._arr(schema.INSTRUCTION_OFFSETS)
         start = int(offsets[first_id]) if first_id else 0
         flat = np.concatenate([np.asarray(s, dtype=np.float32) for s in states], axis=0)
         half = flat.astype(schema.STATE_DTYPE)
@@ -186,70 +209,102 @@ class CacheWriter:
         if b.start != info.committed_rows:
             raise RuntimeError(f"batch starts at row {b.start}, store expects {info.committed_rows}")
         end = b.start + b.n
-        g = self.g
-        g["clips/spk_emb"][b.start:end] = b.spk_emb
-        g["clips/xvec"][b.start:end] = b.xvec
-        g["clips/spk_norm"][b.start:end] = np.linalg.norm(b.spk_emb, axis=1)
-        g["clips/xvec_norm"][b.start:end] = np.linalg.norm(b.xvec, axis=1)
-        g["clips/duration"][b.start:end] = b.duration
-        g["clips/instruction_id"][b.start:end] = b.instruction_id
-        g["clips/status"][b.start:end] = b.status
+        values = {"clips/spk_emb": b.spk_emb, "clips/xvec": b.xvec,
+                  "clips/spk_norm": np.linalg.norm(b.spk_emb, axis=1), "clips/xvec_norm": np.linalg.norm(b.xvec, axis=1),
+                  "clips/duration": b.duration, "clips/instruction_id": b.instruction_id, "clips/status": b.status}
+        for path, v in values.items():
+            self._arr(path)[b.start:end] = v
         prompts = b.prompt_tokens if b.prompt_tokens is not None else \
             [np.asarray(t)[: schema.PROMPT_MAX_TOKENS] for t in b.tokens]
         for (offsets, flat), seqs in zip(schema.RAGGED_TOKENS, (b.tokens, prompts), strict=True):
             self._append_ragged(offsets, flat, b.start, seqs)
         self._write_manifest_part(b.start, b.manifest)
-        g.attrs["committed_rows"] = end  # the commit
+        self.g.attrs["committed_rows"] = end  # the commit
+
+    def _put_file(self, path: str, data: bytes) -> None:
+        """Publish a whole file atomically: temp file, then rename (each step a write the fault hook sees)."""
+        with os_errors(path):
+            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            before_write(path + ".tmp")
+            with self.fs.open(path + ".tmp", "wb") as f:
+                f.write(data)
+            before_write(path)
+            self.fs.mv(path + ".tmp", path)
 
     def _append_ragged(self, offsets: str, flat: str, start: int, seqs: Sequence[np.ndarray]) -> None:
         """Append rows [start, start + len(seqs)) of a ragged token array (flat values + offsets)."""
-        g = self.g
-        first = int(g[offsets][start]) if start else 0
+        off, arr = self._arr(offsets), self._arr(flat)
+        first = int(off[start]) if start else 0
         lens = np.array([len(t) for t in seqs], dtype=np.int64)
         if lens.sum():
             values = np.concatenate([np.asarray(t) for t in seqs if len(t)]).astype(schema.TOKEN_DTYPE)
-            g[flat].resize((first + values.shape[0],))
-            g[flat][first:] = values
-        g[offsets][start + 1: start + 1 + len(seqs)] = first + np.cumsum(lens)
+            arr.resize((first + values.shape[0],))
+            arr[first:] = values
+        off[start + 1: start + 1 + len(seqs)] = first + np.cumsum(lens)
 
     def _write_manifest_part(self, start: int, df: pd.DataFrame) -> None:
-        buf = io.BytesIO()
-        df.to_parquet(buf, index=False)
-        path = f"{self.root}/{schema.MANIFEST_PARTS}/{start:012d}.parquet"
-        self.fs.makedirs(f"{self.root}/{schema.MANIFEST_PARTS}", exist_ok=True)
-        with self.fs.open(path + ".tmp", "wb") as f:
-            f.write(buf.getvalue())
-        self.fs.mv(path + ".tmp", path)
+        self._put_file(f"{self.root}/{schema.MANIFEST_PARTS}/{start:012d}.parquet", _parquet(df))
 
     def read_manifest_parts(self) -> pd.DataFrame:
         committed = self.info.committed_rows
-        parts = sorted(self.fs.glob(f"{self.root}/{schema.MANIFEST_PARTS}/*.parquet"))
-        frames = []
-        for p in parts:
-            start = int(p.rsplit("/", 1)[1].split(".")[0])
-            if start < committed:
-                with self.fs.open(p, "rb") as f:
-                    frames.append(pd.read_parquet(f))
+        with os_errors(self.url):
+            parts = sorted(self.fs.glob(f"{self.root}/{schema.MANIFEST_PARTS}/*.parquet"))
+            frames = []
+            for p in parts:
+                start = int(p.rsplit("/", 1)[1].split(".")[0])
+                if start < committed:
+                    with self.fs.open(p, "rb") as f:
+                        frames.append(pd.read_parquet(f))
         if not frames:
             return pd.DataFrame(columns=list(schema.MANIFEST_COLUMNS))
         df = pd.concat(frames, ignore_index=True).sort_values("row")
         return df[df.row < committed].reset_index(drop=True)
 
     def finalize(self) -> pd.DataFrame:
-        """Merge manifest parts into manifest.parquet and mark the store complete."""
+        """Merge manifest parts into manifest.parquet, then mark the store complete with the manifest's hash."""
         df = self.read_manifest_parts()
-        buf = io.BytesIO()
-        df.to_parquet(buf, index=False)
-        with self.fs.open(f"{self.root}/{schema.MANIFEST_FILE}.tmp", "wb") as f:
-            f.write(buf.getvalue())
-        self.fs.mv(f"{self.root}/{schema.MANIFEST_FILE}.tmp", f"{self.root}/{schema.MANIFEST_FILE}")
-        self.g.attrs["complete"] = True
+        data = _parquet(df)
+        self._put_file(f"{self.root}/{schema.MANIFEST_FILE}", data)
+        self.g.update_attributes({"complete": True, "manifest_sha256": hashlib.sha256(data).hexdigest()})
         return df
 
     # ---- embedded tokenizer codebook -----------------------------------------------------------
     def save_arrays(self, group_path: str, arrays: Mapping[str, np.ndarray], attrs: Mapping) -> None:
+        """Arrays first, attributes last: `saved_arrays` sees the group only once both are written."""
         sub = self.g.require_group(group_path)
         for name, a in arrays.items():
             a = np.asarray(a)
-            sub.create_array(name, shape=a.shape, dtype=a.dtype, chunks=a.shape or (1,), overwrite=True)[...] = a
-        sub.attrs.update(dict(attrs))
+            sub.create_array(name, shape=a.shape, dtype=a.dtype, chunks=a.shape or (1,), compressors=compressors(),
+                             config=_CONFIG, overwrite=True)[...] = a
+        sub.update_attributes(dict(attrs))
+
+
+def saved_arrays(g: zarr.Group, group_path: str, names: Sequence[str]) -> tuple[dict[str, np.ndarray], dict] | None:
+    """What `save_arrays` wrote, or None when absent or interrupted (its attributes come last)."""
+    if group_path not in g:
+        return None
+    sub = g[group_path]
+    attrs = sub.attrs.asdict()
+    if not attrs or any(n not in sub for n in names):
+        return None
+    return {n: sub[n][...] for n in names}, attrs
+
+
+def _refuse_foreign(url: str) -> None:
+    """Creating a store clears its location: only ever one that holds nothing but store files (an
+    interrupted creation), never a directory of other data given as --store by mistake."""
+    fs, root = fsspec.core.url_to_fs(url)
+    with os_errors(url):
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)] if fs.isdir(root) else []
+    foreign = [n for n in names if n not in schema.STORE_ENTRIES and not n.startswith("norm_report.")
+               and not n.endswith((".partial", ".tmp"))]
+    if foreign:
+        raise StoreError(f"{url} exists and is not a cache store (it holds {', '.join(sorted(foreign)[:3])}"
+                         f"{', ...' if len(foreign) > 3 else ''}); nothing was changed: use a new --store")
+
+
+def _parquet(df: pd.DataFrame) -> bytes:
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    return buf.getvalue()
+

@@ -16,7 +16,7 @@ from filelock import FileLock
 from bad_audio import write_bad_clips
 from cache.build import BuildConfig, build_cache
 from cache.reader import CacheReader
-from cache.store import StoreError
+from cache.store import StoreError, lock_path
 
 CHUNK = 16
 
@@ -80,7 +80,7 @@ def test_build_quarantines_every_reason_and_is_idempotent(demo_corpus, tmp_path)
 
 def test_second_concurrent_build_is_refused(demo_corpus, tmp_path):
     store = tmp_path / "c.zarr"
-    with FileLock(str(store) + ".lock"):
+    with FileLock(str(lock_path(str(store)))):
         with pytest.raises(StoreError, match="another build is writing"):
             build_cache(_cfg(demo_corpus.metadata, demo_corpus.root, store))
 

@@ -105,3 +105,11 @@ def test_refusals(tmp_path):
     assert grown.info.n_rows == 400 and grown.g["clips/spk_emb"].shape == (400, 256)
     with pytest.raises(StoreError, match="not complete"):
         CacheReader(url)
+
+
+def test_a_directory_that_is_not_a_store_is_never_cleared(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "thesis.tex").write_text("years of work")
+    with pytest.raises(StoreError, match=r"data exists and is not a cache store \(it holds thesis.tex\); nothing"):
+        _open(str(tmp_path / "data"))
+    assert (tmp_path / "data" / "thesis.tex").read_text() == "years of work"
