@@ -50,24 +50,21 @@ class ChunkCache:
 
     def chunk(self, c: int) -> np.ndarray:
         with self._lock:
-            return self._chunk(c)
-
-    def _chunk(self, c: int) -> np.ndarray:
-        got = self._chunks.get(c)
-        if got is not None:
-            self._chunks.move_to_end(c)
-            self.hits += 1
-            return got
-        self.misses += 1
-        a = c * self.chunk_rows
-        data = np.asarray(self.array[a:min(a + self.chunk_rows, self.n_rows)])
-        data.flags.writeable = False
-        self._chunks[c] = data
-        self.nbytes += data.nbytes
-        while self.nbytes > self.capacity_bytes and len(self._chunks) > 1:
-            _, old = self._chunks.popitem(last=False)
-            self.nbytes -= old.nbytes
-        return data
+            got = self._chunks.get(c)
+            if got is not None:
+                self._chunks.move_to_end(c)
+                self.hits += 1
+                return got
+            self.misses += 1
+            a = c * self.chunk_rows
+            data = np.asarray(self.array[a:min(a + self.chunk_rows, self.n_rows)])
+            data.flags.writeable = False
+            self._chunks[c] = data
+            self.nbytes += data.nbytes
+            while self.nbytes > self.capacity_bytes and len(self._chunks) > 1:
+                _, old = self._chunks.popitem(last=False)
+                self.nbytes -= old.nbytes
+            return data
 
     def rows(self, a: int, b: int) -> np.ndarray:
         """Rows [a, b) of the array."""

@@ -173,6 +173,11 @@ def test_chunk_aware_dataset_order_decompresses_each_chunk_about_once(tmp_path, 
         assert item["instruction_id"] == k
         assert np.array_equal(item["instruction_states"].numpy(), padded[k, :lens[k]].float().numpy())
     assert reader.states_cache.misses <= 2 * n_chunks < len(ds) / 5, (reader.states_cache.misses, n_chunks)
+    batch = CacheDataset.collate([ds[i] for i in order[:50]])
+    ids = torch.from_numpy(iid[order[:50]])
+    assert torch.equal(batch["instruction_lengths"], lens[ids]) and batch["instruction_states"].dtype == torch.float16
+    assert torch.equal(batch["instruction_states"], padded[ids][:, :int(lens[ids].max())])
+    assert batch["speech_tokens"].shape == (50, 3) and torch.equal(batch["spk_emb"], ds.spk[order[:50]])
 
 
 # ---- training batches ----------------------------------------------------------------------------------------

@@ -80,18 +80,37 @@ class InstructionStates:
 
 
 class RaggedStates(InstructionStates):
-    """States of instruction ``i`` are ``flat[offsets[i]:offsets[i+1]]`` (module doc)."""
+    """States of instruction ``i`` are ``flat[offsets[i]:offsets[i+1]]`` (module doc).
+
+    Stored with one zero row after the last state row, which every padding position of a gather reads,
+    so a gather is a single index op with no masking pass."""
 
     def __init__(self, flat: torch.Tensor, offsets: torch.Tensor):
-        flat, offsets = torch.as_tensor(flat), torch.as_tensor(offsets, dtype=torch.long).to(flat.device)
+        flat = torch.as_tensor(flat)
         if flat.ndim != 2 or not flat.is_floating_point():
             raise ValueError(f"flat states must be a float [S, H] tensor, got {flat.dtype} {tuple(flat.shape)}")
+        self._set(torch.cat([flat, flat.new_zeros(1, flat.shape[1])]), offsets)
+
+    def _set(self, rows: torch.Tensor, offsets: torch.Tensor) -> None:
+        offsets = torch.as_tensor(offsets, dtype=torch.long).to(rows.device)
         lengths = (offsets[1:] - offsets[:-1]).cpu()
-        if offsets.ndim != 1 or len(offsets) < 1 or int(offsets[0]) != 0 or int(offsets[-1]) != flat.shape[0] \
+        if offsets.ndim != 1 or len(offsets) < 1 or int(offsets[0]) != 0 or int(offsets[-1]) != rows.shape[0] - 1 \
                 or (lengths < 0).any():
-            raise ValueError(f"offsets must rise from 0 to {flat.shape[0]} (the flat rows)")
-        self.flat, self.offsets, self.lengths = flat, offsets, lengths
-        self.hidden_size, self.dtype, self.device = int(flat.shape[1]), flat.dtype, flat.device
+            raise ValueError(f"offsets must rise from 0 to {rows.shape[0] - 1} (the flat rows)")
+        self.rows, self.offsets, self.lengths = rows, offsets, lengths
+        self.hidden_size, self.dtype, self.device = int(rows.shape[1]), rows.dtype, rows.device
+
+    @classmethod
+    def _from_rows(cls, rows: torch.Tensor, offsets: torch.Tensor) -> "RaggedStates":
+        """``rows`` already ends with the zero padding row."""
+        out = cls.__new__(cls)
+        out._set(rows, offsets)
+        return out
+
+    @property
+    def flat(self) -> torch.Tensor:
+        """[S, H]: the state rows of every instruction, concatenated."""
+        return self.rows[:-1]
 
     @classmethod
     def from_padded(cls, states: Any, lengths: Any) -> "RaggedStates":
@@ -105,9 +124,28 @@ class RaggedStates(InstructionStates):
         if len(lengths) and (int(lengths.min()) < 0 or int(lengths.max()) > states.shape[1]):
             raise ValueError(f"lengths out of range [0, Lmax={states.shape[1]}]")
         mask = torch.arange(states.shape[1])[None, :] < lengths[:, None]
-        offsets = torch.zeros(len(lengths) + 1, dtype=torch.long)
-        torch.cumsum(lengths, 0, out=offsets[1:])
-        return cls(states[mask.to(states.device)], offsets)
+        return cls(states[mask.to(states.device)], _offsets(lengths))
+
+    @classmethod
+    def from_array(cls, array, offsets: np.ndarray, ids: np.ndarray | None = None, read=None) -> "RaggedStates":
+        """Instructions ``ids`` (default all) of a store's flat array, read piece by piece into one buffer
+        (no second copy of the table). ``read(a, b)`` returns rows [a, b) (default: ``array[a:b]``)."""
+        read = read or (lambda a, b: array[a:b])
+        offsets = np.asarray(offsets, np.int64)
+        H = int(array.shape[1])
+        if ids is None:  # the whole flat array, chunk by chunk
+            S = int(offsets[-1])
+            rows = np.zeros((S + 1, H), array.dtype)
+            step = max(int(array.chunks[0]), 1)
+            for a in range(0, S, step):
+                rows[a:min(a + step, S)] = read(a, min(a + step, S))
+            return cls._from_rows(torch.from_numpy(rows), torch.from_numpy(offsets))
+        ids = np.asarray(ids, np.int64)
+        new = _offsets(torch.from_numpy(offsets[ids + 1] - offsets[ids])).numpy()
+        rows = np.zeros((int(new[-1]) + 1, H), array.dtype)
+        for k in np.argsort(offsets[ids], kind="stable"):  # store order
+            rows[new[k]:new[k + 1]] = read(int(offsets[ids[k]]), int(offsets[ids[k] + 1]))
+        return cls._from_rows(torch.from_numpy(rows), torch.from_numpy(new))
 
     @classmethod
     def empty(cls, n_instructions: int, hidden_size: int, dtype: torch.dtype = torch.float16) -> "RaggedStates":
@@ -116,22 +154,24 @@ class RaggedStates(InstructionStates):
 
     @property
     def resident_bytes(self) -> int:
-        return self.flat.numel() * self.flat.element_size()
+        return self.rows.numel() * self.rows.element_size()
 
     def to(self, device: torch.device | str) -> "RaggedStates":
-        return RaggedStates(self.flat.to(device), self.offsets.to(device))
+        return self._from_rows(self.rows.to(device), self.offsets.to(device))
 
     def gather(self, ids: Any, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         ids = torch.as_tensor(ids, dtype=torch.long).to(self.device)
         start = self.offsets[ids]
         ln = self.offsets[ids + 1] - start
-        W = self.max_length if width is None else int(width)
-        ar = torch.arange(W, device=self.device)
-        mask = ar[None, :] < ln[:, None]
-        if self.flat.shape[0] == 0:
-            return torch.zeros(len(ids), W, self.hidden_size, dtype=self.dtype, device=self.device), ln
-        idx = torch.where(mask, start[:, None] + ar[None, :], torch.zeros_like(start)[:, None])
-        return self.flat[idx].masked_fill(~mask[..., None], 0), ln
+        ar = torch.arange(self.max_length if width is None else int(width), device=self.device)
+        idx = torch.where(ar[None, :] < ln[:, None], start[:, None] + ar[None, :], self.rows.shape[0] - 1)
+        return self.rows[idx], ln
+
+
+def _offsets(lengths: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros(len(lengths) + 1, dtype=torch.long)
+    torch.cumsum(lengths, 0, out=out[1:])
+    return out
 
 
 class StoreStates(InstructionStates):
@@ -178,12 +218,10 @@ class StoreStates(InstructionStates):
         lens = self.lengths.numpy()[ids]
         if int(lens.sum()) * self.hidden_size * self.np_dtype.itemsize > max_bytes:
             return SubsetStates(self, ids)
-        offsets = np.zeros(len(ids) + 1, np.int64)
-        np.cumsum(lens, out=offsets[1:])
-        flat = np.zeros((int(offsets[-1]), self.hidden_size), self.np_dtype)
-        for k in np.argsort(ids, kind="stable"):  # store order; copy (a cached view pins its whole chunk)
-            flat[offsets[k]:offsets[k + 1]] = self.reader._state_rows(int(ids[k]))
-        return RaggedStates(torch.from_numpy(flat), torch.from_numpy(offsets)).to(self.device)
+        r = self.reader
+        cache = r.states_cache
+        return RaggedStates.from_array(cache.array, r.instruction_offsets, ids,
+                                       read=lambda a, b: cache.rows(a, b)).to(self.device)
 
 
 class SubsetStates(InstructionStates):
@@ -214,9 +252,8 @@ def load_states(reader, in_memory_mb: float = 2048, cache_mb: float = 1024) -> I
     streamed through a ``cache_mb`` chunk cache. Either way the padded table is never built."""
     from cache import schema
 
-    off = np.asarray(reader.group[schema.INSTRUCTION_OFFSETS][:], np.int64)
+    off = reader.instruction_offsets
     nbytes = int(off[-1]) * int(reader.text_hidden_size) * schema.STATE_DTYPE.itemsize
     if nbytes > in_memory_mb * 2 ** 20:
         return StoreStates(reader, cache_mb)
-    flat = np.asarray(reader.group[schema.INSTRUCTION_STATES][:int(off[-1])])
-    return RaggedStates(torch.from_numpy(flat), torch.from_numpy(off))
+    return RaggedStates.from_array(reader.group[schema.INSTRUCTION_STATES], off)

@@ -67,6 +67,7 @@ __all__ = ["Stage1TrainConfig", "Stage1Result", "NonFiniteLossError", "train_sta
 log = logging.getLogger(__name__)
 
 PHASES = {"1": ("1",), "2": ("2",), "both": ("1", "2")}
+_POOL_CHUNK = 1024  # instructions pooled at once in evaluation: [1024, Lmax, 1024] fp32 is ~0.3 GB
 RESUME_FILE = "resume.pt"
 
 
@@ -239,8 +240,9 @@ def evaluate(model: Stage1Model, dd: Stage1Tables, noise: torch.Tensor, n_steps:
     was_training = model.training
     model.eval()
     rows, inv, vs = dd.val_rows, dd.val_inv, dd.val_states
-    style_u = torch.cat([model.encoder(*vs.gather(torch.arange(i, min(i + batch_size, vs.n_instructions))))
-                         for i in range(0, vs.n_instructions, batch_size)])
+    pool = min(batch_size, _POOL_CHUNK)
+    style_u = torch.cat([model.encoder(*vs.gather(torch.arange(i, min(i + pool, vs.n_instructions))))
+                         for i in range(0, vs.n_instructions, pool)])
     spk_sum = xv_sum = 0.0
     for i in range(0, len(rows), batch_size):
         r = rows[i:i + batch_size]
