@@ -1,8 +1,14 @@
-"""Read a finished cache store: arrays for whole-table training, and a torch Dataset per clip.
+"""Read a finished cache store: per-clip tables whole, instruction states per batch, a torch Dataset per clip.
 
 Only OK rows are visible; positions 0..n_ok-1 index them ("rows" below). L2 normalisation is
 applied here, as the store is configured (or as the caller overrides), so the raw values on disk
 are never changed. Zarr handles are opened lazily per process, so DataLoader workers are safe.
+
+Instruction states (ragged: flat ``[S, H]`` + offsets) are never loaded whole by default: at 300k
+unique instructions × flan-t5-large they are 12–15 GB even unpadded. They are read through a
+per-process LRU of decompressed chunks (`cache.chunked.ChunkCache`, ``states_cache_mb``), which
+makes random access fast when consecutive reads share chunks — `ChunkAwareSampler` orders a
+`CacheDataset` that way.
 """
 from __future__ import annotations
 
@@ -18,7 +24,10 @@ import pandas as pd
 import torch
 
 from cache import schema
+from cache.chunked import ChunkCache, block_window_order
 from cache.store import CORRUPTED, MISSING, StoreError, StoreInfo, check_complete, damaged, io_error, open_group
+
+DEFAULT_STATES_CACHE_MB = 256
 
 
 def l2_normalise(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
@@ -26,8 +35,10 @@ def l2_normalise(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
 
 
 class CacheReader:
-    def __init__(self, url: str, normalisation: schema.Normalisation | None = None, require_complete: bool = True):
+    def __init__(self, url: str, normalisation: schema.Normalisation | None = None, require_complete: bool = True,
+                 states_cache_mb: float = DEFAULT_STATES_CACHE_MB):
         self.url = url.rstrip("/")
+        self.states_cache_mb = states_cache_mb
         self._pid = None
         self._g = None
         self._strict = False
@@ -50,8 +61,8 @@ class CacheReader:
     def __getstate__(self):  # zarr handles are not shared across processes
         d = self.__dict__.copy()
         d["_g"] = None
-        d.pop("_tokens_arr", None)
-        d.pop("_tokens_pid", None)
+        for k in ("_tokens_arr", "_tokens_pid", "_states_cache"):
+            d.pop(k, None)
         return d
 
     def __len__(self) -> int:
@@ -128,28 +139,65 @@ class CacheReader:
         return self._tokens[off[r]:off[r + 1]].astype(np.int64)
 
     @cached_property
-    def _state_offsets(self) -> np.ndarray:
-        return self.group[schema.INSTRUCTION_OFFSETS][:]
+    def instruction_offsets(self) -> np.ndarray:
+        """int64 [U + 1]: states of instruction i are rows [off[i], off[i+1]) of ``instructions/states``."""
+        return np.asarray(self.group[schema.INSTRUCTION_OFFSETS][:], np.int64)
 
     @property
     def n_instructions(self) -> int:
         return self.info.n_instructions
 
+    @cached_property
+    def instruction_lengths(self) -> np.ndarray:
+        """int64 [U]: number of state rows (text tokens) of each instruction."""
+        return np.diff(self.instruction_offsets).astype(np.int64)
+
+    @property
+    def states_cache(self) -> ChunkCache:
+        """This process's LRU of decompressed ``instructions/states`` chunks (``states_cache_mb``)."""
+        c = self.__dict__.get("_states_cache")
+        if c is None or c.pid != os.getpid() or c.capacity_bytes != int(self.states_cache_mb * 2 ** 20):
+            c = self.__dict__["_states_cache"] = ChunkCache(self.group[schema.INSTRUCTION_STATES], self.states_cache_mb)
+        return c
+
+    def instruction_blocks(self, block_chunks: int = 1) -> np.ndarray:
+        """int64 [U]: the block of ``block_chunks`` state chunks where each instruction's states start
+        (what `cache.chunked.block_window_order` groups by)."""
+        return self.instruction_offsets[:-1] // (self.states_cache.chunk_rows * max(int(block_chunks), 1))
+
+    def _state_rows(self, i: int) -> np.ndarray:
+        off = self.instruction_offsets
+        if i < 0:  # a clip without an instruction
+            return np.zeros((0, self.text_hidden_size), schema.STATE_DTYPE)
+        return self.states_cache.rows(int(off[i]), int(off[i + 1]))
+
     def instruction_states(self, ids: Sequence[int]) -> list[np.ndarray]:
-        """float32 [L_i, H] per instruction id."""
-        off, arr = self._state_offsets, self.group[schema.INSTRUCTION_STATES]
-        return [arr[off[i]:off[i + 1]].astype(np.float32) for i in ids]
+        """float32 [L_i, H] per instruction id (id −1: empty)."""
+        return [self._state_rows(int(i)).astype(np.float32) for i in ids]
+
+    def instruction_states_batch(self, ids: Sequence[int], width: int | None = None
+                                 ) -> tuple[np.ndarray, np.ndarray]:
+        """(float16 [B, W, H] zero-padded, int64 lengths [B]) for a batch of instruction ids.
+
+        ``W`` = the batch's longest instruction unless ``width`` is given. Reads go in store order, so
+        each chunk is decompressed at most once per batch (and not at all when the cache holds it)."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        lens = self.instruction_lengths[ids] if len(ids) else np.zeros(0, np.int64)
+        W = int(lens.max(initial=0)) if width is None else int(width)
+        if len(ids) and int(lens.max()) > W:
+            raise ValueError(f"width {W} is shorter than the longest instruction of the batch ({int(lens.max())})")
+        out = np.zeros((len(ids), W, self.text_hidden_size), dtype=schema.STATE_DTYPE)
+        for k in np.argsort(self.instruction_offsets[ids], kind="stable"):
+            if lens[k]:
+                out[k, :lens[k]] = self._state_rows(int(ids[k]))
+        return out, lens
 
     def instruction_states_padded(self, ids: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(float16 [U, Lmax, H], int64 lengths [U]) — the whole table, for on-device training."""
-        ids = np.arange(self.n_instructions) if ids is None else np.asarray(ids)
-        off = self._state_offsets
-        flat = self.group[schema.INSTRUCTION_STATES][:]
-        lens = (off[ids + 1] - off[ids]).astype(np.int64)
-        out = np.zeros((len(ids), int(lens.max(initial=0)), self.text_hidden_size), dtype=schema.STATE_DTYPE)
-        for k, i in enumerate(ids):
-            out[k, : lens[k]] = flat[off[i]:off[i + 1]]
-        return out, lens
+        """(float16 [U, Lmax, H], int64 lengths [U]) — the padded table of ``ids`` (default: all).
+
+        Small stores and tests only: at 300k unique flan-t5-large instructions this is ~17 GB. Training
+        gathers per batch instead (`instruction_states_batch`, `tts_core.stage1.states`)."""
+        return self.instruction_states_batch(np.arange(self.n_instructions) if ids is None else ids)
 
     @cached_property
     def instruction_texts(self) -> list[str]:
@@ -163,7 +211,12 @@ class CacheReader:
 
 
 class CacheDataset(torch.utils.data.Dataset):
-    """One item per OK clip: vectors (normalised as configured), tokens, instruction states."""
+    """One item per OK clip: vectors (normalised as configured), tokens, instruction states (float16, the
+    store's dtype: cast where you pool).
+
+    States come through the reader's chunk cache: fast when consecutive items share chunks
+    (`ChunkAwareSampler`), a chunk decompression (~10 ms) per item in a uniform random order. For a
+    DataLoader, batch in the workers (``collate_fn=CacheDataset.collate``): one transfer per batch."""
 
     def __init__(self, reader: CacheReader):
         self.r = reader
@@ -176,12 +229,63 @@ class CacheDataset(torch.utils.data.Dataset):
         return len(self.r)
 
     def __getitem__(self, i: int) -> dict:
-        (states,) = self.r.instruction_states([int(self.inst[i])])
+        k = int(self.inst[i])
         return {
             "clip_id": self.clip_ids[i],
             "spk_emb": self.spk[i],
             "xvec": self.xvec[i],
-            "instruction_id": int(self.inst[i]),
-            "instruction_states": torch.from_numpy(states),
+            "instruction_id": k,
+            "instruction_states": torch.from_numpy(np.array(self.r._state_rows(k))),  # a copy: views pin chunks
             "speech_tokens": torch.from_numpy(self.r.speech_tokens(i)),
         }
+
+    @staticmethod
+    def collate(items: list[dict]) -> dict:
+        """Items → one batch: vectors stacked; states and speech tokens zero-padded, with their lengths."""
+        states, tokens = [it["instruction_states"] for it in items], [it["speech_tokens"] for it in items]
+        return {
+            "clip_id": [it["clip_id"] for it in items],
+            "spk_emb": torch.stack([it["spk_emb"] for it in items]),
+            "xvec": torch.stack([it["xvec"] for it in items]),
+            "instruction_id": torch.tensor([it["instruction_id"] for it in items]),
+            "instruction_states": _pad(states),
+            "instruction_lengths": torch.tensor([len(s) for s in states]),
+            "speech_tokens": _pad(tokens),
+            "speech_lengths": torch.tensor([len(t) for t in tokens]),
+        }
+
+
+def _pad(seqs: list[torch.Tensor]) -> torch.Tensor:
+    """[L_i, ...] tensors → [B, max L_i, ...] zero-padded (numpy copies: ~30x faster than pad_sequence in fp16)."""
+    out = np.zeros((len(seqs), max((len(s) for s in seqs), default=0), *seqs[0].shape[1:]),
+                   dtype=seqs[0].numpy().dtype) if seqs else np.zeros((0, 0))
+    for k, s in enumerate(seqs):
+        out[k, :len(s)] = s.numpy()
+    return torch.from_numpy(out)
+
+
+class ChunkAwareSampler(torch.utils.data.Sampler[int]):
+    """A shuffled order of a `CacheDataset` in which neighbouring items read the same state chunks.
+
+    Blocks of ``block_chunks`` consecutive state chunks are shuffled and read ``window`` blocks at a
+    time, items shuffled within the window (`cache.chunked.block_window_order`). ``window`` defaults to
+    what half the reader's chunk cache holds, so each chunk is decompressed about once per epoch. The
+    order is a function of (seed, epoch) alone; call `set_epoch` like a DistributedSampler."""
+
+    def __init__(self, dataset: CacheDataset, *, window: int | None = None, block_chunks: int = 4, seed: int = 0):
+        self.n = len(dataset)
+        iid = np.asarray(dataset.inst, np.int64)
+        blocks = dataset.r.instruction_blocks(block_chunks)
+        self.blocks = np.where(iid >= 0, blocks[np.clip(iid, 0, None)] if len(blocks) else 0, -1)
+        self.window = window or max(1, dataset.r.states_cache.capacity_chunks // (2 * block_chunks))
+        self.seed, self.epoch = int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        return iter(block_window_order(self.blocks, self.window, rng).tolist())

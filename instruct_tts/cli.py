@@ -66,7 +66,8 @@ def _stage1_overrides(a: argparse.Namespace) -> tuple[dict, dict]:
         epochs=a.epochs, batch_size=a.batch_size, lr_phase1=a.lr, lr_phase2=a.lr_phase2, patience=a.patience,
         eval_every=a.eval_every, max_steps=a.max_steps, device=a.device, held_out_frac=a.held_out_frac,
         init_from=str(a.init_from) if a.init_from else None, seed=a.seed, resume=not a.restart, split_by=a.split_by,
-        amp_dtype=a.amp).items() if v is not None}
+        amp_dtype=a.amp, states_in_memory_mb=a.states_in_memory_mb, states_cache_mb=a.states_cache_mb).items()
+        if v is not None}
     mapper = {k: v for k, v in dict(hidden_dim=a.hidden_dim, n_blocks=a.n_blocks, temperature=a.temperature,
                                     n_steps=a.n_steps).items() if v is not None}
     return train, mapper
@@ -243,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out unit: instruction texts (default) or speakers + their texts (needs a speaker column)")
     g.add_argument("--seed", type=int)
     g.add_argument("--restart", action="store_true", help="ignore out/last and start over")
+    g.add_argument("--states-in-memory-mb", type=float,
+                   help="instruction states up to this size (ragged) are held in memory / on the device (default 2048)")
+    g.add_argument("--states-cache-mb", type=float,
+                   help="bigger ones are streamed from the store through a chunk cache of this size (default 1024)")
     m = t1.add_argument_group("mapper (defaults: tts_core.mapper.MapperConfig)")
     m.add_argument("--hidden-dim", type=int)
     m.add_argument("--n-blocks", type=int)

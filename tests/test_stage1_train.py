@@ -95,18 +95,19 @@ def test_both_phases_checkpoint_and_load_mapper(tmp_path):
     assert not enc.training and not any(p.requires_grad for p in mapper.parameters())
     assert enc.hidden_size == 32 and mapper.config.cond_dim == 32 and mapper.config.n_blocks == 2
     # the loaded mapper reproduces the held-out AvgCos recorded for the selected checkpoint
-    from tts_core.stage1.train import _OnDevice, evaluate
+    from tts_core.stage1.batches import Stage1Tables
+    from tts_core.stage1.train import evaluate
 
     tr, va = data.split(cfg.held_out_frac, cfg.split_salt)
     noise = torch.randn((len(va), 512), generator=torch.Generator().manual_seed(cfg.eval_seed))
     from tts_core.stage1.artifacts import Stage1Model
 
-    m = evaluate(Stage1Model(enc, mapper), _OnDevice.build(data, tr, va, torch.device("cpu")), noise, 10)
+    m = evaluate(Stage1Model(enc, mapper), Stage1Tables.build(data, tr, va, torch.device("cpu")), noise, 10)
     assert m["avg_cos"] == pytest.approx(meta2["metrics"]["avg_cos"], abs=1e-5)
     # inference from raw text == inference from the cached states
     texts = data.instruction_texts[:3]
     style_text = enc.encode_text(texts, te)
-    style_cache = enc(data.states[:3], data.lengths[:3])
+    style_cache = enc(*data.states.gather([0, 1, 2]))
     torch.testing.assert_close(style_text, style_cache, rtol=0, atol=1e-6)
     spk, xv = mapper.inference(style_text, seed=0)
     assert spk.shape == (3, 256) and xv.shape == (3, 192)

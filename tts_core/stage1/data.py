@@ -1,8 +1,8 @@
 """Everything stage 1 trains on, in memory as torch tensors, plus the held-out split rule.
 
 `Stage1Data.from_reader(reader)` loads it from a finished cache store (`cache.reader.CacheReader`);
-`Stage1Data(...)` builds it from arrays (tests, synthetic data). Training then moves it to the device
-once and never touches the store again.
+`Stage1Data(...)` builds it from arrays (tests, synthetic data). Training moves the per-clip tables to
+the device once; instruction states are gathered per batch (`tts_core.stage1.states`).
 
 What is kept
 ------------
@@ -10,8 +10,11 @@ What is kept
   the others are counted in ``dropped``;
 * ``spk`` [N, 256] and ``xvec`` [N, 192] are L2-normalised here whatever the store's normalisation
   setting (DESIGN: the flow target is built from unit vectors; normalising twice is a no-op);
-* ``states`` [U, Lmax, H] float16 + ``lengths`` [U]: one row per *unique* instruction, so a clip
-  reaches its text states through ``instruction_id`` (no per-clip copy).
+* ``states``: a states source over the *unique* instructions (`tts_core.stage1.states`: the ragged
+  table in memory, or streamed from the store when it exceeds ``states_in_memory_mb``), so a clip
+  reaches its text states through ``instruction_id`` (no per-clip copy) and the padded
+  [U, Lmax, H] table never exists. ``lengths`` [U] = ``states.lengths``. A padded tensor is accepted
+  (tests, synthetic data) and converted to the ragged form.
 
 Held-out split rule (`split_rows`)
 ----------------------------------
@@ -43,6 +46,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from tts_core.stage1.states import InstructionStates, RaggedStates, load_states
 
 SPK_DIM = 256
 XVEC_DIM = 192
@@ -112,11 +117,11 @@ class Stage1Data:
     spk: torch.Tensor  # float32 [N, 256], L2-normalised
     xvec: torch.Tensor  # float32 [N, 192], L2-normalised
     instruction_id: torch.Tensor  # int64 [N], row of states
-    states: torch.Tensor  # float16 [U, Lmax, H], zero-padded, one row per unique instruction
-    lengths: torch.Tensor  # int64 [U]
+    states: InstructionStates  # one entry per unique instruction (or a padded [U, Lmax, H] tensor + lengths)
     clip_ids: list[str]
     instruction_texts: list[str]  # [U]
     text_encoder_identity: dict  # ModelIdentity.to_dict() of the encoder that produced `states`
+    lengths: torch.Tensor | None = None  # int64 [U]; given only beside a padded tensor (= states.lengths)
     speakers: list[str] | None = None
     cache_identity: dict = field(default_factory=dict)  # where the data came from (store url, digests, models)
     dropped: dict = field(default_factory=dict)  # reason -> count of clips not kept
@@ -125,10 +130,18 @@ class Stage1Data:
         self.spk = F.normalize(torch.as_tensor(self.spk, dtype=torch.float32), dim=-1)
         self.xvec = F.normalize(torch.as_tensor(self.xvec, dtype=torch.float32), dim=-1)
         self.instruction_id = torch.as_tensor(self.instruction_id, dtype=torch.long)
-        self.states = torch.as_tensor(self.states)
-        if not self.states.is_floating_point():
-            raise TypeError("states must be floating point")
-        self.lengths = torch.as_tensor(self.lengths, dtype=torch.long)
+        if not isinstance(self.states, InstructionStates):
+            if not torch.as_tensor(self.states).is_floating_point():
+                raise TypeError("states must be floating point")
+            if self.lengths is None:
+                raise ValueError("a padded states tensor needs its lengths")
+            try:
+                self.states = RaggedStates.from_padded(self.states, self.lengths)
+            except ValueError as e:
+                raise ValueError(f"invalid Stage1Data: {e}") from None
+        elif self.lengths is not None and not torch.equal(torch.as_tensor(self.lengths).long(), self.states.lengths):
+            raise ValueError("invalid Stage1Data: lengths disagree with the states source")
+        self.lengths = self.states.lengths
         if hasattr(self.text_encoder_identity, "to_dict"):
             self.text_encoder_identity = self.text_encoder_identity.to_dict()
         self.clip_ids = [str(c) for c in self.clip_ids]
@@ -146,14 +159,10 @@ class Stage1Data:
             problems.append(f"{len(self.clip_ids)} clip ids for {N} clips")
         if self.speakers is not None and len(self.speakers) != N:
             problems.append(f"{len(self.speakers)} speakers for {N} clips")
-        if self.states.ndim != 3:
-            problems.append(f"states must be [U, Lmax, H], got {tuple(self.states.shape)}")
-        if self.lengths.shape != (U,) or len(self.instruction_texts) != U:
-            problems.append(f"{U} state rows, {tuple(self.lengths.shape)} lengths, {len(self.instruction_texts)} texts")
+        if len(self.instruction_texts) != U:
+            problems.append(f"{U} state rows, {len(self.instruction_texts)} texts")
         if N and (int(self.instruction_id.min()) < 0 or int(self.instruction_id.max()) >= U):
             problems.append("instruction_id out of range [0, U)")
-        if U and self.states.ndim == 3 and (int(self.lengths.min()) < 0 or int(self.lengths.max()) > self.states.shape[1]):
-            problems.append("lengths out of range [0, Lmax]")
         if not (torch.isfinite(self.spk).all() and torch.isfinite(self.xvec).all()):
             problems.append("non-finite speaker vectors")
         if problems:
@@ -166,11 +175,11 @@ class Stage1Data:
 
     @property
     def n_instructions(self) -> int:
-        return int(self.states.shape[0])
+        return self.states.n_instructions
 
     @property
     def hidden_size(self) -> int:
-        return int(self.states.shape[-1])
+        return self.states.hidden_size
 
     def fingerprint(self) -> str:
         """Digest of what defines a run's data (clip ids, instruction ids/texts, shapes, text encoder)."""
@@ -194,34 +203,27 @@ class Stage1Data:
         return split_rows(self.instruction_id.numpy(), self.instruction_texts, held_out_frac, salt,
                           speakers=self.speakers if by == "speaker" else None)
 
-    def mean_pooled_states(self, chunk: int = 4096) -> torch.Tensor:
-        """Mean over real tokens of each instruction's raw states → float32 [U, H] (NN baseline)."""
-        out = torch.zeros(self.n_instructions, self.hidden_size)
-        for i in range(0, self.n_instructions, chunk):
-            s = self.states[i:i + chunk].float()
-            ln = self.lengths[i:i + chunk]
-            mask = (torch.arange(s.shape[1])[None, :] < ln[:, None]).float()
-            out[i:i + chunk] = (s * mask[..., None]).sum(1) / ln.clamp(min=1)[:, None].float()
-        return out
+    def mean_pooled_states(self, ids: np.ndarray | None = None, chunk: int = 1024, device="cpu") -> torch.Tensor:
+        """Mean over real tokens of instructions ``ids`` (default all) of the raw states → float32 [n, H]."""
+        return self.states.mean_pool(np.arange(self.n_instructions) if ids is None else ids, chunk, device)
 
     # ---- loading ------------------------------------------------------------------------------------
     @classmethod
-    def from_reader(cls, reader: Any, with_states: bool = True) -> "Stage1Data":
+    def from_reader(cls, reader: Any, with_states: bool = True, states_in_memory_mb: float = 2048,
+                    states_cache_mb: float = 1024) -> "Stage1Data":
         """Load from a `cache.reader.CacheReader` (or anything with its API; module doc).
 
-        ``with_states=False`` skips the instruction-state table (zero-width states, zero lengths): enough
-        for the split and the vectors, without materialising [U, Lmax, H] (evaluation of a big cache)."""
+        States: the ragged table in memory when it is at most ``states_in_memory_mb``, else streamed
+        through a ``states_cache_mb`` chunk cache (`tts_core.stage1.states.load_states`).
+        ``with_states=False`` reads no states (zero lengths): enough for the split and the vectors."""
         spk = np.asarray(reader.spk_emb(), dtype=np.float32)
         xvec = np.asarray(reader.xvec(), dtype=np.float32)
         iid = np.asarray(reader.instruction_id(), dtype=np.int64)
         man = reader.ok_manifest
         if not (len(spk) == len(xvec) == len(iid) == len(man)):
             raise ValueError(f"reader tables disagree: spk {len(spk)}, xvec {len(xvec)}, ids {len(iid)}, manifest {len(man)}")
-        if with_states:
-            states, lengths = reader.instruction_states_padded()
-        else:
-            states = np.zeros((reader.n_instructions, 0, reader.text_hidden_size), np.float16)
-            lengths = np.zeros(reader.n_instructions, np.int64)
+        states = (load_states(reader, states_in_memory_mb, states_cache_mb) if with_states
+                  else RaggedStates.empty(reader.n_instructions, reader.text_hidden_size))
         texts = list(reader.instruction_texts)
         keep = iid >= 0
         dropped = {"no_instruction": int((~keep).sum())}
@@ -240,8 +242,7 @@ class Stage1Data:
             spk=torch.from_numpy(spk[keep]),
             xvec=torch.from_numpy(xvec[keep]),
             instruction_id=torch.from_numpy(iid[keep]),
-            states=torch.from_numpy(np.asarray(states)),
-            lengths=torch.from_numpy(np.asarray(lengths, dtype=np.int64)),
+            states=states,
             clip_ids=man["clip_id"].astype(str)[keep].tolist(),
             instruction_texts=texts,
             text_encoder_identity=te.to_dict() if hasattr(te, "to_dict") else dict(te),

@@ -4,10 +4,13 @@
     result = train_stage1(data, Stage1TrainConfig(out_dir="runs/stage1"), on_epoch=print)
     encoder, mapper, meta = load_mapper("runs/stage1", text_encoder_identity=text_encoder.identity)
 
-Speed path: every table (vectors, instruction ids, padded instruction states) is moved to the device
-once; an epoch is a device-side permutation and each batch is a handful of index ops on device tensors
-(no DataLoader, no per-sample Python). The only host sync per step is one 4-float transfer (loss parts
-and gradient norm) used to skip non-finite steps.
+Speed path: the per-clip tables (vectors, instruction ids) are moved to the device once, and so are
+the instruction states when their ragged table fits ``states_in_memory_mb``: an epoch is then a
+device-side permutation and each batch a handful of index ops on device tensors (no DataLoader, no
+per-sample Python). The only host sync per step is one 4-float transfer (loss parts and gradient norm)
+used to skip non-finite steps. Bigger state tables are streamed from the store per batch, in a
+chunk-aware order with one batch of read-ahead (`tts_core.stage1.batches`); the padded [U, Lmax, H]
+table is never built (300k unique flan-t5-large instructions would make it ~17 GB).
 
 Phases (DESIGN "Stage 1"): phase 1 trains with the heads reconstructing from ground-truth x1 at
 ``lr_phase1``; phase 2 (``use_predicted_recon``) starts from phase 1's *best* checkpoint at the lower
@@ -18,7 +21,10 @@ root then publishes the better of the phases' best checkpoints (same held-out ro
 Held-out evaluation uses a fixed noise tensor (``eval_seed``), so two evaluations differ only by the
 weights. Baselines, computed once beside it: the train-set mean vector, and nearest neighbour on
 instruction text (mean-pooled raw text-encoder states, cosine; predict the mean GT vectors of the nearest
-train instruction's clips).
+train instruction's clips). The nearest-neighbour search is exact up to ``nn_max_queries`` held-out ×
+``nn_max_keys`` train instructions; above that it runs on a seeded uniform sample of each (held-out
+clips of the sampled instructions are scored), which keeps it O(queries × keys) instead of quadratic in
+the data; the report says when it was sampled.
 
 Output directory::
 
@@ -52,6 +58,7 @@ from tts_core.stage1.artifacts import (
     META_FILE, WEIGHTS_FILE, Stage1Model, atomic_torch_save, atomic_write_json, atomic_write_text,
     copy_checkpoint, dtype_name, load_mapper, load_weights, read_meta, resolve_checkpoint, save_checkpoint,
 )
+from tts_core.stage1.batches import Stage1Batches, Stage1Tables, mix_seed as _mix_seed
 from tts_core.stage1.data import Stage1Data
 
 __all__ = ["Stage1TrainConfig", "Stage1Result", "NonFiniteLossError", "train_stage1", "load_mapper",
@@ -60,6 +67,7 @@ __all__ = ["Stage1TrainConfig", "Stage1Result", "NonFiniteLossError", "train_sta
 log = logging.getLogger(__name__)
 
 PHASES = {"1": ("1",), "2": ("2",), "both": ("1", "2")}
+_POOL_CHUNK = 1024  # instructions pooled at once in evaluation: [1024, Lmax, 1024] fp32 is ~0.3 GB
 RESUME_FILE = "resume.pt"
 
 
@@ -94,6 +102,10 @@ class Stage1TrainConfig:
     eval_n_steps: int = 10  # Euler steps in held-out evaluation
     eval_seed: int = 1234
     eval_batch_size: int = 8192
+    nn_max_queries: int = 2048  # nearest-instruction baseline: held-out instructions searched (sampled above)
+    nn_max_keys: int = 50_000  # ... among this many train instructions (sampled above)
+    states_in_memory_mb: float = 2048  # ragged state tables up to this size live in memory / on the device
+    states_cache_mb: float = 1024  # bigger ones are streamed through a chunk cache of this size
     init_from: str | None = None  # phase "2" alone: a stage-1 checkpoint (run dir) to start from
     resume: bool = True  # continue from out_dir/last when it exists
     progress: bool = False  # tqdm bar over steps
@@ -150,15 +162,6 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _mix_seed(*parts) -> int:
-    return int.from_bytes(hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest(), "big") >> 1
-
-
-def _epoch_perm(seed: int, phase: str, epoch: int, n: int, device: torch.device) -> torch.Tensor:
-    g = torch.Generator().manual_seed(_mix_seed(seed, phase, epoch))
-    return torch.randperm(n, generator=g).to(device)
-
-
 def _lr_at(cfg: Stage1TrainConfig, phase: str, phase_step: int) -> float:
     base = cfg.lr_phase1 if phase == "1" else cfg.lr_phase2
     if cfg.warmup_steps > 0 and phase_step < cfg.warmup_steps:
@@ -179,29 +182,15 @@ def _cos_mean(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(F.cosine_similarity(a.float(), b.float(), dim=-1).mean())
 
 
-@dataclass
-class _OnDevice:
-    spk: torch.Tensor
-    xvec: torch.Tensor
-    iid: torch.Tensor
-    states: torch.Tensor
-    lengths: torch.Tensor
-    train_rows: torch.Tensor
-    val_rows: torch.Tensor
-
-    @classmethod
-    def build(cls, data: Stage1Data, train_rows: np.ndarray, val_rows: np.ndarray, device: torch.device):
-        return cls(
-            spk=data.spk.to(device), xvec=data.xvec.to(device), iid=data.instruction_id.to(device),
-            states=data.states.to(device), lengths=data.lengths.to(device),
-            train_rows=torch.from_numpy(train_rows).to(device), val_rows=torch.from_numpy(val_rows).to(device))
-
-
 # ---- evaluation -------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def compute_baselines(data: Stage1Data, train_rows: np.ndarray, val_rows: np.ndarray,
-                      device: torch.device | str = "cpu", chunk: int = 1024) -> dict:
-    """Held-out cosines of two references: the train-set mean vector, and nearest neighbour on instruction text."""
+                      device: torch.device | str = "cpu", chunk: int = 1024, max_queries: int = 2048,
+                      max_keys: int = 50_000, seed: int = 0) -> dict:
+    """Held-out cosines of two references: the train-set mean vector, and nearest neighbour on instruction text.
+
+    The nearest-neighbour search runs on at most ``max_queries`` held-out and ``max_keys`` train
+    instructions (seeded uniform samples; exact when both cover everything — module doc)."""
     device = torch.device(device)
     tr, va = torch.from_numpy(train_rows), torch.from_numpy(val_rows)
     spk, xv, iid = data.spk, data.xvec, data.instruction_id
@@ -209,41 +198,51 @@ def compute_baselines(data: Stage1Data, train_rows: np.ndarray, val_rows: np.nda
     m_spk, m_xv = _cos_mean(spk[va], spk[tr].mean(0)[None]), _cos_mean(xv[va], xv[tr].mean(0)[None])
     out.update(mean_spk_cos=m_spk, mean_xvec_cos=m_xv, mean_avg_cos=(m_spk + m_xv) / 2)
 
-    # Nearest neighbour on mean-pooled raw text states.
-    U, H = data.n_instructions, data.hidden_size
-    pooled = torch.zeros(U, H, device=device)
-    for i in range(0, U, chunk):
-        s = data.states[i:i + chunk].to(device).float()
-        ln = data.lengths[i:i + chunk].to(device)
-        mask = (torch.arange(s.shape[1], device=device)[None] < ln[:, None]).float()
-        pooled[i:i + chunk] = (s * mask[..., None]).sum(1) / ln.clamp(min=1)[:, None].float()
-    pooled = F.normalize(pooled, dim=-1)
-    tr_iid, va_iid = iid[tr].to(device), iid[va].to(device)
-    counts = torch.zeros(U, device=device).index_add_(0, tr_iid, torch.ones_like(tr_iid, dtype=torch.float32))
-    sum_spk = torch.zeros(U, spk.shape[1], device=device).index_add_(0, tr_iid, spk[tr].to(device))
-    sum_xv = torch.zeros(U, xv.shape[1], device=device).index_add_(0, tr_iid, xv[tr].to(device))
-    train_u = torch.nonzero(counts > 0).squeeze(1)
-    val_u, inv = torch.unique(va_iid, return_inverse=True)
-    nn_of_val = torch.empty_like(val_u)
+    # Nearest neighbour on mean-pooled raw text states (sorted ids: a streamed source reads front to back).
+    rng = np.random.default_rng(_mix_seed(seed, "nn-baseline"))
+    all_train_u, all_val_u = np.unique(iid[tr].numpy()), np.unique(iid[va].numpy())
+    train_u, val_u = _sample_sorted(all_train_u, max_keys, rng), _sample_sorted(all_val_u, max_queries, rng)
+    both = np.union1d(train_u, val_u)
+    pooled = F.normalize(data.mean_pooled_states(both, chunk, device), dim=-1)
+    key_pos, query_pos = np.searchsorted(both, train_u), np.searchsorted(both, val_u)
+    keys = torch.from_numpy(key_pos).to(device)
+    tr_iid = iid[tr].to(device)
+    slot = torch.full((data.n_instructions,), -1, dtype=torch.long, device=device)  # instruction → key index
+    slot[torch.from_numpy(train_u).to(device)] = torch.arange(len(train_u), device=device)
+    tr_slot = slot[tr_iid]
+    used = tr_slot >= 0
+    counts = torch.zeros(len(train_u), device=device).index_add_(0, tr_slot[used], torch.ones(int(used.sum()), device=device))
+    sum_spk = torch.zeros(len(train_u), spk.shape[1], device=device).index_add_(0, tr_slot[used], spk[tr].to(device)[used])
+    sum_xv = torch.zeros(len(train_u), xv.shape[1], device=device).index_add_(0, tr_slot[used], xv[tr].to(device)[used])
+    nn_of_val = torch.empty(len(val_u), dtype=torch.long, device=device)
     for i in range(0, len(val_u), chunk):
-        sims = pooled[val_u[i:i + chunk]] @ pooled[train_u].T
-        nn_of_val[i:i + chunk] = train_u[sims.argmax(dim=1)]
-    pred = nn_of_val[inv]
-    n_spk = _cos_mean(spk[va].to(device), sum_spk[pred] / counts[pred, None])
-    n_xv = _cos_mean(xv[va].to(device), sum_xv[pred] / counts[pred, None])
-    out.update(nn_spk_cos=n_spk, nn_xvec_cos=n_xv, nn_avg_cos=(n_spk + n_xv) / 2)
+        sims = pooled[torch.from_numpy(query_pos[i:i + chunk]).to(device)] @ pooled[keys].T
+        nn_of_val[i:i + chunk] = sims.argmax(dim=1)
+    va_iid = iid[va].numpy()
+    scored = np.isin(va_iid, val_u)
+    pred = nn_of_val[torch.from_numpy(np.searchsorted(val_u, va_iid[scored])).to(device)]
+    va_s = va[torch.from_numpy(scored)]
+    n_spk = _cos_mean(spk[va_s].to(device), sum_spk[pred] / counts[pred, None])
+    n_xv = _cos_mean(xv[va_s].to(device), sum_xv[pred] / counts[pred, None])
+    out.update(nn_spk_cos=n_spk, nn_xvec_cos=n_xv, nn_avg_cos=(n_spk + n_xv) / 2, nn_queries=int(len(val_u)),
+               nn_keys=int(len(train_u)),
+               nn_sampled=bool(len(val_u) < len(all_val_u) or len(train_u) < len(all_train_u)))
     return out
 
 
+def _sample_sorted(ids: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    return np.sort(rng.choice(ids, k, replace=False)) if len(ids) > k else ids
+
+
 @torch.no_grad()
-def evaluate(model: Stage1Model, dd: _OnDevice, noise: torch.Tensor, n_steps: int, batch_size: int = 8192) -> dict:
+def evaluate(model: Stage1Model, dd: Stage1Tables, noise: torch.Tensor, n_steps: int, batch_size: int = 8192) -> dict:
     """Held-out SpkCos / XVecCos / AvgCos of inferred vectors vs ground truth (fixed noise per row)."""
     was_training = model.training
     model.eval()
-    rows = dd.val_rows
-    uniq, inv = torch.unique(dd.iid[rows], return_inverse=True)
-    style_u = torch.cat([model.encoder(dd.states[uniq[i:i + batch_size]], dd.lengths[uniq[i:i + batch_size]])
-                         for i in range(0, len(uniq), batch_size)])
+    rows, inv, vs = dd.val_rows, dd.val_inv, dd.val_states
+    pool = min(batch_size, _POOL_CHUNK)
+    style_u = torch.cat([model.encoder(*vs.gather(torch.arange(i, min(i + pool, vs.n_instructions))))
+                         for i in range(0, vs.n_instructions, pool)])
     spk_sum = xv_sum = 0.0
     for i in range(0, len(rows), batch_size):
         r = rows[i:i + batch_size]
@@ -260,6 +259,10 @@ def evaluate(model: Stage1Model, dd: _OnDevice, noise: torch.Tensor, n_steps: in
 # ---- report -----------------------------------------------------------------------------------------------------
 def _fmt(x) -> str:
     return "—" if x is None else (f"{x:.4f}" if isinstance(x, float) else str(x))
+
+
+def _nn_note(b: dict) -> str:
+    return f"; sampled: {b['nn_queries']} held-out × {b['nn_keys']} train instructions" if b.get("nn_sampled") else ""
 
 
 def _write_report(out: Path, summary: dict) -> None:
@@ -279,7 +282,8 @@ def _write_report(out: Path, summary: dict) -> None:
         "## Baselines (held-out)", "",
         "| baseline | SpkCos | XVecCos | AvgCos |", "|---|---|---|---|",
         f"| train-set mean vector | {_fmt(b['mean_spk_cos'])} | {_fmt(b['mean_xvec_cos'])} | {_fmt(b['mean_avg_cos'])} |",
-        f"| nearest instruction (mean-pooled text states) | {_fmt(b['nn_spk_cos'])} | {_fmt(b['nn_xvec_cos'])} | "
+        f"| nearest instruction (mean-pooled text states{_nn_note(b)}) | {_fmt(b['nn_spk_cos'])} | "
+        f"{_fmt(b['nn_xvec_cos'])} | "
         f"{_fmt(b['nn_avg_cos'])} |", "",
         "## Held-out evaluations", "",
         "| phase | epoch | step | train loss | SpkCos | XVecCos | AvgCos | mean AvgCos | NN AvgCos | best | rows/s |",
@@ -325,9 +329,11 @@ def train_stage1(data: Stage1Data, cfg: Stage1TrainConfig, mapper_cfg: MapperCon
     torch.manual_seed(cfg.seed)
     encoder = InstructionEncoder(H, states_dtype=data.states.dtype)
     model = Stage1Model(encoder, InstructionMapper(mapper_cfg)).to(device)
-    dd = _OnDevice.build(data, train_rows, val_rows, device)
+    dd = Stage1Tables.build(data, train_rows, val_rows, device, eval_in_memory_mb=cfg.states_in_memory_mb)
+    batches = Stage1Batches(dd, cfg.batch_size, cfg.seed)
     t0 = time.time()
-    baselines = compute_baselines(data, train_rows, val_rows, device)
+    baselines = compute_baselines(data, train_rows, val_rows, device, max_queries=cfg.nn_max_queries,
+                                  max_keys=cfg.nn_max_keys, seed=cfg.eval_seed)
     log.info("stage1 baselines (%.1fs): %s", time.time() - t0, baselines)
     eval_noise = torch.randn((n_val, mapper_cfg.dim), generator=torch.Generator().manual_seed(cfg.eval_seed)).to(device)
     noise_gen = torch.Generator(device=device).manual_seed(_mix_seed(cfg.seed, "noise"))
@@ -409,13 +415,11 @@ def train_stage1(data: Stage1Data, cfg: Stage1TrainConfig, mapper_cfg: MapperCon
         acc = {"loss": 0.0, "fm": 0.0, "recon": 0.0, "n": 0, "t": time.time(), "rows": 0}
         stop_run = False
         while not _epochs_done(cfg, st) and not st.phase_finished:
-            perm = _epoch_perm(cfg.seed, phase, st.epoch, n_train, device)
             for b in range(st.batch, n_batches):
-                idx = dd.train_rows[perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]]
-                iid = dd.iid[idx]
-                style = model.encoder(dd.states[iid], dd.lengths[iid])  # fp32, autocast off inside
+                batch = batches.get(phase, st.epoch, b)
+                style = model.encoder(batch.states, batch.lengths)  # fp32, autocast off inside
                 with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    loss, parts = model.mapper.loss(style, dd.spk[idx], dd.xvec[idx], use_predicted_recon=use_pred,
+                    loss, parts = model.mapper.loss(style, batch.spk, batch.xvec, use_predicted_recon=use_pred,
                                                     generator=noise_gen)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -445,7 +449,7 @@ def train_stage1(data: Stage1Data, cfg: Stage1TrainConfig, mapper_cfg: MapperCon
                             f"{st.nonfinite_total} skipped in total (max_nonfinite={cfg.max_nonfinite}). Check the "
                             f"data for NaN/inf, lower lr_phase{phase}, or try amp_dtype='fp32'. The last good "
                             f"resume checkpoint is {resume_path}.")
-                acc["rows"] += int(idx.shape[0])
+                acc["rows"] += batch.size
                 st.batch = b + 1
                 st.global_step += 1
                 st.phase_step += 1
@@ -481,6 +485,7 @@ def train_stage1(data: Stage1Data, cfg: Stage1TrainConfig, mapper_cfg: MapperCon
         if st.phase_idx >= len(phases):
             st.done = True
         save_resume()
+    batches.close()
     if bar is not None:
         bar.close()
 

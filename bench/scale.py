@@ -1,0 +1,292 @@
+"""Benchmark: growth with data size — wall time, rows/s and peak RSS of each stage on stores of 10k / 100k /
+300k rows in the project's schema, side by side in one table.
+
+    uv run python -m bench.scale                          # 10k and 100k rows, H=1024, every instruction unique
+    uv run python -m bench.scale --sizes 300000           # the user's scale (~13 GB of store under --workdir)
+    uv run python -m bench.scale --hidden 256 --unique-frac 0.2 --device cuda
+
+Stores hold synthetic vectors with realistic lengths: instructions N(24, 6) text-encoder tokens (clipped to
+8..64; flan-t5 tokens of a one-sentence voice description), speech 25 Hz × U(2, 14) s, transcripts ~15
+characters per second, one speaker per ~50 clips. ``--unique-frac`` sets unique instructions / rows (the
+user's data: ~1). Every stage runs in its own process, so its peak RSS (``ru_maxrss``) is its own:
+
+  write             build the store through `cache.writer.CacheWriter` (what build-cache calls)
+  stage 1: load     `Stage1Data` from the store (tables, manifest; states streamed or in memory)
+  stage 1: train    `train_stage1_from_store`: load + NN baseline + ``--steps`` steps + one held-out
+                    evaluation; rows/s = training steps only; peak RSS = the whole stage-1 process
+  NN baseline       load + `compute_baselines` (sampled nearest-instruction search)
+  random access     `CacheDataset` items with their states, in `ChunkAwareSampler` order: batches of 256
+                    (items + `CacheDataset.collate`, what a DataLoader does) in one process and
+                    in a DataLoader with 2 workers, and item by item; then item by item in a uniform
+                    random order (what the reader gave before)
+  stage 2: prepare  `prepare_stage2_data` (byte tokenizer, untrained pooling + small mapper)
+
+The mapper is small (``--mapper-hidden``/``--mapper-blocks``; its compute is not what is measured here).
+Targets (printed pass/fail): peak RSS of stage 1 and stage 2 ≤ 6 GB at every size, random access with
+states ≥ 5,000 rows/s in chunk-aware order. Stores are deleted after each size unless ``--keep``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+RSS_TARGET_GB = 6.0
+RANDOM_TARGET = 5_000
+STAGES = ("write", "stage1", "baseline", "random", "random_item", "random_loader", "random_uniform", "stage2")
+WORDS = ("the", "a", "voice", "speaks", "slowly", "river", "morning", "light", "quiet", "city", "window", "green",
+         "story", "number", "people", "under", "between", "often", "never", "always", "found", "small", "house")
+
+
+# ---- the store -----------------------------------------------------------------------------------------------------
+def write_store(url: str, n_rows: int, n_unique: int, hidden: int, seed: int = 0) -> None:
+    """A finished store of ``n_rows`` OK clips and ``n_unique`` instructions (module doc)."""
+    import pandas as pd
+
+    from cache import schema
+    from cache.writer import CacheWriter, ClipBatch
+    from tts_core.identity import ModelIdentity
+
+    rng = np.random.default_rng(seed)
+    models = {r: ModelIdentity(f"synthetic {r} (bench)", f"{i + 1:064x}") for i, r in enumerate(schema.MODEL_ROLES)}
+    w = CacheWriter.open_for_build(url, n_rows=n_rows, n_instructions=n_unique, lines_digest=f"bench/{n_rows}/{n_unique}",
+                                   prefix_digest=None, models=models, normalisation=schema.Normalisation(),
+                                   text_hidden_size=hidden)
+    lens = np.clip(np.rint(rng.normal(24, 6, n_unique)), 8, 64).astype(np.int64)
+    pool = (0.25 * rng.standard_normal((16384, hidden), dtype=np.float32)).astype(np.float16)  # fast "random" rows
+    for a in range(0, n_unique, 1024):
+        ln = lens[a:a + 1024]
+        flat = pool[rng.integers(0, len(pool), int(ln.sum()))]
+        w.append_instruction_states(a, np.split(flat, np.cumsum(ln)[:-1]))
+    # instruction ids in first-appearance order (as build-cache assigns them); the rest drawn uniformly
+    iid = np.concatenate([np.arange(n_unique), rng.integers(0, n_unique, n_rows - n_unique)]).astype(np.int32)
+    texts = [f"voice {i}: " + " ".join(rng.choice(WORDS, 8)) for i in range(n_unique)]
+    B = schema.CLIP_CHUNK
+    for a in range(0, n_rows, B):
+        n = min(B, n_rows - a)
+        dur = rng.uniform(2, 14, n).astype(np.float32)
+        toks = [rng.integers(0, 6561, int(25 * d)).astype(np.int16) for d in dur]
+        ids = iid[a:a + n]
+        man = pd.DataFrame({
+            "row": np.arange(a, a + n), "clip_id": [f"clip{i:07d}" for i in range(a, a + n)],
+            "audio_path": [f"wavs/clip{i:07d}.wav" for i in range(a, a + n)],
+            "transcript": [" ".join(rng.choice(WORDS, max(1, int(d * 15 / 6)))) for d in dur],
+            "instruction": [texts[int(k)] for k in ids], "speaker": [f"spk{i // 50}" for i in range(a, a + n)],
+            "instruction_id": ids, "status": "ok", "reason": "", "detail": "", "duration": dur,
+            "line": np.arange(a, a + n) + 1})
+        w.write_clip_batch(ClipBatch(a, rng.standard_normal((n, 256), dtype=np.float32),
+                                     14 * rng.standard_normal((n, 192), dtype=np.float32), dur, ids,
+                                     np.full(n, schema.STATUS_OK, np.int8), toks, man))
+    w.finalize()
+
+
+# ---- one stage, in a child process ---------------------------------------------------------------------------------
+def _stage(name: str, store: str, a: argparse.Namespace) -> dict:
+    n = a.rows
+    if name == "write":
+        import cache.writer  # noqa: F401  (imports are not the write's time)
+        import pandas  # noqa: F401
+
+        t = time.perf_counter()
+        write_store(store, a.rows, a.n_unique, a.hidden, a.seed)
+        wall = time.perf_counter() - t
+        size = sum(f.stat().st_size for f in Path(store).rglob("*") if f.is_file())
+        return {"write": {"wall": wall, "rows_s": n / wall, "note": f"{size / 2 ** 30:.1f} GiB on disk"}}
+    if name == "stage1":
+        from tts_core.mapper import MapperConfig
+        from tts_core.stage1.from_store import load_stage1_data
+        from tts_core.stage1.train import Stage1TrainConfig, train_stage1
+
+        cfg = Stage1TrainConfig(out_dir=str(Path(a.workdir) / "stage1"), phase="1", batch_size=a.batch_size,
+                                epochs=1, min_phase_steps=0, max_steps=a.steps, eval_every=a.steps, resume=False,
+                                device=a.device, eval_n_steps=2)
+        t = time.perf_counter()
+        data = load_stage1_data(store, states_in_memory_mb=cfg.states_in_memory_mb, states_cache_mb=cfg.states_cache_mb)
+        load = time.perf_counter() - t
+        how = "streamed" if data.states.streamed else "in memory"
+        t = time.perf_counter()
+        res = train_stage1(data, cfg, MapperConfig(hidden_dim=a.mapper_hidden, n_blocks=a.mapper_blocks, n_steps=2))
+        wall = time.perf_counter() - t
+        h = res.history[-1]
+        return {"stage1_load": {"wall": load, "rows_s": n / load, "note": f"states {how}"},
+                "stage1": {"wall": wall, "rows_s": h["rows_per_s"],
+                           "note": f"{a.steps} steps of {a.batch_size}: {h['train_seconds']:.1f} s; rest = NN baseline "
+                                   f"+ evaluation of {res.n_val} held-out rows"}}
+    if name == "baseline":
+        from tts_core.stage1.from_store import load_stage1_data
+        from tts_core.stage1.train import Stage1TrainConfig, compute_baselines
+
+        cfg = Stage1TrainConfig()
+        data = load_stage1_data(store)
+        tr, va = data.split(cfg.held_out_frac, cfg.split_salt)
+        t = time.perf_counter()
+        b = compute_baselines(data, tr, va, max_queries=cfg.nn_max_queries, max_keys=cfg.nn_max_keys)
+        wall = time.perf_counter() - t
+        return {"baseline": {"wall": wall, "rows_s": len(va) / wall,
+                             "note": f"{b['nn_queries']} held-out × {b['nn_keys']} train instructions"
+                                     f"{' (sampled)' if b['nn_sampled'] else ''}"}}
+    if name.startswith("random"):
+        import torch
+
+        from cache.reader import CacheDataset, CacheReader, ChunkAwareSampler
+
+        ds = CacheDataset(CacheReader(store))
+        if name == "random_uniform":  # one item at a time
+            order = np.random.default_rng(0).permutation(len(ds))[:a.uniform_items]
+        else:
+            order = np.asarray(list(ChunkAwareSampler(ds, seed=0)))[:a.random_items]
+        t = time.perf_counter()
+        if name == "random_loader":
+            loader = torch.utils.data.DataLoader(ds, batch_size=256, sampler=order.tolist(), num_workers=2,
+                                                 collate_fn=CacheDataset.collate)
+            count = sum(len(b["clip_id"]) for b in loader)
+        elif name == "random":  # what a DataLoader without workers does: batches of 256 from the sampler
+            for i in range(0, len(order), 256):
+                CacheDataset.collate([ds[int(j)] for j in order[i:i + 256]])
+            count = len(order)
+        else:
+            for i in order:
+                ds[int(i)]
+            count = len(order)
+        wall = time.perf_counter() - t
+        return {name: {"wall": wall, "rows_s": count / wall, "note": f"{count} items"}}
+    if name == "stage2":
+        from cache.reader import CacheReader
+        from tts_core.mapper import InstructionEncoder, InstructionMapper, MapperConfig
+        from tts_core.stage2.data import prepare_stage2_data
+        from tts_core.stage2.text_tokenizer import ByteTextTokenizer
+
+        reader = CacheReader(store)
+        H = reader.text_hidden_size
+        enc = InstructionEncoder(H).eval()
+        mapper = InstructionMapper(MapperConfig(cond_dim=H, hidden_dim=a.mapper_hidden, n_blocks=a.mapper_blocks)).eval()
+        t = time.perf_counter()
+        data = prepare_stage2_data(reader, ByteTextTokenizer(), enc, mapper, n_steps=2)
+        wall = time.perf_counter() - t
+        return {"stage2": {"wall": wall, "rows_s": len(data) / wall, "note": f"{len(data)} rows kept"}}
+    raise ValueError(name)
+
+
+def _child(a: argparse.Namespace) -> None:
+    out = _stage(a.child, a.store, a)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB → GiB
+    for k in out:
+        out[k]["rss"] = rss
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+# ---- the driver ------------------------------------------------------------------------------------------------------
+ROWS = (("write", "write store"), ("stage1_load", "stage 1: load"), ("stage1", "stage 1: train (whole process)"),
+        ("baseline", "NN baseline"), ("random", "random access, chunk-aware, batches of 256"),
+        ("random_item", "random access, chunk-aware, item by item"),
+        ("random_loader", "random access, chunk-aware, DataLoader 2 workers × batches of 256"),
+        ("random_uniform", "random access, uniform order"), ("stage2", "stage 2: prepare"))
+
+
+def _run_child(stage: str, store: str, a: argparse.Namespace, n: int) -> dict:
+    args = [sys.executable, "-m", "bench.scale", "--child", stage, "--store", store, "--rows", str(n),
+            "--n-unique", str(max(1, int(round(n * a.unique_frac)))), "--hidden", str(a.hidden), "--seed", str(a.seed),
+            "--steps", str(a.steps), "--batch-size", str(a.batch_size), "--device", a.device, "--workdir", str(a.workdir),
+            "--mapper-hidden", str(a.mapper_hidden), "--mapper-blocks", str(a.mapper_blocks),
+            "--random-items", str(a.random_items), "--uniform-items", str(a.uniform_items)]
+    p = subprocess.run(args, capture_output=True, text=True)
+    lines = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
+    if p.returncode or not lines:
+        print(f"  {stage} failed (exit {p.returncode}):\n{p.stderr[-3000:]}", file=sys.stderr)
+        return {}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def _table(results: dict[int, dict], a: argparse.Namespace) -> str:
+    sizes = list(results)
+    head = "| stage | " + " | ".join(f"{n // 1000}k: wall s | rows/s | peak RSS GiB" for n in sizes) + " | notes (largest) |"
+    lines = [head, "|---|" + "---|---|---|" * len(sizes) + "---|"]
+    for key, label in ROWS:
+        if not any(key in results[n] for n in sizes):
+            continue
+        cells = []
+        for n in sizes:
+            r = results[n].get(key)
+            cells.append(f"{r['wall']:.1f} | {r['rows_s']:,.0f} | {r['rss']:.2f}" if r else "— | — | —")
+        note = results[sizes[-1]].get(key, {}).get("note", "")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {note} |")
+    return "\n".join(lines)
+
+
+def _verdicts(results: dict[int, dict]) -> list[str]:
+    out = []
+    for n, r in results.items():
+        for key in ("stage1", "stage2"):
+            if key in r:
+                ok = r[key]["rss"] <= RSS_TARGET_GB
+                out.append(f"{n // 1000}k {key} peak RSS {r[key]['rss']:.2f} GiB ≤ {RSS_TARGET_GB} GiB: "
+                           f"{'PASS' if ok else 'FAIL'}")
+        if "random" in r:
+            ok = r["random"]["rows_s"] >= RANDOM_TARGET
+            out.append(f"{n // 1000}k random access {r['random']['rows_s']:,.0f} rows/s ≥ {RANDOM_TARGET:,}: "
+                       f"{'PASS' if ok else 'FAIL'}")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="10000,100000", help="store rows, comma-separated")
+    ap.add_argument("--unique-frac", type=float, default=1.0, help="unique instructions / rows")
+    ap.add_argument("--hidden", type=int, default=1024, help="text-encoder width (flan-t5-large: 1024)")
+    ap.add_argument("--stages", default=",".join(STAGES))
+    ap.add_argument("--steps", type=int, default=30, help="stage-1 training steps")
+    ap.add_argument("--batch-size", type=int, default=512)
+    ap.add_argument("--mapper-hidden", type=int, default=256)
+    ap.add_argument("--mapper-blocks", type=int, default=2)
+    ap.add_argument("--random-items", type=int, default=50_000)
+    ap.add_argument("--uniform-items", type=int, default=500)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--workdir", type=Path, default=None, help="where stores are written (default: a /tmp dir)")
+    ap.add_argument("--keep", action="store_true", help="keep the stores")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--store", help=argparse.SUPPRESS)
+    ap.add_argument("--rows", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--n-unique", type=int, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        return _child(a)
+
+    import torch
+
+    a.workdir = a.workdir or Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    stages = [s for s in a.stages.split(",") if s]
+    sizes = [int(s) for s in a.sizes.split(",")]
+    print(f"device {a.device}; torch threads {torch.get_num_threads()}; H={a.hidden}; unique instructions = "
+          f"{a.unique_frac:g} × rows; stages {stages}; stores under {a.workdir}", flush=True)
+    results: dict[int, dict] = {}
+    for n in sizes:
+        store = str(Path(a.workdir) / f"scale-{n}.zarr")
+        results[n] = {}
+        for stage in stages:
+            if stage != "write" and not Path(store).exists():
+                print(f"  {n}: no store at {store} (run the write stage)", file=sys.stderr)
+                break
+            t = time.perf_counter()
+            got = _run_child(stage, store, a, n)
+            results[n].update(got)
+            print(f"  {n:>7} rows  {stage:15s} {time.perf_counter() - t:7.1f} s  "
+                  + "  ".join(f"{k}: {v['rows_s']:,.0f} rows/s, {v['rss']:.2f} GiB" for k, v in got.items()), flush=True)
+        if not a.keep:
+            shutil.rmtree(store, ignore_errors=True)
+    print()
+    print(_table(results, a))
+    print()
+    print("\n".join(_verdicts(results)))
+
+
+if __name__ == "__main__":
+    main()
