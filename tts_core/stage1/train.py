@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from tts_core.checkpoint import ResumeMismatchError
+from tts_core.interrupt import TrainingInterrupted, stop_requested
 from tts_core.precision import resolve_amp
 from tts_core.mapper.flow import InstructionMapper, MapperConfig
 from tts_core.mapper.pooling import InstructionEncoder, check_text_encoder_identity
@@ -395,6 +396,7 @@ def train_stage1(data: Stage1Data, cfg: Stage1TrainConfig, mapper_cfg: MapperCon
         if st.phase_finished:  # resumed right after a phase ended
             st = _advance_phase(st)
             opt = None
+            resumed_opt_state = None  # the saved optimizer was the finished phase's; the next one starts fresh
             st.done = st.phase_idx >= len(phases)
             save_resume()
             continue
@@ -411,6 +413,9 @@ def train_stage1(data: Stage1Data, cfg: Stage1TrainConfig, mapper_cfg: MapperCon
         while not _epochs_done(cfg, st) and not st.phase_finished:
             perm = _epoch_perm(cfg.seed, phase, st.epoch, n_train, device)
             for b in range(st.batch, n_batches):
+                if cfg.max_steps is not None and st.global_step >= cfg.max_steps:  # resumed at the very end
+                    stop_run = True
+                    break
                 idx = dd.train_rows[perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]]
                 iid = dd.iid[idx]
                 style = model.encoder(dd.states[iid], dd.lengths[iid])  # fp32, autocast off inside
@@ -466,6 +471,10 @@ def train_stage1(data: Stage1Data, cfg: Stage1TrainConfig, mapper_cfg: MapperCon
                     acc = {"loss": 0.0, "fm": 0.0, "recon": 0.0, "n": 0, "t": time.time(), "rows": 0}
                 elif cfg.checkpoint_every > 0 and st.global_step % cfg.checkpoint_every == 0:
                     save_resume()
+                if stop_requested():  # Ctrl-C (tts_core.interrupt): state at this step boundary, then stop
+                    save_resume()
+                    raise TrainingInterrupted(f"stage 1 stopped at step {st.global_step}, state saved in "
+                                              f"{resume_path}; rerun the same command to resume")
                 if hit_max:
                     stop_run = True
                 if st.phase_finished or stop_run:
