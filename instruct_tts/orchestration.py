@@ -16,9 +16,9 @@ from typing import TextIO
 STARTUP_TIMEOUT_S = 120  # the temporary server's start-up wait, unless the user set one
 
 
-def startup_timeout(settings) -> int:
-    """Seconds to wait for the temporary API server: the user's own setting, else at least STARTUP_TIMEOUT_S."""
-    eph = settings.server.ephemeral
+def startup_timeout(eph) -> int:
+    """Seconds to wait for the temporary API server (``eph``: Prefect's ``settings.server.ephemeral``): the
+    user's own setting, else at least STARTUP_TIMEOUT_S."""
     if "startup_timeout_seconds" in eph.model_fields_set:  # set in the environment or the Prefect profile
         return int(eph.startup_timeout_seconds)
     return max(int(eph.startup_timeout_seconds), STARTUP_TIMEOUT_S)
@@ -39,7 +39,7 @@ def prefect_api_problem() -> str | None:
         return "no PREFECT_API_URL is set and Prefect's temporary server is disabled"
     from prefect.server.api.server import SubprocessASGIServer
 
-    timeout = startup_timeout(settings)
+    timeout = startup_timeout(settings.server.ephemeral)
     server = SubprocessASGIServer()  # the instance Prefect's own client code uses: a started one is reused
     try:
         server.start(timeout=timeout)
