@@ -75,7 +75,7 @@ def main() -> None:
         ds[int(i)]
     dt = time.perf_counter() - t
     print(f"reader Dataset random access: {len(ds) / dt:8.0f} rows/s")
-    loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=True, num_workers=2)
+    loader = ds.loader(batch_size=None, shuffle=True, num_workers=2)
     t = time.perf_counter()
     n = sum(1 for _ in loader)
     print(f"reader DataLoader (2 workers): {n / (time.perf_counter() - t):7.0f} rows/s")

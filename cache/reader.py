@@ -210,13 +210,21 @@ class CacheReader:
         return texts
 
 
+# How DataLoader workers start. Not "fork": a forked worker inherits the parent's threads' state and
+# at-exit hooks, and once a Prefect flow has run in the parent (Prefect 3.7: its services' at-exit drain
+# asserts in a fork child) every forked worker dies at exit with code 1 ("DataLoader worker exited
+# unexpectedly"). A forkserver child starts from a clean interpreter; the reader reopens the store there.
+WORKER_START_METHOD = "forkserver"
+
+
 class CacheDataset(torch.utils.data.Dataset):
     """One item per OK clip: vectors (normalised as configured), tokens, instruction states (float16, the
     store's dtype: cast where you pool).
 
     States come through the reader's chunk cache: fast when consecutive items share chunks
-    (`ChunkAwareSampler`), a chunk decompression (~10 ms) per item in a uniform random order. For a
-    DataLoader, batch in the workers (``collate_fn=CacheDataset.collate``): one transfer per batch."""
+    (`ChunkAwareSampler`), a chunk decompression (~10 ms) per item in a uniform random order. Iterate it
+    with `loader` (worker processes started safely), not a bare DataLoader; batch in the workers
+    (``collate_fn=CacheDataset.collate``): one transfer per batch."""
 
     def __init__(self, reader: CacheReader):
         self.r = reader
@@ -238,6 +246,12 @@ class CacheDataset(torch.utils.data.Dataset):
             "instruction_states": torch.from_numpy(np.array(self.r._state_rows(k))),  # a copy: views pin chunks
             "speech_tokens": torch.from_numpy(self.r.speech_tokens(i)),
         }
+
+    def loader(self, **kw) -> torch.utils.data.DataLoader:
+        """``DataLoader(self, **kw)`` whose worker processes (``num_workers > 0``) start by WORKER_START_METHOD."""
+        if kw.get("num_workers", 0) > 0:
+            kw.setdefault("multiprocessing_context", WORKER_START_METHOD)
+        return torch.utils.data.DataLoader(self, **kw)
 
     @staticmethod
     def collate(items: list[dict]) -> dict:

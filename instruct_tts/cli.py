@@ -1,8 +1,10 @@
 """`instruct-tts`: one command per stage. Each subcommand parses flags into the stage's config
-dataclass and calls the stage's Prefect flow (or, with --no-prefect, the same function directly)."""
+dataclass and calls the stage's Prefect flow (or, with --no-prefect or when no Prefect API can be had, the same
+function directly: instruct_tts/orchestration.py)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -26,7 +28,7 @@ def _cmd_build_cache(a: argparse.Namespace) -> int:
         print("instruct-tts: error: --task-runner dask runs through Prefect (prefect-dask); drop --no-prefect",
               file=sys.stderr)
         return 2
-    if a.no_prefect:
+    if not a.use_prefect:  # dask needs Prefect: without an API this process encodes (the same store)
         from cache.build import BuildConfig, build_cache
         from cache.schema import Normalisation
         from tts_core.frozen import FrozenModelsConfig
@@ -75,7 +77,7 @@ def _stage1_overrides(a: argparse.Namespace) -> tuple[dict, dict]:
 
 def _cmd_train_stage1(a: argparse.Namespace) -> int:
     train, mapper = _stage1_overrides(a)
-    if a.no_prefect:
+    if not a.use_prefect:
         from tts_core.mapper.flow import MapperConfig
         from tts_core.stage1.from_store import train_stage1_from_store
         from tts_core.stage1.train import Stage1TrainConfig
@@ -104,8 +106,7 @@ def _cmd_train_stage2(a: argparse.Namespace) -> int:
         device=a.device, amp_dtype=a.amp, compile=a.compile or None, save_every=a.save_every,
         log_every=a.log_every, text_tokenizer=a.text_tokenizer, seed=a.seed, language=a.language,
         resume=False if a.restart else None).items() if v is not None}
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if a.no_prefect or distributed:  # a flow run is one process; torchrun ranks run the library directly
+    if not a.use_prefect:  # also under torchrun: a flow run is one process; ranks run the library directly
         from tts_core.stage2.train import Stage2Config, train_stage2
         from tts_core.tb import logged
 
@@ -167,7 +168,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
                      n_instructions=a.n, seed=a.seed, device=a.device, max_new_tokens=a.max_new_tokens,
                      text_encoder=str(a.text_encoder) if a.text_encoder else None,
                      chatterbox_dir=str(a.chatterbox_dir) if a.chatterbox_dir else None, language=a.language)
-    if a.no_prefect:
+    if not a.use_prefect:
         summary = evaluate_run(cfg, on_item=lambda k, n, r: print(f"  {k}/{n} {r['instruction']}", file=sys.stderr))
     else:
         from flows.evaluate import evaluate_flow
@@ -182,7 +183,7 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     from instruct_tts.demo import DemoConfig, run_demo
 
     return run_demo(DemoConfig(out=a.out, n_clips=a.n_clips, seed=a.seed, device=a.device,
-                               use_prefect=not a.no_prefect))
+                               use_prefect=a.use_prefect))
 
 
 def _cmd_serve(a: argparse.Namespace) -> int:
@@ -254,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--n-steps", type=int, help="Euler steps at inference")
     m.add_argument("--temperature", type=float, help="sampling temperature of the flow's start noise")
     t1.add_argument("--no-prefect", action="store_true", help="run without Prefect (no artifacts)")
-    t1.set_defaults(func=_cmd_train_stage1)
+    t1.set_defaults(func=_cmd_train_stage1, ctrl_c_saves=True)
 
     t2 = sub.add_parser("train-stage2", help="train T3 + AdaRMSNorm adapters (torchrun for multi-GPU)")
     t2.add_argument("--store", required=True, help="cache store written by build-cache")
@@ -284,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true", help="torch.compile the Llama backbone")
     g.add_argument("--restart", action="store_true", help="ignore checkpoints in --out and start over")
     t2.add_argument("--no-prefect", action="store_true", help="run without Prefect (always so under torchrun)")
-    t2.set_defaults(func=_cmd_train_stage2)
+    t2.set_defaults(func=_cmd_train_stage2, ctrl_c_saves=True)
 
     sy = sub.add_parser("synthesize", help="text + instruction (and/or a reference clip) -> wav")
     sy.add_argument("--run", type=Path, required=True, help="train-stage2 --out directory")
@@ -332,14 +333,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _under_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _ctrl_c_handling(a: argparse.Namespace):
+    """Training: the first Ctrl-C stops at the next step boundary with a checkpoint (tts_core.interrupt).
+    Not under torchrun, where every rank would have to stop at the same step."""
+    if getattr(a, "ctrl_c_saves", False) and not _under_torchrun():
+        from tts_core.interrupt import stop_after_step
+
+        return stop_after_step()
+    return contextlib.nullcontext()
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no machine here reaches a model hub
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network: telemetry only logs errors
     a = build_parser().parse_args(argv)
     try:
-        return a.func(a)
-    except KeyboardInterrupt:
+        if hasattr(a, "no_prefect"):  # a stage that runs through Prefect unless told not to, or unable to
+            from instruct_tts.orchestration import use_prefect
+
+            dask = getattr(a, "task_runner", "local") != "local"
+            a.use_prefect = use_prefect(not a.no_prefect and not _under_torchrun(),
+                                        also="; clip shards encoded in this process, not on Dask" if dask else "")
+        with _ctrl_c_handling(a):
+            return a.func(a)
+    except KeyboardInterrupt as exc:
+        from tts_core.interrupt import TrainingInterrupted
+
+        print("instruct-tts: " + (str(exc) if isinstance(exc, TrainingInterrupted) else
+                                  "interrupted; rerun the same command to continue from what was saved"),
+              file=sys.stderr)
         return 130
     except Exception as exc:
         from cache.store import StoreError

@@ -109,3 +109,78 @@ def test_evaluate_flow_publishes_report_table_and_links(t3_run, demo_store, tmp_
     assert "Direction accuracy" in arts[f"{key}-report"].data
     assert "f0_hz" in arts[f"{key}-clips"].data
     assert arts[f"{key}-eval-json"].data.startswith("[eval.json](file://")
+
+
+# ---- the CLI with and without a Prefect API ---------------------------------------------------------------------
+TINY_STAGE1 = ["--phase", "1", "--device", "cpu", "--max-steps", "4", "--eval-every", "4", "--batch-size", "32",
+               "--hidden-dim", "32", "--n-blocks", "1"]
+
+
+def test_cli_runs_through_prefect_when_an_api_answers(demo_store, tmp_path, prefect_harness, capsys):
+    from instruct_tts.cli import main
+
+    store, _ = demo_store
+    out = tmp_path / "viaprefect"
+    assert main(["train-stage1", "--store", store, "--out", str(out), *TINY_STAGE1]) == 0
+    assert "without Prefect" not in capsys.readouterr().err
+    assert "train-set mean vector" in _artifacts()["viaprefect-stage1-report"].data  # the flow ran and published
+
+
+def test_cli_runs_without_prefect_when_no_api_server_starts(demo_store, tmp_path, monkeypatch, capsys):
+    """No PREFECT_API_URL and a temporary server that never answers (a process that sleeps), with the user's
+    start-up timeout of 1 s: Prefect's own start-up code times out as on a busy machine; the command still
+    trains and writes its report, says so in one line, and leaves no server process behind."""
+    import subprocess
+    import sys
+
+    import flows.train_stage1
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import (PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+                                  temporary_settings)
+    from prefect.settings.models.server.ephemeral import ServerEphemeralSettings
+
+    from instruct_tts.cli import main
+    from instruct_tts.orchestration import STARTUP_TIMEOUT_S, startup_timeout
+
+    started = []
+
+    def never_answers(self):
+        started.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]))
+        return started[-1]
+
+    def flow_must_not_run(**kw):
+        raise AssertionError("the flow ran without an API")
+
+    monkeypatch.setattr(SubprocessASGIServer, "_instances", {})  # not the session harness' server
+    monkeypatch.setattr(SubprocessASGIServer, "_run_uvicorn_command", never_answers)
+    monkeypatch.setattr(flows.train_stage1, "train_stage1_flow", flow_must_not_run)
+    store, _ = demo_store
+    out = tmp_path / "noprefect"
+    assert startup_timeout(ServerEphemeralSettings.model_construct()) == STARTUP_TIMEOUT_S  # none set: generous
+    assert startup_timeout(ServerEphemeralSettings.model_construct(startup_timeout_seconds=1)) == 1  # the user's
+    with temporary_settings(updates={PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 1},
+                            restore_defaults={PREFECT_API_URL}):
+        rc = main(["train-stage1", "--store", store, "--out", str(out), *TINY_STAGE1])
+    assert rc == 0 and "train-set mean vector" in (out / "report.md").read_text()
+    said = [l for l in capsys.readouterr().err.splitlines() if "Prefect" in l]
+    assert said == ["instruct-tts: the temporary Prefect API server did not start within 1 s (Timed out while "
+                    "attempting to connect to ephemeral Prefect API server.); running without Prefect (results "
+                    "go to files only, no Prefect artifacts)"]
+    assert len(started) == 1 and started[0].poll() is not None  # stopped, not left running
+
+
+def test_cache_loader_workers_exit_cleanly_after_a_flow_ran(demo_store, prefect_harness):
+    """A flow run leaves Prefect services whose at-exit hook fails in a forked child (Prefect 3.7): DataLoader
+    workers forked after it died with exit code 1. CacheDataset.loader starts them by forkserver."""
+    from prefect import flow
+
+    from cache.reader import CacheDataset, CacheReader
+    from test_store import assert_loader_workers_exit_cleanly
+
+    @flow(log_prints=True)
+    def hello() -> int:
+        print("hello")
+        return 1
+
+    assert hello() == 1
+    assert_loader_workers_exit_cleanly(CacheDataset(CacheReader(demo_store[0])))

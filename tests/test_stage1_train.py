@@ -203,6 +203,76 @@ def test_resume_after_kill_9_equals_uninterrupted_run(tmp_path, uninterrupted):
     _assert_same_run(res, opt, ref_res, ref_opt)
 
 
+class Killed(BaseException):
+    """A kill, as far as the loop can tell: not an Exception, so nothing in the loop handles it."""
+
+
+def _kill_during(monkeypatch, what: str, n: int) -> None:
+    """Raise Killed at the n-th training step (mid-step: loss computed, no optimizer step yet), or half-way
+    through writing the n-th resume checkpoint; for "ctrl-c", deliver SIGINT mid-step n instead."""
+    calls = {"n": 0}
+
+    def tick():
+        calls["n"] += 1
+        if calls["n"] == n:
+            if what == "ctrl-c":
+                signal.raise_signal(signal.SIGINT)
+            else:
+                raise Killed(f"{what} {n}")
+
+    if what in ("step", "ctrl-c"):
+        orig_loss = InstructionMapper.loss
+
+        def loss(self, *a, **kw):
+            out = orig_loss(self, *a, **kw)
+            tick()
+            return out
+
+        monkeypatch.setattr(InstructionMapper, "loss", loss)
+    elif what == "save":
+        orig_save = torch.save
+
+        def save(obj, f, *a, **kw):
+            if calls["n"] + 1 == n:
+                Path(f).write_bytes(b"half a checkpoint")
+            tick()
+            orig_save(obj, f, *a, **kw)
+
+        monkeypatch.setattr(torch, "save", save)
+
+
+@pytest.mark.parametrize("what,n", [("step", 3), ("step", 7), ("step", 11), ("eval", 2), ("eval", 3), ("save", 1),
+                                    ("save", 3), ("ctrl-c", 7)],
+                         ids=["step3-before-any-checkpoint", "step7-between-checkpoints", "step11-in-phase2",
+                              "phase1-end-eval", "after-the-last-checkpoint", "first-checkpoint-write",
+                              "phase-switch-checkpoint-write", "ctrl-c"])
+def test_killed_anywhere_resumes_to_the_uninterrupted_weights(tmp_path, uninterrupted, monkeypatch, what, n):
+    """Kill at any point (evaluations at steps 6, 8 = end of phase 1, 12; resume checkpoints written at 6, 8, 8
+    after the phase switch, 12), rerun: weights, optimizer moments and evaluations equal the uninterrupted
+    run's bit for bit (CPU, one thread). Ctrl-C saves the state at the step where it arrived."""
+    from tts_core.interrupt import TrainingInterrupted, stop_after_step
+
+    ref_res, ref_opt = uninterrupted
+    data, cfg = _small_data(), _small_cfg(tmp_path, max_steps=12, eval_every=6)
+    evals = {"n": 0}
+
+    def on_epoch(m):
+        evals["n"] += 1
+        if what == "eval" and evals["n"] == n:
+            raise Killed("eval")
+
+    with monkeypatch.context() as m, stop_after_step():
+        _kill_during(m, what, n)
+        with pytest.raises(TrainingInterrupted if what == "ctrl-c" else Killed) as exc:
+            train_stage1(data, cfg, SMALL_MAPPER, on_epoch=on_epoch)
+    if what == "ctrl-c":
+        assert json.loads((tmp_path / "last" / "resume.json").read_text())["state"]["global_step"] == n
+        assert f"stopped at step {n}" in str(exc.value) and "resume.pt" in str(exc.value)
+    res = train_stage1(data, cfg, SMALL_MAPPER)
+    opt = torch.load(tmp_path / "last" / "resume.pt", weights_only=True)["optimizer"]
+    _assert_same_run(res, opt, ref_res, ref_opt)
+
+
 def test_resume_refuses_another_run(tmp_path):
     data = _small_data()
     train_stage1(data, _small_cfg(tmp_path, phase="1", max_steps=5), SMALL_MAPPER)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import unicodedata
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -303,26 +305,102 @@ def test_training_freezes_stage1_trains_t3_and_loss_decreases(env, tmp_path):
     assert load_text_tokenizer(None, t3_dir=out).identity == ByteTextTokenizer().identity
 
 
-def test_resume_after_kill_is_bit_identical(env, tmp_path):
-    cfg_a = _cfg(env, tmp_path / "a", max_steps=6, save_every=2)
-    a = train_stage2(cfg_a)
+@pytest.fixture(scope="module")
+def straight_run(env, tmp_path_factory):
+    """6 steps uninterrupted, checkpoints at 2, 4, 6: what every interrupted run below must end with."""
+    torch.set_num_threads(1)
+    return train_stage2(_cfg(env, tmp_path_factory.mktemp("straight"), max_steps=6, save_every=2))
 
-    class Killed(RuntimeError):
+
+class Killed(BaseException):
+    """A kill, as far as the loop can tell: not an Exception, so nothing in the loop handles it."""
+
+
+def _interrupt_at(monkeypatch, what: str, n: int) -> None:
+    """At the n-th training forward (mid-step), the n-th resume-state write (half-written) or the n-th
+    ``latest.json`` update (checkpoint directory renamed into place, pointer not yet moved): raise Killed —
+    or, for "ctrl-c", deliver SIGINT and let the loop stop at the step boundary."""
+    calls = {"n": 0}
+
+    def hit() -> bool:
+        calls["n"] += 1
+        return calls["n"] == n
+
+    if what in ("step", "ctrl-c"):
+        orig = Stage2Model.forward
+
+        def forward(self, *a, **kw):
+            out = orig(self, *a, **kw)
+            if hit():
+                if what == "ctrl-c":
+                    signal.raise_signal(signal.SIGINT)
+                else:
+                    raise Killed
+            return out
+
+        monkeypatch.setattr(Stage2Model, "forward", forward)
+    elif what == "save":
+        orig_save = torch.save
+
+        def save(obj, f, *a, **kw):
+            if hit():
+                Path(f).write_bytes(b"half a checkpoint")
+                raise Killed
+            orig_save(obj, f, *a, **kw)
+
+        monkeypatch.setattr(torch, "save", save)
+    elif what == "latest":
+        import tts_core.stage2.train as s2
+
+        orig_json = s2.atomic_write_json
+
+        def write_json(path, obj):
+            if Path(path).name == "latest.json" and hit():
+                raise Killed
+            orig_json(path, obj)
+
+        monkeypatch.setattr(s2, "atomic_write_json", write_json)
+
+
+@pytest.mark.parametrize("what,n", [("step", 3), ("save", 2), ("latest", 2), ("ctrl-c", 3)],
+                         ids=["step3-between-checkpoints", "checkpoint-write", "before-latest-moves", "ctrl-c"])
+def test_interrupted_anywhere_resumes_to_the_uninterrupted_weights(env, tmp_path, straight_run, monkeypatch, what, n):
+    """Interrupted at any point and rerun: every tensor equals the uninterrupted run's (CPU, one thread)."""
+    from tts_core.interrupt import TrainingInterrupted, stop_after_step
+
+    cfg = _cfg(env, tmp_path / "run", max_steps=6, save_every=2)
+    with monkeypatch.context() as m, stop_after_step():
+        _interrupt_at(m, what, n)
+        with pytest.raises(TrainingInterrupted if what == "ctrl-c" else Killed) as exc:
+            train_stage2(cfg)
+    if what == "ctrl-c":  # a checkpoint at the step where Ctrl-C arrived, named in the message
+        assert json.loads((tmp_path / "run" / "latest.json").read_text())["step"] == 3
+        assert "stopped at step 3" in str(exc.value) and "step_00000003" in str(exc.value)
+    res = train_stage2(cfg)
+    assert res.global_step == 6
+    sa, sb = straight_run.t3.state_dict(), res.t3.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert [r["loss"] for r in res.history] == [r["loss"] for r in straight_run.history]  # re-logged, not doubled
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_00000004", "step_00000006"]
+
+
+def test_resume_after_an_error_in_a_callback_is_bit_identical(env, tmp_path, straight_run):
+    class Stop(RuntimeError):
         pass
 
-    def kill_at_5(row):
+    def fail_at_5(row):
         if row["step"] == 5:
-            raise Killed
+            raise Stop
 
     cfg_b = _cfg(env, tmp_path / "b", max_steps=6, save_every=2)
-    with pytest.raises(Killed):
-        train_stage2(cfg_b, on_log=kill_at_5)
+    with pytest.raises(Stop):
+        train_stage2(cfg_b, on_log=fail_at_5)
     assert json.loads((tmp_path / "b" / "latest.json").read_text())["step"] == 4
     b = train_stage2(cfg_b)
     assert b.global_step == 6
-    sa, sb = a.t3.state_dict(), b.t3.state_dict()
+    sa, sb = straight_run.t3.state_dict(), b.t3.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert [r["loss"] for r in a.history] == [r["loss"] for r in b.history]  # steps 5-6 re-logged, not doubled
+    assert [r["loss"] for r in straight_run.history] == [r["loss"] for r in b.history]
     with pytest.raises(ValueError, match="another run"):
         train_stage2(_cfg(env, tmp_path / "b", max_steps=8, save_every=2, seed=1))
 

@@ -61,9 +61,7 @@ def test_round_trip_and_reader(tmp_path):
     ds = CacheDataset(r)
     item = ds[4]
     assert item["instruction_states"].shape[0] == lens[item["instruction_id"]]
-    loader = __import__("torch").utils.data.DataLoader(ds, batch_size=None, num_workers=2)
-    got = [it["clip_id"] for it, _ in zip(loader, range(3))]
-    assert got == ds.clip_ids[:3]  # multi-worker safe
+    assert_loader_workers_exit_cleanly(ds)
     # prompt tokens: given per clip (b3), else each clip's own first 150 tokens (b1)
     b3 = _batch(300, 20, rng, bad=(1,))
     b3.prompt_tokens = [t[::-1][:4] for t in b3.tokens]
@@ -73,6 +71,17 @@ def test_round_trip_and_reader(tmp_path):
     prompt = lambda row: pflat[poff[row]:poff[row + 1]].tolist()  # noqa: E731
     assert prompt(3) == list(b1.tokens[3][:150]) and prompt(5) == []  # row 5 quarantined
     assert prompt(300) == list(b3.tokens[0][::-1][:4]) and prompt(301) == []
+
+
+def assert_loader_workers_exit_cleanly(ds: CacheDataset) -> None:
+    """Two worker processes read the right rows, and both exit with code 0 when the loader is dropped
+    mid-epoch (a worker that dies at exit passes a test silently; its exit code says so)."""
+    it = iter(ds.loader(batch_size=None, num_workers=2))
+    got = [next(it)["clip_id"] for _ in range(3)]
+    workers = list(it._workers)
+    it._shutdown_workers()  # what dropping the iterator does
+    assert got == ds.clip_ids[:3]
+    assert [w.exitcode for w in workers] == [0, 0]
 
 
 def test_uncommitted_writes_are_rolled_back(tmp_path):

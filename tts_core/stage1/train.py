@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from tts_core.checkpoint import ResumeMismatchError
+from tts_core.interrupt import TrainingInterrupted, stop_requested
 from tts_core.precision import resolve_amp
 from tts_core.mapper.flow import InstructionMapper, MapperConfig
 from tts_core.mapper.pooling import InstructionEncoder, check_text_encoder_identity
@@ -401,6 +402,7 @@ def train_stage1(data: Stage1Data, cfg: Stage1TrainConfig, mapper_cfg: MapperCon
         if st.phase_finished:  # resumed right after a phase ended
             st = _advance_phase(st)
             opt = None
+            resumed_opt_state = None  # the saved optimizer was the finished phase's; the next one starts fresh
             st.done = st.phase_idx >= len(phases)
             save_resume()
             continue
@@ -416,6 +418,9 @@ def train_stage1(data: Stage1Data, cfg: Stage1TrainConfig, mapper_cfg: MapperCon
         stop_run = False
         while not _epochs_done(cfg, st) and not st.phase_finished:
             for b in range(st.batch, n_batches):
+                if cfg.max_steps is not None and st.global_step >= cfg.max_steps:  # resumed at the very end
+                    stop_run = True
+                    break
                 batch = batches.get(phase, st.epoch, b)
                 style = model.encoder(batch.states, batch.lengths)  # fp32, autocast off inside
                 with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
@@ -470,6 +475,10 @@ def train_stage1(data: Stage1Data, cfg: Stage1TrainConfig, mapper_cfg: MapperCon
                     acc = {"loss": 0.0, "fm": 0.0, "recon": 0.0, "n": 0, "t": time.time(), "rows": 0}
                 elif cfg.checkpoint_every > 0 and st.global_step % cfg.checkpoint_every == 0:
                     save_resume()
+                if stop_requested():  # Ctrl-C (tts_core.interrupt): state at this step boundary, then stop
+                    save_resume()
+                    raise TrainingInterrupted(f"stage 1 stopped at step {st.global_step}, state saved in "
+                                              f"{resume_path}; rerun the same command to resume")
                 if hit_max:
                     stop_run = True
                 if st.phase_finished or stop_run:

@@ -88,6 +88,7 @@ from torch import nn
 
 from tts_core.atomic_files import atomic_copy, atomic_torch_save, atomic_write_json, atomic_write_text, json_default
 from tts_core.checkpoint import ResumeMismatchError
+from tts_core.interrupt import TrainingInterrupted, stop_requested
 from tts_core.precision import resolve_amp
 from tts_core.mapper.pooling import TextEncoderMismatchError, check_text_encoder_identity
 from tts_core.stage2.data import (
@@ -841,6 +842,11 @@ def _train(cfg, on_log, dd: _Dist, device: torch.device, CacheReader, load_mappe
                     on_log(row)
         if cfg.save_every > 0 and st.global_step % cfg.save_every == 0:
             save()
+        if stop_requested():  # Ctrl-C (tts_core.interrupt; never set under torchrun): checkpoint here, then stop
+            if last_saved != st.global_step:
+                save()
+            raise TrainingInterrupted(f"stage 2 stopped at step {st.global_step}, checkpoint "
+                                      f"{_latest_checkpoint(out)}; rerun the same command to resume")
     stopped = "done" if st.epoch >= cfg.epochs else "max_steps"
     if bar is not None:
         bar.close()
