@@ -108,11 +108,11 @@ class CacheReader:
             with fsspec.open(path, "rb") as f:
                 data = f.read()
         except FileNotFoundError:
-            raise damaged(path, MISSING) from None
+            raise damaged(self.url, path, MISSING) from None
         except OSError as exc:
             raise io_error(path, exc) from None
         if self.info.manifest_sha256 is not None and hashlib.sha256(data).hexdigest() != self.info.manifest_sha256:
-            raise damaged(path, CORRUPTED)
+            raise damaged(self.url, path, CORRUPTED)
         return pd.read_parquet(io.BytesIO(data))
 
     @cached_property

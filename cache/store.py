@@ -41,8 +41,8 @@ class StoreNotFound(StoreError):
 MISSING, CORRUPTED = "missing (deleted or lost)", "corrupted (checksum mismatch)"
 
 
-def damaged(path: str, what: str) -> StoreError:
-    return StoreError(f"{path} is {what}: the store is damaged; delete it and rerun the same build-cache "
+def damaged(store: str, path: str, what: str) -> StoreError:
+    return StoreError(f"{path} is {what}: the store is damaged; delete {store} and rerun the same build-cache "
                       "command to rebuild it")
 
 
@@ -153,12 +153,11 @@ class CheckedStore(WrapperStore):
         if _is_chunk(key):
             if buf is None:
                 if self.strict:
-                    raise damaged(self._path(key), MISSING)
+                    raise damaged(self.url, self._path(key), MISSING)
             elif byte_range is None:
-                data = buf.as_numpy_array()
-                stored = int.from_bytes(bytes(data[-4:]), "little")
-                if len(data) < 4 or google_crc32c.value(bytes(data[:-4])) != stored:
-                    raise damaged(self._path(key), CORRUPTED)
+                data = buf.as_numpy_array()  # the crc32c codec's layout: payload, then its CRC32C (uint32 LE)
+                if len(data) < 4 or google_crc32c.value(data[:-4]) != int.from_bytes(bytes(data[-4:]), "little"):
+                    raise damaged(self.url, self._path(key), CORRUPTED)
         return buf
 
     async def get_partial_values(self, prototype, key_ranges):
@@ -208,7 +207,7 @@ def open_group(url: str, mode: str = "r", strict: bool = False) -> zarr.Group:
     except (FileNotFoundError, zarr.errors.NodeNotFoundError):
         raise StoreNotFound(f"no cache store at {url}; build one with `instruct-tts build-cache`") from None
     except (ValueError, KeyError, TypeError) as exc:  # unparsable zarr.json
-        raise damaged(f"{url}/zarr.json", f"unreadable ({type(exc).__name__})") from None
+        raise damaged(url, f"{url}/zarr.json", f"unreadable ({type(exc).__name__})") from None
 
 
 def store_exists(url: str) -> bool:
@@ -283,7 +282,7 @@ def check_complete(url: str, g: zarr.Group, info: StoreInfo) -> None:
         try:
             return g[path]
         except KeyError:
-            raise damaged(f"{url}/{path}", MISSING) from None
+            raise damaged(url, f"{url}/{path}", MISSING) from None
 
     want = {spec.path: info.n_rows for spec in schema.CLIP_ARRAYS}
     want |= {offsets: info.n_rows + 1 for offsets, _ in schema.RAGGED_TOKENS}
@@ -293,4 +292,4 @@ def check_complete(url: str, g: zarr.Group, info: StoreInfo) -> None:
         want[ragged] = int(array(offsets)[-1])
     for path, n in want.items():
         if array(path).shape[0] != n:
-            raise damaged(f"{url}/{path}", f"{array(path).shape[0]} rows long where the store records {n}")
+            raise damaged(url, f"{url}/{path}", f"{array(path).shape[0]} rows long where the store records {n}")
