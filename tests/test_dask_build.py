@@ -12,7 +12,8 @@ from cache.build import BuildConfig, build_cache
 from tts_core.frozen import FrozenModelsConfig
 
 ARRAYS = ("clips/spk_emb", "clips/xvec", "clips/spk_norm", "clips/xvec_norm", "clips/duration",
-          "clips/instruction_id", "clips/status", schema.TOKENS, schema.TOKEN_OFFSETS, schema.INSTRUCTION_STATES)
+          "clips/instruction_id", "clips/status", schema.TOKENS, schema.TOKEN_OFFSETS, schema.PROMPT_TOKENS,
+          schema.PROMPT_OFFSETS, schema.INSTRUCTION_STATES)
 
 
 def test_dask_build_equals_single_process_build(demo_corpus, tmp_path, prefect_harness):
