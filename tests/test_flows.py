@@ -161,8 +161,9 @@ def test_cli_runs_without_prefect_when_no_api_server_starts(demo_store, tmp_path
     with temporary_settings(updates={PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 1},
                             restore_defaults={PREFECT_API_URL}):
         rc = main(["train-stage1", "--store", store, "--out", str(out), *TINY_STAGE1])
-    assert rc == 0 and "train-set mean vector" in (out / "report.md").read_text()
-    said = [l for l in capsys.readouterr().err.splitlines() if "Prefect" in l]
+    printed = capsys.readouterr()
+    assert rc == 0 and "train-set mean vector" in (out / "report.md").read_text() and "AvgCos" in printed.out
+    said = [l for l in printed.err.splitlines() if "Prefect" in l]
     assert said == ["instruct-tts: the temporary Prefect API server did not start within 1 s (Timed out while "
                     "attempting to connect to ephemeral Prefect API server.); running without Prefect (results "
                     "go to files only, no Prefect artifacts)"]
