@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tts_core.corpus.instructions import parse_instruction
+from tts_core.corpus.reading import parse_instruction
 from tts_core.evaluation.directions import ATTRIBUTES, accuracies
 from tts_core.evaluation.measures import MEASURE_COLUMNS, measure
 
