@@ -82,8 +82,11 @@ def test_calibrated_levels_are_realised_in_the_audio(lab_rows):
         assert v["pairs"] >= 30 and v["accuracy"] >= 0.98, (attr, v)  # seen: 1.0 on each
     f0 = [r["f0_hz"] / float(r["target_f0_hz"]) for r in lab_rows]
     lps = [r["rate_lps"] / float(r["target_lps"]) for r in lab_rows]
-    assert 0.85 < np.median(f0) < 1.15 and 0.8 < min(f0) and max(f0) < 1.25, f0
-    assert 0.85 < np.median(lps) < 1.15 and 0.75 < min(lps) and max(lps) < 1.3, lps
+    # seen over (seed, first voice) (0, 0), (1, 0), (2, 12), (0, 300): every accuracy 1.0 but rate 0.993 once;
+    # F0 0.80-1.48 of target (far from 1 only where the target is out of the voice's calibrated reach), median
+    # 0.98-1.00; rate 0.63-1.44 (sentences differ in letters per sound), median 0.99-1.02
+    assert 0.9 < np.median(f0) < 1.1 and 0.7 < min(f0) and max(f0) < 1.6, f0
+    assert 0.9 < np.median(lps) < 1.1 and 0.55 < min(lps) and max(lps) < 1.6, lps
     for r in lab_rows:  # loudness is a gain: exact unless the peak limit stopped it
         if float(r["peak"]) < PEAK_LIMIT - 0.01:
             assert r["loudness_lufs"] == pytest.approx(float(r["target_lufs"]), abs=0.3)
@@ -103,7 +106,7 @@ def test_speakers_genders_and_held_out_wording(lab_rows):
 def test_calibration_interpolates_and_plans_refuse_what_they_cannot_do(tmp_path):
     cal = VoiceCalibration((10, 50, 90), (100.0, 150.0, 250.0), (130, 240), (10.0, 20.0))
     assert [cal.pitch_for(f) for f in (100.0, 150.0, 250.0)] == [10, 50, 90]
-    assert 10 < cal.pitch_for(120.0) < 50 and cal.pitch_for(20.0) == 0 and cal.pitch_for(2000.0) == 100
+    assert 10 < cal.pitch_for(120.0) < 50 and cal.pitch_for(20.0) == 10 and cal.pitch_for(2000.0) == 90
     assert cal.rate_for(10.0) == 130 and cal.rate_for(20.0) == 240 and 130 < cal.rate_for(15.0) < 240
     with pytest.raises(ValueError, match="calibrated"):
         plan_clips(DemoCorpusConfig(out_dir=tmp_path, n_clips=4, voices=("en+m3@0.92",)))

@@ -5,7 +5,8 @@ Why: espeak-ng's variants differ widely at equal settings (one sentence at pitch
 fixed settings per level would not keep every 'low' below every 'high'. Each espeak voice is spoken at a few
 settings and measured with the evaluation's own measures (`tts_core.evaluation.measures`); a calibrated
 corpus then asks for a target F0 and rate per level and interpolates the settings (log F0 piecewise-linear
-in the pitch setting; log rate linear in log wpm).
+in the pitch setting, never outside the measured settings: below pitch 20 some variants drop under 60 Hz,
+where F0 trackers fail, e.g. 'AnxiousAndy'; log rate linear in log wpm).
 
 Like the corpus renders, calibration runs in freshly spawned processes with a fixed assignment of voices, so
 its numbers (and the corpus built on them) do not depend on worker count or on what the caller spoke before.
@@ -22,9 +23,9 @@ import numpy as np
 
 from tts_core.corpus.espeak import RATE_MAX, RATE_MIN, EspeakParams, EspeakSynth
 
-CALIBRATION_VERSION = 1
+CALIBRATION_VERSION = 2
 CAL_TEXT = "It is a capital mistake to theorize before one has data. Would you tell me which way I ought to go?"
-PITCH_POINTS = (10, 50, 90)  # espeak pitch settings spoken at 175 wpm
+PITCH_POINTS = (20, 50, 80)  # espeak pitch settings spoken at 175 wpm; the corpus stays within them
 RATE_POINTS = (130, 240)  # wpm spoken at pitch 50
 CAL_VOLUME = 60
 
@@ -37,17 +38,9 @@ class VoiceCalibration:
     letters_per_s: tuple[float, ...]  # measured at each rate point
 
     def pitch_for(self, f0_hz: float) -> int:
-        """espeak pitch (0-100) expected to give `f0_hz`; linear extrapolation past the ends, then clamped."""
-        x = np.log(np.maximum.accumulate(np.asarray(self.f0_hz)))  # monotone, as espeak's pitch table is
-        p = np.asarray(self.pitch_points, np.float64)
-        y = math.log(f0_hz)
-        if y <= x[0] or y >= x[-1]:
-            i = (0, 1) if y <= x[0] else (-2, -1)
-            slope = (p[i[1]] - p[i[0]]) / max(x[i[1]] - x[i[0]], 1e-6)
-            value = p[i[0]] + slope * (y - x[i[0]])
-        else:
-            value = float(np.interp(y, x, p))
-        return int(round(min(100.0, max(0.0, value))))
+        """espeak pitch expected to give `f0_hz`, within the measured settings (a target out of the voice's
+        reach gets its nearest end: the level still goes the right way, less far)."""
+        return int(round(float(np.interp(math.log(f0_hz), np.log(self.f0_hz), self.pitch_points))))
 
     def rate_for(self, letters_per_s: float) -> int:
         """espeak wpm expected to give `letters_per_s` of speech (power law through the two points)."""
@@ -69,7 +62,7 @@ def calibrate_voice(synth: EspeakSynth, espeak_voice: str) -> VoiceCalibration:
           for p in PITCH_POINTS]
     lps = [speaking_rate(synth.synth(CAL_TEXT, espeak_voice, EspeakParams(rate=w, volume=CAL_VOLUME)), sr, CAL_TEXT)
            for w in RATE_POINTS]
-    if not all(math.isfinite(v) and v > 0 for v in (*f0, *lps)) or lps[1] <= lps[0]:
+    if not all(math.isfinite(v) and v > 0 for v in (*f0, *lps)) or np.any(np.diff(f0) <= 0) or lps[1] <= lps[0]:
         raise RuntimeError(f"espeak voice {espeak_voice!r} cannot be calibrated: F0 {f0} Hz, rate {lps} letters/s "
                            f"at {PITCH_POINTS} / {RATE_POINTS}; leave it out of the corpus's voices")
     return VoiceCalibration(PITCH_POINTS, tuple(round(v, 3) for v in f0), RATE_POINTS, tuple(round(v, 4) for v in lps))
