@@ -45,7 +45,7 @@ from tts_core.corpus.calibration import CALIBRATION_VERSION, VoiceCalibration, c
 from tts_core.corpus.espeak import RATE_MAX, RATE_MIN, EspeakParams, EspeakSynth
 from tts_core.corpus.instructions import LOUDNESSES, PITCHES, RATES, VoiceAttributes, make_instruction
 from tts_core.corpus.sentences import SENTENCES
-from tts_core.corpus.voices import Voice, parse_voice
+from tts_core.corpus.voices import Voice, lab_voices, parse_voice
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +105,6 @@ def lab_corpus_config(out_dir: Path, n_clips: int = 4000, seed: int = 0, held_ou
     """The instruction-following lab's corpus: calibrated levels, a tenth of the instructions in held-out
     wording, and the first n_clips / 6 voices of the catalogue (`voices.lab_voices`, 640: all of them from
     3840 clips on), so a small lab run calibrates only the voices it speaks with."""
-    from tts_core.corpus.voices import lab_voices
-
     catalogue = lab_voices()
     voices = kwargs.pop("voices", catalogue[: max(1, min(len(catalogue), n_clips // CLIPS_PER_LAB_VOICE))])
     return DemoCorpusConfig(out_dir=out_dir, n_clips=n_clips, seed=seed, voices=voices, calibrated=True,
