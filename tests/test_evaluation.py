@@ -1,33 +1,15 @@
 """The instruction-following metric, proven on ground truth before it judges a model."""
 from __future__ import annotations
 
-import itertools
 import math
 
 import numpy as np
 import pytest
 import soundfile as sf
 
-from tts_core.corpus.instructions import GENDERS, LOUDNESSES, PITCHES, RATES, VoiceAttributes, make_instruction, \
-    parse_instruction
+from tts_core.corpus.reading import parse_instruction  # its own tests: tests/test_instructions.py
 from tts_core.evaluation.directions import accuracies, direction_accuracy
-from tts_core.evaluation.measures import loudness_lufs, measure, median_f0, speaking_rate
-
-
-def test_parse_reads_back_every_generated_instruction():
-    for g, p, r, l in itertools.product(GENDERS, PITCHES, RATES, LOUDNESSES):
-        for seed in range(12):
-            text = make_instruction(VoiceAttributes(g, p, r, l), seed)
-            assert parse_instruction(text) == {"gender": g, "pitch": p, "rate": r, "loudness": l}, text
-
-
-def test_parse_free_form_and_ambiguity():
-    assert parse_instruction("A deep, slow male voice.") == {"gender": "male", "pitch": "low", "rate": "slow",
-                                                              "loudness": None}
-    got = parse_instruction("A woman whispering quickly in a high-pitched voice")
-    assert got == {"gender": "female", "pitch": "high", "rate": "fast", "loudness": "quiet"}
-    assert parse_instruction("a voice that is both loud and quiet")["loudness"] is None  # contradictory: unknown
-    assert parse_instruction("the woman and the man")["gender"] is None
+from tts_core.evaluation.measures import loudness_lufs, measure, median_f0, speaking_rate, speech_seconds
 
 
 def test_direction_accuracy_pairs_groups_ties_and_nan():
@@ -48,12 +30,55 @@ def test_measures_on_synthetic_signals():
     sr = 16_000
     t = np.arange(int(1.5 * sr)) / sr
     low, high = 0.3 * np.sin(2 * np.pi * 110 * t), 0.3 * np.sin(2 * np.pi * 220 * t)
-    assert median_f0(low, sr) == pytest.approx(110, rel=0.03) and median_f0(high, sr) == pytest.approx(220, rel=0.03)
-    assert loudness_lufs(0.5 * low, sr) < loudness_lufs(low, sr) - 5  # -6 dB of gain
-    padded = np.concatenate([np.zeros(sr), low, np.zeros(sr)])
-    # silence is trimmed (to trim's frame resolution: up to one 2048-sample frame each side)
-    assert speaking_rate(padded, sr, "abc def") == pytest.approx(6 / 1.5, rel=0.1)
-    assert speaking_rate(padded, sr, "abc def") > 1.5 * 6 / 3.5  # untrimmed would be 6 / 3.5
+    assert median_f0(low, sr) == pytest.approx(110, rel=0.02) and median_f0(high, sr) == pytest.approx(220, rel=0.02)
+    assert math.isnan(median_f0(np.zeros(sr), sr))
+    assert loudness_lufs(0.5 * low, sr) == pytest.approx(loudness_lufs(low, sr) - 6.02, abs=0.1)  # -6 dB of gain
+    # the VAD hears no speech in a tone, noise or silence: no rate rather than a made-up one
+    noise = 0.05 * np.random.default_rng(0).standard_normal(2 * sr)
+    assert speech_seconds(low, sr) == speech_seconds(noise, sr) == speech_seconds(np.zeros(sr), sr) == 0.0
+    assert math.isnan(speaking_rate(noise, sr, "abc def"))
+
+
+def test_speech_time_counts_speech_only_at_any_gain():
+    from tts_core.corpus.espeak import EspeakSynth
+
+    synth = EspeakSynth()
+    sr = synth.sample_rate
+    wav = synth.synth("Curiouser and curiouser! cried Alice.", "en+f3")
+    speech = speech_seconds(wav, sr)
+    assert 0.5 * len(wav) / sr < speech < len(wav) / sr  # the pause after "curiouser!" is not speech
+    gap = np.zeros(sr, np.float32)
+    padded = np.concatenate([gap, wav, gap, gap, wav, gap])
+    assert speech_seconds(padded, sr) == pytest.approx(2 * speech, abs=0.3)  # seen: 4.24 vs 4.04 s
+    for gain in (0.003, 0.03):  # -50 and -30 dB: raw Silero loses most of the quieter one (0.39 of 2.02 s)
+        assert speech_seconds(gain * wav, sr) == pytest.approx(speech, abs=0.01)
+
+
+def test_praat_keeps_low_male_f0_in_griffin_lim(one_thread):
+    """Issue #10: YIN locks onto a 300-400 Hz periodicity in Griffin-Lim renderings of low male voices.
+
+    Each clip is rendered back from its own (unquantised) log-mel frames by the embedded decoder, i.e. the
+    best any model can do through that vocoder. Seen over 4 espeak states (0/7/11 prior utterances in the
+    process): Praat within 17% of the original everywhere (76-85 Hz vs 71-79 Hz); `librosa.yin` (the old
+    measure, 50-600 Hz) said 300-420 Hz on all 4 clips. YIN itself is not run here: its numba compile alone
+    costs ~8 s; `bench/vocoder_ceiling.py` prints both trackers.
+    """
+    import torch
+    import torchaudio.functional as AF
+
+    from tts_core.corpus.espeak import EspeakParams, EspeakSynth
+    from tts_core.corpus.sentences import SENTENCES
+    from tts_core.encoders.mel_vq import MelVQConfig, MelVQTokenizer, log_mel_frames
+
+    synth, cfg = EspeakSynth(), MelVQConfig()
+    for voice, sid in (("en+m1", 0), ("en+m1", 2), ("en+m1", 3), ("en+m3", 0)):
+        wav = synth.synth(SENTENCES[sid], voice, EspeakParams(pitch=20, volume=60), noise_seed=sid)
+        wav = AF.resample(torch.from_numpy(wav), synth.sample_rate, cfg.sample_rate).numpy()
+        frames = log_mel_frames(wav, cfg)
+        rendered = MelVQTokenizer(frames, cfg, len(frames)).decode(np.arange(len(frames)))  # codebook = frames
+        f0, f0_gl = median_f0(wav, cfg.sample_rate), median_f0(rendered, cfg.sample_rate)
+        assert 60 < f0 < 90, (voice, sid, f0)  # a low male voice
+        assert f0_gl == pytest.approx(f0, rel=0.25), (voice, sid, f0, f0_gl)  # not 300-400 Hz
 
 
 def test_ground_truth_corpus_goes_the_instructed_direction(demo_corpus):
@@ -66,4 +91,4 @@ def test_ground_truth_corpus_goes_the_instructed_direction(demo_corpus):
     print({k: (round(v["accuracy"], 3), v["pairs"]) for k, v in acc.items()})
     for attr, v in acc.items():
         assert v["pairs"] >= 20, attr
-        assert v["accuracy"] >= 0.95, (attr, v)
+        assert v["accuracy"] >= 0.98, (attr, v)  # seen: 1.0 on every attribute (Praat, Silero VAD, BS.1770)

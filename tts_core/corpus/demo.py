@@ -8,6 +8,14 @@ those attributes. Output, the contract with the cache builder (`tts_core.metadat
     out_dir/metadata.txt         wavs/<clip_id>.wav|<transcript>|<instruction>|<speaker>
     out_dir/attributes.csv       levels and the espeak parameters actually used, per clip
     out_dir/corpus.json          the generating config; an equal config on a complete corpus skips the work
+    out_dir/calibration.json     calibrated corpora only: per espeak voice, F0 and rate at a few settings
+
+Two kinds of corpus. The default (`make demo`): 8 voices, each level a fixed espeak setting per voice.
+Calibrated (`calibrated=True`, the lab's: `lab_corpus_config`, hundreds of voices from `voices.lab_voices`):
+each level is a *target* — F0 per gender (times the voice's own pitch factor), letters per second of speech,
+BS.1770 loudness — reached through a per-voice calibration (`calibration.py`) and, for loudness, a gain
+applied to the rendered clip; so the levels hold across voices whose espeak settings mean different things.
+Either kind can write a share of its instructions in the held-out wording (`instructions.WORDINGS`).
 
 Why fresh worker processes: libespeak-ng carries hidden state from one utterance to the next (e.g. its
 pitch-flutter phase), so a clip's samples depend on everything the process spoke before. The voices are split
@@ -22,23 +30,26 @@ import csv
 import hashlib
 import json
 import logging
+import math
 import multiprocessing as mp
 import os
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 
-from tts_core.corpus.espeak import RATE_MAX, RATE_MIN, EspeakParams, EspeakSynth, variant_gender
+from tts_core.corpus.calibration import CALIBRATION_VERSION, VoiceCalibration, calibrate_voices
+from tts_core.corpus.espeak import RATE_MAX, RATE_MIN, EspeakParams, EspeakSynth
 from tts_core.corpus.instructions import LOUDNESSES, PITCHES, RATES, VoiceAttributes, make_instruction
 from tts_core.corpus.sentences import SENTENCES
+from tts_core.corpus.voices import Voice, lab_voices, parse_voice
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 NATIVE_SAMPLE_RATE = 22_050
 DEFAULT_VOICES: tuple[str, ...] = ("en+m1", "en+m3", "en+m7", "en-us+m2", "en+f1", "en+f3", "en+f4", "en-us+f2")
 
@@ -47,12 +58,23 @@ PITCH_PARAM = {"low": (20, 4), "mid": (50, 4), "high": (80, 4)}  # 0-100, 50 = t
 RATE_PARAM = {"slow": (125, 8), "normal": (175, 8), "fast": (250, 10)}  # words per minute
 VOLUME_PARAM = {"quiet": (30, 3), "normal": (58, 4), "loud": (90, 4)}  # 0-200, 100 = espeak's default
 RANGE_PARAM = (50, 10)  # pitch range (intonation), jittered for variety only
+# calibrated corpora: level -> target, jittered by a factor exp(±j) (pitch, rate) or ±j dB (loudness)
+PITCH_TARGET_HZ = {"male": {"low": 80.0, "mid": 105.0, "high": 140.0},
+                   "female": {"low": 160.0, "mid": 210.0, "high": 280.0}}
+PITCH_TARGET_JITTER = math.log(1.05)
+RATE_TARGET_LPS = {"slow": 12.5, "normal": 17.0, "fast": 23.0}  # letters per second of speech (VAD)
+RATE_TARGET_JITTER = math.log(1.04)
+LOUDNESS_TARGET_LUFS = {"quiet": -38.0, "normal": -30.0, "loud": -22.0}  # peak-to-loudness of espeak <= ~20 dB
+LOUDNESS_TARGET_JITTER = 1.5
+CALIBRATED_VOLUME = 60  # espeak volume of every calibrated render; the loudness target is a gain afterwards
 RENDER_GROUPS = 2  # fixed: part of what the bytes depend on (see module docstring); more = more spawn overhead
 PEAK_LIMIT = 0.95  # a clip louder than this is re-spoken at a lower espeak volume: never clip
 
 CONFIG_NAME, METADATA_NAME, ATTRIBUTES_NAME, WAV_DIR = "corpus.json", "metadata.txt", "attributes.csv", "wavs"
+CALIBRATION_NAME = "calibration.json"
 ATTRIBUTE_COLUMNS = ("clip_id", "path", "speaker", "gender", "pitch", "rate", "loudness", "espeak_pitch",
-                     "espeak_range", "espeak_rate_wpm", "espeak_volume", "duration_s", "peak", "rms", "sentence_id")
+                     "espeak_range", "espeak_rate_wpm", "espeak_volume", "duration_s", "peak", "rms", "sentence_id",
+                     "wording", "target_f0_hz", "target_lps", "target_lufs")
 
 
 @dataclass
@@ -60,16 +82,33 @@ class DemoCorpusConfig:
     out_dir: Path
     n_clips: int = 300
     seed: int = 0
-    voices: tuple[str, ...] = DEFAULT_VOICES  # espeak "<language>+<variant>"; gender comes from the variant file
+    voices: tuple[str, ...] = DEFAULT_VOICES  # voice ids (`voices.parse_voice`); gender comes from the variant
     sample_rate: int = NATIVE_SAMPLE_RATE  # written as is; the cache resamples
     workers: int | None = None  # processes; None = min(CPUs, RENDER_GROUPS). Output does not depend on it.
+    calibrated: bool = False  # levels as calibrated targets (module docstring); needed for '@' pitch factors
+    held_out_wording: float = 0.0  # share of clips whose instruction uses the held-out wording
 
     def identity(self) -> dict:
         """Everything the bytes depend on (not out_dir, not workers)."""
         return {"generator_version": GENERATOR_VERSION, "espeakng_loader": version("espeakng-loader"),
                 "n_clips": self.n_clips, "seed": self.seed, "voices": list(self.voices),
-                "sample_rate": self.sample_rate,
+                "sample_rate": self.sample_rate, "calibrated": self.calibrated,
+                "held_out_wording": self.held_out_wording,
                 "sentences_sha256": hashlib.sha256("\n".join(SENTENCES).encode()).hexdigest()}
+
+
+CLIPS_PER_LAB_VOICE = 6  # enough clips per voice to cover each level twice, so a held-out voice is a fair test
+
+
+def lab_corpus_config(out_dir: Path, n_clips: int = 4000, seed: int = 0, held_out_wording: float = 0.1,
+                      **kwargs) -> DemoCorpusConfig:
+    """The instruction-following lab's corpus: calibrated levels, a tenth of the instructions in held-out
+    wording, and the first n_clips / 6 voices of the catalogue (`voices.lab_voices`, 640: all of them from
+    3840 clips on), so a small lab run calibrates only the voices it speaks with."""
+    catalogue = lab_voices()
+    voices = kwargs.pop("voices", catalogue[: max(1, min(len(catalogue), n_clips // CLIPS_PER_LAB_VOICE))])
+    return DemoCorpusConfig(out_dir=out_dir, n_clips=n_clips, seed=seed, voices=voices, calibrated=True,
+                            held_out_wording=held_out_wording, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -97,6 +136,11 @@ class ClipSpec:
     text: str
     instruction: str
     noise_seed: int
+    espeak_voice: str  # `voice` without its pitch factor: what libespeak-ng is given
+    wording: str = "train"
+    target_f0_hz: float | None = None  # calibrated corpora: the targets the settings were chosen for
+    target_lps: float | None = None
+    target_lufs: float | None = None  # the rendered clip is scaled to this loudness
 
     @property
     def rel_path(self) -> str:
@@ -132,20 +176,39 @@ def params_for(attrs: VoiceAttributes, rng: np.random.Generator) -> EspeakParams
                         volume=_jitter(rng, VOLUME_PARAM[attrs.loudness]))
 
 
-def plan_clips(cfg: DemoCorpusConfig) -> list[ClipSpec]:
-    """The whole corpus as data: voices round-robin, levels balanced per voice, sentences in seeded cycles."""
+def _log_jitter(rng: np.random.Generator, centre: float, j: float) -> float:
+    return float(centre * math.exp(rng.uniform(-j, j)))
+
+
+def calibrated_params(attrs: VoiceAttributes, voice: Voice, cal: VoiceCalibration,
+                      rng: np.random.Generator) -> tuple[EspeakParams, float, float, float]:
+    """(espeak parameters, target F0, target letters/s, target LUFS) for the levels, via the voice's calibration."""
+    f0 = _log_jitter(rng, PITCH_TARGET_HZ[attrs.gender][attrs.pitch] * (voice.pitch_factor or 1.0),
+                     PITCH_TARGET_JITTER)
+    lps = _log_jitter(rng, RATE_TARGET_LPS[attrs.rate], RATE_TARGET_JITTER)
+    lufs = float(LOUDNESS_TARGET_LUFS[attrs.loudness] + rng.uniform(-LOUDNESS_TARGET_JITTER, LOUDNESS_TARGET_JITTER))
+    params = EspeakParams(pitch=cal.pitch_for(f0), range=_jitter(rng, RANGE_PARAM), rate=cal.rate_for(lps),
+                          volume=CALIBRATED_VOLUME)
+    return params, round(f0, 2), round(lps, 3), round(lufs, 2)
+
+
+def plan_clips(cfg: DemoCorpusConfig, calibration: dict[str, VoiceCalibration] | None = None) -> list[ClipSpec]:
+    """The whole corpus as data: voices round-robin, levels balanced per voice, sentences in seeded cycles.
+    A calibrated config needs `calibration` (espeak voice -> `VoiceCalibration`, see `load_or_calibrate`)."""
     if cfg.n_clips < 1 or not cfg.voices:
         raise ValueError("need n_clips >= 1 and at least one voice")
     if len(set(cfg.voices)) != len(cfg.voices):
         raise ValueError(f"duplicate voices in {cfg.voices}")
-    genders = {}
-    for voice in cfg.voices:
-        variant = voice.partition("+")[2]
-        if not variant:
-            raise ValueError(f"voice {voice!r} has no variant; use '<language>+<variant>', e.g. 'en+m3'")
-        genders[voice] = variant_gender(variant)
-        if genders[voice] not in ("male", "female"):
-            raise ValueError(f"voice {voice!r} is {genders[voice]!r}; instructions need male or female")
+    if not 0.0 <= cfg.held_out_wording <= 1.0:
+        raise ValueError(f"held_out_wording={cfg.held_out_wording}: a share, 0-1")
+    voices = {v: parse_voice(v) for v in cfg.voices}
+    if not cfg.calibrated and any(v.pitch_factor is not None for v in voices.values()):
+        raise ValueError("voice ids with an '@<pitch factor>' need a calibrated corpus (calibrated=True)")
+    if cfg.calibrated:
+        missing = sorted({v.espeak for v in voices.values()} - set(calibration or {}))
+        if missing:
+            raise ValueError(f"calibrated corpus: no calibration for {missing[:3]} ({len(missing)} voices)")
+    genders = {k: v.gender for k, v in voices.items()}
     n_voices = len(cfg.voices)
     per_voice = -(-cfg.n_clips // n_voices)
     levels = {voice: [_balanced_levels(np.random.default_rng([cfg.seed, 1, v, a]), lv, per_voice)
@@ -161,10 +224,16 @@ def plan_clips(cfg: DemoCorpusConfig) -> list[ClipSpec]:
         pitch, rate, loud = (lv[k] for lv in levels[voice])
         attrs = VoiceAttributes(genders[voice], pitch, rate, loud)
         rng = np.random.default_rng([cfg.seed, 3, i])
-        params = params_for(attrs, rng)
+        targets: tuple = (None, None, None)
+        if cfg.calibrated:
+            params, *targets = calibrated_params(attrs, voices[voice], calibration[voices[voice].espeak], rng)
+        else:
+            params = params_for(attrs, rng)
+        wording = "held_out" if np.random.default_rng([cfg.seed, 4, i]).random() < cfg.held_out_wording else "train"
         sid = int(order[i])
         specs.append(ClipSpec(i, f"demo_{i:0{width}d}", voice, attrs, params, sid, SENTENCES[sid],
-                              make_instruction(attrs, int(rng.integers(2**31))), int(rng.integers(2**31))))
+                              make_instruction(attrs, int(rng.integers(2**31)), wording), int(rng.integers(2**31)),
+                              voices[voice].espeak, wording, *targets))
     return specs
 
 
@@ -173,7 +242,7 @@ def render_clip(synth: EspeakSynth, spec: ClipSpec) -> tuple[np.ndarray, int]:
     volume = spec.params.volume
     for _ in range(8):
         params = EspeakParams(spec.params.pitch, spec.params.range, spec.params.rate, volume)
-        wav = synth.synth(spec.text, spec.voice, params, noise_seed=spec.noise_seed)
+        wav = synth.synth(spec.text, spec.espeak_voice, params, noise_seed=spec.noise_seed)
         if wav.size == 0:
             raise RuntimeError(f"espeak-ng produced no audio for {spec.clip_id} ({spec.voice}): {spec.text!r}")
         peak = float(np.abs(wav).max())
@@ -195,10 +264,21 @@ def _render_group(specs: list[ClipSpec], wav_dir: str, sample_rate: int) -> list
 
             wav = AF.resample(torch.from_numpy(wav), synth.sample_rate, sample_rate).numpy()
             wav = np.clip(wav, -PEAK_LIMIT, PEAK_LIMIT)
+        if spec.target_lufs is not None:
+            wav = to_loudness(wav, sample_rate, spec.target_lufs)
         sf.write(os.path.join(wav_dir, f"{spec.clip_id}.wav"), wav, sample_rate, subtype="PCM_16", format="WAV")
         results.append(ClipResult(spec.index, volume, round(len(wav) / sample_rate, 4),
                                   round(float(np.abs(wav).max()), 4), round(float(np.sqrt(np.mean(wav**2))), 5)))
     return results
+
+
+def to_loudness(wav: np.ndarray, sr: int, target_lufs: float) -> np.ndarray:
+    """Scale to `target_lufs` (BS.1770); if that would peak above `PEAK_LIMIT`, only up to the limit."""
+    from tts_core.evaluation.measures import loudness_lufs
+
+    wav = wav * np.float32(10 ** ((target_lufs - loudness_lufs(wav, sr)) / 20))
+    peak = float(np.abs(wav).max())
+    return (wav * np.float32(PEAK_LIMIT / peak) if peak > PEAK_LIMIT else wav).astype(np.float32)
 
 
 def _read_state(path: Path) -> dict | None:
@@ -231,6 +311,25 @@ def _corpus(out: Path, state: dict, generated: bool) -> DemoCorpus:
                       total_seconds=s["total_seconds"], generated=generated)
 
 
+def load_or_calibrate(cfg: DemoCorpusConfig, out: Path) -> dict[str, VoiceCalibration] | None:
+    """The calibration of a calibrated config's espeak voices: from `out`/calibration.json when it was made
+    for the same voices and espeak-ng, else measured now (`calibration.py`) and saved there. None: uncalibrated."""
+    if not cfg.calibrated:
+        return None
+    espeak_voices = list(dict.fromkeys(parse_voice(v).espeak for v in cfg.voices))  # validates every id
+    key = {"calibration_version": CALIBRATION_VERSION, "espeakng_loader": version("espeakng-loader"),
+           "voices": espeak_voices}
+    saved = _read_state(out / CALIBRATION_NAME)
+    if not saved or saved.get("identity") != key:
+        log.info("calibrating %d espeak voices (pitch and rate settings -> F0 and letters/s)", len(espeak_voices))
+        groups = min(RENDER_GROUPS, len(espeak_voices))
+        cal = calibrate_voices(espeak_voices, groups, cfg.workers or min(os.cpu_count() or 1, groups))
+        out.mkdir(parents=True, exist_ok=True)
+        saved = {"identity": key, "voices": {v: asdict(c) for v, c in cal.items()}}
+        _write_json(out / CALIBRATION_NAME, saved)
+    return {v: VoiceCalibration.from_dict(d) for v, d in saved["voices"].items()}
+
+
 def generate_demo_corpus(cfg: DemoCorpusConfig) -> DemoCorpus:
     """Write the corpus under `cfg.out_dir`, or reuse it when an identical, complete one is already there."""
     out = Path(cfg.out_dir)
@@ -243,15 +342,16 @@ def generate_demo_corpus(cfg: DemoCorpusConfig) -> DemoCorpus:
     wav_dir = out / WAV_DIR
     if state is None and wav_dir.is_dir() and any(wav_dir.iterdir()):
         raise FileExistsError(f"{wav_dir} exists but is not a demo corpus (no {CONFIG_NAME}); refusing to overwrite")
-    specs = plan_clips(cfg)  # validates voices before anything is written
+    specs = plan_clips(cfg, load_or_calibrate(cfg, out))  # validates voices before any clip is written
     wav_dir.mkdir(parents=True, exist_ok=True)
     for old in wav_dir.glob("*.wav"):  # ours (config present): stale clips from another config
         old.unlink()
     _write_json(out / CONFIG_NAME, {"identity": identity, "complete": False})
 
     groups: list[list[ClipSpec]] = [[] for _ in range(min(RENDER_GROUPS, len(cfg.voices)))]
+    voice_index = {v: k for k, v in enumerate(cfg.voices)}
     for spec in specs:
-        groups[cfg.voices.index(spec.voice) % len(groups)].append(spec)
+        groups[voice_index[spec.voice] % len(groups)].append(spec)
     workers = cfg.workers or min(os.cpu_count() or 1, len(groups))
     results: dict[int, ClipResult] = {}
     # fresh processes (spawn, one group each): libespeak-ng state must start clean for every group
@@ -272,7 +372,8 @@ def generate_demo_corpus(cfg: DemoCorpusConfig) -> DemoCorpus:
             r = results[s.index]
             w.writerow([s.clip_id, s.rel_path, s.voice, s.attrs.gender, s.attrs.pitch, s.attrs.rate,
                         s.attrs.loudness, s.params.pitch, s.params.range, s.params.rate, r.volume,
-                        f"{r.duration_s:.4f}", f"{r.peak:.4f}", f"{r.rms:.5f}", s.sentence_id])
+                        f"{r.duration_s:.4f}", f"{r.peak:.4f}", f"{r.rms:.5f}", s.sentence_id, s.wording,
+                        *("" if t is None else t for t in (s.target_f0_hz, s.target_lps, s.target_lufs))])
     meta_tmp.replace(out / METADATA_NAME)
     attr_tmp.replace(out / ATTRIBUTES_NAME)
     speakers = list(dict.fromkeys(s.voice for s in specs))
@@ -288,18 +389,30 @@ def generate_demo_corpus(cfg: DemoCorpusConfig) -> DemoCorpus:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Generate the espeak-ng demo corpus (offline, deterministic).")
     p.add_argument("--out", type=Path, default=Path("demo/corpus"))
-    p.add_argument("--n-clips", type=int, default=300)
+    p.add_argument("--n-clips", type=int, default=None, help="default 300 (--lab: 4000)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--voices", default=",".join(DEFAULT_VOICES), help="comma-separated espeak voices")
+    p.add_argument("--voices", default=None, help="comma-separated voice ids (default: the demo's 8)")
+    p.add_argument("--lab", action="store_true",
+                   help="the lab corpus: every catalogue voice, calibrated levels, 10%% held-out wording")
+    p.add_argument("--held-out-wording", type=float, default=None, help="share of held-out-wording instructions")
     p.add_argument("--sample-rate", type=int, default=NATIVE_SAMPLE_RATE)
     p.add_argument("--workers", type=int, default=None)
     a = p.parse_args(argv)
-    cfg = DemoCorpusConfig(out_dir=a.out, n_clips=a.n_clips, seed=a.seed, sample_rate=a.sample_rate,
-                           voices=tuple(v.strip() for v in a.voices.split(",") if v.strip()), workers=a.workers)
-    corpus = generate_demo_corpus(cfg)
+    extra = {} if a.voices is None else {"voices": tuple(v.strip() for v in a.voices.split(",") if v.strip())}
+    if a.held_out_wording is not None:
+        extra["held_out_wording"] = a.held_out_wording
+    common = dict(out_dir=a.out, seed=a.seed, sample_rate=a.sample_rate, workers=a.workers, **extra)
+    try:
+        cfg = (lab_corpus_config(n_clips=a.n_clips or 4000, **common) if a.lab
+               else DemoCorpusConfig(n_clips=a.n_clips or 300, **common))
+        corpus = generate_demo_corpus(cfg)
+    except (ValueError, FileExistsError) as exc:
+        print(f"error: {exc}")
+        return 2
     what = "generated" if corpus.generated else "already up to date (same config), skipped generation"
+    shown = ", ".join(corpus.speakers[:8]) + (", ..." if len(corpus.speakers) > 8 else "")
     print(f"demo corpus {what}: {corpus.n_clips} clips, {corpus.total_seconds:.1f} s, "
-          f"{len(corpus.speakers)} voices ({', '.join(corpus.speakers)})")
+          f"{len(corpus.speakers)} voices ({shown})")
     print(f"  metadata:   {corpus.metadata}")
     print(f"  attributes: {corpus.attributes}")
     return 0

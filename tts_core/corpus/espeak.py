@@ -52,7 +52,7 @@ def variant_gender(variant: str) -> str:
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         parts = line.split()
         if len(parts) >= 2 and parts[0] == "gender":
-            return parts[1]
+            return parts[1].lower()  # some variant files write "Male"
     raise ValueError(f"voice variant {variant!r} declares no gender")
 
 

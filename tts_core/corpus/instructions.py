@@ -2,14 +2,21 @@
 
 Why many phrasings: the instruction encoder must learn the *attributes*, not one template's wording. Every
 phrasing names all four attributes with words that belong to exactly one level (e.g. "deep" only ever means
-low pitch, "volume" only appears in loudness phrases), so a human, or a keyword parser, can read them back.
+low pitch, "volume" only appears in loudness phrases), so a human, or `reading.parse_instruction`, can read
+them back.
+
+Two wordings: ``train`` (what a corpus normally uses) and ``held_out`` (other templates and other words for
+every level: "bass", "whispery", "neither fast nor slow", ...). A corpus can write a share of its clips with
+the held-out wording, so an evaluation can ask whether a model follows wording it never saw in training.
+The two share no template and no slot phrase, and every held-out phrase has a word no training text has
+(tests/test_instructions.py checks all of this exhaustively).
 """
 from __future__ import annotations
 
 import random
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Mapping
 
 Gender = Literal["male", "female"]
 Level3 = Literal["low", "mid", "high"]
@@ -35,7 +42,7 @@ class VoiceAttributes:
                 raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {allowed}")
 
 
-# Slot vocabularies. Keys: attribute level -> interchangeable phrasings.
+# Slot vocabularies of the training wording. Keys: attribute level -> interchangeable phrasings.
 _PITCH_ADJ = {  # before "voice"/"male voice": "a deep male voice"
     "low": ("deep", "low-pitched", "low", "deep, low-pitched", "rich, deep"),
     "mid": ("medium-pitched", "mid-pitched", "moderately pitched", "average-pitched"),
@@ -91,72 +98,81 @@ _TEMPLATES = (
 )
 
 
+@dataclass(frozen=True)
+class Wording:
+    """One set of slot vocabularies and templates (see `make_instruction` for the slots)."""
+
+    pitch_adj: Mapping[str, tuple[str, ...]]
+    voice: Mapping[str, tuple[str, ...]]
+    person: Mapping[str, tuple[str, ...]]
+    rate_adv: Mapping[str, tuple[str, ...]]
+    rate_pred: Mapping[str, tuple[str, ...]]
+    loud_adv: Mapping[str, tuple[str, ...]]
+    loud_pred: Mapping[str, tuple[str, ...]]
+    filler: tuple[str, ...]
+    templates: tuple[str, ...]
+
+
+# slot of a `Wording` -> the attribute its phrases state (gender is read from its own words, see reading.py)
+SLOT_ATTRIBUTE = {"pitch_adj": "pitch", "rate_adv": "rate", "rate_pred": "rate", "loud_adv": "loudness",
+                  "loud_pred": "loudness"}
+
+
+_HELD_OUT = Wording(
+    pitch_adj={"low": ("bass", "deep-toned", "husky, low-register"),
+               "mid": ("middle-register", "mid-range"),
+               "high": ("squeaky", "shrill", "piping", "treble")},
+    voice={"male": ("guy's voice", "male timbre"), "female": ("girl's voice", "female timbre")},
+    person={"male": ("a guy", "a male reader", "a fellow"), "female": ("a girl", "a female reader", "a gal")},
+    rate_adv={"slow": ("languidly", "at a crawl", "in a drawn-out manner"),
+              "normal": ("at an everyday tempo", "at a typical speed", "neither hurriedly nor sluggishly"),
+              "fast": ("hastily", "speedily", "at a gallop", "in a rush")},
+    rate_pred={"slow": ("drawn-out", "sluggish", "plodding"),
+               "normal": ("typical in tempo", "neither fast nor slow", "evenly paced"),
+               "fast": ("hasty", "speedy", "rushed")},
+    loud_adv={"quiet": ("in a whisper", "faintly", "in a murmur"),
+              "normal": ("at an everyday loudness", "at a typical loudness", "neither loudly nor softly"),
+              "loud": ("thunderously", "at full volume", "in a bellowing tone")},
+    loud_pred={"quiet": ("whispery", "faint", "barely audible", "subdued"),
+               "normal": ("neither loud nor soft", "of ordinary loudness", "typical in loudness"),
+               "loud": ("thunderous", "bellowing", "blaring", "deafening")},
+    filler=("crisp", "smooth", "expressive", "even"),
+    templates=(
+        "Imagine {person} with a {pitch} voice who talks {rate_adv} and {loud_adv}.",
+        "The voice should be {pitch}, the delivery {rate_pred} and {loud_pred}; the speaker is {person}.",
+        "Make it sound like {person} with a {filler}, {pitch} voice, {rate_pred} and {loud_pred}.",
+        "In a {pitch} {voice}, deliver this {loud_adv} and {rate_adv}.",
+        "Picture a {pitch} {voice} reciting {rate_adv}; it comes out {loud_pred}.",
+    ),
+)
+
+WORDINGS: dict[str, Wording] = {
+    "train": Wording(_PITCH_ADJ, _VOICE, _PERSON, _RATE_ADV, _RATE_PRED, _LOUD_ADV, _LOUD_PRED, _FILLER, _TEMPLATES),
+    "held_out": _HELD_OUT,
+}
+
+
 def _cap(s: str) -> str:
     return s[:1].upper() + s[1:]
 
 
-def make_instruction(attrs: VoiceAttributes, seed: int) -> str:
-    """One instruction for `attrs`; the same (attrs, seed) always gives the same text."""
-    rng = random.Random(f"instruction:{seed}:{attrs.gender}:{attrs.pitch}:{attrs.rate}:{attrs.loudness}")
+def make_instruction(attrs: VoiceAttributes, seed: int, wording: str = "train") -> str:
+    """One instruction for `attrs` in one of `WORDINGS`; the same arguments always give the same text."""
+    if wording not in WORDINGS:
+        raise ValueError(f"wording={wording!r}; expected one of {sorted(WORDINGS)}")
+    w = WORDINGS[wording]
+    salt = "" if wording == "train" else f"{wording}:"  # "train" keeps the texts corpora already have
+    rng = random.Random(f"instruction:{salt}{seed}:{attrs.gender}:{attrs.pitch}:{attrs.rate}:{attrs.loudness}")
     slots = {
-        "pitch": rng.choice(_PITCH_ADJ[attrs.pitch]),
-        "voice": rng.choice(_VOICE[attrs.gender]),
-        "person": rng.choice(_PERSON[attrs.gender]),
-        "rate_adv": rng.choice(_RATE_ADV[attrs.rate]),
-        "rate_pred": rng.choice(_RATE_PRED[attrs.rate]),
-        "loud_adv": rng.choice(_LOUD_ADV[attrs.loudness]),
-        "loud_pred": rng.choice(_LOUD_PRED[attrs.loudness]),
-        "filler": rng.choice(_FILLER),
+        "pitch": rng.choice(w.pitch_adj[attrs.pitch]),
+        "voice": rng.choice(w.voice[attrs.gender]),
+        "person": rng.choice(w.person[attrs.gender]),
+        "rate_adv": rng.choice(w.rate_adv[attrs.rate]),
+        "rate_pred": rng.choice(w.rate_pred[attrs.rate]),
+        "loud_adv": rng.choice(w.loud_adv[attrs.loudness]),
+        "loud_pred": rng.choice(w.loud_pred[attrs.loudness]),
+        "filler": rng.choice(w.filler),
     }
     slots.update({_cap(k): _cap(v) for k, v in list(slots.items())})
-    text = rng.choice(_TEMPLATES).format(**slots)
+    text = rng.choice(w.templates).format(**slots)
     return re.sub(r"\b([Aa]) (?=[aeiouAEIOU])", r"\1n ", text)  # "a average-pitched" -> "an ..."
-
-
-# ---- reading instructions back --------------------------------------------------------------------------------
-_GENDER_WORDS = {
-    "male": ("male", "man", "man's", "masculine", "gentleman", "boy", "guy"),
-    "female": ("female", "woman", "woman's", "feminine", "lady", "girl"),
-}
-_EXTRA = {  # free-form words users type that the templates do not use
-    "pitch": {"low": ("low-pitched", "deep", "bass", "baritone"), "high": ("high-pitched", "squeaky", "shrill")},
-    "rate": {"slow": ("slow", "slowly"), "fast": ("fast", "quick", "quickly", "rapid", "rapidly", "hurried")},
-    "loudness": {"quiet": ("quiet", "quietly", "soft", "softly", "whisper", "whispering", "hushed"),
-                 "loud": ("loud", "loudly", "booming", "shouting")},
-}
-
-
-def _lexicon() -> dict[str, list[tuple[str, str]]]:
-    """attribute → [(phrase, level)], longest phrase first, from the same vocabularies `make_instruction` uses."""
-    table: dict[str, dict[str, set[str]]] = {"gender": {}, "pitch": {}, "rate": {}, "loudness": {}}
-    sources = {"pitch": (_PITCH_ADJ,), "rate": (_RATE_ADV, _RATE_PRED), "loudness": (_LOUD_ADV, _LOUD_PRED),
-               "gender": (_GENDER_WORDS,)}
-    for attr, dicts in sources.items():
-        for d in (*dicts, _EXTRA.get(attr, {})):
-            for level, phrases in d.items():
-                table[attr].setdefault(level, set()).update(p.lower() for p in phrases)
-    return {a: sorted(((p, lv) for lv, ps in levels.items() for p in ps), key=lambda x: -len(x[0]))
-            for a, levels in table.items()}
-
-
-_LEXICON = _lexicon()
-
-
-def parse_instruction(text: str) -> dict[str, str | None]:
-    """Read gender / pitch / rate / loudness levels back from an instruction (None: not stated or ambiguous).
-
-    Longest phrases win and consume their words ("high-pitched" is not also "high"), whole words only.
-    Exact for every instruction `make_instruction` writes (tested); a best effort on free-form text,
-    which is what evaluation needs: which direction did the instruction ask for.
-    """
-    out: dict[str, str | None] = {}
-    for attr, entries in _LEXICON.items():
-        rest = " " + re.sub(r"[^\w'\- ]+", " ", text.lower()) + " "
-        found = set()
-        for phrase, level in entries:
-            pat = r"(?<![\w'\-])" + re.escape(phrase) + r"(?![\w'\-])"
-            if re.search(pat, rest):
-                found.add(level)
-                rest = re.sub(pat, " ", rest)
-        out[attr] = found.pop() if len(found) == 1 else None
-    return out

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tts_core.corpus.instructions import parse_instruction
+from tts_core.corpus.reading import parse_instruction
 from tts_core.evaluation.directions import ATTRIBUTES, accuracies
-from tts_core.evaluation.measures import measure
+from tts_core.evaluation.measures import MEASURE_COLUMNS, measure
 
 DEFAULT_TEXT = "The quick brown fox jumps over the lazy dog."
 
@@ -79,7 +79,7 @@ def evaluate_run(cfg: EvalConfig, on_item=None) -> dict:
             row["spk_cos"] = float(emb @ res.speaker_emb / (np.linalg.norm(emb) * np.linalg.norm(res.speaker_emb)
                                                             + 1e-12))
         else:
-            row.update({c: math.nan for c in ("f0_hz", "rate_lps", "loudness_lufs", "seconds", "spk_cos")})
+            row.update({c: math.nan for c in (*MEASURE_COLUMNS, "spk_cos")})
         rows.append(row)
         if on_item is not None:
             on_item(k + 1, len(chosen), row)
