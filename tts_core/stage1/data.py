@@ -203,7 +203,7 @@ class Stage1Data:
         return split_rows(self.instruction_id.numpy(), self.instruction_texts, held_out_frac, salt,
                           speakers=self.speakers if by == "speaker" else None)
 
-    def mean_pooled_states(self, ids: np.ndarray | None = None, chunk: int = 1024, device="cpu") -> torch.Tensor:
+    def mean_pooled_states(self, ids: np.ndarray | None = None, chunk: int = 256, device="cpu") -> torch.Tensor:
         """Mean over real tokens of instructions ``ids`` (default all) of the raw states → float32 [n, H]."""
         return self.states.mean_pool(np.arange(self.n_instructions) if ids is None else ids, chunk, device)
 
