@@ -240,11 +240,15 @@ class CacheDataset(torch.utils.data.Dataset):
 
 
 def _pad(seqs: list[torch.Tensor]) -> torch.Tensor:
-    """[L_i, ...] tensors → [B, max L_i, ...] zero-padded (numpy copies: ~30x faster than pad_sequence in fp16)."""
-    out = np.zeros((len(seqs), max((len(s) for s in seqs), default=0), *seqs[0].shape[1:]),
-                   dtype=seqs[0].numpy().dtype) if seqs else np.zeros((0, 0))
+    """[L_i, ...] tensors → [B, max L_i, ...] zero-padded (numpy copies, zeroing only the padding: several
+    times faster than pad_sequence in float16)."""
+    if not seqs:
+        return torch.zeros(0, 0)
+    W = max(len(s) for s in seqs)
+    out = np.empty((len(seqs), W, *seqs[0].shape[1:]), dtype=seqs[0].numpy().dtype)
     for k, s in enumerate(seqs):
         out[k, :len(s)] = s.numpy()
+        out[k, len(s):] = 0
     return torch.from_numpy(out)
 
 
