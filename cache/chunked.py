@@ -79,16 +79,28 @@ class ChunkCache:
         return np.concatenate([self.chunk(c)[max(a - c * cr, 0):min(b - c * cr, cr)] for c in range(first, last + 1)])
 
 
-def block_window_order(blocks: np.ndarray, window: int, rng: np.random.Generator) -> np.ndarray:
+def block_window_order(blocks: np.ndarray, window: int, rng: np.random.Generator, streams: int = 1,
+                       run: int = 1) -> np.ndarray:
     """A permutation of items 0..n-1 (``blocks[i]`` = the storage block item i is read from) in which the
     blocks are shuffled, cut into windows of ``window`` blocks, and items are shuffled within a window.
 
     Reading in this order touches one window of blocks at a time, so an LRU that holds a window serves
     every other read from memory. Trade-off against a full shuffle: a batch mixes items from ``window``
-    random places of the store instead of from anywhere (documented in docs/scaling.md)."""
+    random places of the store instead of from anywhere (documented in docs/scaling.md).
+
+    ``streams`` > 1 (DataLoader workers, which take batches of ``run`` items in turn): windows are dealt
+    round-robin to streams and the order takes ``run`` items from each stream in turn, so each worker
+    reads only its own windows and every chunk is decompressed once in total, in parallel."""
     blocks = np.asarray(blocks)
     uniq, inv = np.unique(blocks, return_inverse=True)
     rank = np.empty(len(uniq), np.int64)
     rank[rng.permutation(len(uniq))] = np.arange(len(uniq))
     win = rank[inv.reshape(-1)] // max(int(window), 1)
-    return np.lexsort((rng.random(len(blocks)), win))
+    order = np.lexsort((rng.random(len(blocks)), win))
+    if streams <= 1:
+        return order
+    stream = win[order] % streams
+    pos = np.empty(len(order), np.int64)  # position of each item within its stream
+    for s in range(streams):
+        pos[stream == s] = np.arange(int((stream == s).sum()))
+    return order[np.lexsort((pos, stream, pos // max(int(run), 1)))]

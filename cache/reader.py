@@ -270,11 +270,15 @@ class CacheDataset(torch.utils.data.Dataset):
 
 
 def _pad(seqs: list[torch.Tensor]) -> torch.Tensor:
-    """[L_i, ...] tensors → [B, max L_i, ...] zero-padded (numpy copies: ~30x faster than pad_sequence in fp16)."""
-    out = np.zeros((len(seqs), max((len(s) for s in seqs), default=0), *seqs[0].shape[1:]),
-                   dtype=seqs[0].numpy().dtype) if seqs else np.zeros((0, 0))
+    """[L_i, ...] tensors → [B, max L_i, ...] zero-padded (numpy copies, zeroing only the padding: several
+    times faster than pad_sequence in float16)."""
+    if not seqs:
+        return torch.zeros(0, 0)
+    W = max(len(s) for s in seqs)
+    out = np.empty((len(seqs), W, *seqs[0].shape[1:]), dtype=seqs[0].numpy().dtype)
     for k, s in enumerate(seqs):
         out[k, :len(s)] = s.numpy()
+        out[k, len(s):] = 0
     return torch.from_numpy(out)
 
 
@@ -283,15 +287,19 @@ class ChunkAwareSampler(torch.utils.data.Sampler[int]):
 
     Blocks of ``block_chunks`` consecutive state chunks are shuffled and read ``window`` blocks at a
     time, items shuffled within the window (`cache.chunked.block_window_order`). ``window`` defaults to
-    what half the reader's chunk cache holds, so each chunk is decompressed about once per epoch. The
-    order is a function of (seed, epoch) alone; call `set_epoch` like a DistributedSampler."""
+    what half the reader's chunk cache holds, so each chunk is decompressed about once per epoch. Give
+    the DataLoader's ``num_workers`` and ``batch_size``: each worker then gets batches of its own windows
+    (every chunk decompressed once in total, the workers in parallel). The order is a function of
+    (seed, epoch) alone; call `set_epoch` like a DistributedSampler."""
 
-    def __init__(self, dataset: CacheDataset, *, window: int | None = None, block_chunks: int = 4, seed: int = 0):
+    def __init__(self, dataset: CacheDataset, *, window: int | None = None, block_chunks: int = 4, seed: int = 0,
+                 num_workers: int = 0, batch_size: int = 1):
         self.n = len(dataset)
         iid = np.asarray(dataset.inst, np.int64)
         blocks = dataset.r.instruction_blocks(block_chunks)
         self.blocks = np.where(iid >= 0, blocks[np.clip(iid, 0, None)] if len(blocks) else 0, -1)
         self.window = window or max(1, dataset.r.states_cache.capacity_chunks // (2 * block_chunks))
+        self.streams, self.run = max(int(num_workers), 1), max(int(batch_size), 1)
         self.seed, self.epoch = int(seed), 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -302,4 +310,4 @@ class ChunkAwareSampler(torch.utils.data.Sampler[int]):
 
     def __iter__(self):
         rng = np.random.default_rng([self.seed, self.epoch])
-        return iter(block_window_order(self.blocks, self.window, rng).tolist())
+        return iter(block_window_order(self.blocks, self.window, rng, self.streams, self.run).tolist())

@@ -100,6 +100,13 @@ def test_block_window_order_is_a_seeded_permutation_read_window_by_window():
     window_of = {int(b): k // 4 for k, b in enumerate(seq[np.sort(first)])}
     w = np.array([window_of[int(b)] for b in seq])
     assert (np.diff(w) >= 0).all() and w[-1] == 9
+    # two DataLoader workers taking batches of 50 in turn: each reads only its own windows
+    order2 = block_window_order(blocks, 4, np.random.default_rng(7), streams=2, run=50)
+    assert np.array_equal(np.sort(order2), np.arange(5000))
+    seq2 = blocks[order2]
+    windows_of = [set(seq2[k * 50:(k + 1) * 50]) for k in range(100)]
+    worker_blocks = [set().union(*windows_of[w:80:2]) for w in (0, 1)]  # the first 80 batches: both streams busy
+    assert not worker_blocks[0] & worker_blocks[1] and all(len(b) >= 8 for b in worker_blocks)
 
 
 # ---- gathers ---------------------------------------------------------------------------------------------------

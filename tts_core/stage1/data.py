@@ -203,7 +203,7 @@ class Stage1Data:
         return split_rows(self.instruction_id.numpy(), self.instruction_texts, held_out_frac, salt,
                           speakers=self.speakers if by == "speaker" else None)
 
-    def mean_pooled_states(self, ids: np.ndarray | None = None, chunk: int = 1024, device="cpu") -> torch.Tensor:
+    def mean_pooled_states(self, ids: np.ndarray | None = None, chunk: int = 256, device="cpu") -> torch.Tensor:
         """Mean over real tokens of instructions ``ids`` (default all) of the raw states → float32 [n, H]."""
         return self.states.mean_pool(np.arange(self.n_instructions) if ids is None else ids, chunk, device)
 
@@ -216,8 +216,8 @@ class Stage1Data:
         States: the ragged table in memory when it is at most ``states_in_memory_mb``, else streamed
         through a ``states_cache_mb`` chunk cache (`tts_core.stage1.states.load_states`).
         ``with_states=False`` reads no states (zero lengths): enough for the split and the vectors."""
-        spk = np.asarray(reader.spk_emb(), dtype=np.float32)
-        xvec = np.asarray(reader.xvec(), dtype=np.float32)
+        spk = np.asarray(reader.spk_emb(raw=True), dtype=np.float32)  # normalised below, once
+        xvec = np.asarray(reader.xvec(raw=True), dtype=np.float32)
         iid = np.asarray(reader.instruction_id(), dtype=np.int64)
         man = reader.ok_manifest
         if not (len(spk) == len(xvec) == len(iid) == len(man)):
@@ -239,8 +239,8 @@ class Stage1Data:
         identities = reader.identities
         te = identities["text_encoder"]
         return cls(
-            spk=torch.from_numpy(spk[keep]),
-            xvec=torch.from_numpy(xvec[keep]),
+            spk=torch.from_numpy(spk if keep.all() else spk[keep]),
+            xvec=torch.from_numpy(xvec if keep.all() else xvec[keep]),
             instruction_id=torch.from_numpy(iid[keep]),
             states=states,
             clip_ids=man["clip_id"].astype(str)[keep].tolist(),

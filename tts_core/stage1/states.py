@@ -65,7 +65,7 @@ class InstructionStates:
         return SubsetStates(self, ids)
 
     @torch.no_grad()
-    def mean_pool(self, ids: np.ndarray, chunk: int = 1024, device: torch.device | str = "cpu") -> torch.Tensor:
+    def mean_pool(self, ids: np.ndarray, chunk: int = 256, device: torch.device | str = "cpu") -> torch.Tensor:
         """Mean over real tokens of each instruction's states → float32 [len(ids), H] (the NN baseline).
 
         Give ``ids`` sorted: a streamed source then reads the store front to back."""
@@ -219,9 +219,8 @@ class StoreStates(InstructionStates):
         if int(lens.sum()) * self.hidden_size * self.np_dtype.itemsize > max_bytes:
             return SubsetStates(self, ids)
         r = self.reader
-        cache = r.states_cache
-        return RaggedStates.from_array(cache.array, r.instruction_offsets, ids,
-                                       read=lambda a, b: cache.rows(a, b)).to(self.device)
+        cache = r.states_cache  # a view of a cached chunk is copied into the buffer at once
+        return RaggedStates.from_array(cache.array, r.instruction_offsets, ids, read=cache.rows).to(self.device)
 
 
 class SubsetStates(InstructionStates):

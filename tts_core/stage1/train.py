@@ -37,7 +37,6 @@ Output directory::
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -186,7 +185,7 @@ def _cos_mean(a: torch.Tensor, b: torch.Tensor) -> float:
 # ---- evaluation -------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def compute_baselines(data: Stage1Data, train_rows: np.ndarray, val_rows: np.ndarray,
-                      device: torch.device | str = "cpu", chunk: int = 1024, max_queries: int = 2048,
+                      device: torch.device | str = "cpu", chunk: int = 256, max_queries: int = 2048,
                       max_keys: int = 50_000, seed: int = 0) -> dict:
     """Held-out cosines of two references: the train-set mean vector, and nearest neighbour on instruction text.
 
