@@ -290,23 +290,11 @@ def _gather_padded(flat: torch.Tensor, starts: np.ndarray, lens: np.ndarray, dev
 
 # ---- preparation from the cache ------------------------------------------------------------------------
 def _instruction_state_chunks(reader, chunk: int):
-    """Yield (first_id, float32 [n, Lmax, H], lengths [n]) over all instructions, contiguous reads."""
-    from cache import schema
-
-    g = reader.group
-    off = np.asarray(g[schema.INSTRUCTION_OFFSETS][:], dtype=np.int64)
-    arr = g[schema.INSTRUCTION_STATES]
+    """Yield (first_id, float16 [n, Lmax, H], lengths [n]) over all instructions, read front to back."""
     U = int(reader.n_instructions)
-    H = int(reader.text_hidden_size)
     for a in range(0, U, chunk):
-        b = min(a + chunk, U)
-        flat = np.asarray(arr[off[a]:off[b]])
-        lens = off[a + 1:b + 1] - off[a:b]
-        out = np.zeros((b - a, int(lens.max(initial=0)), H), dtype=flat.dtype)
-        for i in range(b - a):
-            s = off[a + i] - off[a]
-            out[i, : lens[i]] = flat[s:s + lens[i]]
-        yield a, out, lens
+        states, lens = reader.instruction_states_batch(np.arange(a, min(a + chunk, U)))
+        yield a, states, lens
 
 
 @torch.no_grad()
