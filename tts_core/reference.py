@@ -71,10 +71,11 @@ def s3gen_audio(wav_24k: np.ndarray, seconds: float = S3GEN_REF_SECONDS) -> np.n
     return wav_24k[: int(seconds * S3GEN_SR)]
 
 
-def t3_prompt(reference: Reference, voice_encoder, speech_tokenizer, prompt_len: int = 150
-              ) -> tuple[np.ndarray, np.ndarray]:
-    """(VoiceEncoder embedding [256] of the whole 16 kHz clip, S3 tokens of its first 6 s, at most
-    ``prompt_len``): T3's half of Chatterbox's ``prepare_conditionals``."""
+def t3_prompt(reference: Reference, voice_encoder, speech_tokenizer, prompt_len: int = 150,
+              seconds: float = PROMPT_SECONDS) -> tuple[np.ndarray, np.ndarray]:
+    """(VoiceEncoder embedding [256] of the whole 16 kHz clip, S3 tokens of its first ``seconds`` (6 s;
+    Turbo 15 s: `tts_core.t3.families`), at most ``prompt_len``): T3's half of Chatterbox's
+    ``prepare_conditionals``."""
     spk = np.asarray(voice_encoder.embed_batch([reference.wav_16k]), np.float32).reshape(-1)
-    tokens = np.asarray(speech_tokenizer.tokenize_batch([prompt_audio(reference.wav_16k)])[0], np.int64)
+    tokens = np.asarray(speech_tokenizer.tokenize_batch([prompt_audio(reference.wav_16k, seconds)])[0], np.int64)
     return spk, tokens[:prompt_len]

@@ -30,6 +30,7 @@ import torch
 from tts_core.reference import Reference, t3_prompt
 from tts_core.sampling_defaults import DEFAULT_SAMPLING, sampling_defaults
 from tts_core.t3.model import T3Cond
+from tts_core.t3.families import FAMILIES
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ class Synthesizer:
             if self.speech_tokenizer is None or self.voice_encoder is None:
                 raise RunIncompleteError("a reference clip needs the speech tokenizer: pass --chatterbox-dir")
             spk_np, prompt = t3_prompt(_as_reference(reference), self.voice_encoder, self.speech_tokenizer,
-                                       self.prompt_len)
+                                       self.prompt_len, FAMILIES[self.t3.cfg.family].prompt_seconds)
             spk = torch.from_numpy(spk_np)[None]
             prompt_t, plen = torch.from_numpy(prompt)[None], torch.tensor([len(prompt)])
         else:
