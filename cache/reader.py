@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import multiprocessing
 import os
 from functools import cached_property
 from typing import Sequence
@@ -213,7 +214,8 @@ class CacheReader:
 # How DataLoader workers start. Not "fork": a forked worker inherits the parent's threads' state and
 # at-exit hooks, and once a Prefect flow has run in the parent (Prefect 3.7: its services' at-exit drain
 # asserts in a fork child) every forked worker dies at exit with code 1 ("DataLoader worker exited
-# unexpectedly"). A forkserver child starts from a clean interpreter; the reader reopens the store there.
+# unexpectedly"). Forkserver workers fork from a clean single-threaded server process that has imported
+# this module (torch, zarr) once, so a worker starts in milliseconds; the reader reopens the store there.
 WORKER_START_METHOD = "forkserver"
 
 
@@ -249,8 +251,11 @@ class CacheDataset(torch.utils.data.Dataset):
 
     def loader(self, **kw) -> torch.utils.data.DataLoader:
         """``DataLoader(self, **kw)`` whose worker processes (``num_workers > 0``) start by WORKER_START_METHOD."""
-        if kw.get("num_workers", 0) > 0:
-            kw.setdefault("multiprocessing_context", WORKER_START_METHOD)
+        if kw.get("num_workers", 0) > 0 and "multiprocessing_context" not in kw:
+            ctx = multiprocessing.get_context(WORKER_START_METHOD)
+            if WORKER_START_METHOD == "forkserver":
+                ctx.set_forkserver_preload([__name__])  # takes effect when the server starts (once per process)
+            kw["multiprocessing_context"] = ctx
         return torch.utils.data.DataLoader(self, **kw)
 
     @staticmethod

@@ -54,6 +54,8 @@ def test_learns_voice_from_instruction_text_beyond_mean_baseline(tmp_path):
           f"mean baseline {b['mean_avg_cos']:.3f}; NN baseline {b['nn_avg_cos']:.3f}; "
           f"curve {[round(h['avg_cos'], 3) for h in res.history]}")
     assert len(seen) == 3 and [h["step"] for h in seen] == [80, 160, 240]
+    # measured for seeds 0-4 at 1 thread and seeds 0-1 at 2 threads: AvgCos, SpkCos, XVecCos all beat the mean
+    # vector by +0.55…+0.57, so +0.2 holds with room and an untrained mapper (AvgCos ≈ 0) fails it
     assert best["avg_cos"] > b["mean_avg_cos"] + 0.2
     assert best["spk_cos"] > b["mean_spk_cos"] + 0.2 and best["xvec_cos"] > b["mean_xvec_cos"] + 0.2
     # outputs on disk

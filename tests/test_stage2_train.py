@@ -290,6 +290,7 @@ def test_training_freezes_stage1_trains_t3_and_loss_decreases(env, tmp_path):
     h = res.history
     assert len(h) == 20 and all(r["text_inst"] is not None and r["speech_audio"] is not None for r in h[-5:])
     first, last = np.mean([r["loss"] for r in h[:2]]), np.mean([r["loss"] for r in h[-2:]])
+    # last / first measured 0.25…0.28 for seeds 0-4 at 1 thread and seeds 0-1 at 2 threads: 0.6 holds with room
     assert last < 0.6 * first, (first, last)
     assert 0.2 < np.mean([r["inst_frac"] for r in h]) < 0.8
     # outputs: published checkpoint is a valid --t3 source (adapters included: nothing extra)

@@ -33,6 +33,8 @@ Output directory::
     last/resume.pt (+ resume.json)       model, optimizer, RNG, position; written atomically at every
                                          evaluation (and every ``checkpoint_every`` steps), so a killed run
                                          restarted with the same config resumes at the same epoch/step
+                                         and ends bit-equal to an uninterrupted run (CPU); Ctrl-C under
+                                         `tts_core.interrupt.stop_after_step` writes it at that step
     metrics.json, report.md              per-evaluation held-out SpkCos / XVecCos / AvgCos and baselines
 """
 from __future__ import annotations

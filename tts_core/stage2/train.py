@@ -53,7 +53,8 @@ Resume (``resume=True`` and ``latest.json`` present): weights, optimizer, step, 
 restored. Randomness needs no saved state: the data order is a function of (seed, epoch), each
 batch's choices of (seed, epoch, global batch) and the torch RNG (perceiver dropout) is reseeded
 every step from (seed, global step, rank). A resumed run with the same world size is therefore
-bit-identical to an uninterrupted one (tested on CPU). Another world size is allowed: the position
+bit-identical to an uninterrupted one, wherever the kill came (mid-step, mid-checkpoint-write; tested on
+CPU); under `tts_core.interrupt.stop_after_step` Ctrl-C checkpoints at the step it arrived in. Another world size is allowed: the position
 is counted in *global* batches, so the epoch continues where it stopped, each row still once; the
 global step is kept, but a step now covers a different number of batches, and the LR-schedule
 length is recomputed for the remaining steps (documented, not bit-identical). Changing anything
