@@ -178,12 +178,12 @@ class CacheReader:
 
     def instruction_states_batch(self, ids: Sequence[int], width: int | None = None
                                  ) -> tuple[np.ndarray, np.ndarray]:
-        """(float16 [B, W, H] zero-padded, int64 lengths [B]) for a batch of instruction ids.
+        """(float16 [B, W, H] zero-padded, int64 lengths [B]) for a batch of instruction ids (−1: empty).
 
         ``W`` = the batch's longest instruction unless ``width`` is given. Reads go in store order, so
         each chunk is decompressed at most once per batch (and not at all when the cache holds it)."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        lens = self.instruction_lengths[ids] if len(ids) else np.zeros(0, np.int64)
+        lens = np.where(ids >= 0, self.instruction_lengths[ids], 0) if len(ids) else np.zeros(0, np.int64)
         W = int(lens.max(initial=0)) if width is None else int(width)
         if len(ids) and int(lens.max()) > W:
             raise ValueError(f"width {W} is shorter than the longest instruction of the batch ({int(lens.max())})")

@@ -69,7 +69,7 @@ __all__ = ["Stage1TrainConfig", "Stage1Result", "NonFiniteLossError", "train_sta
 log = logging.getLogger(__name__)
 
 PHASES = {"1": ("1",), "2": ("2",), "both": ("1", "2")}
-_POOL_CHUNK = 1024  # instructions pooled at once in evaluation: [1024, Lmax, 1024] fp32 is ~0.3 GB
+_POOL_CHUNK = 256  # instructions pooled at once in evaluation: bounds the [n, Lmax, H] fp32 temporaries
 RESUME_FILE = "resume.pt"
 
 
