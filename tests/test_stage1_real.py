@@ -16,9 +16,9 @@ def test_demo_stage1_beats_both_baselines_on_held_out_instructions(demo_store, t
     """The demo's own stage-1 recipe (instruct_tts.demo: both phases, seed 0) on the demo's own corpus.
 
     Margins of the selected checkpoint over the baselines, measured for seeds 0, 1, 2, 3 at 1 and 2 torch
-    threads (every run selected phase 2): SpkCos − mean +0.026…+0.032, XVecCos − mean +0.018…+0.025,
-    SpkCos − nearest instruction +0.116…+0.123. The asserted margins sit well below the smallest of each;
-    an untrained mapper (AvgCos ≈ 0) fails them. Phase 1 alone is not enough: after 500 steps at lr 3e-3,
+    threads (every run selected phase 2): SpkCos − mean +0.021…+0.038, XVecCos − mean +0.013…+0.034,
+    SpkCos / XVecCos − nearest instruction +0.111…+0.132. The asserted margins (0.01, 0.005, 0.05) sit well
+    below the smallest of each; an untrained mapper (AvgCos ≈ 0) fails them. Phase 1 alone is not enough: after 500 steps at lr 3e-3,
     two of seeds 0–4 stayed below the mean vector (held-out cosines swing ±0.03 between evaluations)."""
     from instruct_tts.demo import DEMO_MAPPER, DEMO_STAGE1
     from tts_core.mapper.flow import MapperConfig
@@ -32,7 +32,7 @@ def test_demo_stage1_beats_both_baselines_on_held_out_instructions(demo_store, t
     print(f"\nheld-out SpkCos {best['spk_cos']:.4f} (mean {b['mean_spk_cos']:.4f}, NN {b['nn_spk_cos']:.4f}); "
           f"XVecCos {best['xvec_cos']:.4f} (mean {b['mean_xvec_cos']:.4f}, NN {b['nn_xvec_cos']:.4f}); "
           f"curve {[round(h['avg_cos'], 3) for h in res.history]}")
-    assert best["spk_cos"] > b["mean_spk_cos"] + 0.01 and best["xvec_cos"] > b["mean_xvec_cos"] + 0.008
+    assert best["spk_cos"] > b["mean_spk_cos"] + 0.01 and best["xvec_cos"] > b["mean_xvec_cos"] + 0.005
     assert best["spk_cos"] > b["nn_spk_cos"] + 0.05 and best["xvec_cos"] > b["nn_xvec_cos"] + 0.05
 
 
