@@ -13,8 +13,10 @@ Layout of a store (a Zarr v3 group, on any fsspec URL):
       clips/token_offsets int64  [N + 1]    speech tokens of row i are tokens/flat[off[i]:off[i+1]]
       tokens/flat        int16   [T]        speech tokens, all clips concatenated
       clips/prompt_offsets int64 [N + 1]    prompt tokens of row i are prompt_tokens/flat[off[i]:off[i+1]]
-      prompt_tokens/flat int16   [P]        S3 tokens of each clip's first PROMPT_SECONDS (6 s; ≤ 150): T3's
-                                            prompt as Chatterbox builds it from a reference (tts_core.reference)
+      prompt_tokens/flat int16   [P]        S3 tokens of each clip's first 6 s (≤ 150): the English and
+                                            multilingual T3's prompt as Chatterbox builds it from a reference
+      clips/prompt15_offsets, prompt15_tokens/flat   the same for the first 15 s (≤ 375): Turbo's prompt
+                                            (`PROMPTS`; tts_core.reference, tts_core.t3.families)
       instructions/offsets int64 [U + 1]    states of instruction j are instructions/states[off[j]:off[j+1]]
       instructions/states float16 [S, H]    text-encoder last hidden states, padding stripped
       models/mel_vq/*                        codebook of the embedded tokenizer, when that one is used
@@ -33,12 +35,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tts_core.reference import PROMPT_SECONDS
+from tts_core.reference import PROMPT_SECONDS, TURBO_PROMPT_SECONDS
 
 # 2: prompt tokens of each clip's first PROMPT_SECONDS and a manifest language column; every array ends its
 #    codec chain with a CRC32C, every chunk of a finished store exists (empty chunks are written), attrs
-#    record manifest_sha256. Version-1 stores are refused (rebuild them).
-SCHEMA_VERSION = 2
+#    record manifest_sha256.
+# 3: a second prompt array, tokens of each clip's first 15 s (Chatterbox Turbo's prompt).
+# Older stores are refused with "rebuild" (build-cache resumes nothing across versions; it rebuilds).
+SCHEMA_VERSION = 3
 
 SPK_DIM = 256
 XVEC_DIM = 192
@@ -75,10 +79,36 @@ CLIP_ARRAYS: tuple[ArraySpec, ...] = (
 TOKEN_OFFSETS = "clips/token_offsets"
 TOKENS = "tokens/flat"
 TOKEN_DTYPE = np.dtype("int16")  # S3 vocab 6561 < 2**15
-PROMPT_OFFSETS = "clips/prompt_offsets"
-PROMPT_TOKENS = "prompt_tokens/flat"
-PROMPT_MAX_TOKENS = 150  # Chatterbox's speech_cond_prompt_len: tokens kept of the first PROMPT_SECONDS
-RAGGED_TOKENS = ((TOKEN_OFFSETS, TOKENS), (PROMPT_OFFSETS, PROMPT_TOKENS))  # (offsets, flat) per token array
+
+
+@dataclass(frozen=True)
+class PromptArrays:
+    """One stored prompt: S3 tokens of each clip's first `seconds` (cut before tokenizing, as Chatterbox's
+    reference path does), at most `max_tokens` (the T3's speech_cond_prompt_len)."""
+
+    seconds: float
+    max_tokens: int
+    offsets: str
+    flat: str
+
+
+# One per distinct `prompt_seconds` of tts_core.t3.families.FAMILIES (a test keeps the two in step):
+# English/multilingual ENC_COND_LEN = 6 s → 150 tokens; Turbo 15 s → 375 tokens.
+PROMPTS = (PromptArrays(PROMPT_SECONDS, 150, "clips/prompt_offsets", "prompt_tokens/flat"),
+           PromptArrays(TURBO_PROMPT_SECONDS, 375, "clips/prompt15_offsets", "prompt15_tokens/flat"))
+PROMPT_OFFSETS, PROMPT_TOKENS, PROMPT_MAX_TOKENS = PROMPTS[0].offsets, PROMPTS[0].flat, PROMPTS[0].max_tokens
+# (offsets, flat) of every ragged token array: the speech tokens, then each prompt of PROMPTS in order
+RAGGED_TOKENS = ((TOKEN_OFFSETS, TOKENS),) + tuple((p.offsets, p.flat) for p in PROMPTS)
+
+
+def prompt_arrays(seconds: float) -> PromptArrays:
+    """The stored prompt a T3 family whose reference prompt is the first `seconds` reads."""
+    for p in PROMPTS:
+        if abs(p.seconds - seconds) < 1e-9:
+            return p
+    raise ValueError(f"the cache stores prompts of the first {[p.seconds for p in PROMPTS]} s, not {seconds} s: "
+                     f"add a PromptArrays to cache.schema.PROMPTS for it (and rebuild the cache)")
+
 INSTRUCTION_OFFSETS = "instructions/offsets"
 INSTRUCTION_STATES = "instructions/states"
 STATE_DTYPE = np.dtype("float16")
@@ -92,7 +122,7 @@ MANIFEST_COLUMNS = (
 )
 # What a store's directory holds at its top (besides norm_report.*): creating a store clears its location,
 # so a location holding anything else is refused, never cleared.
-STORE_ENTRIES = frozenset({"zarr.json", "clips", "tokens", PROMPT_TOKENS.split("/")[0], "instructions",
+STORE_ENTRIES = frozenset({"zarr.json", "clips", "tokens", *(p.flat.split("/")[0] for p in PROMPTS), "instructions",
                            MEL_VQ_GROUP.split("/")[0],
                            MANIFEST_FILE, MANIFEST_PARTS})
 

@@ -28,7 +28,7 @@ from cache.writer import ClipBatch
 from tts_core.audio import AudioPolicy, AudioRejected, LoadedAudio, load_clip
 from tts_core.frozen import FrozenModelsConfig
 from tts_core.metadata import MetaLine
-from tts_core.reference import PROMPT_SECONDS, S3_SR, prompt_audio
+from tts_core.reference import prompt_audio
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,26 @@ def load_line(audio_root: Path, metadata_name: str, audio: AudioPolicy, m: MetaL
         return exc
 
 
+def _prompt_tokens(clips: Sequence[LoadedAudio], tokens: Sequence[np.ndarray], tokenizer) -> list[list[np.ndarray]]:
+    """T3's prompts as Chatterbox builds them, one list per schema.PROMPTS entry: tokens of the clip's first
+    6 s (15 s for Turbo) of its `prompt_wav` (Chatterbox's resampling), cut before tokenizing. Each distinct
+    cut is tokenized once; a clip without `prompt_wav` that is no longer than a cut reuses its own tokens."""
+    out = [list(tokens) for _ in schema.PROMPTS]
+    todo: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (clip, cut length) → [(prompt k, clip j)]
+    for k, spec in enumerate(schema.PROMPTS):
+        for j, a in enumerate(clips):
+            src = a.prompt_wav if a.prompt_wav is not None else a.wav
+            n = len(prompt_audio(src, spec.seconds))
+            if a.prompt_wav is not None or n < len(a.wav):
+                todo.setdefault((j, n), []).append((k, j))
+    keys = list(todo)
+    cut = [(clips[j].prompt_wav if clips[j].prompt_wav is not None else clips[j].wav)[:n] for j, n in keys]
+    for key, toks in zip(keys, tokenizer.tokenize_batch(cut) if cut else []):
+        for k, j in todo[key]:
+            out[k][j] = toks
+    return out
+
+
 def encode_batch(batch: Sequence[MetaLine], loaded: list, iids: Sequence[int], ve, xv, tokenizer) -> ClipBatch:
     """Loaded (or rejected) clips of consecutive rows → their ClipBatch. A clip a model fails on is
     quarantined with the reason; it never sinks its batch."""
@@ -64,7 +84,7 @@ def encode_batch(batch: Sequence[MetaLine], loaded: list, iids: Sequence[int], v
     spk = np.zeros((n, schema.SPK_DIM), np.float32)
     xvec = np.zeros((n, schema.XVEC_DIM), np.float32)
     tokens: list[np.ndarray] = [np.zeros(0, np.int64)] * n
-    prompts: list[np.ndarray] = [np.zeros(0, np.int64)] * n
+    prompts = [[np.zeros(0, np.int64)] * n for _ in schema.PROMPTS]  # one list per schema.PROMPTS entry
     status = np.full(n, schema.STATUS_QUARANTINED, np.int8)
     duration = np.zeros(n, np.float32)
     reasons, details = [""] * n, [""] * n
@@ -79,18 +99,14 @@ def encode_batch(batch: Sequence[MetaLine], loaded: list, iids: Sequence[int], v
     def run(idx: list[int]) -> None:
         wavs = [loaded[i].wav for i in idx]
         s, x, t = ve.embed_batch(wavs), xv.embed_batch(wavs), tokenizer.tokenize_batch(wavs)
-        # T3's prompt as Chatterbox builds it: tokens of the first PROMPT_SECONDS, cut before tokenizing
-        # (a clip no longer than that is its own cut: its tokens are reused)
-        long = [j for j, w in enumerate(wavs) if len(w) > PROMPT_SECONDS * S3_SR]
-        p = list(t)
-        for j, cut in zip(long, tokenizer.tokenize_batch([prompt_audio(wavs[j]) for j in long]) if long else []):
-            p[j] = cut
+        cuts = _prompt_tokens([loaded[i] for i in idx], t, tokenizer)
         for j, i in enumerate(idx):
             if not (np.isfinite(s[j]).all() and np.isfinite(x[j]).all()):
                 reasons[i], details[i] = "model_nonfinite", "a frozen model returned NaN/inf for this clip"
                 continue
             spk[i], xvec[i], tokens[i], status[i] = s[j], x[j], np.asarray(t[j]), schema.STATUS_OK
-            prompts[i] = np.asarray(p[j])[: schema.PROMPT_MAX_TOKENS]
+            for k, spec in enumerate(schema.PROMPTS):
+                prompts[k][i] = np.asarray(cuts[k][j])[: spec.max_tokens]
 
     try:
         run(ok)
@@ -103,7 +119,9 @@ def encode_batch(batch: Sequence[MetaLine], loaded: list, iids: Sequence[int], v
     iid = np.where(status == schema.STATUS_OK, np.asarray(iids, np.int64), -1).astype(np.int32)
     for i in range(n):
         if status[i] != schema.STATUS_OK:
-            spk[i], xvec[i], tokens[i], prompts[i] = 0, 0, np.zeros(0, np.int64), np.zeros(0, np.int64)
+            spk[i], xvec[i], tokens[i] = 0, 0, np.zeros(0, np.int64)
+            for p in prompts:
+                p[i] = np.zeros(0, np.int64)
     manifest = pd.DataFrame({
         "row": [m.row for m in batch], "clip_id": [m.clip_id for m in batch],
         "audio_path": [m.audio_path for m in batch], "transcript": [m.transcript for m in batch],
@@ -112,7 +130,7 @@ def encode_batch(batch: Sequence[MetaLine], loaded: list, iids: Sequence[int], v
         "reason": reasons, "detail": details, "duration": duration, "line": [m.line for m in batch],
         "language": [m.language for m in batch],
     }, columns=list(schema.MANIFEST_COLUMNS))
-    return ClipBatch(batch[0].row, spk, xvec, duration, iid, status, tokens, manifest, prompts)
+    return ClipBatch(batch[0].row, spk, xvec, duration, iid, status, tokens, manifest, *prompts)
 
 
 # ---- remote side ---------------------------------------------------------------------------------------------

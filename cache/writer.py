@@ -47,13 +47,21 @@ class ClipBatch:
     status: np.ndarray  # [n] int8
     tokens: Sequence[np.ndarray]  # n arrays (empty for quarantined rows)
     manifest: pd.DataFrame  # n rows, schema.MANIFEST_COLUMNS
-    # n arrays: S3 tokens of each clip's first PROMPT_SECONDS (tts_core.reference). None: each clip's own
-    # first PROMPT_MAX_TOKENS tokens — the same for clips up to PROMPT_SECONDS long (tests' short clips).
+    # n arrays each, one per schema.PROMPTS entry: S3 tokens of each clip's first 6 s / 15 s
+    # (tts_core.reference). None: each clip's own first max_tokens tokens — the same for clips no longer
+    # than the prompt (tests' short clips).
     prompt_tokens: Sequence[np.ndarray] | None = None
+    prompt15_tokens: Sequence[np.ndarray] | None = None
 
     @property
     def n(self) -> int:
         return len(self.status)
+
+    def prompts(self) -> list[Sequence[np.ndarray]]:
+        """The prompt token lists in schema.PROMPTS order (defaults filled in)."""
+        given = (self.prompt_tokens, self.prompt15_tokens)
+        return [seqs if seqs is not None else [np.asarray(t)[: spec.max_tokens] for t in self.tokens]
+                for spec, seqs in zip(schema.PROMPTS, given, strict=True)]
 
 
 class CacheWriter:
@@ -142,7 +150,8 @@ class CacheWriter:
             "lines_digest": lines_digest,
             "committed_rows": 0, "committed_instructions": 0, "complete": False,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "prompt_seconds": schema.PROMPT_SECONDS, "prompt_max_tokens": schema.PROMPT_MAX_TOKENS,
+            "prompt_seconds": [p.seconds for p in schema.PROMPTS],
+            "prompt_max_tokens": [p.max_tokens for p in schema.PROMPTS],
             "extra": dict(extra),
         })
         return cls(url, g)
@@ -214,9 +223,7 @@ class CacheWriter:
                   "clips/duration": b.duration, "clips/instruction_id": b.instruction_id, "clips/status": b.status}
         for path, v in values.items():
             self._arr(path)[b.start:end] = v
-        prompts = b.prompt_tokens if b.prompt_tokens is not None else \
-            [np.asarray(t)[: schema.PROMPT_MAX_TOKENS] for t in b.tokens]
-        for (offsets, flat), seqs in zip(schema.RAGGED_TOKENS, (b.tokens, prompts), strict=True):
+        for (offsets, flat), seqs in zip(schema.RAGGED_TOKENS, [b.tokens, *b.prompts()], strict=True):
             self._append_ragged(offsets, flat, b.start, seqs)
         self._write_manifest_part(b.start, b.manifest)
         self.g.attrs["committed_rows"] = end  # the commit

@@ -143,7 +143,7 @@ def _cmd_synthesize(a: argparse.Namespace) -> int:
 
         ref = Reference.load(a.reference)  # Chatterbox's loading: 24 kHz, resampled to 16 kHz
     synth = Synthesizer.from_run(a.run, device=a.device, text_encoder=a.text_encoder, chatterbox_dir=a.chatterbox_dir)
-    sampling = SamplingConfig(temperature=a.temperature, top_p=a.top_p, min_p=a.min_p,
+    sampling = SamplingConfig(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
                               repetition_penalty=a.repetition_penalty, cfg_weight=a.cfg_weight,
                               max_new_tokens=a.max_new_tokens)
     res = synth.synthesize(a.text, instruction=a.instruction, reference=ref, seed=a.seed, sampling=sampling,
@@ -195,7 +195,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from tts_core.languages import MTL_LANGUAGES
-    from tts_core.sampling_defaults import DEFAULT_SAMPLING
+    from tts_core.sampling_defaults import family_defaults_help
 
     p = argparse.ArgumentParser(prog="instruct-tts", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -298,13 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--text-encoder", type=Path, help="local text-encoder dir the run was trained over")
     sy.add_argument("--chatterbox-dir", type=Path, help="dir with ve/s3gen weights (production runs)")
     sy.add_argument("--language", help="multilingual T3: the text's language (default: the run's --language)")
-    sp = sy.add_argument_group("sampling (Chatterbox defaults)")
-    sp.add_argument("--temperature", type=float, default=DEFAULT_SAMPLING["temperature"])
-    sp.add_argument("--top-p", type=float, default=DEFAULT_SAMPLING["top_p"])
-    sp.add_argument("--min-p", type=float, default=DEFAULT_SAMPLING["min_p"])
-    sp.add_argument("--repetition-penalty", type=float,
-                    help="default: the T3 family's official value (1.2 English, 2.0 multilingual)")
-    sp.add_argument("--cfg-weight", type=float, default=DEFAULT_SAMPLING["cfg_weight"])
+    sp = sy.add_argument_group("sampling (default: each Chatterbox family's own `generate` values)")
+    for option, kind in (("temperature", float), ("top_p", float), ("top_k", int), ("min_p", float),
+                         ("repetition_penalty", float), ("cfg_weight", float)):
+        sp.add_argument("--" + option.replace("_", "-"), type=kind, help=family_defaults_help(option))
     sp.add_argument("--max-new-tokens", type=int, default=1000)
     sy.set_defaults(func=_cmd_synthesize)
 
@@ -380,10 +377,11 @@ def main(argv: list[str] | None = None) -> int:
         from tts_core.audio import AudioRejected
         from tts_core.t3.families import T3FamilyError
         from tts_core.t3.loading import CheckpointMismatchError
+        from tts_core.synthesis import SamplingOptionError
 
         if isinstance(exc, (StoreError, FileNotFoundError, MetadataError, Stage1InputError, TextEncoderMismatchError,
                             NonFiniteLossError, ResumeMismatchError, Stage2NonFiniteError, TextTokenizerError, AudioRejected,
-                            T3FamilyError, CheckpointMismatchError)):
+                            T3FamilyError, CheckpointMismatchError, SamplingOptionError)):
             print(f"instruct-tts: error: {exc}", file=sys.stderr)
             return 2
         raise

@@ -165,3 +165,23 @@ def test_prompt_tokens_are_tokens_of_the_first_6_seconds():
     assert len(b.prompt_tokens[0]) == 150 and b.prompt_tokens[0].tolist() != b.tokens[0][:150].tolist()
     assert b.prompt_tokens[1].tolist() == b.tokens[1].tolist()  # 4 s: its own tokens
     assert b.manifest.language.tolist() == ["fr", ""]
+    # Turbo's prompt: the first 15 s (≤ 375 tokens); both clips are shorter, so each is its own cut
+    assert [p.tolist() for p in b.prompt15_tokens] == [t.tolist() for t in b.tokens]
+    longest = np.concatenate([np.full(15 * sr, 0.1), np.full(5 * sr, 0.9)]).astype(np.float32)  # 20 s
+    b = encode_batch(lines[:1], [LoadedAudio(longest, 20.0)], [0], Embed(256), Embed(192), WholeClipTokenizer())
+    assert b.prompt15_tokens[0].tolist() == tok.tokenize_batch([longest[:15 * sr]])[0].tolist()
+    assert len(b.prompt15_tokens[0]) == 375 and b.prompt15_tokens[0].tolist() != b.tokens[0][:375].tolist()
+    assert b.prompt_tokens[0].tolist() == tok.tokenize_batch([longest[:6 * sr]])[0].tolist()
+
+
+def test_stored_prompts_are_the_families_reference_cuts():
+    """One stored prompt per distinct family prompt length, each as long as that family's T3 feeds."""
+    from cache import schema
+    from tts_core.t3 import T3Config
+    from tts_core.t3.families import FAMILIES, TURBO
+    from tts_core.t3.turbo import turbo_config
+
+    assert sorted(p.seconds for p in schema.PROMPTS) == sorted({f.prompt_seconds for f in FAMILIES.values()})
+    for name, fam in FAMILIES.items():
+        cfg = turbo_config() if name == TURBO else T3Config()
+        assert schema.prompt_arrays(fam.prompt_seconds).max_tokens == cfg.speech_cond_prompt_len, name

@@ -207,6 +207,22 @@ def test_precomputed_tables_are_exact(prepared):
         assert data.prompt_tokens_of(r).tolist() != data.speech_tokens_of(r)[:6].tolist()
 
 
+def test_turbo_rows_read_the_15_second_prompts(env, prepared):
+    """A Turbo T3 (prompt = the reference's first 15 s, ≤ 375 tokens) reads the store's second prompt array,
+    not the 6 s one: here the test store's 15 s prompts are the clips' own tokens (they are shorter than
+    15 s), its 6 s prompts something else (`_prompt`)."""
+    reader, encoder, mapper, data6 = prepared
+    meta = load_mapper(env["stage1"])[2]
+    data15 = prepare_stage2_data(reader, ByteTextTokenizer(), encoder, mapper, mapper_meta=meta, mapper_samples=2,
+                                 prompt_seconds=15.0)
+    assert (data6.meta["prompt_seconds"], data15.meta["prompt_seconds"]) == (6.0, 15.0)
+    for r in (0, 6):
+        np.testing.assert_array_equal(data15.prompt_tokens_of(r, 375), reader.speech_tokens(r))
+        np.testing.assert_array_equal(data6.prompt_tokens_of(r, 375), _prompt(reader.speech_tokens(r)))
+    with pytest.raises(ValueError, match="prompts of the first"):
+        prepare_stage2_data(reader, ByteTextTokenizer(), encoder, mapper, mapper_meta=meta, prompt_seconds=10.0)
+
+
 @pytest.mark.parametrize("p", [0.3, 0.5])
 def test_mixing_ratio_and_per_row_contents(prepared, p):
     reader, _, _, data = prepared

@@ -295,6 +295,23 @@ def test_seeded_sampling_equals_the_official_and_cfg_is_ignored(turbo_dir, ours,
     assert "neither CFG nor min_p" in caplog.text
 
 
+def test_synthesis_samples_each_family_with_its_official_defaults():
+    """`synthesize` without sampling options uses the run's family's `generate` defaults (Turbo: top_k 1000,
+    top_p 0.95, no min_p/CFG); a given option overrides; one the family lacks is refused, except those
+    Turbo's official `generate` ignores with a warning."""
+    from tts_core.synthesis import SamplingConfig, SamplingOptionError
+
+    assert SamplingConfig().for_family("turbo") == dict(temperature=0.8, top_k=1000, top_p=0.95,
+                                                        repetition_penalty=1.2)
+    assert SamplingConfig().for_family("english") == dict(temperature=0.8, top_p=1.0, min_p=0.05,
+                                                          repetition_penalty=1.2, cfg_weight=0.5)
+    assert SamplingConfig().for_family("multilingual")["repetition_penalty"] == 2.0
+    assert SamplingConfig(top_p=0.5, top_k=7).for_family("turbo")["top_k"] == 7
+    assert SamplingConfig(cfg_weight=0.3).for_family("turbo")["cfg_weight"] == 0.3  # warned about by generate
+    with pytest.raises(SamplingOptionError, match="english T3 does not sample with top_k"):
+        SamplingConfig(top_k=50).for_family("english")
+
+
 def test_sampling_stops_at_eos_like_the_official(turbo_dir, ours):
     """Seeds 0–5 with a raised EOS logit: some rows stop early, and some draw EOS as their *first*
     token, which the official loop does not treat as a stop."""
@@ -395,6 +412,7 @@ def test_train_stage2_with_t3_turbo_dir_trains_and_publishes_a_turbo_run(turbo_d
                                     save_every=0, log_every=1, seed=0, device="cpu"))
     assert isinstance(res.t3, TurboT3) and isinstance(res.tokenizer, TurboTextTokenizer)
     assert res.global_step == 2 and res.nonfinite_steps == 0 and "extra: 20 adapter params" in res.load_report
+    assert res.data_stats["prompt_seconds"] == 15.0  # Turbo's audio rows see its 15 s prompts (cache.schema.PROMPTS)
     assert np.isfinite([r["loss"] for r in res.history]).all()
     out = tmp_path / "run"
     assert (out / "vocab.json").read_bytes() == (turbo_dir[0] / "vocab.json").read_bytes()

@@ -85,7 +85,7 @@ def test_reference_paths_equal_the_official_prepare_conditionals(s3gen_file, tmp
     from chatterbox.tts import ChatterboxTTS
 
     from cache.shards import encode_batch
-    from tts_core.audio import LoadedAudio
+    from tts_core.audio import LoadedAudio, load_clip
     from tts_core.encoders.s3_tokenizer import S3SpeechTokenizer
     from tts_core.encoders.voice_encoder import VoiceEncoder
     from tts_core.metadata import MetaLine
@@ -127,3 +127,11 @@ def test_reference_paths_equal_the_official_prepare_conditionals(s3gen_file, tmp
     xv = SimpleNamespace(embed_batch=lambda wavs: np.ones((len(wavs), 192), np.float32))
     cached = encode_batch([line], [LoadedAudio(ref.wav_16k, 12.0)], [0], emb, xv, tok)
     assert cached.prompt_tokens[0].tolist() == prompt.tolist()
+    # the build's own loading: the file read once, 16 kHz by torchaudio for the models, the prompt cut from
+    # Chatterbox's librosa path (22.05 → 24 → 16 kHz) — the same 16 kHz samples the official code tokenizes
+    loaded = load_clip(tmp_path / "ref.wav")
+    np.testing.assert_array_equal(loaded.prompt_wav, ref.wav_16k[:15 * 16_000])
+    assert not np.array_equal(loaded.wav[:len(loaded.prompt_wav)], loaded.prompt_wav)  # the resamplers differ
+    built = encode_batch([line], [loaded], [0], emb, xv, tok)
+    assert built.prompt_tokens[0].tolist() == prompt.tolist()
+    assert built.prompt15_tokens[0].tolist() == tok.tokenize_batch([ref.wav_16k])[0].tolist()  # 12 s < 15 s

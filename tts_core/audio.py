@@ -15,6 +15,7 @@ import torch
 import torchaudio.functional as AF
 
 from tts_core.encoders.base import SAMPLE_RATE
+from tts_core.reference import TURBO_PROMPT_SECONDS, Reference, prompt_audio
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,10 @@ class LoadedAudio:
     wav: np.ndarray  # float32 [T] at 16 kHz
     duration: float
     notes: list[str] = field(default_factory=list)
+    # The clip's first TURBO_PROMPT_SECONDS at 16 kHz as Chatterbox's reference path resamples it (librosa:
+    # file rate → 24 kHz → 16 kHz; tts_core.reference): T3's prompt tokens are cut from this, so stage 2 sees
+    # the prompt official inference builds. None: cut from `wav`.
+    prompt_wav: np.ndarray | None = None
 
 
 def load_clip(path: str | Path, policy: AudioPolicy = AudioPolicy()) -> LoadedAudio:
@@ -71,7 +76,9 @@ def load_clip(path: str | Path, policy: AudioPolicy = AudioPolicy()) -> LoadedAu
     peak = float(np.abs(wav).max())
     if peak < policy.silence_peak:
         raise AudioRejected("silent", f"{path} is silent (peak {peak:.2e})")
+    prompt = prompt_audio(Reference.from_native(wav, sr).wav_16k, TURBO_PROMPT_SECONDS).copy()
     if sr != SAMPLE_RATE:
         notes.append(f"{sr}->{SAMPLE_RATE}Hz")
         wav = AF.resample(torch.from_numpy(np.ascontiguousarray(wav)), sr, SAMPLE_RATE).numpy()
-    return LoadedAudio(wav=np.ascontiguousarray(wav, dtype=np.float32), duration=wav.shape[0] / SAMPLE_RATE, notes=notes)
+    return LoadedAudio(wav=np.ascontiguousarray(wav, dtype=np.float32), duration=wav.shape[0] / SAMPLE_RATE, notes=notes,
+                       prompt_wav=prompt)

@@ -23,7 +23,8 @@ import numpy as np
 
 S3_SR = 16_000  # S3 tokenizer, VoiceEncoder, CAM++
 S3GEN_SR = 24_000  # S3Gen's mel and waveform
-PROMPT_SECONDS = 6.0  # ENC_COND_LEN = 6 * S3_SR (English and multilingual; Turbo uses 15 s)
+PROMPT_SECONDS = 6.0  # ENC_COND_LEN = 6 * S3_SR (English and multilingual)
+TURBO_PROMPT_SECONDS = 15.0  # ChatterboxTurboTTS.ENC_COND_LEN = 15 * S3_SR: the longest prompt any family cuts
 S3GEN_REF_SECONDS = 10.0  # DEC_COND_LEN = 10 * S3GEN_SR
 
 
@@ -41,6 +42,17 @@ class Reference:
         if not path.is_file():
             raise FileNotFoundError(f"reference clip {path} not found")
         wav, _ = librosa.load(str(path), sr=S3GEN_SR)
+        return cls.from_24k(wav)
+
+    @classmethod
+    def from_native(cls, wav: np.ndarray, sample_rate: int) -> "Reference":
+        """A mono clip at its file's own rate, through the same steps as `load` (librosa.load's soxr_hq
+        resampling to 24 kHz) without reading the file again."""
+        import librosa
+
+        wav = np.ascontiguousarray(wav, dtype=np.float32)
+        if sample_rate != S3GEN_SR:
+            wav = librosa.resample(wav, orig_sr=sample_rate, target_sr=S3GEN_SR)
         return cls.from_24k(wav)
 
     @classmethod

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from tts_core.reference import Reference, t3_prompt
-from tts_core.sampling_defaults import DEFAULT_SAMPLING, sampling_defaults
+from tts_core.sampling_defaults import FAMILY_IGNORED, sampling_defaults
 from tts_core.t3.model import T3Cond
 from tts_core.t3.families import FAMILIES
 
@@ -41,17 +41,34 @@ class RunIncompleteError(FileNotFoundError):
     """A run directory is missing what synthesis needs; the message lists each missing piece."""
 
 
+class SamplingOptionError(ValueError):
+    """A sampling option the run's T3 family does not have (e.g. --top-k for an English T3)."""
+
+
 @dataclass
 class SamplingConfig:
-    """Chatterbox's sampling options, with its defaults (``repetition_penalty=None``: the T3 family's official
-    default — 1.2 English, 2.0 multilingual)."""
+    """Sampling options; ``None`` takes the T3 family's official `generate` default
+    (`tts_core.sampling_defaults.FAMILY_SAMPLING`: e.g. top_p 1.0 English, 0.95 Turbo)."""
 
-    temperature: float = DEFAULT_SAMPLING["temperature"]
-    top_p: float = DEFAULT_SAMPLING["top_p"]
-    min_p: float = DEFAULT_SAMPLING["min_p"]
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None  # Turbo only
+    min_p: float | None = None
     repetition_penalty: float | None = None
-    cfg_weight: float = DEFAULT_SAMPLING["cfg_weight"]
+    cfg_weight: float | None = None
     max_new_tokens: int = 1000
+
+    def for_family(self, family: str) -> dict:
+        """The keyword arguments the family's `generate` gets: its defaults, overridden by what was given.
+        An option the family has no use for is an error, except those its official `generate` ignores
+        with a warning (Turbo: min_p, cfg_weight), which pass through so ours warns the same way."""
+        out = sampling_defaults(family)
+        given = {k: v for k, v in asdict(self).items() if v is not None and k != "max_new_tokens"}
+        unknown = sorted(set(given) - set(out) - set(FAMILY_IGNORED.get(family, ())))
+        if unknown:
+            raise SamplingOptionError(f"the {family} T3 does not sample with {', '.join(unknown)} "
+                             f"(its options: {', '.join(sorted(out))})")
+        return {**out, **given}
 
 
 @dataclass
@@ -167,12 +184,9 @@ class Synthesizer:
         cond, xv = self.condition(instruction, reference, seed)
         ids = self.tokenizer.encode(text, language or self.language)
         g = torch.Generator(device=self.t3.device).manual_seed(int(seed))
-        s = asdict(sampling)
-        max_new = s.pop("max_new_tokens")
-        if s["repetition_penalty"] is None:
-            s["repetition_penalty"] = sampling_defaults(self.t3.cfg.family)["repetition_penalty"]
-        tokens = self.t3.generate(torch.tensor([ids]), torch.tensor([len(ids)]), cond, max_new_tokens=max_new,
-                                  generator=g, **s)[0].cpu().numpy()
+        tokens = self.t3.generate(torch.tensor([ids]), torch.tensor([len(ids)]), cond,
+                                  max_new_tokens=sampling.max_new_tokens, generator=g,
+                                  **sampling.for_family(self.t3.cfg.family))[0].cpu().numpy()
         wav, sr = None, 16_000
         if self.vocoder is not None:
             torch.manual_seed(int(seed))  # S3Gen's flow matching starts from noise: seeded, so runs repeat

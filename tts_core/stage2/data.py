@@ -11,7 +11,7 @@ What is precomputed (nothing per sample happens in Python after this)
 * per clip: text token ids (the run's `TextTokenizer` over the manifest transcript, with the row's
   language — metadata's 5th column, else ``language`` — for the multilingual tokenizer; flat + offsets),
   S3 speech tokens (the store's flat int16 array, addressed by offsets — never copied per clip), the
-  prompt tokens (S3 tokens of the clip's first 6 s, ≤ 150: what Chatterbox's reference path feeds T3 —
+  prompt tokens (S3 tokens of the clip's first 6 s, ≤ 150 — Turbo: 15 s, ≤ 375 — what Chatterbox's reference path feeds T3 —
   `tts_core.reference`; the store's flat array as well),
   the ground-truth VoiceEncoder embedding (L2-normalised: the VoiceEncoder's own output is unit
   norm, and so is the mapper's), the instruction id, a speaker-group index;
@@ -416,8 +416,11 @@ def prepare_stage2_data(reader, tokenizer, encoder=None, mapper=None, *, mapper_
                         max_text_tokens: int = 2048, max_speech_tokens: int = 4096,
                         prepared: dict[str, torch.Tensor] | None = None,
                         prepared_path: str | Path | None = None, write_prepared: bool = True,
-                        language: str | None = None) -> Stage2Data:
+                        language: str | None = None, prompt_seconds: float = 6.0) -> Stage2Data:
     """Build `Stage2Data` from a finished cache store (module doc).
+
+    ``prompt_seconds``: which stored prompt audio rows get — the T3 family's reference cut
+    (`tts_core.t3.families.FamilySpec.prompt_seconds`: 6 s, Turbo 15 s; `cache.schema.PROMPTS`).
 
     ``prepared``: tensors from `compute_prepared` / `load_prepared` (DDP ranks pass what rank 0 wrote).
     Otherwise ``prepared_path`` is reused when its fingerprint matches, else computed with
@@ -455,7 +458,8 @@ def prepare_stage2_data(reader, tokenizer, encoder=None, mapper=None, *, mapper_
         return values, off[ok], off[ok + 1] - off[ok]
 
     speech_flat, s_start, s_len = ragged(schema.TOKEN_OFFSETS, schema.TOKENS)
-    prompt_flat, p_start, p_len = ragged(schema.PROMPT_OFFSETS, schema.PROMPT_TOKENS)
+    stored_prompt = schema.prompt_arrays(prompt_seconds)
+    prompt_flat, p_start, p_len = ragged(stored_prompt.offsets, stored_prompt.flat)
     t_start, t_len = text_off[:-1], np.diff(text_off)
     spk_raw = np.asarray(reader.spk_emb(raw=True), dtype=np.float32)
     iid = np.asarray(reader.instruction_id(), np.int64)
@@ -499,7 +503,7 @@ def prepare_stage2_data(reader, tokenizer, encoder=None, mapper=None, *, mapper_
         speaker_code=code, dropped=dropped,
         meta={"fingerprint": fp, "store_rows": rows, "n_ok": n_ok, "empty_instruction_rows": int(no_text[rows].sum()),
               "mapper_seed": mapper_seed,
-              "mapper_samples": mapper_samples, "n_steps": n_steps},
+              "mapper_samples": mapper_samples, "n_steps": n_steps, "prompt_seconds": stored_prompt.seconds},
     )
     if data.text_flat.numel() and int(data.text_flat.max()) >= tokenizer.vocab_size:
         raise ValueError("prepared text ids exceed the tokenizer's vocabulary (stale prepared file?)")

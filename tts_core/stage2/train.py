@@ -100,7 +100,7 @@ from tts_core.t3 import (
     IGNORE_INDEX, T3, T3Batch, T3Config, build_layout, cond_lens, is_adapter_key, load_t3_checkpoint, load_turbo,
     save_t3, t3_for_config,
 )
-from tts_core.t3.families import TURBO, T3FamilyError, T3Source, announce, detect_t3
+from tts_core.t3.families import FAMILIES, TURBO, T3FamilyError, T3Source, announce, detect_t3
 
 __all__ = ["Stage2Config", "Stage2Result", "Stage2Model", "Stage2NonFiniteError", "train_stage2", "build_t3",
            "parameter_groups", "T3_WEIGHTS", "STAGE2_META", "TRAIN_STATE"]
@@ -657,7 +657,8 @@ def _train(cfg, on_log, dd: _Dist, device: torch.device, CacheReader, load_mappe
     n_steps = int(cfg.mapper_n_steps or mapper.config.n_steps)
     kw = dict(mapper_meta=mapper_meta, mapper_seed=cfg.mapper_seed, mapper_samples=cfg.mapper_samples,
               n_steps=n_steps, max_text_tokens=t3_cfg.max_text_tokens, max_speech_tokens=t3_cfg.max_speech_tokens,
-              prepared_path=out / PREPARED, language=language)
+              prepared_path=out / PREPARED, language=language,
+              prompt_seconds=FAMILIES[t3_cfg.family].prompt_seconds)
     t0 = time.time()
     if dd.rank == 0:
         data = prepare_stage2_data(reader, tokenizer, encoder, mapper, **kw)
@@ -679,7 +680,7 @@ def _train(cfg, on_log, dd: _Dist, device: torch.device, CacheReader, load_mappe
     n_inst = int((data.instruction_id >= 0).sum())
     data_stats = {"rows": len(data), "n_ok": data.meta["n_ok"], "dropped": data.dropped,
                   "n_instructions": data.n_instructions, "rows_with_instruction": n_inst,
-                  "own_prompt_frac": len(data.own_prompt_rows) / len(data),
+                  "own_prompt_frac": len(data.own_prompt_rows) / len(data), "prompt_seconds": data.meta["prompt_seconds"],
                   "batches_per_epoch": len(sampler.batches(0)), **sampler.padding_stats(0)}
 
     # -- freezing, optimizer, model wrapper ----------------------------------------------------------------

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tts_core.checkpoint import weights_format
+from tts_core.reference import PROMPT_SECONDS, TURBO_PROMPT_SECONDS
 
 from .alignment import LLAMA_ALIGNED_HEADS
 from .config import T3Config
@@ -46,7 +47,7 @@ class FamilySpec:
     s3gen_files: tuple[str, ...]
     text_vocab: int | None  # the official text vocabulary (shape check); None: not checked here
     alignment_heads: tuple[tuple[int, int], ...] = ()  # AlignmentStreamAnalyzer (multilingual only)
-    prompt_seconds: float = 6.0  # the reference's first N s are tokenized for T3's prompt (ENC_COND_LEN)
+    prompt_seconds: float = PROMPT_SECONDS  # the reference's first N s are tokenized for T3's prompt (ENC_COND_LEN)
     s3gen_ref_seconds: float = 10.0  # S3Gen's reference is cut to N s at 24 kHz (DEC_COND_LEN)
 
 
@@ -56,7 +57,7 @@ FAMILIES: dict[str, FamilySpec] = {s.name: s for s in (
     FamilySpec(MULTILINGUAL, ("t3_mtl23ls_v2.safetensors",), "grapheme_mtl_merged_expanded_v1.json",
                ("ve.pt", "ve.safetensors"), ("s3gen.pt", "s3gen.safetensors"), 2454, LLAMA_ALIGNED_HEADS),
     FamilySpec(TURBO, ("t3_turbo_v1.safetensors",), None, ("ve.safetensors", "ve.pt"),
-               ("s3gen_meanflow.safetensors",), None, prompt_seconds=15.0),
+               ("s3gen_meanflow.safetensors",), None, prompt_seconds=TURBO_PROMPT_SECONDS),
 )}
 
 

@@ -56,8 +56,7 @@ T3_TURBO_FILE = "t3_turbo_v1.safetensors"
 S3GEN_MEANFLOW_FILE = "s3gen_meanflow.safetensors"
 GPT2_HEAD_DIM = 64  # GPT2_medium: 1024 / 16 heads; a checkpoint's shapes do not say the head count
 
-# ChatterboxTurboTTS.generate's defaults (it ignores cfg_weight and min_p).
-TURBO_SAMPLING = dict(temperature=0.8, top_k=1000, top_p=0.95, repetition_penalty=1.2)
+from tts_core.sampling_defaults import TURBO_SAMPLING  # noqa: E402  ChatterboxTurboTTS.generate's defaults
 
 
 def turbo_config(**overrides) -> T3Config:
