@@ -28,8 +28,8 @@ import numpy as np
 
 PRESETS = {
     # CI: the whole pipeline in a couple of minutes on 2 cores (tests/test_lab.py)
-    "tiny": dict(n_clips=96, stage1_steps=60, stage2_steps=24, curve_points=2, eval_clips=16, loss_clips=16,
-                 max_new_tokens=60, n_boot=200),
+    "tiny": dict(n_clips=96, stage1_steps=20, stage1_batch_size=32, stage2_steps=12, curve_points=2, eval_clips=12,
+                 loss_clips=12, max_new_tokens=40, n_boot=200),
     # a check that the lab works, ~10 minutes on 2 cores
     "medium": dict(n_clips=1200, stage1_steps=1000, stage2_steps=800, curve_points=4, eval_clips=60, loss_clips=60,
                    max_new_tokens=150),

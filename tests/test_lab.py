@@ -112,7 +112,8 @@ def test_lab_tables_have_ceilings_model_baselines_with_intervals(lab):
     tables = report["tables"]
     assert set(tables) == {"pitch", "rate", "loudness", "gender"}
     for attr, table in tables.items():
-        for split in (HELD_OUT_INSTRUCTION, HELD_OUT_VOICE):
+        # the tiny run holds out one espeak voice (one gender): no gender pairs among held-out voices
+        for split in (HELD_OUT_INSTRUCTION,) if attr == "gender" else (HELD_OUT_INSTRUCTION, HELD_OUT_VOICE):
             names = {r["rendering"] for r in table if r["split"] == split}
             assert {"ground truth audio", "ground-truth tokens -> vocoder", "model", "chance"} <= names, (attr, split)
             assert any(n.startswith("instruction ignored") for n in names)
@@ -120,8 +121,9 @@ def test_lab_tables_have_ceilings_model_baselines_with_intervals(lab):
             if r["rendering"] != "chance":
                 assert r["pairs"] > 0 and r["ci"][0] <= r["accuracy"] <= r["ci"][1], (attr, r)
     gt = {(a, r["split"]): r for a, t in tables.items() for r in t if r["rendering"] == "ground truth audio"}
-    for attr in ("pitch", "loudness", "gender"):  # calibrated levels: the measures read them exactly
-        for split in (HELD_OUT_INSTRUCTION, HELD_OUT_VOICE):
+    assert {(a, s) for a in ("pitch", "loudness") for s in (HELD_OUT_INSTRUCTION, HELD_OUT_VOICE)} <= set(gt)
+    for attr, split in gt:  # calibrated levels: the measures read pitch, loudness and gender exactly
+        if attr != "rate":
             assert gt[attr, split]["accuracy"] >= 0.98, (attr, split, gt[attr, split])
     assert gt["loudness", HELD_OUT_INSTRUCTION]["pairs"] >= 10
 
@@ -156,9 +158,9 @@ def test_lab_stage_sections(lab):
             assert -1 <= s[k]["value"] <= 1 and s[k]["ci"][0] <= s[k]["value"] <= s[k]["ci"][1] and s[k]["n"] > 0
         assert s["oracle_minus_mean"] == pytest.approx(s["oracle"]["value"] - s["mean"]["value"])
     curve = report["stage2"]["curve"]
-    assert [p["step"] for p in curve] == [12, 24]
+    assert [p["step"] for p in curve] == [6, 12]
     for p in curve:  # fresh T3 over a ~1k-token vocabulary: CE well above 0, finite
         for k in ("train_rows", HELD_OUT_INSTRUCTION, HELD_OUT_VOICE):
             assert 0 < p[k] < 20, (p, k)
-    assert curve[-1]["train_rows"] < curve[0]["train_rows"]  # 24 steps lower the loss on the training clips
+    assert curve[-1]["train_rows"] < curve[0]["train_rows"]  # 12 steps lower the loss on the training clips
     assert {t["target"].split(":")[0] for t in report["targets"]} >= {"pitch", "rate", "loudness"}
