@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--seed", type=int)
     lab.add_argument("--device")
     lab.add_argument("--no-prefect", action="store_true", help="run without Prefect (no artifacts)")
-    lab.set_defaults(func=_cmd_lab)
+    lab.set_defaults(func=_cmd_lab, ctrl_c_saves=True)
 
     b = sub.add_parser("build-cache", help="validate clips, run frozen models once, write a Zarr cache")
     b.add_argument("--metadata", type=Path, required=True,

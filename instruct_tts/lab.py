@@ -214,6 +214,7 @@ def _write_split(cfg: LabConfig, clips: list[dict], out: Path) -> dict[str, str]
 def _build_caches(cfg: LabConfig, root: Path, p: LabPaths, say) -> None:
     from cache.build import BuildConfig, build_cache
     from cache.reader import CacheReader
+    from cache.store import StoreError
 
     models = frozen_models(cfg)
     for line in build_cache(BuildConfig(metadata=p.split / "train.txt", audio_root=root, store=p.train_store,
@@ -227,8 +228,8 @@ def _build_caches(cfg: LabConfig, root: Path, p: LabPaths, say) -> None:
         say("  " + line)
     a, t = CacheReader(p.all_store).identities, CacheReader(p.train_store).identities
     if {k: v.to_dict() for k, v in a.items()} != {k: v.to_dict() for k, v in t.items()}:
-        raise RuntimeError(f"{p.all_store} and {p.train_store} were encoded by different models; delete "
-                           f"{p.all_store} and rerun")
+        raise StoreError(f"{p.all_store} and {p.train_store} were encoded by different models; delete "
+                         f"{p.all_store} and rerun")
 
 
 def _stage1_cosines(p: LabPaths, clips: list[dict], roles: dict, held: dict) -> dict:

@@ -108,24 +108,27 @@ def test_lab_writes_its_report_files(lab):
 
 
 def test_lab_tables_have_ceilings_model_baselines_with_intervals(lab):
-    _, report = lab
+    out, report = lab
     tables = report["tables"]
     assert set(tables) == {"pitch", "rate", "loudness", "gender"}
     for attr, table in tables.items():
-        # the tiny run holds out one espeak voice (one gender): no gender pairs among held-out voices
-        for split in (HELD_OUT_INSTRUCTION,) if attr == "gender" else (HELD_OUT_INSTRUCTION, HELD_OUT_VOICE):
-            names = {r["rendering"] for r in table if r["split"] == split}
-            assert {"ground truth audio", "ground-truth tokens -> vocoder", "model", "chance"} <= names, (attr, split)
-            assert any(n.startswith("instruction ignored") for n in names)
-        for r in table:
+        for split in (HELD_OUT_INSTRUCTION, HELD_OUT_VOICE):
+            names = [r["rendering"] for r in table if r["split"] == split]
+            assert names == ["ground truth audio", "ground-truth tokens -> vocoder", "model",
+                             "instruction ignored (model outputs, shuffled instructions)", "chance"], (attr, split)
+        for r in table:  # the tiny T3's clips may hold no speech the VAD finds (no rate pairs): NaN, 0 pairs
             if r["rendering"] != "chance":
-                assert r["pairs"] > 0 and r["ci"][0] <= r["accuracy"] <= r["ci"][1], (attr, r)
+                assert (r["ci"][0] <= r["accuracy"] <= r["ci"][1]) if r["pairs"] else math.isnan(r["accuracy"]), r
     gt = {(a, r["split"]): r for a, t in tables.items() for r in t if r["rendering"] == "ground truth audio"}
-    assert {(a, s) for a in ("pitch", "loudness") for s in (HELD_OUT_INSTRUCTION, HELD_OUT_VOICE)} <= set(gt)
-    for attr, split in gt:  # calibrated levels: the measures read pitch, loudness and gender exactly
-        if attr != "rate":
-            assert gt[attr, split]["accuracy"] >= 0.98, (attr, split, gt[attr, split])
-    assert gt["loudness", HELD_OUT_INSTRUCTION]["pairs"] >= 10
+    for (attr, split), r in gt.items():  # calibrated levels: the measures read pitch, loudness and gender exactly
+        # (the tiny run holds out one espeak voice, one gender: no gender pairs among held-out voices)
+        if (attr, split) != ("gender", HELD_OUT_VOICE):
+            assert r["pairs"] > 0 and (attr == "rate" or r["accuracy"] >= 0.98), (attr, split, r)
+    # pair counts agree with a recount from the per-clip measurements: quiet x loud clips (loudness is always finite)
+    clips = json.loads((out / "measurements.json").read_text())
+    for split in (HELD_OUT_INSTRUCTION, HELD_OUT_VOICE):
+        asked = [c["loudness"] for c in clips if c["split"] == split and c["rendering"] == "ground truth audio"]
+        assert gt["loudness", split]["pairs"] == asked.count("quiet") * asked.count("loud") > 0
 
 
 def test_lab_held_out_clips_never_reach_the_training_store(lab):

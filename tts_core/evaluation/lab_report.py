@@ -55,7 +55,7 @@ def attribute_tables(renderings: dict[str, dict[str, list[dict]]], n_boot: int =
                 table.append({"split": split, "rendering": IGNORED,
                               **_score(by_name["model"], attr, n_boot, seed, shuffled=True)})
             table.append({"split": split, "rendering": "chance", "accuracy": 0.5, "pairs": None, "ci": [0.5, 0.5]})
-        out[attr] = [r for r in table if r["rendering"] == "chance" or r["pairs"]]
+        out[attr] = table  # a rendering without pairs stays, with accuracy NaN: "nothing measurable" is a result
     return out
 
 
