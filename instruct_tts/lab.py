@@ -80,7 +80,7 @@ class LabConfig:
 
     def stage2_train(self) -> dict:
         n = self.stage2_steps
-        every = max(1, n // max(self.curve_points, 1))
+        every = max(1, -(-n // max(self.curve_points, 1)))  # ceil: the last point is the final step
         return dict(batch_size=self.stage2_batch_size, lr=self.stage2_lr, warmup_steps=min(30, n // 5),
                     epochs=100_000, max_steps=n, log_every=max(1, n // 50), save_every=every,
                     keep_checkpoints=self.curve_points + 1, device=self.device, seed=self.seed)

@@ -36,9 +36,11 @@ def _score(rows: list[dict], attr: str, n_boot: int, seed: int, shuffled: bool =
     col, low, high = LAB_ATTRIBUTES[attr]
     groups = [r.get("gender") for r in rows] if attr in GROUPED_BY_GENDER else None
     args = ([r.get(col, math.nan) for r in rows], [r.get(attr) for r in rows], low, high, groups)
+    asked = [r for r in rows if r.get(attr) in (low, high)]
+    counts = {"clips": len(asked), "measured": sum(math.isfinite(r.get(col, math.nan)) for r in asked)}
     if shuffled:
-        return shuffled_direction_accuracy(*args, seed=seed)
-    return direction_ci(*args, n_boot=n_boot, seed=seed)
+        return {**shuffled_direction_accuracy(*args, seed=seed), **counts}
+    return {**direction_ci(*args, n_boot=n_boot, seed=seed), **counts}
 
 
 def attribute_tables(renderings: dict[str, dict[str, list[dict]]], n_boot: int = 1000, seed: int = 0
@@ -106,6 +108,10 @@ def _f(x, nd: int = 3) -> str:
     return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{nd}f}"
 
 
+def _measured(row: dict) -> str:
+    return f"{row['measured']}/{row['clips']}" if "clips" in row else "—"
+
+
 def _ci(ci) -> str:
     return f"[{_f(ci[0])}, {_f(ci[1])}]" if ci and ci[0] is not None else "—"
 
@@ -117,7 +123,8 @@ def to_markdown(r: dict) -> str:
              f"Corpus: {r['corpus']['n_clips']} clips, {r['corpus']['n_voices']} voices "
              f"({r['corpus']['n_espeak_voices']} espeak voices); split: " +
              ", ".join(f"{k} {v}" for k, v in counts.items()) + f". Wall time {r['wall_s'] / 60:.1f} min "
-             f"({', '.join(f'{k} {v:.0f} s' for k, v in r['step_seconds'].items())}).", "",
+             f"({', '.join(f'{k} {v:.0f} s' for k, v in r['step_seconds'].items())}; this invocation: a step reused "
+             "or resumed from an earlier run counts only what it did now).", "",
              "## Targets (issue #10)", "", "| target | value | met |", "|---|---|---|"]
     for t in r["targets"]:
         lines.append(f"| {t['target']} | {_f(t['value'])} | {'yes' if t['met'] else '**no**'} |")
@@ -130,11 +137,12 @@ def to_markdown(r: dict) -> str:
               ""]
     for attr, table in r["tables"].items():
         col, low, high = LAB_ATTRIBUTES[attr]
-        lines += [f"### {attr} ({low} < {high}, by {col})", "", "| split | rendering | accuracy | 95% CI | pairs |",
-                  "|---|---|---|---|---|"]
+        lines += [f"### {attr} ({low} < {high}, by {col})", "", "| split | rendering | accuracy | 95% CI | pairs | clips measured |",
+                  "|---|---|---|---|---|---|"]
         for row in table:
             lines.append(f"| {SPLIT_TITLES.get(row['split'], row['split'])} | {row['rendering']} | "
-                         f"{_f(row['accuracy'])} | {_ci(row['ci'])} | {row['pairs'] if row['pairs'] else '—'} |")
+                         f"{_f(row['accuracy'])} | {_ci(row['ci'])} | {row['pairs'] if row['pairs'] else '—'} | "
+                         f"{_measured(row)} |")
         lines.append("")
     lines += ["## Stage 1 (instruction → voice vectors), AvgCos on held-out clips", "",
               "| split | mean vector | gender+pitch oracle | model | oracle − mean | gap closed | clips |",
@@ -173,6 +181,12 @@ def notes(r: dict) -> list[str]:
             out.append(f"{attr}: the tokens + vocoder ceiling is {voc['accuracy']:.3f} — even a perfect T3 cannot "
                        f"reach {MODEL_MIN} through this tokenizer (`speech_tokenizer` = "
                        f"{r['config']['speech_tokenizer']}); a tokenizer that keeps the attribute is needed first.")
+        elif model and not model["pairs"]:
+            col = LAB_ATTRIBUTES[attr][0]
+            out.append(f"{attr}: no model pairs — {col} was measurable in {model['measured']} of {model['clips']} "
+                       f"model clips asking for a {attr} extreme"
+                       + (" (the VAD found no speech in the others: the T3's output is not yet speech-like)"
+                          if col == "rate_lps" else "") + ".")
         elif model and voc and model["accuracy"] < MODEL_MIN:
             out.append(f"{attr}: model {model['accuracy']:.3f} under a {voc['accuracy']:.3f} ceiling — the T3 has "
                        "not learned it at this size/step count; see the stage-2 curve (more steps while the held-out "
@@ -187,6 +201,10 @@ def notes(r: dict) -> list[str]:
                    + (" — still falling at the last checkpoint: more steps would help." if best == len(ho) - 1
                       else " — it turned up before the end: the T3 memorises; more data or fewer steps."))
     s1 = r["stage1"].get(HELD_OUT_INSTRUCTION)
+    if s1 and s1["model"]["value"] < s1["mean"]["value"]:
+        out.append(f"Stage 1 is below the mean-vector baseline on held-out instructions ({s1['model']['value']:.3f} vs "
+                   f"{s1['mean']['value']:.3f}): the mapper is under-trained at {r['config']['stage1_steps']} steps "
+                   "(its own held-out curve: runs/mapper/report.md).")
     if s1 and s1["oracle_minus_mean"] < ORACLE_GAP_MIN:
         out.append(f"The oracle beats the mean vector by only {s1['oracle_minus_mean']:.3f} AvgCos on held-out "
                    "instructions: the voice vectors vary little with gender/pitch in this corpus or encoder, so "
