@@ -65,15 +65,15 @@ def shuffled_direction_accuracy(values: Sequence[float], levels: Sequence[str | 
     g = np.asarray(["" if x is None else str(x) for x in (groups if groups is not None else [None] * len(v))],
                    dtype=object)
     rng = np.random.default_rng(seed)
-    accs, pairs = [], 0
+    pairs = direction_accuracy(v, lv, low, high, g)[1]  # the pairs of the real labels (a permutation's vary with NaNs)
+    accs = []
     for _ in range(n_perm):
         p = rng.permutation(len(v))
-        acc, pairs = direction_accuracy(v, lv[p], low, high, g[p])
-        accs.append(acc)
+        accs.append(direction_accuracy(v, lv[p], low, high, g[p])[0])
     accs = np.asarray(accs, np.float64)
     accs = accs[np.isfinite(accs)]
     if not accs.size:
-        return {"accuracy": math.nan, "pairs": 0, "ci": [math.nan, math.nan]}
+        return {"accuracy": math.nan, "pairs": pairs, "ci": [math.nan, math.nan]}
     lo, hi = np.quantile(accs, [(1 - CI_LEVEL) / 2, 1 - (1 - CI_LEVEL) / 2])
     return {"accuracy": float(accs.mean()), "pairs": int(pairs), "ci": [float(lo), float(hi)]}
 
