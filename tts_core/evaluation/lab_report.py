@@ -133,7 +133,10 @@ def to_markdown(r: dict) -> str:
               "asked order (pitch pairs within gender; gender read from F0, male < female). 95% CI: bootstrap over "
               "clips. Ceilings: the corpus audio itself, and its tokens decoded by the embedded vocoder (the best a "
               "perfect stage 2 can reach). Model: T3 synthesizing from the instruction alone. Baselines: chance, and "
-              "the model's own outputs scored against shuffled instructions (its 95% band is the permutation spread).",
+              "the model's own outputs scored against shuffled instructions (its 95% band is the permutation spread). "
+              "Held-out voices: clips of espeak voices no training clip has; the model still hears only the "
+              "instruction (the voice is not an input), so its row asks whether instructions written for unseen "
+              "voices are followed, beside those voices' own ceilings.",
               ""]
     for attr, table in r["tables"].items():
         col, low, high = LAB_ATTRIBUTES[attr]
