@@ -275,15 +275,24 @@ def _stage2_curve(cfg: LabConfig, p: LabPaths, roles: dict, held: dict) -> tuple
 
 
 def _renderings(cfg: LabConfig, p: LabPaths, root: Path, by_id: dict, held: dict, say) -> tuple[dict, dict]:
-    """{split: {rendering: attribute rows}} on up to ``eval_clips`` held-out clips per split, and per-clip records."""
+    """{split: {rendering: attribute rows}} on up to ``eval_clips`` held-out clips per split, and per-clip records.
+    Held-out voices also get the model conditioned on a reference clip of the voice (another clip of the same
+    speaker) *and* the instruction: does the instruction still steer a voice the model is told to clone?"""
     import soundfile as sf
 
     from cache.reader import CacheReader
     from tts_core.evaluation.directions import ATTRIBUTES
     from tts_core.evaluation.lab import asked_levels, attribute_row
+    from tts_core.evaluation.lab_split import HELD_OUT_VOICE
     from tts_core.synthesis import SamplingConfig, Synthesizer
 
+    from tts_core.evaluation.lab_report import WITH_REFERENCE
+    from tts_core.reference import Reference
+
     synth = Synthesizer.from_run(p.t3, device=cfg.device)
+    by_speaker: dict[str, list[str]] = {}
+    for cid in held.get(HELD_OUT_VOICE, []):
+        by_speaker.setdefault(by_id[cid]["speaker"], []).append(cid)
     reader = CacheReader(p.all_store)
     ok_row = {c: i for i, c in enumerate(reader.ok_manifest["clip_id"].astype(str))}
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens)
@@ -293,6 +302,8 @@ def _renderings(cfg: LabConfig, p: LabPaths, root: Path, by_id: dict, held: dict
                                                         for a, (_, lo, hi) in ATTRIBUTES.items())]
         chosen = _sample(usable, cfg.eval_clips, cfg.seed)
         rows: dict[str, list[dict]] = {"ground truth audio": [], "ground-truth tokens -> vocoder": [], "model": []}
+        if split == HELD_OUT_VOICE:
+            rows[WITH_REFERENCE] = []
         for k, cid in enumerate(chosen):
             c = by_id[cid]
             levels, text = asked_levels(c["instruction"]), c["transcript"]
@@ -301,9 +312,16 @@ def _renderings(cfg: LabConfig, p: LabPaths, root: Path, by_id: dict, held: dict
             xv = reader.xvec([r])[0]
             gt_tok = synth.vocoder.decode(reader.speech_tokens(r), x_vector=xv)
             res = synth.synthesize(text, instruction=c["instruction"], seed=cfg.seed + k, sampling=sampling)
-            for name, (w, s) in {"ground truth audio": (wav, sr),
-                                 "ground-truth tokens -> vocoder": (gt_tok, synth.vocoder.sample_rate),
-                                 "model": (res.wav, res.sample_rate)}.items():
+            renders = {"ground truth audio": (wav, sr),
+                       "ground-truth tokens -> vocoder": (gt_tok, synth.vocoder.sample_rate),
+                       "model": (res.wav, res.sample_rate)}
+            if split == HELD_OUT_VOICE:  # the same voice's other clip as the reference, plus the instruction
+                others = [o for o in by_speaker[c["speaker"]] if o != cid] or [cid]
+                ref = Reference.load(root / by_id[others[k % len(others)]]["path"])
+                r2 = synth.synthesize(text, instruction=c["instruction"], reference=ref, seed=cfg.seed + k,
+                                      sampling=sampling)
+                renders[WITH_REFERENCE] = (r2.wav, r2.sample_rate)
+            for name, (w, s) in renders.items():
                 row = attribute_row(w, s, text, levels)
                 rows[name].append(row)
                 records.append({"split": split, "rendering": name, "clip_id": cid, "speaker": c["speaker"],

@@ -114,7 +114,8 @@ def test_lab_tables_have_ceilings_model_baselines_with_intervals(lab):
     for attr, table in tables.items():
         for split in (HELD_OUT_INSTRUCTION, HELD_OUT_VOICE):
             names = [r["rendering"] for r in table if r["split"] == split]
-            assert names == ["ground truth audio", "ground-truth tokens -> vocoder", "model",
+            with_ref = ["model, reference clip of the voice + instruction"] if split == HELD_OUT_VOICE else []
+            assert names == ["ground truth audio", "ground-truth tokens -> vocoder", "model", *with_ref,
                              "instruction ignored (model outputs, shuffled instructions)", "chance"], (attr, split)
         for r in table:  # the tiny T3's clips may hold no speech the VAD finds (no rate pairs): NaN, 0 pairs
             if r["rendering"] == "chance":

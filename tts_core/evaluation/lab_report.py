@@ -23,7 +23,8 @@ from tts_core.evaluation.stats import direction_ci, gap_closed, mean_ci, shuffle
 # attribute -> (measurement, level asking for less, for more); gender is read from F0 (male < female)
 LAB_ATTRIBUTES = {**ATTRIBUTES, "gender": ("f0_hz", "male", "female")}
 GROUPED_BY_GENDER = ("pitch",)
-RENDERINGS = ("ground truth audio", "ground-truth tokens -> vocoder", "model")
+WITH_REFERENCE = "model, reference clip of the voice + instruction"
+RENDERINGS = ("ground truth audio", "ground-truth tokens -> vocoder", "model", WITH_REFERENCE)
 IGNORED = "instruction ignored (model outputs, shuffled instructions)"
 SPLIT_TITLES = {HELD_OUT_INSTRUCTION: "held-out instructions", HELD_OUT_VOICE: "held-out voices"}
 # issue #10's bars
@@ -134,9 +135,11 @@ def to_markdown(r: dict) -> str:
               "clips. Ceilings: the corpus audio itself, and its tokens decoded by the embedded vocoder (the best a "
               "perfect stage 2 can reach). Model: T3 synthesizing from the instruction alone. Baselines: chance, and "
               "the model's own outputs scored against shuffled instructions (its 95% band is the permutation spread). "
-              "Held-out voices: clips of espeak voices no training clip has; the model still hears only the "
-              "instruction (the voice is not an input), so its row asks whether instructions written for unseen "
-              "voices are followed, beside those voices' own ceilings.",
+              "Held-out voices: clips of espeak voices no training clip has; the *model* row hears only the "
+              "instruction (the voice is not an input), so it asks whether instructions written for unseen "
+              "voices are followed, beside those voices' own ceilings; the *reference clip + instruction* row "
+              "conditions on another clip of that unseen voice as well (the clone-and-steer path; stage 2 never "
+              "trains on both at once).",
               ""]
     for attr, table in r["tables"].items():
         col, low, high = LAB_ATTRIBUTES[attr]
