@@ -25,16 +25,18 @@ USAGE = {
     "train-stage2": "-p store=cache/NAME.zarr -p mapper=runs/mapper -p t3=DIR_OR_PRESET -p out=runs/t3",
     "synthesize": "-p run_dir=runs/t3 -p batch=lines.txt -p out_dir=wavs  (lines: text|instruction[|reference.wav])",
     "evaluate": "-p run_dir=runs/t3 -p store=cache/NAME.zarr",
+    "lab": "-p out=lab [-p preset=default|medium|tiny] [-p overrides='{\"n_clips\": 2000}']",
 }
 
 
 def deployments():
     from flows.build_cache import build_cache_flow
     from flows.evaluate import evaluate_flow, synthesize_flow
+    from flows.lab import lab_flow
     from flows.train_stage1 import train_stage1_flow
     from flows.train_stage2 import train_stage2_flow
 
-    flows = (build_cache_flow, train_stage1_flow, train_stage2_flow, synthesize_flow, evaluate_flow)
+    flows = (build_cache_flow, train_stage1_flow, train_stage2_flow, synthesize_flow, evaluate_flow, lab_flow)
     return [f.to_deployment(name=DEPLOYMENT_NAME,
                             description=f"prefect deployment run {f.name}/{DEPLOYMENT_NAME} {USAGE[f.name]}")
             for f in flows]

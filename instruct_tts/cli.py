@@ -186,6 +186,21 @@ def _cmd_demo(a: argparse.Namespace) -> int:
                                use_prefect=a.use_prefect))
 
 
+def _cmd_lab(a: argparse.Namespace) -> int:
+    from instruct_tts.lab import LabConfig, run_lab
+
+    overrides = {k: getattr(a, k) for k in ("n_clips", "seed", "device", "speech_tokenizer", "stage1_steps",
+                                            "stage2_steps", "eval_clips")}
+    if a.use_prefect:
+        from flows.lab import lab_flow
+
+        report = lab_flow(out=str(a.out), preset=a.preset, overrides={k: v for k, v in overrides.items() if v is not None})
+    else:
+        report = run_lab(LabConfig.preset(a.preset, out=a.out, **overrides))
+    print(Path(a.out, "report.md").read_text())
+    return 0 if report else 1
+
+
 def _cmd_serve(a: argparse.Namespace) -> int:
     from flows.serve import serve_all
 
@@ -207,6 +222,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default="cpu")
     d.add_argument("--no-prefect", action="store_true", help="run the stages without Prefect")
     d.set_defaults(func=_cmd_demo)
+
+    lab = sub.add_parser("lab", help="the instruction-following lab: bigger corpus, held-out splits, report")
+    lab.add_argument("--out", type=Path, default=Path("lab"))
+    lab.add_argument("--preset", default="default", choices=("default", "medium", "tiny"), help="default (issue #10's run, <= 60 min on 2 cores), "
+                                                        "medium (~10 min check), tiny (CI)")
+    lab.add_argument("--n-clips", type=int, help="lab corpus size (preset's otherwise)")
+    lab.add_argument("--stage1-steps", type=int)
+    lab.add_argument("--stage2-steps", type=int)
+    lab.add_argument("--eval-clips", type=int, help="held-out clips synthesized per split")
+    lab.add_argument("--speech-tokenizer", help="embedded tokenizer + vocoder (default mel-vq)")
+    lab.add_argument("--seed", type=int)
+    lab.add_argument("--device")
+    lab.add_argument("--no-prefect", action="store_true", help="run without Prefect (no artifacts)")
+    lab.set_defaults(func=_cmd_lab, ctrl_c_saves=True)
 
     b = sub.add_parser("build-cache", help="validate clips, run frozen models once, write a Zarr cache")
     b.add_argument("--metadata", type=Path, required=True,

@@ -39,7 +39,8 @@ def test_deployments_are_flow_slash_dash():
     from flows.serve import deployments
 
     names = [f"{d.flow_name}/{d.name}" for d in deployments()]
-    assert {"build-cache/-", "train-stage1/-", "train-stage2/-", "synthesize/-", "evaluate/-"} <= set(names) and DEPLOYMENT_NAME == "-"
+    assert {"build-cache/-", "train-stage1/-", "train-stage2/-", "synthesize/-", "evaluate/-", "lab/-"} <= set(names)
+    assert DEPLOYMENT_NAME == "-"
 
 
 def test_train_stage1_flow_publishes_progress_report_and_tensorboard(demo_store, tmp_path, prefect_harness):

@@ -1,0 +1,176 @@
+"""The instruction-following lab: its statistics (pure), its split rule, and the whole pipeline at the tiny preset.
+
+The end-to-end test runs `instruct-tts lab` at the tiny preset once (~1-3 min on 2 cores: corpus, two caches, both
+stages, evaluation) and checks the report's structure and the values that can fail: ground-truth ceilings, pair
+counts, intervals around their estimates, held-out voices and wordings absent from the training store.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from tts_core.evaluation.lab_split import (
+    DROPPED, HELD_OUT_INSTRUCTION, HELD_OUT_VOICE, TRAIN, espeak_voice, split_lab_clips,
+)
+from tts_core.evaluation.stats import bootstrap_ci, direction_ci, gap_closed, mean_ci, shuffled_direction_accuracy
+
+
+# ---- statistics -------------------------------------------------------------------------------------------------
+def test_direction_ci_perfect_separation_is_certain():
+    levels = ["low"] * 10 + ["high"] * 10
+    r = direction_ci(list(range(20)), levels, "low", "high", n_boot=300)
+    assert r["accuracy"] == 1.0 and r["pairs"] == 100 and r["ci"] == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_direction_ci_contains_estimate_and_narrows_with_more_clips(seed):
+    rng = np.random.default_rng(seed)
+
+    def sample(n):  # "high" clips measure 0.5 sd higher: true AUC ~0.64
+        levels = np.array(["low", "high"] * (n // 2))
+        return rng.normal(size=n) + 0.5 * (levels == "high"), levels
+
+    small, big = (direction_ci(*sample(n), "low", "high", n_boot=400, seed=seed) for n in (40, 800))
+    for r in (small, big):
+        assert r["ci"][0] <= r["accuracy"] <= r["ci"][1]
+    assert big["ci"][1] - big["ci"][0] < 0.5 * (small["ci"][1] - small["ci"][0])
+    assert big["ci"][0] > 0.5  # 800 clips separate a 0.5-sd effect from chance
+
+
+def test_direction_ci_respects_groups_and_skips_nan():
+    # within each gender low < high, across genders not: grouped accuracy 1, ungrouped not
+    vals = [100, 120, 200, 220, math.nan]
+    lv = ["low", "high", "low", "high", "high"]
+    g = ["male", "male", "female", "female", "male"]
+    assert direction_ci(vals, lv, "low", "high", g, n_boot=100)["accuracy"] == 1.0
+    assert direction_ci(vals, lv, "low", "high", g, n_boot=100)["pairs"] == 2
+    assert direction_ci(vals, lv, "low", "high", n_boot=100)["accuracy"] == 0.75
+
+
+def test_shuffled_baseline_is_chance_even_for_perfect_measurements():
+    levels = ["low"] * 30 + ["high"] * 30
+    r = shuffled_direction_accuracy(list(range(60)), levels, "low", "high", n_perm=300)
+    assert abs(r["accuracy"] - 0.5) < 0.03 and r["ci"][0] < 0.5 < r["ci"][1] and r["pairs"] == 900
+
+
+def test_bootstrap_and_mean_ci_edge_cases():
+    assert all(math.isnan(x) for x in bootstrap_ci(0, lambda i: 1.0))
+    assert all(math.isnan(x) for x in bootstrap_ci(5, lambda i: math.nan))
+    m = mean_ci([0.2, 0.4, 0.6, 0.8], n_boot=500)
+    assert m["value"] == pytest.approx(0.5) and m["n"] == 4 and 0.2 <= m["ci"][0] < 0.5 < m["ci"][1] <= 0.8
+
+
+def test_gap_closed():
+    assert gap_closed(0.7, 0.8, 0.77) == pytest.approx(0.7)
+    assert gap_closed(0.7, 0.8, 0.65) == pytest.approx(-0.5)
+    assert math.isnan(gap_closed(0.8, 0.8, 0.9))
+
+
+# ---- split ------------------------------------------------------------------------------------------------------
+def test_split_holds_out_espeak_voices_with_twins_and_every_held_out_wording():
+    voices = [f"en+{v}@{f}" for v in ("m1", "m2", "m3", "f1", "f2", "f3", "f4", "m4", "m5", "m6") for f in ("0.92", "1.08")]
+    speakers = [v for v in voices for _ in range(6)]
+    wordings = ["held_out" if i % 10 == 3 else "train" for i in range(len(speakers))]
+    instructions = [f"instruction {i % 50}" for i in range(len(speakers))]  # repeated texts: leaks to drop
+    roles = split_lab_clips(speakers, wordings, instructions, voice_frac=0.2, instruction_frac=0.1)
+    assert roles == split_lab_clips(speakers, wordings, instructions, voice_frac=0.2, instruction_frac=0.1)
+    held_v = {espeak_voice(s) for s, r in zip(speakers, roles) if r == HELD_OUT_VOICE}
+    train_v = {espeak_voice(s) for s, r in zip(speakers, roles) if r == TRAIN}
+    assert held_v and train_v and not held_v & train_v  # twins ('@0.92', '@1.08') go together
+    assert all(r != TRAIN for w, r in zip(wordings, roles) if w == "held_out")
+    scored = {t for t, r in zip(instructions, roles) if r in (HELD_OUT_INSTRUCTION, HELD_OUT_VOICE)}
+    assert not scored & {t for t, r in zip(instructions, roles) if r == TRAIN}
+    assert DROPPED in roles and HELD_OUT_INSTRUCTION in roles
+
+
+# ---- the pipeline, tiny -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    from instruct_tts.lab import LabConfig, run_lab
+
+    out = tmp_path_factory.mktemp("lab")
+    report = run_lab(LabConfig.preset("tiny", out=out), say=lambda s: None)
+    return out, report
+
+
+def test_lab_writes_its_report_files(lab):
+    out, report = lab
+    for name in ("report.md", "report.json", "measurements.json", "attributes.png", "stage2_loss.png",
+                 "measurements.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert json.loads((out / "report.json").read_text())["targets"] == json.loads(json.dumps(report["targets"]))
+    md = (out / "report.md").read_text()
+    for heading in ("## Targets", "### pitch", "### rate", "### loudness", "### gender", "## Stage 1", "## Stage 2"):
+        assert heading in md
+
+
+def test_lab_tables_have_ceilings_model_baselines_with_intervals(lab):
+    out, report = lab
+    tables = report["tables"]
+    assert set(tables) == {"pitch", "rate", "loudness", "gender"}
+    for attr, table in tables.items():
+        for split in (HELD_OUT_INSTRUCTION, HELD_OUT_VOICE):
+            names = [r["rendering"] for r in table if r["split"] == split]
+            with_ref = ["model, reference clip of the voice + instruction"] if split == HELD_OUT_VOICE else []
+            assert names == ["ground truth audio", "ground-truth tokens -> vocoder", "model", *with_ref,
+                             "instruction ignored (model outputs, shuffled instructions)", "chance"], (attr, split)
+        for r in table:  # the tiny T3's clips may hold no speech the VAD finds (no rate pairs): NaN, 0 pairs
+            if r["rendering"] == "chance":
+                continue
+            if not r["pairs"]:
+                assert math.isnan(r["accuracy"]), r
+            elif r["rendering"].startswith("instruction ignored"):  # mean and spread of a permutation distribution
+                assert 0 <= r["ci"][0] <= r["ci"][1] <= 1 and 0 <= r["accuracy"] <= 1, r
+            else:
+                assert r["ci"][0] <= r["accuracy"] <= r["ci"][1], r
+    gt = {(a, r["split"]): r for a, t in tables.items() for r in t if r["rendering"] == "ground truth audio"}
+    for (attr, split), r in gt.items():  # calibrated levels: the measures read pitch, loudness and gender exactly
+        # (the tiny run holds out one espeak voice, one gender: no gender pairs among held-out voices)
+        if (attr, split) != ("gender", HELD_OUT_VOICE):
+            assert r["pairs"] > 0 and (attr == "rate" or r["accuracy"] >= 0.98), (attr, split, r)
+    # pair counts agree with a recount from the per-clip measurements: quiet x loud clips (loudness is always finite)
+    clips = json.loads((out / "measurements.json").read_text())
+    for split in (HELD_OUT_INSTRUCTION, HELD_OUT_VOICE):
+        asked = [c["loudness"] for c in clips if c["split"] == split and c["rendering"] == "ground truth audio"]
+        assert gt["loudness", split]["pairs"] == asked.count("quiet") * asked.count("loud") > 0
+
+
+def test_lab_held_out_clips_never_reach_the_training_store(lab):
+    out, report = lab
+    from cache.reader import CacheReader
+
+    assert report["held_out_voices"] and not set(report["held_out_voices"]) & set(report["training_voices"])
+    train = CacheReader(str(out / "cache" / "train.zarr")).ok_manifest
+    trained_voices = {espeak_voice(s) for s in train["speaker"]}
+    assert not trained_voices & set(report["held_out_voices"])
+    roles = dict(line.split(",") for line in (out / "split" / "roles.csv").read_text().splitlines()[1:])
+    import csv
+
+    with (out / "corpus" / "attributes.csv").open() as f:
+        attrs = list(csv.DictReader(f))
+    in_train = {c.rsplit("/", 1)[-1] for c in train["clip_id"]}
+    held_wording = {a["clip_id"] for a in attrs if a["wording"] == "held_out"}
+    assert held_wording and not held_wording & in_train
+    assert in_train == {c for c, r in roles.items() if r == TRAIN}
+    n_all = len(CacheReader(str(out / "cache" / "all.zarr")).ok_manifest)
+    assert n_all == report["split_counts"][TRAIN] + report["split_counts"][HELD_OUT_INSTRUCTION] + \
+        report["split_counts"][HELD_OUT_VOICE]
+
+
+def test_lab_stage_sections(lab):
+    _, report = lab
+    for split in (HELD_OUT_INSTRUCTION, HELD_OUT_VOICE):
+        s = report["stage1"][split]
+        for k in ("mean", "oracle", "model"):
+            assert -1 <= s[k]["value"] <= 1 and s[k]["ci"][0] <= s[k]["value"] <= s[k]["ci"][1] and s[k]["n"] > 0
+        assert s["oracle_minus_mean"] == pytest.approx(s["oracle"]["value"] - s["mean"]["value"])
+    curve = report["stage2"]["curve"]
+    assert [p["step"] for p in curve] == [6, 12]
+    for p in curve:  # fresh T3 over a ~1k-token vocabulary: CE well above 0, finite
+        for k in ("train_rows", HELD_OUT_INSTRUCTION, HELD_OUT_VOICE):
+            assert 0 < p[k] < 20, (p, k)
+    assert curve[-1]["train_rows"] < curve[0]["train_rows"]  # 12 steps lower the loss on the training clips
+    assert {t["target"].split(":")[0] for t in report["targets"]} >= {"pitch", "rate", "loudness"}

@@ -1,0 +1,121 @@
+"""The lab's measurements: stage-1 cosines against references, held-out speech loss, per-clip attributes.
+
+Each function answers one question about trained artifacts on held-out clips; `instruct_tts.lab` runs them and
+`lab_report` turns the numbers into tables. Statistics (intervals, chance) live in `stats`.
+
+* `stage1_cosines`: per held-out clip, AvgCos = (SpkCos + XVecCos) / 2 of three predictions of its voice vectors —
+  the train-set *mean* vector (knows nothing), the gender+pitch *oracle* (the mean vector of the training clips
+  with the clip's true gender and pitch level: what an instruction can at best say about a voice in this corpus,
+  up to rate/loudness), and the stage-1 *model* (the mapper's flow sample from the instruction, fixed noise);
+* `speech_losses`: teacher-forced speech-token cross-entropy of a T3 checkpoint on instruction-only rows (mapper
+  speaker embedding, no audio prompt, dropout off) — on held-out clips and, for a like-for-like comparison, on
+  as many training clips: the gap between the two is memorisation;
+* `attribute_row`: what `directions` scores for one rendered clip.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tts_core.corpus.reading import parse_instruction
+from tts_core.evaluation.measures import measure
+
+POOL_CHUNK = 256
+
+
+@torch.no_grad()
+def stage1_cosines(data, model, train_rows: np.ndarray, eval_rows: np.ndarray, oracle_keys: Sequence[str],
+                   n_steps: int | None = None, seed: int = 1234) -> dict[str, np.ndarray]:
+    """{"mean", "oracle", "model"} → AvgCos per eval row. ``data``: `Stage1Data` holding both row sets;
+    ``model``: `Stage1Model`; ``oracle_keys``: one key per data row (e.g. "male/low")."""
+    spk, xv = data.spk, data.xvec
+    tr, ev = torch.as_tensor(train_rows, dtype=torch.long), torch.as_tensor(eval_rows, dtype=torch.long)
+
+    def avg_cos(p_spk: torch.Tensor, p_xv: torch.Tensor) -> np.ndarray:
+        return ((F.cosine_similarity(p_spk.float(), spk[ev], dim=-1)
+                 + F.cosine_similarity(p_xv.float(), xv[ev], dim=-1)) / 2).numpy()
+
+    n = len(ev)
+    out = {"mean": avg_cos(spk[tr].mean(0).expand(n, -1), xv[tr].mean(0).expand(n, -1))}
+    keys = np.asarray(oracle_keys, dtype=object)
+    o_spk, o_xv = spk[tr].mean(0).repeat(n, 1), xv[tr].mean(0).repeat(n, 1)
+    for key in np.unique(keys[eval_rows]):
+        same = torch.from_numpy(np.flatnonzero(keys[train_rows] == key))
+        at = torch.from_numpy(np.flatnonzero(keys[eval_rows] == key))
+        if len(same):  # a key no training clip has keeps the mean vector
+            o_spk[at], o_xv[at] = spk[tr[same]].mean(0), xv[tr[same]].mean(0)
+    out["oracle"] = avg_cos(o_spk, o_xv)
+
+    was_training = model.training
+    model.eval()
+    uniq, inv = np.unique(data.instruction_id[ev].numpy(), return_inverse=True)
+    style = torch.cat([model.encoder(*data.states.gather(torch.from_numpy(uniq[i:i + POOL_CHUNK])))
+                       for i in range(0, len(uniq), POOL_CHUNK)])
+    noise = torch.randn((n, model.mapper.config.dim), generator=torch.Generator().manual_seed(seed))
+    spk_hat, xv_hat = model.mapper.inference(style[torch.from_numpy(inv)], n_steps=n_steps or model.mapper.config.n_steps,
+                                             noise=noise)
+    model.train(was_training)
+    out["model"] = avg_cos(spk_hat, xv_hat)
+    return out
+
+
+class SpeechLossProbe:
+    """Teacher-forced speech loss of T3 checkpoints on fixed instruction-only rows of one store (module doc).
+    The rows' mapper embeddings and text ids are prepared once; each checkpoint then costs forward passes only."""
+
+    def __init__(self, store: str, mapper_dir: str | Path, run_dir: str | Path, batch_size: int = 16):
+        from cache.reader import CacheReader
+        from tts_core.stage1.artifacts import load_mapper
+        from tts_core.stage2.data import prepare_stage2_data
+        from tts_core.stage2.text_tokenizer import load_text_tokenizer
+
+        import json
+
+        self.meta = json.loads((Path(run_dir) / "stage2.json").read_text())
+        encoder, mapper, mapper_meta = load_mapper(mapper_dir)
+        self.instruction_dim = encoder.hidden_size
+        tokenizer = load_text_tokenizer(None, t3_dir=Path(run_dir))
+        self.data = prepare_stage2_data(CacheReader(store), tokenizer, encoder, mapper, mapper_meta=mapper_meta,
+                                        mapper_seed=int(self.meta.get("mapper_seed", 0)))
+        self.row_of = {c: i for i, c in enumerate(self.data.clip_ids)}
+        self.batch_size = batch_size
+
+    def rows(self, clip_ids: Sequence[str]) -> np.ndarray:
+        """Data rows of these clips that have an instruction (others cannot be instruction-only rows)."""
+        rows = np.array([self.row_of[c] for c in clip_ids if c in self.row_of], np.int64)
+        return rows[self.data.instruction_id[rows] >= 0] if len(rows) else rows
+
+    @torch.no_grad()
+    def loss(self, checkpoint: str | Path, rows: np.ndarray) -> float:
+        """Mean speech CE per token over ``rows`` for the T3 in ``checkpoint`` (a stage-2 run or step dir)."""
+        from tts_core.stage2.train import Stage2Model, build_t3
+
+        t3, _, _ = build_t3(str(checkpoint), self.instruction_dim, label=f"checkpoint {checkpoint}")
+        t3.eval()
+        model = Stage2Model(t3)
+        total = count = 0.0
+        for i in range(0, len(rows), self.batch_size):
+            b = self.data.build_batch(rows[i:i + self.batch_size], instruction_prob=1.0,
+                                      rng=np.random.default_rng(i), prompt_len=0,
+                                      emotion_adv=float(self.meta.get("emotion_adv", 0.5)))
+            _, stats = model(b.batch, b.is_instruction)
+            total += float(stats[7])  # CE sum over speech tokens of instruction rows (Stage2Model.forward order)
+            count += float(stats[8])
+        return total / count if count else math.nan
+
+
+def asked_levels(instruction: str) -> dict[str, str | None]:
+    """The levels an instruction asks for, read from its text (what every rendering is scored against)."""
+    return parse_instruction(instruction)
+
+
+def attribute_row(wav: np.ndarray | None, sr: int, transcript: str, levels: dict) -> dict:
+    """Levels + measurements of one rendering (NaN measurements for a missing or empty one)."""
+    if wav is None or not len(wav):
+        return {**levels, "f0_hz": math.nan, "rate_lps": math.nan, "loudness_lufs": math.nan}
+    return {**levels, **measure(np.asarray(wav, np.float32), sr, transcript)}

@@ -1,0 +1,292 @@
+"""The lab report: tables from the lab's measurements, the targets checked, markdown + JSON + plots.
+
+Pure functions of the numbers `instruct_tts.lab` collects (no model is run here):
+
+* `attribute_tables`: per attribute, one row per (held-out split, rendering) — ground-truth audio, ground-truth
+  tokens through the embedded vocoder, the model, the "instruction ignored" baseline (the model's own outputs
+  scored against shuffled instructions) and chance — with direction accuracy, pairs and a bootstrap 95% CI;
+* `stage1_section`: mean-vector baseline, gender+pitch oracle and model AvgCos with intervals, % of gap closed;
+* `targets`: issue #10's bars, each met or not, with the number it was judged on;
+* `to_markdown`, `plot_*`.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from tts_core.evaluation.directions import ATTRIBUTES
+from tts_core.evaluation.lab_split import HELD_OUT_INSTRUCTION, HELD_OUT_VOICE
+from tts_core.evaluation.stats import direction_ci, gap_closed, mean_ci, shuffled_direction_accuracy
+
+# attribute -> (measurement, level asking for less, for more); gender is read from F0 (male < female)
+LAB_ATTRIBUTES = {**ATTRIBUTES, "gender": ("f0_hz", "male", "female")}
+GROUPED_BY_GENDER = ("pitch",)
+WITH_REFERENCE = "model, reference clip of the voice + instruction"
+RENDERINGS = ("ground truth audio", "ground-truth tokens -> vocoder", "model", WITH_REFERENCE)
+IGNORED = "instruction ignored (model outputs, shuffled instructions)"
+SPLIT_TITLES = {HELD_OUT_INSTRUCTION: "held-out instructions", HELD_OUT_VOICE: "held-out voices"}
+# issue #10's bars
+GT_CEILING_MIN, VOCODER_CEILING_MIN, MODEL_MIN, MODEL_MIN_PAIRS = 0.98, 0.95, 0.9, 100
+ORACLE_GAP_MIN, GAP_CLOSED_MIN = 0.10, 0.70
+TARGET_ATTRIBUTES = ("pitch", "rate", "loudness")
+
+
+def _score(rows: list[dict], attr: str, n_boot: int, seed: int, shuffled: bool = False) -> dict:
+    col, low, high = LAB_ATTRIBUTES[attr]
+    groups = [r.get("gender") for r in rows] if attr in GROUPED_BY_GENDER else None
+    args = ([r.get(col, math.nan) for r in rows], [r.get(attr) for r in rows], low, high, groups)
+    asked = [r for r in rows if r.get(attr) in (low, high)]
+    counts = {"clips": len(asked), "measured": sum(math.isfinite(r.get(col, math.nan)) for r in asked)}
+    if shuffled:
+        return {**shuffled_direction_accuracy(*args, seed=seed), **counts}
+    return {**direction_ci(*args, n_boot=n_boot, seed=seed), **counts}
+
+
+def attribute_tables(renderings: dict[str, dict[str, list[dict]]], n_boot: int = 1000, seed: int = 0
+                     ) -> dict[str, list[dict]]:
+    """``renderings[split][rendering]`` = attribute rows (levels + measurements) → {attribute: table rows}."""
+    out: dict[str, list[dict]] = {}
+    for attr in LAB_ATTRIBUTES:
+        table = []
+        for split, by_name in renderings.items():
+            for name in RENDERINGS:
+                if name in by_name:
+                    table.append({"split": split, "rendering": name, **_score(by_name[name], attr, n_boot, seed)})
+            if "model" in by_name:
+                table.append({"split": split, "rendering": IGNORED,
+                              **_score(by_name["model"], attr, n_boot, seed, shuffled=True)})
+            table.append({"split": split, "rendering": "chance", "accuracy": 0.5, "pairs": None, "ci": [0.5, 0.5]})
+        out[attr] = table  # a rendering without pairs stays, with accuracy NaN: "nothing measurable" is a result
+    return out
+
+
+def stage1_section(cosines: dict[str, dict[str, np.ndarray]], n_boot: int = 1000, seed: int = 0) -> dict:
+    """``cosines[split]`` = `lab.stage1_cosines` output → {split: {"mean"|"oracle"|"model": mean_ci, "gap_closed",
+    "oracle_minus_mean"}}."""
+    out = {}
+    for split, c in cosines.items():
+        s = {k: mean_ci(v, n_boot, seed) for k, v in c.items()}
+        m, o, x = s["mean"]["value"], s["oracle"]["value"], s["model"]["value"]
+        s["oracle_minus_mean"] = o - m
+        s["gap_closed"] = gap_closed(m, o, x)
+        out[split] = s
+    return out
+
+
+def _find(table: list[dict], split: str, rendering: str) -> dict | None:
+    return next((r for r in table if r["split"] == split and r["rendering"] == rendering), None)
+
+
+def targets(tables: dict[str, list[dict]], stage1: dict) -> list[dict]:
+    """Issue #10's targets: {"target", "value", "met"} each (value None when it could not be measured)."""
+    out = []
+
+    def add(name: str, value: float | None, ok: bool | None) -> None:
+        out.append({"target": name, "value": value, "met": bool(ok) if ok is not None else False})
+
+    s1 = stage1.get(HELD_OUT_INSTRUCTION)
+    if s1:
+        add(f"corpus: oracle − mean AvgCos ≥ {ORACLE_GAP_MIN:.2f} (held-out instructions)", s1["oracle_minus_mean"],
+            s1["oracle_minus_mean"] >= ORACLE_GAP_MIN)
+        g = s1["gap_closed"]
+        add(f"stage 1 closes ≥ {GAP_CLOSED_MIN:.0%} of the mean → oracle gap (held-out instructions)", g,
+            math.isfinite(g) and g >= GAP_CLOSED_MIN)
+    for attr in TARGET_ATTRIBUTES:
+        t = tables.get(attr, [])
+        for rendering, bar in (("ground truth audio", GT_CEILING_MIN), ("ground-truth tokens -> vocoder",
+                                                                         VOCODER_CEILING_MIN)):
+            r = _find(t, HELD_OUT_INSTRUCTION, rendering)
+            add(f"{attr}: {rendering} ≥ {bar}", r and r["accuracy"], r is not None and r["accuracy"] >= bar)
+        r = _find(t, HELD_OUT_INSTRUCTION, "model")
+        add(f"{attr}: model ≥ {MODEL_MIN} on ≥ {MODEL_MIN_PAIRS} pairs of held-out instructions",
+            r and r["accuracy"], r is not None and r["accuracy"] >= MODEL_MIN and r["pairs"] >= MODEL_MIN_PAIRS)
+    return out
+
+
+def _f(x, nd: int = 3) -> str:
+    return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{nd}f}"
+
+
+def _measured(row: dict) -> str:
+    return f"{row['measured']}/{row['clips']}" if "clips" in row else "—"
+
+
+def _ci(ci) -> str:
+    return f"[{_f(ci[0])}, {_f(ci[1])}]" if ci and ci[0] is not None else "—"
+
+
+def to_markdown(r: dict) -> str:
+    """The report (``r``: what `instruct_tts.lab` writes to report.json)."""
+    cfg, counts = r["config"], r["split_counts"]
+    lines = [f"# Instruction-following lab — {cfg['out']}", "",
+             f"Corpus: {r['corpus']['n_clips']} clips, {r['corpus']['n_voices']} voices "
+             f"({r['corpus']['n_espeak_voices']} espeak voices); split: " +
+             ", ".join(f"{k} {v}" for k, v in counts.items()) + f". Wall time {r['wall_s'] / 60:.1f} min "
+             f"({', '.join(f'{k} {v:.0f} s' for k, v in r['step_seconds'].items())}; this invocation: a step reused "
+             "or resumed from an earlier run counts only what it did now).", "",
+             "## Targets (issue #10)", "", "| target | value | met |", "|---|---|---|"]
+    for t in r["targets"]:
+        lines.append(f"| {t['target']} | {_f(t['value'])} | {'yes' if t['met'] else '**no**'} |")
+    lines += ["", "## Direction accuracy per attribute", "",
+              "Of all pairs of held-out clips whose instructions ask for opposite levels, the share measured in the "
+              "asked order (pitch pairs within gender; gender read from F0, male < female). 95% CI: bootstrap over "
+              "clips. Ceilings: the corpus audio itself, and its tokens decoded by the embedded vocoder (the best a "
+              "perfect stage 2 can reach). Model: T3 synthesizing from the instruction alone. Baselines: chance, and "
+              "the model's own outputs scored against shuffled instructions (its 95% band is the permutation spread). "
+              "Held-out voices: clips of espeak voices no training clip has; the *model* row hears only the "
+              "instruction (the voice is not an input), so it asks whether instructions written for unseen "
+              "voices are followed, beside those voices' own ceilings; the *reference clip + instruction* row "
+              "conditions on another clip of that unseen voice as well (the clone-and-steer path; stage 2 never "
+              "trains on both at once).",
+              ""]
+    for attr, table in r["tables"].items():
+        col, low, high = LAB_ATTRIBUTES[attr]
+        lines += [f"### {attr} ({low} < {high}, by {col})", "", "| split | rendering | accuracy | 95% CI | pairs | clips measured |",
+                  "|---|---|---|---|---|---|"]
+        for row in table:
+            lines.append(f"| {SPLIT_TITLES.get(row['split'], row['split'])} | {row['rendering']} | "
+                         f"{_f(row['accuracy'])} | {_ci(row['ci'])} | {row['pairs'] if row['pairs'] else '—'} | "
+                         f"{_measured(row)} |")
+        lines.append("")
+    lines += ["## Stage 1 (instruction → voice vectors), AvgCos on held-out clips", "",
+              "| split | mean vector | gender+pitch oracle | model | oracle − mean | gap closed | clips |",
+              "|---|---|---|---|---|---|---|"]
+    for split, s in r["stage1"].items():
+        lines.append(f"| {SPLIT_TITLES.get(split, split)} | {_f(s['mean']['value'])} {_ci(s['mean']['ci'])} | "
+                     f"{_f(s['oracle']['value'])} {_ci(s['oracle']['ci'])} | {_f(s['model']['value'])} "
+                     f"{_ci(s['model']['ci'])} | {_f(s['oracle_minus_mean'])} | {_f(s['gap_closed'] * 100, 0)}% | "
+                     f"{s['model']['n']} |")
+    st2 = r["stage2"]
+    lines += ["", "## Stage 2 (T3): training vs held-out speech loss", "",
+              "Teacher-forced speech-token cross-entropy on instruction-only rows (mapper embedding, no audio prompt, "
+              "dropout off) of each kept checkpoint, on held-out clips and on as many training clips; the training "
+              "loss column is the loop's own (mixed instruction/audio rows, dropout on). A held-out loss far above "
+              "the training-clip loss is memorisation.", "",
+              "| step | training loss (loop, speech) | training clips | held-out instructions | held-out voices |",
+              "|---|---|---|---|---|"]
+    for p in st2["curve"]:
+        lines.append(f"| {p['step']} | {_f(p.get('train_loop_speech'))} | {_f(p.get('train_rows'))} | "
+                     f"{_f(p.get(HELD_OUT_INSTRUCTION))} | {_f(p.get(HELD_OUT_VOICE))} |")
+    lines += ["", "Plots: `attributes.png` (accuracies with intervals), `stage2_loss.png` (curves), "
+              "`measurements.png` (measured values by asked level).", "", "## Reading it", ""]
+    lines += [f"- {n}" for n in r["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def notes(r: dict) -> list[str]:
+    """Plain statements about what the numbers show, for the closing section (no silent lowering of bars)."""
+    out = []
+    unmet = [t["target"] for t in r["targets"] if not t["met"]]
+    out.append("All targets met." if not unmet else f"Not met: {'; '.join(unmet)}.")
+    for attr in TARGET_ATTRIBUTES:
+        t = r["tables"].get(attr, [])
+        voc, model = (_find(t, HELD_OUT_INSTRUCTION, n) for n in ("ground-truth tokens -> vocoder", "model"))
+        if voc and voc["accuracy"] < VOCODER_CEILING_MIN:
+            out.append(f"{attr}: the tokens + vocoder ceiling is {voc['accuracy']:.3f} — even a perfect T3 cannot "
+                       f"reach {MODEL_MIN} through this tokenizer (`speech_tokenizer` = "
+                       f"{r['config']['speech_tokenizer']}); a tokenizer that keeps the attribute is needed first.")
+        elif model and not model["pairs"]:
+            col = LAB_ATTRIBUTES[attr][0]
+            out.append(f"{attr}: no model pairs — {col} was measurable in {model['measured']} of {model['clips']} "
+                       f"model clips asking for a {attr} extreme"
+                       + (" (the VAD found no speech in the others: the T3's output is not yet speech-like)"
+                          if col == "rate_lps" else "") + ".")
+        elif model and voc and model["accuracy"] < MODEL_MIN:
+            out.append(f"{attr}: model {model['accuracy']:.3f} under a {voc['accuracy']:.3f} ceiling — the T3 has "
+                       "not learned it at this size/step count; see the stage-2 curve (more steps while the held-out "
+                       "loss still falls, more data when it has turned up).")
+    curve = r["stage2"]["curve"]
+    if len(curve) >= 2 and curve[-1].get(HELD_OUT_INSTRUCTION) is not None:
+        ho = [p[HELD_OUT_INSTRUCTION] for p in curve if p.get(HELD_OUT_INSTRUCTION) is not None]
+        best = int(np.nanargmin(ho))
+        tr = curve[-1].get("train_rows")
+        out.append(f"Stage 2 held-out speech loss {ho[0]:.3f} → {ho[-1]:.3f} (lowest {ho[best]:.3f} at step "
+                   f"{curve[best]['step']}); on training clips {_f(tr)} at the end"
+                   + (" — still falling at the last checkpoint: more steps would help." if best == len(ho) - 1
+                      else " — it turned up before the end: the T3 memorises; more data or fewer steps."))
+    s1 = r["stage1"].get(HELD_OUT_INSTRUCTION)
+    if s1 and s1["model"]["value"] < s1["mean"]["value"]:
+        out.append(f"Stage 1 is below the mean-vector baseline on held-out instructions ({s1['model']['value']:.3f} vs "
+                   f"{s1['mean']['value']:.3f}): the mapper is under-trained at {r['config']['stage1_steps']} steps "
+                   "(its own held-out curve: runs/mapper/report.md).")
+    if s1 and s1["oracle_minus_mean"] < ORACLE_GAP_MIN:
+        out.append(f"The oracle beats the mean vector by only {s1['oracle_minus_mean']:.3f} AvgCos on held-out "
+                   "instructions: the voice vectors vary little with gender/pitch in this corpus or encoder, so "
+                   "stage 1 has little to learn.")
+    return out
+
+
+def plot_attributes(tables: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tables), figsize=(4.2 * len(tables), 4), sharey=True)
+    for ax, (attr, table) in zip(np.atleast_1d(axes), tables.items()):
+        rows = [t for t in table if t["rendering"] != "chance"]
+        y = [t["accuracy"] for t in rows]
+        err = np.array([[t["accuracy"] - t["ci"][0], t["ci"][1] - t["accuracy"]] for t in rows]).T
+        colors = ["C0" if t["split"] == HELD_OUT_INSTRUCTION else "C1" for t in rows]
+        ax.bar(range(len(rows)), y, color=colors, yerr=np.nan_to_num(err), capsize=3)
+        ax.axhline(0.5, color="grey", ls=":", lw=1)
+        ax.axhline(MODEL_MIN, color="green", ls="--", lw=1)
+        ax.set_xticks(range(len(rows)), [t["rendering"].split(" (")[0].replace("ground-truth", "GT")
+                                         .replace("ground truth", "GT") for t in rows], rotation=60, ha="right",
+                      fontsize=7)
+        ax.set_title(attr)
+        ax.set_ylim(0, 1.05)
+    np.atleast_1d(axes)[0].set_ylabel("direction accuracy (blue: held-out instr., orange: held-out voices)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_stage2(train_log: list[dict], curve: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    if train_log:
+        ax.plot([h["step"] for h in train_log], [h["loss_speech"] for h in train_log], lw=1, alpha=0.6,
+                label="training loop: speech loss")
+    for key, label in (("train_rows", "training clips (teacher-forced, instruction-only)"),
+                       (HELD_OUT_INSTRUCTION, "held-out instructions"), (HELD_OUT_VOICE, "held-out voices")):
+        pts = [(p["step"], p[key]) for p in curve if p.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("speech-token cross-entropy")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_measurements(renderings: dict[str, dict[str, list[dict]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in RENDERINGS if any(n in v for v in renderings.values())]
+    attrs = list(ATTRIBUTES)
+    fig, axes = plt.subplots(len(names), len(attrs), figsize=(4 * len(attrs), 3 * len(names)), squeeze=False)
+    for i, name in enumerate(names):
+        rows = [r for v in renderings.values() for r in v.get(name, [])]
+        for j, attr in enumerate(attrs):
+            col, low, high = ATTRIBUTES[attr]
+            ax = axes[i][j]
+            for x, level in enumerate((low, high)):
+                ys = [r[col] for r in rows if r.get(attr) == level and np.isfinite(r.get(col, math.nan))]
+                ax.scatter(np.full(len(ys), x) + np.random.default_rng(x).uniform(-0.15, 0.15, len(ys)), ys, s=6,
+                           alpha=0.6)
+            ax.set_xticks([0, 1], [low, high])
+            ax.set_title(f"{name}: {col}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
