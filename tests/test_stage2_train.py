@@ -351,16 +351,16 @@ def _interrupt_at(monkeypatch, what: str, n: int) -> None:
 
         monkeypatch.setattr(torch, "save", save)
     elif what == "latest":
-        import tts_core.stage2.train as s2
+        import tts_core.training.runs as runs  # where the checkpoint pointer is moved
 
-        orig_json = s2.atomic_write_json
+        orig_json = runs.atomic_write_json
 
         def write_json(path, obj):
             if Path(path).name == "latest.json" and hit():
                 raise Killed
             orig_json(path, obj)
 
-        monkeypatch.setattr(s2, "atomic_write_json", write_json)
+        monkeypatch.setattr(runs, "atomic_write_json", write_json)
 
 
 @pytest.mark.parametrize("what,n", [("step", 3), ("save", 2), ("latest", 2), ("ctrl-c", 3)],
