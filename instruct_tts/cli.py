@@ -29,7 +29,7 @@ def _cmd_build_cache(a: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     if not a.use_prefect:  # dask needs Prefect: without an API this process encodes (the same store)
-        from cache.build import BuildConfig, build_cache
+        from tts_core.cachebuild.build import BuildConfig, build_cache
         from cache.schema import Normalisation
         from tts_core.frozen import FrozenModelsConfig
 
@@ -54,7 +54,7 @@ def _print_progress(p) -> None:
 
 def _cmd_report(a: argparse.Namespace) -> int:
     from cache import norms
-    from cache.build import publish_norm_report
+    from cache.norms import publish_norm_report
 
     report, paths = publish_norm_report(a.store, a.max_rows)
     print(norms.to_markdown(report, f"Norm statistics — {a.store}"))

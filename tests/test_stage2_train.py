@@ -79,14 +79,14 @@ def _build_store(url: str) -> None:
     w.finalize()
 
 
-def _save_stage1(path, identity: ModelIdentity, seed: int = 0):
+def _save_stage1(path, identity: ModelIdentity, seed: int = 0, **meta):
     torch.manual_seed(seed)
     enc = InstructionEncoder(H, n_heads=4)
     mapper = InstructionMapper(MapperConfig(cond_dim=H, hidden_dim=32, n_blocks=2, n_steps=4))
     with torch.no_grad():  # give the zero-initialised layers weights, so the output depends on the instruction
         for p in mapper.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    save_checkpoint(Stage1Model(enc, mapper), path, {"text_encoder": identity.to_dict()})
+    save_checkpoint(Stage1Model(enc, mapper), path, {"text_encoder": identity.to_dict(), **meta})
     return path
 
 

@@ -51,7 +51,7 @@ def write_report(out: Path, summary: dict, history: list[dict], plot: bool) -> N
         f"- instruction_prob {s['config']['instruction_prob']}; world size {s['world_size']}; device {s['device']}; "
         f"amp {s['amp']}; compile {s['config']['compile']}",
         f"- steps {s['global_step']} (epoch {s['epoch']}); stopped: {s['stopped_reason']}; non-finite steps skipped "
-        f"{s['nonfinite_steps']}", "",
+        f"{s['nonfinite_steps']}", *_held_out_lines(s), "",
         "## Parameters", "", "| group | trainable |", "|---|---|",
         *[f"| {g} | {n:,} |" for g, n in s["trainable"].items()],
         f"| **total** | **{sum(s['trainable'].values()):,}** |", "", "| frozen | params |", "|---|---|",
@@ -60,13 +60,28 @@ def write_report(out: Path, summary: dict, history: list[dict], plot: bool) -> N
     ]
     if png:
         lines += [f"![loss curves]({png})", ""]
+    val = bool(s.get("val"))  # held-out columns only for a run with hold_out
     lines += ["| step | epoch | lr | loss | text (instr.) | text (audio) | speech (instr.) | speech (audio) | "
-              "instr. frac | tok/s |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "instr. frac | tok/s |" + (" held-out text | held-out speech |" if val else ""),
+              "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if val else "")]
     stride = max(1, math.ceil(len(history) / 40))
     shown = history[::stride] + ([history[-1]] if history and (len(history) - 1) % stride else [])
     for r in shown:
         lines.append(f"| {r['step']} | {r['epoch']:.3f} | {r['lr']:.2e} | {_fmt(r['loss'])} "
                      f"| {_fmt(r.get('text_inst'))} | {_fmt(r.get('text_audio'))} | {_fmt(r.get('speech_inst'))} | {_fmt(r.get('speech_audio'))} "
-                     f"| {_fmt(r.get('inst_frac'))} | {r.get('tokens_per_s', 0):.0f} |")
+                     f"| {_fmt(r.get('inst_frac'))} | {r.get('tokens_per_s', 0):.0f} |"
+                     + (f" {_fmt(r.get('val_text_loss'))} | {_fmt(r.get('val_speech_loss'))} |" if val else ""))
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+
+
+def _held_out_lines(s: dict) -> list[str]:
+    """The held-out losses at the end beside the last training losses (hold_out="mapper" only)."""
+    v = s.get("val")
+    if not v:
+        return []
+    d, last = s["data"], s.get("last_row") or {}
+    return [f"- held-out (the stage-1 mapper's split): {d.get('held_out_rows')} rows, never trained on "
+            f"({d.get('excluded_rows')} more left out of both sides); at the end: speech loss "
+            f"{_fmt(v['val_speech_loss'])}, text loss {_fmt(v['val_text_loss'])} (instruction rows) — last "
+            f"training row: speech {_fmt(last.get('speech_inst'))}, text {_fmt(last.get('text_inst'))}"]
 

@@ -78,6 +78,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -86,6 +87,7 @@ from tts_core.interrupt import TrainingInterrupted, stop_requested
 from tts_core.precision import resolve_amp
 from tts_core.mapper.pooling import TextEncoderMismatchError, check_text_encoder_identity
 from tts_core.stage2.data import BucketBatchSampler, batch_rng, mix_seed, prepare_stage2_data
+from tts_core.stage2.hold_out import HOLD_OUT_MODES, mapper_split
 from tts_core.stage2.model import (
     GROUPS, PRESETS, Stage2Model, build_t3, freeze_for_stage2, lr_factor, make_optimizer, parameter_groups,
 )
@@ -160,6 +162,8 @@ class Stage2Config:
     mapper_n_steps: int | None = None  # None: the mapper config's n_steps
     prompt_len: int | None = None  # None: T3Config.speech_cond_prompt_len (150)
     emotion_adv: float = 0.5
+    hold_out: str = "none"  # "mapper": train without the stage-1 run's held-out clips, score loss on them
+    eval_every: int = 0  # steps between held-out evaluations (at a metrics row); 0 = log_every × 10
     resume: bool = True
     progress: bool = False
 
@@ -181,7 +185,7 @@ class Stage2Config:
 _RUN_KEYS = ("t3", "instruction_prob", "batch_size", "max_tokens", "pool_batches", "lr", "adapter_lr",
              "min_lr_ratio", "weight_decay", "betas", "warmup_steps", "text_loss_weight", "grad_clip", "seed",
              "mapper_seed", "mapper_samples", "mapper_n_steps", "prompt_len", "emotion_adv", "padding_mask",
-             "amp_dtype", "language")
+             "amp_dtype", "language", "hold_out")
 _DEFAULTS = Stage2Config().to_dict()  # a key an older run's saved config lacks had this value
 
 
@@ -203,6 +207,7 @@ class Stage2Result:
     tokenizer: TextTokenizer
     load_report: str | None
     data_stats: dict = field(default_factory=dict)
+    val: dict = field(default_factory=dict)  # held-out losses at the end (hold_out="mapper"), else empty
 
 
 @dataclass
@@ -265,6 +270,8 @@ def train_stage2(cfg: Stage2Config, on_log: Callable[[dict], None] | None = None
     metrics row is written (raising from it stops the run like a kill, after the last checkpoint)."""
     if not 0.0 <= cfg.instruction_prob <= 1.0:
         raise ValueError("instruction_prob must lie in [0, 1]")
+    if cfg.hold_out not in HOLD_OUT_MODES:
+        raise ValueError(f"hold_out must be one of {HOLD_OUT_MODES}, not {cfg.hold_out!r}")
     if not cfg.store or not cfg.mapper_dir:
         raise ValueError("Stage2Config needs store (a cache store URL) and mapper_dir (a stage-1 run directory)")
     dd, device = init_distributed(cfg.device)
@@ -282,6 +289,7 @@ class Stage2Recipe:
         self.out = Path(cfg.out_dir)
         self.ckpts = CheckpointDir(self.out, LATEST, complete=(TRAIN_STATE, T3_WEIGHTS))
         self.metrics_path = self.out / METRICS
+        self._val: tuple[int | None, dict] = (None, {})  # (step, held-out losses) of the last evaluation
 
     def train(self) -> Stage2Result:
         self.setup()
@@ -306,7 +314,7 @@ class Stage2Recipe:
             bar.close()
         if self.last_saved != st.global_step:
             self.save_checkpoint()
-        return self.report(stopped)
+        return self.report(stopped, self.evaluate())
 
     # -- set-up ----------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -400,6 +408,12 @@ class Stage2Recipe:
                                        **kw)
         self.encoder.cpu()
         self.mapper.cpu()
+        self.val_data, held = None, {}
+        if cfg.hold_out == "mapper":  # tts_core.stage2.hold_out
+            train_rows, val_rows = mapper_split(self.reader, self.mapper_meta, data.clip_ids, cfg.mapper_dir)
+            held = {"held_out_rows": len(val_rows), "excluded_rows": len(data) - len(train_rows) - len(val_rows)}
+            self.val_data = data.subset(val_rows).to(self.device)
+            data = data.subset(train_rows)
         if len(data) == 0:
             raise ValueError(f"no usable rows in {cfg.store} (dropped: {data.dropped})")
         data.to(self.device)
@@ -413,7 +427,8 @@ class Stage2Recipe:
                            "n_instructions": data.n_instructions,
                            "rows_with_instruction": int((data.instruction_id >= 0).sum()),
                            "own_prompt_frac": len(data.own_prompt_rows) / len(data),
-                           "batches_per_epoch": len(self.sampler.batches(0)), **self.sampler.padding_stats(0)}
+                           "batches_per_epoch": len(self.sampler.batches(0)), **self.sampler.padding_stats(0),
+                           **held}
 
     # -- resume ------------------------------------------------------------------------------------------------
     def resume(self) -> None:
@@ -551,6 +566,8 @@ class Stage2Recipe:
         cfg, st = self.cfg, self.st
         if cfg.log_every > 0 and st.global_step % cfg.log_every == 0:
             row = self.window.row(st, nb, lr_f * cfg.lr)
+            if st.global_step % (cfg.eval_every or 10 * cfg.log_every) == 0:
+                row.update(self.evaluate())
             self.window = _Window()
             if self.dd.rank == 0:
                 write_metrics_row(self.metrics_path, row)
@@ -564,7 +581,39 @@ class Stage2Recipe:
             raise TrainingInterrupted(f"stage 2 stopped at step {st.global_step}, checkpoint "
                                       f"{self.ckpts.latest()}; rerun the same command to resume")
 
-    # -- checkpoint, report --------------------------------------------------------------------------------------
+    # -- evaluate, checkpoint, report ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Teacher-forced loss on the held-out rows (instruction-only rows: the rows' own instructions) →
+        ``val_speech_loss``, ``val_text_loss`` (mean CE per token) and ``val_loss``; {} without hold-out.
+        Every rank scores its share; the sums are all-reduced. Memoised per step (the last row and the
+        end of the run may ask twice)."""
+        if self.val_data is None:
+            return {}
+        cfg, st, dd, val = self.cfg, self.st, self.dd, self.val_data
+        if self._val[0] == st.global_step:
+            return dict(self._val[1])
+        self.model.eval()
+        sums = torch.zeros(4, dtype=torch.float64)  # CE text, text tokens, CE speech, speech tokens
+        mine = np.arange(len(val))[dd.rank::dd.world_size]
+        for i in range(0, len(mine), cfg.batch_size):
+            b = val.build_batch(mine[i:i + cfg.batch_size], instruction_prob=1.0,
+                                rng=np.random.default_rng(mix_seed(cfg.seed, "val", i)), prompt_len=self.prompt_len,
+                                cond_len=self.cond_bound, emotion_adv=cfg.emotion_adv)
+            with torch.autocast(device_type=self.device.type, dtype=self.amp or torch.float32,
+                                enabled=self.amp is not None):
+                _, stats = self.model(b.batch, b.is_instruction)
+            s = stats.double().cpu()
+            sums += torch.stack([s[3] + s[5], s[4] + s[6], s[7] + s[9], s[8] + s[10]])
+        self.model.train()
+        sums = sums.to(self.device)
+        dd.all_reduce(sums)
+        sums = sums.cpu()
+        text, speech = float(sums[0] / sums[1].clamp(min=1)), float(sums[2] / sums[3].clamp(min=1))
+        out = {"val_speech_loss": speech, "val_text_loss": text, "val_loss": cfg.text_loss_weight * text + speech}
+        self._val = (st.global_step, out)
+        return dict(out)
+
     def save_checkpoint(self) -> None:
         """Rank 0 writes ``checkpoints/step_N`` (module doc, "Checkpoints"); every rank waits for it."""
         st = self.st
@@ -582,7 +631,7 @@ class Stage2Recipe:
         self.last_saved = st.global_step
         self.dd.barrier()
 
-    def report(self, stopped: str) -> Stage2Result:
+    def report(self, stopped: str, val: dict) -> Stage2Result:
         """Publish the final checkpoint at the run root and write ``report.md`` (rank 0)."""
         cfg, st = self.cfg, self.st
         history = read_metrics(self.metrics_path)
@@ -596,14 +645,15 @@ class Stage2Recipe:
                        "config": cfg.to_dict(), "world_size": self.dd.world_size, "device": str(self.device),
                        "amp": str(self.amp).removeprefix("torch.") if self.amp else "fp32",
                        "global_step": st.global_step, "epoch": st.epoch, "stopped_reason": stopped,
-                       "nonfinite_steps": st.nonfinite_total, "trainable": self.trainable, "frozen": self.frozen}
+                       "nonfinite_steps": st.nonfinite_total, "trainable": self.trainable, "frozen": self.frozen,
+                       "val": val, "last_row": history[-1] if history else {}}
             write_report(self.out, summary, history, plot=True)
         self.dd.barrier()
         return Stage2Result(run_dir=self.out, checkpoint=ckpt, global_step=st.global_step, epoch=st.epoch,
                             stopped_reason=stopped, history=history, trainable=self.trainable, frozen=self.frozen,
                             nonfinite_steps=st.nonfinite_total, world_size=self.dd.world_size, t3=self.t3,
                             encoder=self.encoder, mapper=self.mapper, tokenizer=self.tokenizer,
-                            load_report=self.meta["load_report"], data_stats=self.data_stats)
+                            load_report=self.meta["load_report"], data_stats=self.data_stats, val=val)
 
 
 # ---- run-directory files ---------------------------------------------------------------------------------------
@@ -615,7 +665,7 @@ def _absolute(url: str) -> str:
 def _save_speech_codebook(store: str, out: Path) -> None:
     """The embedded tokenizer's codebook beside the run (``mel_vq.safetensors``): the run directory then
     decodes its own tokens wherever it is moved, without the cache store."""
-    from cache.build import saved_codebook
+    from cache.writer import saved_codebook
     from tts_core.encoders.mel_vq import MelVQTokenizer
 
     codebook = saved_codebook(store)
