@@ -105,7 +105,7 @@ def _cmd_train_stage2(a: argparse.Namespace) -> int:
         adapter_lr=a.adapter_lr, epochs=a.epochs, max_steps=a.max_steps, warmup_steps=a.warmup_steps,
         device=a.device, amp_dtype=a.amp, compile=a.compile or None, save_every=a.save_every,
         log_every=a.log_every, text_tokenizer=a.text_tokenizer, seed=a.seed, language=a.language,
-        resume=False if a.restart else None).items() if v is not None}
+        hold_out=a.hold_out, eval_every=a.eval_every, resume=False if a.restart else None).items() if v is not None}
     if not a.use_prefect:  # also under torchrun: a flow run is one process; ranks run the library directly
         from tts_core.stage2.train import Stage2Config, train_stage2
         from tts_core.tb import logged
@@ -278,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-steps", type=int)
     g.add_argument("--save-every", type=int)
     g.add_argument("--log-every", type=int)
+    g.add_argument("--hold-out", choices=("none", "mapper"),
+                   help="mapper: leave out the stage-1 run's held-out clips and report their loss (default none)")
+    g.add_argument("--eval-every", type=int, help="steps between held-out evaluations (default log-every x 10)")
     g.add_argument("--text-tokenizer", help="'bytes' or a tokenizer file (default: the --t3 family's)")
     g.add_argument("--language", help=f"multilingual T3: language of rows without a 5th metadata column "
                                       f"({', '.join(sorted(MTL_LANGUAGES))})")

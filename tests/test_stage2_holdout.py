@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from cache.reader import CacheReader
-from test_stage2_train import TE, _build_store, _save_stage1
+from test_stage2_train import TE, _cfg as _base_cfg, _save_stage1, env  # noqa: F401 (env: the tiny store)
 from tts_core.stage1.data import Stage1Data
-from tts_core.stage2 import Stage2Config, Stage2Data, Stage2Model, train_stage2
+from tts_core.stage2 import Stage2Data, Stage2Model, train_stage2
 from tts_core.stage2.hold_out import HoldOutError
 from tts_core.stage2.train import Stage2Recipe
 
@@ -21,24 +21,18 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("holdout")
-    url = str(root / "store.zarr")
-    _build_store(url)
-    s1 = Stage1Data.from_reader(CacheReader(url), with_states=False)
+def runs(env):
+    """The tiny store, and a stage-1 run whose mapper.json records SPLIT (as train_stage1 writes it)."""
+    s1 = Stage1Data.from_reader(CacheReader(env["store"]), with_states=False)
     train, val = s1.split(SPLIT["held_out_frac"], SPLIT["split_salt"], SPLIT["split_by"])
     assert len(val) == 10 and len(train) == 27  # the premise: something is held out
-    mapper = _save_stage1(root / "stage1", TE, train_config=SPLIT,
+    mapper = _save_stage1(env["root"] / "stage1_split", TE, train_config=SPLIT,
                           data={"n_train": len(train), "n_val": len(val)})
-    return {"store": url, "mapper": str(mapper), "val_ids": {s1.clip_ids[i] for i in val}}
+    return {**env, "stage1": str(mapper), "val_ids": {s1.clip_ids[i] for i in val}}
 
 
-def _cfg(runs, out, **kw) -> Stage2Config:
-    base = dict(store=runs["store"], mapper_dir=runs["mapper"], t3="tiny", out_dir=str(out), batch_size=8, lr=3e-3,
-                warmup_steps=2, epochs=100, max_steps=6, save_every=0, log_every=1, seed=0, device="cpu",
-                hold_out="mapper", eval_every=3)
-    base.update(kw)
-    return Stage2Config(**base)
+def _cfg(runs, out, **kw):
+    return _base_cfg(runs, out, hold_out="mapper", eval_every=3, **kw)
 
 
 def test_held_out_rows_never_train_and_their_loss_is_recorded(runs, tmp_path, monkeypatch):
@@ -97,4 +91,4 @@ def test_held_out_rows_never_train_and_their_loss_is_recorded(runs, tmp_path, mo
 def test_a_mapper_without_its_split_settings_is_refused(runs, tmp_path):
     bare = _save_stage1(tmp_path / "stage1_bare", TE)
     with pytest.raises(HoldOutError, match="records no train_config"):
-        train_stage2(_cfg(runs, tmp_path / "run", mapper_dir=str(bare)))
+        train_stage2(_cfg({**runs, "stage1": str(bare)}, tmp_path / "run"))

@@ -36,6 +36,9 @@ Output directory::
                                          and ends bit-equal to an uninterrupted run (CPU); Ctrl-C under
                                          `tts_core.interrupt.stop_after_step` writes it at that step
     metrics.json, report.md              per-evaluation held-out SpkCos / XVecCos / AvgCos and baselines
+
+The loop is `Stage1Recipe` (set-up → resume → phases of steps / evaluate / checkpoint → report); resume
+refusal, non-finite steps and the progress bar are `tts_core.training`'s.
 """
 from __future__ import annotations
 

@@ -64,9 +64,17 @@ Non-finite steps: a step whose loss or gradient norm is non-finite (on any rank:
 all-reduced values, so every rank skips the same steps) is skipped and counted; more than
 ``max_nonfinite`` in a row raise `Stage2NonFiniteError`.
 
+Held-out loss (``hold_out="mapper"``, `tts_core.stage2.hold_out`): the stage-1 run's held-out clips are
+left out of training (as rows and as prompt clips) and `Stage2Recipe.evaluate` scores their
+teacher-forced loss as instruction rows every ``eval_every`` steps (at a metrics row) and at the end.
+``hold_out="none"`` trains exactly as before.
+
 Outputs: ``metrics.jsonl`` (one JSON row every ``log_every`` steps: loss, text/speech loss of
-instruction rows vs audio rows, LR, grad norm, tokens/s, padding) and ``report.md`` (+
-``loss_curves.png``).
+instruction rows vs audio rows, LR, grad norm, tokens/s, padding; ``val_speech_loss`` /
+``val_text_loss`` / ``val_loss`` at evaluations) and ``report.md`` (+ ``loss_curves.png``).
+
+The loop is `Stage2Recipe` (set-up → resume → one step / evaluate / checkpoint → report); run directory,
+checkpoint directories, metrics rows, non-finite steps and the DDP helper are `tts_core.training`'s.
 """
 from __future__ import annotations
 
