@@ -108,7 +108,7 @@ def _cmd_train_stage2(a: argparse.Namespace) -> int:
         hold_out=a.hold_out, eval_every=a.eval_every, resume=False if a.restart else None).items() if v is not None}
     if not a.use_prefect:  # also under torchrun: a flow run is one process; ranks run the library directly
         from tts_core.stage2.train import Stage2Config, train_stage2
-        from tts_core.tb import logged
+        from tts_core.training.tb import logged
 
         cfg = Stage2Config.from_dict({**train, "store": a.store, "mapper_dir": str(a.mapper), "t3": a.t3,
                                       "out_dir": str(a.out), "progress": sys.stderr.isatty()})
@@ -380,13 +380,14 @@ def main(argv: list[str] | None = None) -> int:
         from tts_core.stage1.train import NonFiniteLossError
         from tts_core.stage2.text_tokenizer import TextTokenizerError
         from tts_core.stage2.train import Stage2NonFiniteError
+        from tts_core.stage2.hold_out import HoldOutError
         from tts_core.audio import AudioRejected
         from tts_core.t3.families import T3FamilyError
         from tts_core.t3.loading import CheckpointMismatchError
 
         if isinstance(exc, (StoreError, FileNotFoundError, MetadataError, Stage1InputError, TextEncoderMismatchError,
                             NonFiniteLossError, ResumeMismatchError, Stage2NonFiniteError, TextTokenizerError, AudioRejected,
-                            T3FamilyError, CheckpointMismatchError)):
+                            T3FamilyError, CheckpointMismatchError, HoldOutError)):
             print(f"instruct-tts: error: {exc}", file=sys.stderr)
             return 2
         raise

@@ -22,17 +22,14 @@ class HoldOutError(ValueError):
 def mapper_split(reader, mapper_meta: dict, clip_ids: list[str], mapper_dir: str) -> tuple[np.ndarray, np.ndarray]:
     """→ (train rows, held-out rows) of stage 2's ``clip_ids`` (sorted indices) under the mapper's split."""
     from tts_core.stage1.data import Stage1Data
-    from tts_core.stage1.train import Stage1TrainConfig
 
     tc = mapper_meta.get("train_config")
     if not tc:
         raise HoldOutError(f"hold_out='mapper': {mapper_dir} records no train_config (held_out_frac, split_salt, "
                            "split_by), so its held-out split cannot be reproduced; train the mapper with "
                            "train_stage1, or use hold_out='none'")
-    default = Stage1TrainConfig()
-    frac = tc.get("held_out_frac", default.held_out_frac)
     s1 = Stage1Data.from_reader(reader, with_states=False)
-    train1, val1 = s1.split(frac, tc.get("split_salt", default.split_salt), tc.get("split_by", default.split_by))
+    train1, val1 = s1.split_of_run(tc)
     recorded = mapper_meta.get("data") or {}
     if "n_val" in recorded and (recorded.get("n_train"), recorded.get("n_val")) != (len(train1), len(val1)):
         raise HoldOutError(
@@ -40,7 +37,7 @@ def mapper_split(reader, mapper_meta: dict, clip_ids: list[str], mapper_dir: str
             f"but {mapper_dir} was trained on {recorded.get('n_train')} / {recorded.get('n_val')}: that mapper "
             "was trained on another store; use its store, or hold_out='none'")
     if len(val1) == 0:
-        raise HoldOutError(f"hold_out='mapper': {mapper_dir}'s split (held_out_frac={frac}) holds out no clip")
+        raise HoldOutError(f"hold_out='mapper': {mapper_dir}'s split ({tc}) holds out no clip")
     ids = np.asarray(clip_ids, dtype=object)
     s1_ids = np.asarray(s1.clip_ids, dtype=object)
     held = np.isin(ids, s1_ids[val1])

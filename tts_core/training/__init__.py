@@ -1,5 +1,6 @@
 """What every training recipe shares: run directory + resume protocol, atomic checkpoints, metrics rows,
-non-finite steps, progress bar, the DDP helper (docs/architecture.md).
+non-finite steps, progress bar and TensorBoard hook (`tts_core.training.tb`), the DDP helper
+(docs/architecture.md).
 
 A recipe (`tts_core.stage1.train.Stage1Recipe`, `tts_core.stage2.train.Stage2Recipe`) is one class whose
 ``train()`` reads top to bottom — set-up, resume, the step loop, evaluation, checkpoint, report — in the
