@@ -125,8 +125,10 @@ def _cmd_train_stage2(a: argparse.Namespace) -> int:
 
 
 def _print_stage2_row(r: dict) -> None:
+    held = (f"; held-out speech {r['val_speech_loss']:.4f}, text {r['val_text_loss']:.4f}"
+            if "val_speech_loss" in r else "")
     print(f"  step {r['step']}/{r.get('total_steps')}: loss {r['loss']:.4f} (text {r['loss_text']:.4f}, speech "
-          f"{r['loss_speech']:.4f}) {r['tokens_per_s']:.0f} tok/s", file=sys.stderr, flush=True)
+          f"{r['loss_speech']:.4f}) {r['tokens_per_s']:.0f} tok/s{held}", file=sys.stderr, flush=True)
 
 
 def _cmd_synthesize(a: argparse.Namespace) -> int:

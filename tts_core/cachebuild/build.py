@@ -1,7 +1,8 @@
 """Build a cache store from a metadata file: validate every clip, run the frozen models once, write.
 
 The loop is plain Python so that the CLI, the Prefect flow and the tests all run the same code; the
-flow only adds retries, artifacts and reports around it (flows/build_cache.py). The store it writes is the `cache` package's (storage only).
+flow only adds retries, artifacts and reports around it (flows/build_cache.py). The store it writes is
+the `cache` package's, which is storage only.
 """
 from __future__ import annotations
 
