@@ -23,7 +23,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None)
     a = ap.parse_args()
 
-    from cache.build import BuildConfig, build_cache
+    from tts_core.cachebuild.build import BuildConfig, build_cache
     from cache.reader import CacheDataset, CacheReader
     from tts_core.audio import load_clip
     from tts_core.corpus.demo import DemoCorpusConfig, generate_demo_corpus

@@ -18,7 +18,7 @@ import torch
 
 
 def _demo_store(work: Path, clips: int) -> str:
-    from cache.build import BuildConfig, build_cache
+    from tts_core.cachebuild.build import BuildConfig, build_cache
     from tts_core.corpus.demo import DemoCorpusConfig, generate_demo_corpus
     from tts_core.frozen import FrozenModelsConfig
 

@@ -130,3 +130,16 @@ def save_report(r: NormReport, out_dir: Path | str, fs=None) -> dict[str, str]:
         fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
     return paths
+
+
+def publish_norm_report(url: str, max_rows: int | None = 200_000, seed: int = 0):
+    """Compute the norm report over OK rows (a seeded sample for huge stores) and save it beside the store."""
+    from cache.reader import CacheReader
+    from cache.store import os_errors
+
+    r = CacheReader(url)
+    rows = sample_rows(len(r), max_rows, seed)
+    spk_n, xv_n = r.raw_norms(rows)
+    report = norm_report(spk_n, xv_n, r.normalisation.to_dict(), total_rows=len(r), sampled=rows is not None)
+    with os_errors(url):
+        return report, save_report(report, url)

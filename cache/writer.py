@@ -297,6 +297,19 @@ def saved_arrays(g: zarr.Group, group_path: str, names: Sequence[str]) -> tuple[
     return {n: sub[n][...] for n in names}, attrs
 
 
+def saved_codebook(url: str) -> dict | None:
+    """The embedded tokenizer's codebook of a created store; None when there is none yet, or when its
+    write (or the store's creation) was interrupted: the build then refits it, deterministically."""
+    try:
+        g = open_group(url, "r", strict=True)
+    except StoreNotFound:
+        return None
+    if g.attrs.get("schema_version") != schema.SCHEMA_VERSION:
+        return None  # no store yet (interrupted creation), or another schema: open_for_build says which
+    saved = saved_arrays(g, schema.MEL_VQ_GROUP, ("codebook",))
+    return None if saved is None else {"codebook": saved[0]["codebook"], "config": saved[1]}
+
+
 def _refuse_foreign(url: str) -> None:
     """Creating a store clears its location: only ever one that holds nothing but store files (an
     interrupted creation), never a directory of other data given as --store by mistake."""

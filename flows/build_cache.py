@@ -1,9 +1,9 @@
-"""Prefect flow `build-cache`: thin orchestration around cache.build.build_cache.
+"""Prefect flow `build-cache`: thin orchestration around tts_core.cachebuild.build.build_cache.
 
 Adds what Prefect is good at — a progress artifact while building, the norm report as markdown and
 table artifacts, the run summary — and, with ``task_runner="dask"``, fanning the clip shards out to a
 Dask cluster through prefect-dask: each shard is one `encode-shard` task run on a worker (models loaded
-once per worker process); this process commits the results in row order (cache/shards.py says why).
+once per worker process); this process commits the results in row order (tts_core/cachebuild/shards.py says why).
 ``cluster`` is a scheduler address (``tcp://host:8786``); without one a local cluster of ``workers``
 processes is started. Dask rather than Ray: the cache build is a map over independent numpy/torch
 shards with modest payloads — Dask's home ground — prefect-dask is maintained with Prefect itself, and
@@ -18,9 +18,9 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
     update_progress_artifact
 
 from cache import norms
-from cache.build import BuildConfig, BuildProgress, BuildSummary, build_cache
+from tts_core.cachebuild.build import BuildConfig, BuildProgress, BuildSummary, build_cache
 from cache.schema import Normalisation
-from cache.shards import encode_shard, ordered_window
+from tts_core.cachebuild.shards import encode_shard, ordered_window
 from flows.keys import artifact_key
 from tts_core.frozen import FrozenModelsConfig
 

@@ -13,7 +13,7 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 
 from flows.keys import artifact_key
 from tts_core.stage2.train import Stage2Config, train_stage2
-from tts_core.tb import logged
+from tts_core.training.tb import logged
 
 
 @flow(name="train-stage2", log_prints=True)

@@ -29,7 +29,7 @@ def _cmd_build_cache(a: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     if not a.use_prefect:  # dask needs Prefect: without an API this process encodes (the same store)
-        from cache.build import BuildConfig, build_cache
+        from tts_core.cachebuild.build import BuildConfig, build_cache
         from cache.schema import Normalisation
         from tts_core.frozen import FrozenModelsConfig
 
@@ -54,7 +54,7 @@ def _print_progress(p) -> None:
 
 def _cmd_report(a: argparse.Namespace) -> int:
     from cache import norms
-    from cache.build import publish_norm_report
+    from cache.norms import publish_norm_report
 
     report, paths = publish_norm_report(a.store, a.max_rows)
     print(norms.to_markdown(report, f"Norm statistics — {a.store}"))
@@ -105,10 +105,10 @@ def _cmd_train_stage2(a: argparse.Namespace) -> int:
         adapter_lr=a.adapter_lr, epochs=a.epochs, max_steps=a.max_steps, warmup_steps=a.warmup_steps,
         device=a.device, amp_dtype=a.amp, compile=a.compile or None, save_every=a.save_every,
         log_every=a.log_every, text_tokenizer=a.text_tokenizer, seed=a.seed, language=a.language,
-        resume=False if a.restart else None).items() if v is not None}
+        hold_out=a.hold_out, eval_every=a.eval_every, resume=False if a.restart else None).items() if v is not None}
     if not a.use_prefect:  # also under torchrun: a flow run is one process; ranks run the library directly
         from tts_core.stage2.train import Stage2Config, train_stage2
-        from tts_core.tb import logged
+        from tts_core.training.tb import logged
 
         cfg = Stage2Config.from_dict({**train, "store": a.store, "mapper_dir": str(a.mapper), "t3": a.t3,
                                       "out_dir": str(a.out), "progress": sys.stderr.isatty()})
@@ -125,8 +125,10 @@ def _cmd_train_stage2(a: argparse.Namespace) -> int:
 
 
 def _print_stage2_row(r: dict) -> None:
+    held = (f"; held-out speech {r['val_speech_loss']:.4f}, text {r['val_text_loss']:.4f}"
+            if "val_speech_loss" in r else "")
     print(f"  step {r['step']}/{r.get('total_steps')}: loss {r['loss']:.4f} (text {r['loss_text']:.4f}, speech "
-          f"{r['loss_speech']:.4f}) {r['tokens_per_s']:.0f} tok/s", file=sys.stderr, flush=True)
+          f"{r['loss_speech']:.4f}) {r['tokens_per_s']:.0f} tok/s{held}", file=sys.stderr, flush=True)
 
 
 def _cmd_synthesize(a: argparse.Namespace) -> int:
@@ -307,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-steps", type=int)
     g.add_argument("--save-every", type=int)
     g.add_argument("--log-every", type=int)
+    g.add_argument("--hold-out", choices=("none", "mapper"),
+                   help="mapper: leave out the stage-1 run's held-out clips and report their loss (default none)")
+    g.add_argument("--eval-every", type=int, help="steps between held-out evaluations (default log-every x 10)")
     g.add_argument("--text-tokenizer", help="'bytes' or a tokenizer file (default: the --t3 family's)")
     g.add_argument("--language", help=f"multilingual T3: language of rows without a 5th metadata column "
                                       f"({', '.join(sorted(MTL_LANGUAGES))})")
@@ -403,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         from tts_core.stage1.train import NonFiniteLossError
         from tts_core.stage2.text_tokenizer import TextTokenizerError
         from tts_core.stage2.train import Stage2NonFiniteError
+        from tts_core.stage2.hold_out import HoldOutError
         from tts_core.audio import AudioRejected
         from tts_core.t3.families import T3FamilyError
         from tts_core.t3.loading import CheckpointMismatchError
@@ -410,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if isinstance(exc, (StoreError, FileNotFoundError, MetadataError, Stage1InputError, TextEncoderMismatchError,
                             NonFiniteLossError, ResumeMismatchError, Stage2NonFiniteError, TextTokenizerError, AudioRejected,
-                            T3FamilyError, CheckpointMismatchError, SamplingOptionError)):
+                            T3FamilyError, CheckpointMismatchError, SamplingOptionError, HoldOutError)):
             print(f"instruct-tts: error: {exc}", file=sys.stderr)
             return 2
         raise

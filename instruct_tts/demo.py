@@ -67,7 +67,7 @@ def _build_cache(cfg: DemoConfig, corpus, store: str) -> None:
 
         build_cache_flow(metadata=str(corpus.metadata), audio_root=str(corpus.root), store=store, device=cfg.device)
         return
-    from cache.build import BuildConfig, build_cache
+    from tts_core.cachebuild.build import BuildConfig, build_cache
     from tts_core.frozen import FrozenModelsConfig
 
     for line in build_cache(BuildConfig(metadata=corpus.metadata, audio_root=corpus.root, store=store,

@@ -212,7 +212,7 @@ def _write_split(cfg: LabConfig, clips: list[dict], out: Path) -> dict[str, str]
 
 
 def _build_caches(cfg: LabConfig, root: Path, p: LabPaths, say) -> None:
-    from cache.build import BuildConfig, build_cache
+    from tts_core.cachebuild.build import BuildConfig, build_cache
     from cache.reader import CacheReader
     from cache.store import StoreError
 

@@ -43,7 +43,7 @@ def demo_store(tmp_path_factory):
     """A real cache of the embedded default (espeak-ng corpus, embedded frozen models), built once per session.
 
     Returns (store_url, corpus). Tests must not write into it."""
-    from cache.build import BuildConfig, build_cache
+    from tts_core.cachebuild.build import BuildConfig, build_cache
     from tts_core.corpus.demo import DemoCorpusConfig, generate_demo_corpus
     from tts_core.frozen import FrozenModelsConfig
 

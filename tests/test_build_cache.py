@@ -14,7 +14,7 @@ import zarr
 from filelock import FileLock
 
 from bad_audio import write_bad_clips
-from cache.build import BuildConfig, build_cache
+from tts_core.cachebuild.build import BuildConfig, build_cache
 from cache.reader import CacheReader
 from cache.store import StoreError, lock_path
 
@@ -138,7 +138,7 @@ def test_resume_after_kill_is_identical(demo_corpus, tmp_path):
 def test_prompt_tokens_are_tokens_of_the_first_6_seconds():
     """T3's prompt is Chatterbox's: the tokens of the clip's first 6 s, cut *before* tokenizing (a tokenizer
     that looks at the whole clip gives other tokens for a cropped prefix). A clip ≤ 6 s is its own cut."""
-    from cache.shards import encode_batch
+    from tts_core.cachebuild.shards import encode_batch
     from tts_core.audio import LoadedAudio
     from tts_core.metadata import MetaLine
 

@@ -8,7 +8,7 @@ import pandas as pd
 import zarr
 
 from cache import schema
-from cache.build import BuildConfig, build_cache
+from tts_core.cachebuild.build import BuildConfig, build_cache
 from tts_core.frozen import FrozenModelsConfig
 
 ARRAYS = ("clips/spk_emb", "clips/xvec", "clips/spk_norm", "clips/xvec_norm", "clips/duration",

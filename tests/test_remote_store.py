@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cache.build import BuildConfig, build_cache
+from tts_core.cachebuild.build import BuildConfig, build_cache
 from cache.reader import CacheReader
 from tts_core.frozen import FrozenModelsConfig
 

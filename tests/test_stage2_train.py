@@ -79,14 +79,14 @@ def _build_store(url: str) -> None:
     w.finalize()
 
 
-def _save_stage1(path, identity: ModelIdentity, seed: int = 0):
+def _save_stage1(path, identity: ModelIdentity, seed: int = 0, **meta):
     torch.manual_seed(seed)
     enc = InstructionEncoder(H, n_heads=4)
     mapper = InstructionMapper(MapperConfig(cond_dim=H, hidden_dim=32, n_blocks=2, n_steps=4))
     with torch.no_grad():  # give the zero-initialised layers weights, so the output depends on the instruction
         for p in mapper.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    save_checkpoint(Stage1Model(enc, mapper), path, {"text_encoder": identity.to_dict()})
+    save_checkpoint(Stage1Model(enc, mapper), path, {"text_encoder": identity.to_dict(), **meta})
     return path
 
 
@@ -367,16 +367,16 @@ def _interrupt_at(monkeypatch, what: str, n: int) -> None:
 
         monkeypatch.setattr(torch, "save", save)
     elif what == "latest":
-        import tts_core.stage2.train as s2
+        import tts_core.training.runs as runs  # where the checkpoint pointer is moved
 
-        orig_json = s2.atomic_write_json
+        orig_json = runs.atomic_write_json
 
         def write_json(path, obj):
             if Path(path).name == "latest.json" and hit():
                 raise Killed
             orig_json(path, obj)
 
-        monkeypatch.setattr(s2, "atomic_write_json", write_json)
+        monkeypatch.setattr(runs, "atomic_write_json", write_json)
 
 
 @pytest.mark.parametrize("what,n", [("step", 3), ("save", 2), ("latest", 2), ("ctrl-c", 3)],

@@ -29,9 +29,9 @@ import pytest
 import zarr
 from filelock import FileLock
 
-import cache.build as build_mod
+import tts_core.cachebuild.build as build_mod
 from cache import norms, schema
-from cache.build import BuildConfig, build_cache
+from tts_core.cachebuild.build import BuildConfig, build_cache
 from cache.reader import CacheReader
 from cache.store import StoreError, lock_path, store_location, write_hook
 from instruct_tts.cli import main as cli_main

@@ -77,14 +77,14 @@ def test_reference_paths_equal_the_official_prepare_conditionals(s3gen_file, tmp
     """A 12 s reference through our synthesis path and through chatterbox-tts 0.1.7's own
     `ChatterboxTTS.prepare_conditionals` (same weights): T3's prompt = tokens of the first 6 s, speaker
     embedding of the whole clip, S3Gen's reference = embed_ref of the first 10 s at 24 kHz. The cache's
-    prompt rule (cache/shards.py) gives the same tokens for the same 16 kHz waveform."""
+    prompt rule (tts_core/cachebuild/shards.py) gives the same tokens for the same 16 kHz waveform."""
     from types import SimpleNamespace
 
     import soundfile as sf
     from chatterbox.models.voice_encoder import VoiceEncoder as OfficialVoiceEncoder
     from chatterbox.tts import ChatterboxTTS
 
-    from cache.shards import encode_batch
+    from tts_core.cachebuild.shards import encode_batch
     from tts_core.audio import LoadedAudio, load_clip
     from tts_core.encoders.s3_tokenizer import S3SpeechTokenizer
     from tts_core.encoders.voice_encoder import VoiceEncoder

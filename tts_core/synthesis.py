@@ -205,6 +205,6 @@ def _as_reference(reference: Reference | np.ndarray) -> Reference:
 def _store_codebook(url: str | None) -> dict | None:
     if not url or ("://" not in url and not Path(url).exists()):
         return None
-    from cache.build import saved_codebook
+    from cache.writer import saved_codebook
 
     return saved_codebook(url)

@@ -43,8 +43,7 @@ def held_out_instructions(store: str, train_config: dict) -> list[str]:
     from tts_core.stage1.from_store import load_stage1_data
 
     data = load_stage1_data(store, with_states=False)  # the split needs ids, texts, speakers — not states
-    _, val = data.split(train_config.get("held_out_frac", 0.05), train_config.get("split_salt", "instruct-tts/stage1"),
-                        train_config.get("split_by", "instruction"))
+    _, val = data.split_of_run(train_config)
     return sorted({data.instruction_texts[int(i)] for i in np.unique(data.instruction_id.numpy()[val])})
 
 

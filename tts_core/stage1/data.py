@@ -203,6 +203,12 @@ class Stage1Data:
         return split_rows(self.instruction_id.numpy(), self.instruction_texts, held_out_frac, salt,
                           speakers=self.speakers if by == "speaker" else None)
 
+    def split_of_run(self, train_config: dict) -> tuple[np.ndarray, np.ndarray]:
+        """The split a stage-1 run made, from the ``train_config`` its mapper.json records (a setting an
+        older run does not record takes `split`'s default)."""
+        names = {"held_out_frac": "held_out_frac", "split_salt": "salt", "split_by": "by"}
+        return self.split(**{arg: train_config[k] for k, arg in names.items() if k in train_config})
+
     def mean_pooled_states(self, ids: np.ndarray | None = None, chunk: int = 256, device="cpu") -> torch.Tensor:
         """Mean over real tokens of instructions ``ids`` (default all) of the raw states → float32 [n, H]."""
         return self.states.mean_pool(np.arange(self.n_instructions) if ids is None else ids, chunk, device)

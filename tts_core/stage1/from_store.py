@@ -14,7 +14,7 @@ from typing import Callable
 from tts_core.mapper.flow import MapperConfig
 from tts_core.stage1.data import Stage1Data
 from tts_core.stage1.train import Stage1Result, Stage1TrainConfig, train_stage1
-from tts_core.tb import logged
+from tts_core.training.tb import logged
 
 
 class Stage1InputError(ValueError):

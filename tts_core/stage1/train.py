@@ -36,6 +36,9 @@ Output directory::
                                          and ends bit-equal to an uninterrupted run (CPU); Ctrl-C under
                                          `tts_core.interrupt.stop_after_step` writes it at that step
     metrics.json, report.md              per-evaluation held-out SpkCos / XVecCos / AvgCos and baselines
+
+The loop is `Stage1Recipe` (set-up → resume → phases of steps / evaluate / checkpoint → report); resume
+refusal, non-finite steps and the progress bar are `tts_core.training`'s.
 """
 from __future__ import annotations
 
@@ -51,7 +54,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tts_core.checkpoint import ResumeMismatchError
 from tts_core.interrupt import TrainingInterrupted, stop_requested
 from tts_core.precision import resolve_amp
 from tts_core.mapper.flow import InstructionMapper, MapperConfig
@@ -62,8 +64,11 @@ from tts_core.stage1.artifacts import (
 )
 from tts_core.stage1.batches import Stage1Batches, Stage1Tables, mix_seed as _mix_seed
 from tts_core.stage1.data import Stage1Data
+from tts_core.training import (
+    NonFiniteSteps, config_changes, fmt as _fmt, progress_bar, refuse_other_run, resolve_device, set_lr,
+)
 
-__all__ = ["Stage1TrainConfig", "Stage1Result", "NonFiniteLossError", "train_stage1", "load_mapper",
+__all__ = ["Stage1TrainConfig", "Stage1Result", "NonFiniteLossError", "Stage1Recipe", "train_stage1", "load_mapper",
            "compute_baselines", "evaluate"]
 
 log = logging.getLogger(__name__)
@@ -119,6 +124,7 @@ class Stage1TrainConfig:
 # Fields that must match for a resume to be the same run (the rest may change: epochs, patience, ...).
 _RESUME_KEYS = ("phase", "batch_size", "lr_phase1", "lr_phase2", "weight_decay", "warmup_steps", "grad_clip",
                 "seed", "held_out_frac", "split_salt", "split_by", "eval_n_steps", "eval_seed", "init_from")
+_DEFAULTS = Stage1TrainConfig().to_dict()  # a key an older run's saved config lacks had this value
 
 
 @dataclass
@@ -158,12 +164,6 @@ class _State:
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _lr_at(cfg: Stage1TrainConfig, phase: str, phase_step: int) -> float:
     base = cfg.lr_phase1 if phase == "1" else cfg.lr_phase2
     if cfg.warmup_steps > 0 and phase_step < cfg.warmup_steps:
@@ -259,10 +259,6 @@ def evaluate(model: Stage1Model, dd: Stage1Tables, noise: torch.Tensor, n_steps:
 
 
 # ---- report -----------------------------------------------------------------------------------------------------
-def _fmt(x) -> str:
-    return "—" if x is None else (f"{x:.4f}" if isinstance(x, float) else str(x))
-
-
 def _nn_note(b: dict) -> str:
     return f"; sampled: {b['nn_queries']} held-out × {b['nn_keys']} train instructions" if b.get("nn_sampled") else ""
 
@@ -299,7 +295,7 @@ def _write_report(out: Path, summary: dict) -> None:
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
 
 
-# ---- training ---------------------------------------------------------------------------------------------------
+# ---- the recipe -------------------------------------------------------------------------------------------------
 def train_stage1(data: Stage1Data, cfg: Stage1TrainConfig, mapper_cfg: MapperConfig | None = None,
                  on_epoch: Callable[[dict], None] | None = None) -> Stage1Result:
     """Train (or resume) stage 1 on in-memory data; see the module docstring for outputs and semantics.
@@ -307,204 +303,296 @@ def train_stage1(data: Stage1Data, cfg: Stage1TrainConfig, mapper_cfg: MapperCon
     ``on_epoch(metrics)`` is called after every held-out evaluation (end of epoch unless ``eval_every``),
     once the resume checkpoint for that point is on disk.
     """
-    if cfg.phase not in PHASES:
-        raise ValueError(f"phase must be '1', '2' or 'both', not {cfg.phase!r}")
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    device = _resolve_device(cfg.device)
-    amp = resolve_amp(cfg.amp_dtype, device)
-    phases = PHASES[cfg.phase]
-    H = data.hidden_size
-    mapper_cfg = MapperConfig(**asdict(mapper_cfg or MapperConfig()))
-    if mapper_cfg.cond_dim is None:
-        mapper_cfg.cond_dim = H
-    elif mapper_cfg.cond_dim != H:
-        raise ValueError(f"MapperConfig.cond_dim {mapper_cfg.cond_dim} != text encoder hidden size {H}")
+    return Stage1Recipe(data, cfg, mapper_cfg, on_epoch).train()
 
-    train_rows, val_rows = data.split(cfg.held_out_frac, cfg.split_salt, cfg.split_by)
-    if len(train_rows) == 0 or len(val_rows) == 0:
-        raise ValueError(f"split gave {len(train_rows)} train / {len(val_rows)} held-out clips; stage 1 needs both "
-                         "(need at least 2 distinct instruction texts and held_out_frac > 0)")
-    n_train, n_val = len(train_rows), len(val_rows)
-    fingerprint = data.fingerprint()
 
-    torch.manual_seed(cfg.seed)
-    encoder = InstructionEncoder(H, states_dtype=data.states.dtype)
-    model = Stage1Model(encoder, InstructionMapper(mapper_cfg)).to(device)
-    dd = Stage1Tables.build(data, train_rows, val_rows, device, eval_in_memory_mb=cfg.states_in_memory_mb)
-    batches = Stage1Batches(dd, cfg.batch_size, cfg.seed)
-    t0 = time.time()
-    baselines = compute_baselines(data, train_rows, val_rows, device, max_queries=cfg.nn_max_queries,
-                                  max_keys=cfg.nn_max_keys, seed=cfg.eval_seed)
-    log.info("stage1 baselines (%.1fs): %s", time.time() - t0, baselines)
-    eval_noise = torch.randn((n_val, mapper_cfg.dim), generator=torch.Generator().manual_seed(cfg.eval_seed)).to(device)
-    noise_gen = torch.Generator(device=device).manual_seed(_mix_seed(cfg.seed, "noise"))
+def _fresh_acc() -> dict:
+    return {"loss": 0.0, "fm": 0.0, "recon": 0.0, "n": 0, "t": time.time(), "rows": 0}
 
-    st = _State()
-    opt: torch.optim.Optimizer | None = None
-    resume_path = out / "last" / RESUME_FILE
-    resumed_opt_state = None
-    if cfg.resume and resume_path.exists():
-        saved = torch.load(resume_path, map_location="cpu", weights_only=True)
-        _check_resume(saved, cfg, mapper_cfg, fingerprint, resume_path)
-        model.load_state_dict(saved["model"])
-        st = _State(**json.loads(saved["state"]))
-        resumed_opt_state = saved["optimizer"] or None  # {} when saved between phases
-        try:
-            noise_gen.set_state(saved["noise_gen"])
-        except (RuntimeError, TypeError):
-            log.warning("resume on another device type: noise RNG reseeded (not bit-identical)")
-        torch.set_rng_state(saved["rng_cpu"])
-        if device.type == "cuda" and saved.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(saved["rng_cuda"], device)
-        log.info("resumed %s at phase %s epoch %d batch %d (step %d)", out, phases[min(st.phase_idx, len(phases) - 1)],
-                 st.epoch, st.batch, st.global_step)
 
-    base_meta = {
-        "text_encoder": data.text_encoder_identity,
-        "cache": data.cache_identity,
-        "train_config": cfg.to_dict(),
-        "data": {"fingerprint": fingerprint, "n_clips": data.n_clips, "n_instructions": data.n_instructions,
-                 "hidden_size": H, "n_train": n_train, "n_val": n_val, "states_dtype": dtype_name(data.states.dtype),
-                 "dropped": data.dropped},
-        "baselines": baselines,
-    }
+class Stage1Recipe:
+    """One stage-1 run (module doc). ``train()`` is the whole story; each step is a method below."""
 
-    def make_opt(phase: str) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(model.parameters(), lr=_lr_at(cfg, phase, 0), weight_decay=cfg.weight_decay,
-                                 fused=True if device.type == "cuda" else None)  # fused: one kernel per step
+    def __init__(self, data: Stage1Data, cfg: Stage1TrainConfig, mapper_cfg: MapperConfig | None = None,
+                 on_epoch: Callable[[dict], None] | None = None):
+        if cfg.phase not in PHASES:
+            raise ValueError(f"phase must be '1', '2' or 'both', not {cfg.phase!r}")
+        self.data, self.cfg, self.on_epoch = data, cfg, on_epoch
+        self.out = Path(cfg.out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.device = resolve_device(cfg.device)
+        self.amp = resolve_amp(cfg.amp_dtype, self.device)
+        self.phases = PHASES[cfg.phase]
+        H = data.hidden_size
+        self.mapper_cfg = MapperConfig(**asdict(mapper_cfg or MapperConfig()))
+        if self.mapper_cfg.cond_dim is None:
+            self.mapper_cfg.cond_dim = H
+        elif self.mapper_cfg.cond_dim != H:
+            raise ValueError(f"MapperConfig.cond_dim {self.mapper_cfg.cond_dim} != text encoder hidden size {H}")
+        self.resume_path = self.out / "last" / RESUME_FILE
 
-    def save_resume() -> None:
+    def train(self) -> Stage1Result:
+        self.setup()
+        self.resume()
+        self.bar = progress_bar(self.cfg.progress, self.cfg.max_steps, self.st.global_step, "stage1")
+        stopped_reason = "done"
+        while self.st.phase_idx < len(self.phases) and not self.st.done:
+            if self.run_phase():
+                stopped_reason = "max_steps"
+                break
+        self.batches.close()
+        if self.bar is not None:
+            self.bar.close()
+        return self.report(stopped_reason)
+
+    # -- set-up ----------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """The held-out split, model, device tables, baselines and the fixed evaluation noise."""
+        cfg, data, device = self.cfg, self.data, self.device
+        train_rows, val_rows = data.split(cfg.held_out_frac, cfg.split_salt, cfg.split_by)
+        if len(train_rows) == 0 or len(val_rows) == 0:
+            raise ValueError(f"split gave {len(train_rows)} train / {len(val_rows)} held-out clips; stage 1 needs "
+                             "both (need at least 2 distinct instruction texts and held_out_frac > 0)")
+        self.n_train, self.n_val = len(train_rows), len(val_rows)
+        self.fingerprint = data.fingerprint()
+
+        torch.manual_seed(cfg.seed)
+        encoder = InstructionEncoder(data.hidden_size, states_dtype=data.states.dtype)
+        self.model = Stage1Model(encoder, InstructionMapper(self.mapper_cfg)).to(device)
+        self.tables = Stage1Tables.build(data, train_rows, val_rows, device, eval_in_memory_mb=cfg.states_in_memory_mb)
+        self.batches = Stage1Batches(self.tables, cfg.batch_size, cfg.seed)
+        t0 = time.time()
+        self.baselines = compute_baselines(data, train_rows, val_rows, device, max_queries=cfg.nn_max_queries,
+                                           max_keys=cfg.nn_max_keys, seed=cfg.eval_seed)
+        log.info("stage1 baselines (%.1fs): %s", time.time() - t0, self.baselines)
+        self.eval_noise = torch.randn((self.n_val, self.mapper_cfg.dim),
+                                      generator=torch.Generator().manual_seed(cfg.eval_seed)).to(device)
+        self.noise_gen = torch.Generator(device=device).manual_seed(_mix_seed(cfg.seed, "noise"))
+        self.n_batches = math.ceil(self.n_train / cfg.batch_size)
+        self.eval_interval = _eval_interval(cfg, self.n_batches)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.base_meta = {
+            "text_encoder": data.text_encoder_identity,
+            "cache": data.cache_identity,
+            "train_config": cfg.to_dict(),
+            "data": {"fingerprint": self.fingerprint, "n_clips": data.n_clips, "n_instructions": data.n_instructions,
+                     "hidden_size": data.hidden_size, "n_train": self.n_train, "n_val": self.n_val,
+                     "states_dtype": dtype_name(data.states.dtype), "dropped": data.dropped},
+            "baselines": self.baselines,
+        }
+
+    # -- resume ------------------------------------------------------------------------------------------------
+    def resume(self) -> None:
+        """Model, optimizer, RNGs and position from ``last/resume.pt`` (refused when it is another run)."""
+        self.st = _State()
+        self.opt: torch.optim.Optimizer | None = None
+        self.resumed_opt_state = None
+        if self.cfg.resume and self.resume_path.exists():
+            saved = torch.load(self.resume_path, map_location="cpu", weights_only=True)
+            self._check_resume(saved)
+            self.model.load_state_dict(saved["model"])
+            self.st = _State(**json.loads(saved["state"]))
+            self.resumed_opt_state = saved["optimizer"] or None  # {} when saved between phases
+            try:
+                self.noise_gen.set_state(saved["noise_gen"])
+            except (RuntimeError, TypeError):
+                log.warning("resume on another device type: noise RNG reseeded (not bit-identical)")
+            torch.set_rng_state(saved["rng_cpu"])
+            if self.device.type == "cuda" and saved.get("rng_cuda") is not None:
+                torch.cuda.set_rng_state(saved["rng_cuda"], self.device)
+            st = self.st
+            log.info("resumed %s at phase %s epoch %d batch %d (step %d)", self.out,
+                     self.phases[min(st.phase_idx, len(self.phases) - 1)], st.epoch, st.batch, st.global_step)
+        self.nonfinite = NonFiniteSteps(self.st, self.cfg.max_nonfinite)
+
+    def _check_resume(self, saved: dict) -> None:
+        problems = [] if saved.get("fingerprint") == self.fingerprint else [
+            "the data differ (clip ids / instructions / text encoder)"]
+        problems += config_changes(json.loads(saved["config"]), self.cfg.to_dict(), _RESUME_KEYS, _DEFAULTS)
+        old_m = json.loads(saved["mapper_config"])
+        if old_m != self.mapper_cfg.to_dict():
+            problems.append(f"mapper config: {old_m} then, {self.mapper_cfg.to_dict()} now")
+        refuse_other_run(self.resume_path, problems)
+
+    # -- a phase, one step ---------------------------------------------------------------------------------------
+    def run_phase(self) -> bool:
+        """Train the current phase until it stops early or runs out of epochs, then move to the next.
+        → True when ``max_steps`` ended the run (the phase is left to resume)."""
+        cfg, st = self.cfg, self.st
+        phase = self.phases[st.phase_idx]
+        if not st.phase_finished:  # (a run resumed right after a phase ended goes straight to the next)
+            self.start_phase(phase)
+            self.acc = _fresh_acc()
+            while not _epochs_done(cfg, st) and not st.phase_finished:
+                for b in range(st.batch, self.n_batches):
+                    if cfg.max_steps is not None and st.global_step >= cfg.max_steps:  # resumed at the very end
+                        return True
+                    self.one_step(phase, b)
+                    if self.after_step(phase):
+                        return True
+                    if st.phase_finished:
+                        break
+        st.phase_finished = True  # early stopping or epochs exhausted
+        _advance_phase(st)
+        self.opt = None
+        self.resumed_opt_state = None  # a saved optimizer was the finished phase's; the next one starts fresh
+        st.done = st.phase_idx >= len(self.phases)
+        self.save_checkpoint()
+        return False
+
+    def start_phase(self, phase: str) -> None:
+        """The phase's optimizer (resumed, or fresh — phase 2 then first loads phase 1's best weights)."""
+        if self.opt is not None:
+            return
+        if self.st.phase_step == 0 and self.resumed_opt_state is None and phase == "2":
+            _init_phase2(self.model, self.cfg, self.out, self.phases, self.data)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=_lr_at(self.cfg, phase, 0),
+                                     weight_decay=self.cfg.weight_decay,
+                                     fused=True if self.device.type == "cuda" else None)  # fused: one kernel/step
+        if self.resumed_opt_state:
+            self.opt.load_state_dict(self.resumed_opt_state)
+        self.resumed_opt_state = None
+
+    def one_step(self, phase: str, b: int) -> None:
+        """Batch ``b`` of the epoch: loss, clipped step (skipped and counted when non-finite), position."""
+        cfg, st, model, opt, device = self.cfg, self.st, self.model, self.opt, self.device
+        batch = self.batches.get(phase, st.epoch, b)
+        style = model.encoder(batch.states, batch.lengths)  # fp32, autocast off inside
+        with torch.autocast(device_type=device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            loss, parts = model.mapper.loss(style, batch.spk, batch.xvec, use_predicted_recon=phase == "2",
+                                            generator=self.noise_gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        vals = torch.stack([loss.detach().float(), parts["fm"].float(), parts["recon"].float(),
+                            gnorm.detach().float()]).tolist()
+        if all(math.isfinite(v) for v in vals):
+            lr = _lr_at(cfg, phase, st.phase_step)
+            set_lr(opt, lambda g: lr)
+            opt.step()
+            self.nonfinite.ok()
+            for k, v in zip(("loss", "fm", "recon"), vals):
+                self.acc[k] += v
+            self.acc["n"] += 1
+        else:
+            opt.zero_grad(set_to_none=True)
+            self.nonfinite.skipped(
+                f"non-finite step skipped (phase {phase} step {st.global_step}): loss {vals[0]} grad-norm {vals[3]}",
+                lambda: NonFiniteLossError(
+                    f"stage 1: {st.consecutive_nonfinite} consecutive non-finite steps (loss {vals[0]}, "
+                    f"grad norm {vals[3]}) at phase {phase}, epoch {st.epoch}, step {st.global_step}; "
+                    f"{st.nonfinite_total} skipped in total (max_nonfinite={cfg.max_nonfinite}). Check the "
+                    f"data for NaN/inf, lower lr_phase{phase}, or try amp_dtype='fp32'. The last good "
+                    f"resume checkpoint is {self.resume_path}."))
+        self.acc["rows"] += batch.size
+        st.batch = b + 1
+        st.global_step += 1
+        st.phase_step += 1
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def after_step(self, phase: str) -> bool:
+        """Epoch bookkeeping, evaluation / resume checkpoint when due, Ctrl-C at the step boundary.
+        → True when ``max_steps`` is reached."""
+        cfg, st = self.cfg, self.st
+        epoch_end = st.batch == self.n_batches
+        if epoch_end:
+            st.epoch += 1
+            st.batch = 0
+        hit_max = cfg.max_steps is not None and st.global_step >= cfg.max_steps
+        if st.phase_step % self.eval_interval == 0 or (epoch_end and _epochs_done(cfg, st)) or hit_max:
+            metrics = self.evaluate(phase)
+            self.save_checkpoint()
+            if self.on_epoch is not None:
+                self.on_epoch(metrics)
+            self.acc = _fresh_acc()
+        elif cfg.checkpoint_every > 0 and st.global_step % cfg.checkpoint_every == 0:
+            self.save_checkpoint()
+        if stop_requested():  # Ctrl-C (tts_core.interrupt): state at this step boundary, then stop
+            self.save_checkpoint()
+            raise TrainingInterrupted(f"stage 1 stopped at step {st.global_step}, state saved in "
+                                      f"{self.resume_path}; rerun the same command to resume")
+        return hit_max
+
+    # -- evaluate, checkpoint, report ----------------------------------------------------------------------------
+    def evaluate(self, phase: str) -> dict:
+        """Held-out cosines → a history row; the phase's best checkpoint when they improved; early stopping."""
+        cfg, st, acc = self.cfg, self.st, self.acc
+        t_train = time.time() - acc["t"]
+        m = evaluate(self.model, self.tables, self.eval_noise, cfg.eval_n_steps, cfg.eval_batch_size)
+        improved = m["avg_cos"] > st.best_avg + cfg.min_delta
+        n = max(acc["n"], 1)
+        row = {
+            "phase": phase, "epoch": st.epoch + st.batch / self.n_batches, "step": st.global_step,
+            "phase_step": st.phase_step, "train_loss": acc["loss"] / n if acc["n"] else None,
+            "train_fm": acc["fm"] / n if acc["n"] else None, "train_recon": acc["recon"] / n if acc["n"] else None,
+            **m, "improved": bool(improved), "lr": self.opt.param_groups[0]["lr"],
+            "rows_per_s": acc["rows"] / max(t_train, 1e-9), "train_seconds": t_train,
+            "nonfinite_total": st.nonfinite_total, **self.baselines,
+        }
+        if improved:
+            st.best_avg = m["avg_cos"]
+            st.bad_evals = 0
+        else:
+            st.bad_evals += 1
+        row["best_avg_cos"] = st.best_avg
+        st.history.append(row)
+        st.last_eval_step = st.global_step
+        if improved:
+            st.phase_best[phase] = row
+            save_checkpoint(self.model, self.out / f"phase{phase}", {
+                **self.base_meta, "phase": phase, "epoch": row["epoch"], "step": st.global_step,
+                "best_avg_cos": st.best_avg, "metrics": row, "history": st.history,
+            })
+        if st.bad_evals >= cfg.patience or (_epochs_done(cfg, st) and st.batch == 0):
+            st.phase_finished = True
+        b = self.baselines
+        log.info("stage1 phase %s epoch %.2f step %d: SpkCos %.4f XVecCos %.4f AvgCos %.4f%s (mean %.4f, NN %.4f)",
+                 phase, row["epoch"], st.global_step, m["spk_cos"], m["xvec_cos"], m["avg_cos"],
+                 " *" if improved else "", b["mean_avg_cos"], b["nn_avg_cos"])
+        return row
+
+    def save_checkpoint(self) -> None:
+        """``last/resume.pt`` (+ ``resume.json``), atomically: a killed run resumes from here bit for bit."""
+        st, device = self.st, self.device
         atomic_torch_save({
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict() if opt is not None else {},
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict() if self.opt is not None else {},
             "state": json.dumps(asdict(st)),
-            "config": json.dumps(cfg.to_dict()),
-            "mapper_config": json.dumps(mapper_cfg.to_dict()),
-            "fingerprint": fingerprint,
-            "noise_gen": noise_gen.get_state(),
+            "config": json.dumps(self.cfg.to_dict()),
+            "mapper_config": json.dumps(self.mapper_cfg.to_dict()),
+            "fingerprint": self.fingerprint,
+            "noise_gen": self.noise_gen.get_state(),
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        }, resume_path)
-        atomic_write_json(out / "last" / "resume.json", {"state": {k: v for k, v in asdict(st).items() if k != "history"},
-                                                         "config": cfg.to_dict()})
+        }, self.resume_path)
+        atomic_write_json(self.out / "last" / "resume.json",
+                          {"state": {k: v for k, v in asdict(st).items() if k != "history"},
+                           "config": self.cfg.to_dict()})
 
-    n_batches = math.ceil(n_train / cfg.batch_size)
-    eval_interval = _eval_interval(cfg, n_batches)
-    stopped_reason = "done"
-    params = [p for p in model.parameters() if p.requires_grad]
-    bar = None
-    if cfg.progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=cfg.max_steps, initial=st.global_step, unit="step", desc="stage1")
-
-    while st.phase_idx < len(phases) and not st.done:
-        phase = phases[st.phase_idx]
-        if st.phase_finished:  # resumed right after a phase ended
-            st = _advance_phase(st)
-            opt = None
-            resumed_opt_state = None  # the saved optimizer was the finished phase's; the next one starts fresh
-            st.done = st.phase_idx >= len(phases)
-            save_resume()
-            continue
-        if opt is None:
-            if st.phase_step == 0 and resumed_opt_state is None and phase == "2":
-                _init_phase2(model, cfg, out, phases, data)
-            opt = make_opt(phase)
-            if resumed_opt_state:
-                opt.load_state_dict(resumed_opt_state)
-            resumed_opt_state = None
-        use_pred = phase == "2"
-        acc = {"loss": 0.0, "fm": 0.0, "recon": 0.0, "n": 0, "t": time.time(), "rows": 0}
-        stop_run = False
-        while not _epochs_done(cfg, st) and not st.phase_finished:
-            for b in range(st.batch, n_batches):
-                if cfg.max_steps is not None and st.global_step >= cfg.max_steps:  # resumed at the very end
-                    stop_run = True
-                    break
-                batch = batches.get(phase, st.epoch, b)
-                style = model.encoder(batch.states, batch.lengths)  # fp32, autocast off inside
-                with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    loss, parts = model.mapper.loss(style, batch.spk, batch.xvec, use_predicted_recon=use_pred,
-                                                    generator=noise_gen)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-                vals = torch.stack([loss.detach().float(), parts["fm"].float(), parts["recon"].float(),
-                                    gnorm.detach().float()]).tolist()
-                if all(math.isfinite(v) for v in vals):
-                    lr = _lr_at(cfg, phase, st.phase_step)
-                    for g in opt.param_groups:
-                        g["lr"] = lr
-                    opt.step()
-                    st.consecutive_nonfinite = 0
-                    acc["loss"] += vals[0]
-                    acc["fm"] += vals[1]
-                    acc["recon"] += vals[2]
-                    acc["n"] += 1
-                else:
-                    opt.zero_grad(set_to_none=True)
-                    st.consecutive_nonfinite += 1
-                    st.nonfinite_total += 1
-                    log.warning("non-finite step skipped (phase %s step %d): loss %s grad-norm %s", phase,
-                                st.global_step, vals[0], vals[3])
-                    if st.consecutive_nonfinite > cfg.max_nonfinite:
-                        raise NonFiniteLossError(
-                            f"stage 1: {st.consecutive_nonfinite} consecutive non-finite steps (loss {vals[0]}, "
-                            f"grad norm {vals[3]}) at phase {phase}, epoch {st.epoch}, step {st.global_step}; "
-                            f"{st.nonfinite_total} skipped in total (max_nonfinite={cfg.max_nonfinite}). Check the "
-                            f"data for NaN/inf, lower lr_phase{phase}, or try amp_dtype='fp32'. The last good "
-                            f"resume checkpoint is {resume_path}.")
-                acc["rows"] += batch.size
-                st.batch = b + 1
-                st.global_step += 1
-                st.phase_step += 1
-                if bar is not None:
-                    bar.update(1)
-                epoch_end = st.batch == n_batches
-                if epoch_end:
-                    st.epoch += 1
-                    st.batch = 0
-                hit_max = cfg.max_steps is not None and st.global_step >= cfg.max_steps
-                want_eval = (st.phase_step % eval_interval == 0 or (epoch_end and _epochs_done(cfg, st)) or hit_max)
-                if want_eval:
-                    metrics = _eval_and_checkpoint(model, dd, eval_noise, cfg, st, phase, acc, n_batches, baselines,
-                                                   out, base_meta, opt)
-                    save_resume()
-                    if on_epoch is not None:
-                        on_epoch(metrics)
-                    acc = {"loss": 0.0, "fm": 0.0, "recon": 0.0, "n": 0, "t": time.time(), "rows": 0}
-                elif cfg.checkpoint_every > 0 and st.global_step % cfg.checkpoint_every == 0:
-                    save_resume()
-                if stop_requested():  # Ctrl-C (tts_core.interrupt): state at this step boundary, then stop
-                    save_resume()
-                    raise TrainingInterrupted(f"stage 1 stopped at step {st.global_step}, state saved in "
-                                              f"{resume_path}; rerun the same command to resume")
-                if hit_max:
-                    stop_run = True
-                if st.phase_finished or stop_run:
-                    break
-            if st.phase_finished or stop_run:
-                break
-        if stop_run:
-            stopped_reason = "max_steps"
-            break
-        st.phase_finished = True  # early stopping or epochs exhausted
-        st = _advance_phase(st)
-        opt = None
-        if st.phase_idx >= len(phases):
-            st.done = True
-        save_resume()
-    batches.close()
-    if bar is not None:
-        bar.close()
-
-    summary = _finalize(out, cfg, mapper_cfg, st, baselines, base_meta, stopped_reason)
-    best = summary.get("best") or {}
-    return Stage1Result(
-        run_dir=out, checkpoint=(out / WEIGHTS_FILE) if summary.get("selected_phase") else None, best=best,
-        history=st.history, baselines=baselines, phase_best=st.phase_best, global_step=st.global_step,
-        nonfinite_steps=st.nonfinite_total, stopped_reason=stopped_reason, n_train=n_train, n_val=n_val, model=model)
+    def report(self, stopped_reason: str) -> Stage1Result:
+        """Publish the better phase's best checkpoint at the run root; ``metrics.json`` + ``report.md``."""
+        out, st = self.out, self.st
+        selected = None
+        if st.phase_best:
+            selected = max(st.phase_best, key=lambda p: st.phase_best[p]["avg_cos"])
+            if (out / f"phase{selected}" / META_FILE).exists():
+                copy_checkpoint(out / f"phase{selected}", out, {"selected_phase": selected,
+                                                                 "phase_best": st.phase_best, "history": st.history})
+        bm = self.base_meta
+        summary = {
+            "config": self.cfg.to_dict(), "mapper_config": self.mapper_cfg.to_dict(), "text_encoder": bm["text_encoder"],
+            "cache": bm["cache"], "data": bm["data"], "baselines": self.baselines, "history": st.history,
+            "phase_best": st.phase_best, "selected_phase": selected,
+            "best": st.phase_best.get(selected) if selected else None, "global_step": st.global_step,
+            "nonfinite_steps": st.nonfinite_total, "stopped_reason": stopped_reason,
+        }
+        _write_report(out, summary)
+        return Stage1Result(
+            run_dir=out, checkpoint=(out / WEIGHTS_FILE) if selected else None, best=summary.get("best") or {},
+            history=st.history, baselines=self.baselines, phase_best=st.phase_best, global_step=st.global_step,
+            nonfinite_steps=st.nonfinite_total, stopped_reason=stopped_reason, n_train=self.n_train,
+            n_val=self.n_val, model=self.model)
 
 
 def _advance_phase(st: _State) -> _State:
@@ -529,73 +617,6 @@ def _init_phase2(model: Stage1Model, cfg: Stage1TrainConfig, out: Path, phases: 
     log.info("phase 2 starts from %s (AvgCos %s)", src, meta.get("best_avg_cos"))
 
 
-def _eval_and_checkpoint(model, dd, eval_noise, cfg, st: _State, phase: str, acc: dict, n_batches: int,
-                         baselines: dict, out: Path, base_meta: dict, opt) -> dict:
-    t_train = time.time() - acc["t"]
-    m = evaluate(model, dd, eval_noise, cfg.eval_n_steps, cfg.eval_batch_size)
-    improved = m["avg_cos"] > st.best_avg + cfg.min_delta
-    n = max(acc["n"], 1)
-    row = {
-        "phase": phase, "epoch": st.epoch + st.batch / n_batches, "step": st.global_step, "phase_step": st.phase_step,
-        "train_loss": acc["loss"] / n if acc["n"] else None, "train_fm": acc["fm"] / n if acc["n"] else None,
-        "train_recon": acc["recon"] / n if acc["n"] else None, **m, "improved": bool(improved),
-        "lr": opt.param_groups[0]["lr"], "rows_per_s": acc["rows"] / max(t_train, 1e-9),
-        "train_seconds": t_train, "nonfinite_total": st.nonfinite_total, **baselines,
-    }
-    if improved:
-        st.best_avg = m["avg_cos"]
-        st.bad_evals = 0
-    else:
-        st.bad_evals += 1
-    row["best_avg_cos"] = st.best_avg
-    st.history.append(row)
-    st.last_eval_step = st.global_step
-    if improved:
-        st.phase_best[phase] = row
-        save_checkpoint(model, out / f"phase{phase}", {
-            **base_meta, "phase": phase, "epoch": row["epoch"], "step": st.global_step, "best_avg_cos": st.best_avg,
-            "metrics": row, "history": st.history,
-        })
-    if st.bad_evals >= cfg.patience or (_epochs_done(cfg, st) and st.batch == 0):
-        st.phase_finished = True
-    log.info("stage1 phase %s epoch %.2f step %d: SpkCos %.4f XVecCos %.4f AvgCos %.4f%s (mean %.4f, NN %.4f)",
-             phase, row["epoch"], st.global_step, m["spk_cos"], m["xvec_cos"], m["avg_cos"], " *" if improved else "",
-             baselines["mean_avg_cos"], baselines["nn_avg_cos"])
-    return row
-
-
-def _finalize(out: Path, cfg, mapper_cfg, st: _State, baselines: dict, base_meta: dict, stopped_reason: str) -> dict:
-    selected = None
-    if st.phase_best:
-        selected = max(st.phase_best, key=lambda p: st.phase_best[p]["avg_cos"])
-        if (out / f"phase{selected}" / META_FILE).exists():
-            copy_checkpoint(out / f"phase{selected}", out, {"selected_phase": selected, "phase_best": st.phase_best,
-                                                             "history": st.history})
-    summary = {
-        "config": cfg.to_dict(), "mapper_config": mapper_cfg.to_dict(), "text_encoder": base_meta["text_encoder"],
-        "cache": base_meta["cache"], "data": base_meta["data"], "baselines": baselines, "history": st.history,
-        "phase_best": st.phase_best, "selected_phase": selected,
-        "best": st.phase_best.get(selected) if selected else None, "global_step": st.global_step,
-        "nonfinite_steps": st.nonfinite_total, "stopped_reason": stopped_reason,
-    }
-    _write_report(out, summary)
-    return summary
-
-
-def _check_resume(saved: dict, cfg: Stage1TrainConfig, mapper_cfg: MapperConfig, fingerprint: str, path: Path) -> None:
-    problems = []
-    if saved.get("fingerprint") != fingerprint:
-        problems.append("the data differ (clip ids / instructions / text encoder)")
-    old = json.loads(saved["config"])
-    for k in _RESUME_KEYS:
-        if old.get(k) != getattr(cfg, k):
-            problems.append(f"{k}: {old.get(k)!r} then, {getattr(cfg, k)!r} now")
-    old_m = json.loads(saved["mapper_config"])
-    if old_m != mapper_cfg.to_dict():
-        problems.append(f"mapper config: {old_m} then, {mapper_cfg.to_dict()} now")
-    if problems:
-        raise ResumeMismatchError(f"cannot resume {path}: it is another run — " + "; ".join(problems)
-                         + ". Use a new out_dir, or resume=False to start over in this one.")
 
 
 # Fields accepted by Stage1TrainConfig (for CLI layers that build it from dicts).

@@ -67,7 +67,7 @@ import hashlib
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +176,17 @@ class Stage2Data:
         for name in ("text_flat", "speech_flat", "prompt_flat", "spk", "style_emb", "mapper_spk"):
             setattr(self, name, getattr(self, name).to(device))
         return self
+
+    def subset(self, rows: np.ndarray) -> "Stage2Data":
+        """The given rows only (sorted indices), sharing the flat token tables and instruction tables; the
+        speaker groups are rebuilt, so an audio row's prompt clip is drawn from these rows alone."""
+        rows = np.asarray(rows, np.int64)
+        per_row = {name: getattr(self, name)[rows] for name in (
+            "text_start", "text_len", "speech_start", "speech_len", "prompt_start", "prompt_len", "instruction_id",
+            "speaker_code")}
+        meta = {**self.meta, "store_rows": np.asarray(self.meta.get("store_rows", np.arange(len(self))))[rows]}
+        return replace(self, clip_ids=[self.clip_ids[i] for i in rows],
+                       spk=self.spk[torch.from_numpy(rows).to(self.spk.device)], meta=meta, **per_row)
 
     # -- speaker groups (for the prompt of another clip of the same speaker) ------------------------------
     def _build_speaker_groups(self) -> None:

@@ -64,46 +64,53 @@ Non-finite steps: a step whose loss or gradient norm is non-finite (on any rank:
 all-reduced values, so every rank skips the same steps) is skipped and counted; more than
 ``max_nonfinite`` in a row raise `Stage2NonFiniteError`.
 
+Held-out loss (``hold_out="mapper"``, `tts_core.stage2.hold_out`): the stage-1 run's held-out clips are
+left out of training (as rows and as prompt clips) and `Stage2Recipe.evaluate` scores their
+teacher-forced loss as instruction rows every ``eval_every`` steps (at a metrics row) and at the end.
+``hold_out="none"`` trains exactly as before.
+
 Outputs: ``metrics.jsonl`` (one JSON row every ``log_every`` steps: loss, text/speech loss of
-instruction rows vs audio rows, LR, grad norm, tokens/s, padding) and ``report.md`` (+
-``loss_curves.png``).
+instruction rows vs audio rows, LR, grad norm, tokens/s, padding; ``val_speech_loss`` /
+``val_text_loss`` / ``val_loss`` at evaluations) and ``report.md`` (+ ``loss_curves.png``).
+
+The loop is `Stage2Recipe` (set-up → resume → one step / evaluate / checkpoint → report); run directory,
+checkpoint directories, metrics rows, non-finite steps and the DDP helper are `tts_core.training`'s.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
-import math
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from tts_core.atomic_files import atomic_copy, atomic_torch_save, atomic_write_json, atomic_write_text, json_default
-from tts_core.checkpoint import ResumeMismatchError
+from tts_core.atomic_files import atomic_copy, atomic_torch_save, atomic_write_json
 from tts_core.interrupt import TrainingInterrupted, stop_requested
 from tts_core.precision import resolve_amp
 from tts_core.mapper.pooling import TextEncoderMismatchError, check_text_encoder_identity
-from tts_core.stage2.data import (
-    BucketBatchSampler, batch_rng, mix_seed, prepare_stage2_data,
+from tts_core.stage2.data import BucketBatchSampler, batch_rng, mix_seed, prepare_stage2_data
+from tts_core.stage2.hold_out import HOLD_OUT_MODES, mapper_split
+from tts_core.stage2.model import (
+    GROUPS, PRESETS, Stage2Model, build_t3, freeze_for_stage2, lr_factor, make_optimizer, parameter_groups,
 )
+from tts_core.stage2.report import write_report
 from tts_core.stage2.text_tokenizer import TextTokenizer, check_language, load_text_tokenizer
-from tts_core.t3 import (
-    IGNORE_INDEX, T3, T3Batch, T3Config, build_layout, cond_lens, is_adapter_key, load_t3_checkpoint, load_turbo,
-    save_t3, t3_for_config,
+from tts_core.t3 import T3, cond_lens, load_t3_checkpoint, save_t3
+from tts_core.t3.families import FAMILIES, TURBO
+from tts_core.training import (
+    CheckpointDir, DistEnv, NonFiniteSteps, config_changes, init_distributed, progress_bar, read_metrics,
+    refuse_other_run, set_lr, truncate_metrics, write_metrics_row,
 )
-from tts_core.t3.families import FAMILIES, TURBO, T3FamilyError, T3Source, announce, detect_t3
 
-__all__ = ["Stage2Config", "Stage2Result", "Stage2Model", "Stage2NonFiniteError", "train_stage2", "build_t3",
-           "parameter_groups", "T3_WEIGHTS", "STAGE2_META", "TRAIN_STATE"]
+__all__ = ["Stage2Config", "Stage2Result", "Stage2Model", "Stage2NonFiniteError", "Stage2Recipe", "train_stage2",
+           "build_t3", "freeze_for_stage2", "parameter_groups", "lr_factor", "T3_WEIGHTS", "STAGE2_META",
+           "TRAIN_STATE", "GROUPS", "PRESETS"]
 
 log = logging.getLogger(__name__)
 
@@ -111,11 +118,15 @@ T3_WEIGHTS = "t3_cfg.safetensors"
 STAGE2_META = "stage2.json"
 TRAIN_STATE = "train_state.pt"
 LATEST = "latest.json"
+METRICS = "metrics.jsonl"
 SPEECH_CODEBOOK = "mel_vq.safetensors"  # embedded tokenizer codebook beside a run (absent for S3 runs)
 PREPARED = "prepared.safetensors"
 FORMAT = "instruct-tts/stage2"
-PRESETS = ("tiny", "520m")
-GROUPS = ("backbone", "adapters", "embeddings", "heads", "cond_enc")
+# What a fresh start in an existing out_dir removes (the fingerprinted prepared tables are kept).
+_RUN_FILES = (METRICS, "report.md", "loss_curves.png", T3_WEIGHTS, STAGE2_META, "tokenizer.json",
+              "text_tokenizer.json", "chatterbox_tokenizer.json")
+_STAT_NAMES = ("loss", "loss_text", "loss_speech", "ce_text_inst", "n_text_inst", "ce_text_audio", "n_text_audio",
+               "ce_speech_inst", "n_speech_inst", "ce_speech_audio", "n_speech_audio", "n_inst_rows", "n_rows")
 
 
 class Stage2NonFiniteError(FloatingPointError):
@@ -159,6 +170,8 @@ class Stage2Config:
     mapper_n_steps: int | None = None  # None: the mapper config's n_steps
     prompt_len: int | None = None  # None: T3Config.speech_cond_prompt_len (150)
     emotion_adv: float = 0.5
+    hold_out: str = "none"  # "mapper": train without the stage-1 run's held-out clips, score loss on them
+    eval_every: int = 0  # steps between held-out evaluations (at a metrics row); 0 = log_every × 10
     resume: bool = True
     progress: bool = False
 
@@ -180,7 +193,8 @@ class Stage2Config:
 _RUN_KEYS = ("t3", "instruction_prob", "batch_size", "max_tokens", "pool_batches", "lr", "adapter_lr",
              "min_lr_ratio", "weight_decay", "betas", "warmup_steps", "text_loss_weight", "grad_clip", "seed",
              "mapper_seed", "mapper_samples", "mapper_n_steps", "prompt_len", "emotion_adv", "padding_mask",
-             "amp_dtype", "language")
+             "amp_dtype", "language", "hold_out")
+_DEFAULTS = Stage2Config().to_dict()  # a key an older run's saved config lacks had this value
 
 
 @dataclass
@@ -201,6 +215,7 @@ class Stage2Result:
     tokenizer: TextTokenizer
     load_report: str | None
     data_stats: dict = field(default_factory=dict)
+    val: dict = field(default_factory=dict)  # held-out losses at the end (hold_out="mapper"), else empty
 
 
 @dataclass
@@ -215,235 +230,442 @@ class _State:
     tokens_seen: int = 0
 
 
-# ---- model wrapper: the training forward (what DDP wraps) ------------------------------------------------
-class Stage2Model(nn.Module):
-    """T3's training forward with per-segment loss statistics.
-
-    Same layout (`build_layout`), embeddings (`T3.embed_layout`), adapter scope and backbone call as
-    `T3.forward`, and the same loss definition (`next_token_loss`: mean CE over labelled text
-    positions + mean CE over labelled speech positions); the heads are applied only at labelled
-    positions (T3.forward projects every column onto the 8194-way speech head). A test checks
-    equality with `T3.forward`.
-    """
-
-    def __init__(self, t3: T3, text_loss_weight: float = 1.0, padding_mask: bool = False):
-        super().__init__()
-        self.t3 = t3
-        self.text_loss_weight = float(text_loss_weight)
-        self.padding_mask = bool(padding_mask)
-
-    def forward(self, batch: T3Batch, is_instruction: torch.Tensor, weight: float = 1.0
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """→ (weighted loss, stats [12] detached): loss, loss_text, loss_speech, then CE sum / token count
-        for (text, instruction rows), (text, audio rows), (speech, instruction rows), (speech, audio rows),
-        then the number of instruction rows and of rows."""
-        t3 = self.t3
-        batch = batch.to(t3.device, t3.dtype)
-        layout = build_layout(t3.cfg, batch.text_tokens, batch.text_lens, batch.speech_tokens, batch.speech_lens,
-                              append_eos=True, prompt_lens=batch.cond.prompt_lengths())
-        embeds = t3.embed_layout(layout, batch.cond)
-        with t3.instruction_scope(batch.cond):
-            h = t3._backbone(embeds, layout.attention_mask if self.padding_mask else None,
-                             layout.position_ids).last_hidden_state
-        inst = is_instruction.to(h.device, torch.bool)[:, None]
-        parts = []
-        means = []
-        for head, labels in ((t3.text_head, layout.text_labels), (t3.speech_head, layout.speech_labels)):
-            sel = labels != IGNORE_INDEX
-            ce = F.cross_entropy(head(h[sel]).float(), labels[sel], reduction="none")
-            means.append(ce.sum() / sel.sum().clamp(min=1))
-            on_inst = inst.expand_as(labels)[sel]
-            cd = ce.detach()
-            parts += [(cd * on_inst).sum(), on_inst.sum().float(), (cd * ~on_inst).sum(), (~on_inst).sum().float()]
-        loss_text, loss_speech = means
-        unweighted = self.text_loss_weight * loss_text + loss_speech
-        loss = unweighted * weight
-        stats = torch.stack([unweighted.detach(), loss_text.detach(), loss_speech.detach(), *parts,
-                             inst.sum().float(), torch.tensor(float(inst.shape[0]), device=h.device)])
-        return loss, stats
-
-
-# ---- T3 / parameters ---------------------------------------------------------------------------------------
-def build_t3(spec: str, instruction_dim: int, seed: int = 0, label: str | None = None
-             ) -> tuple[T3, Any, T3Source | None]:
-    """(model, LoadReport or None, resolved `T3Source` or None) — see the module doc, "t3 resolution".
-    What was found is printed, prefixed with ``label`` (default ``--t3 SPEC``)."""
-    if spec in PRESETS and not Path(spec).exists():
-        cfg = T3Config.preset(spec, instruction_dim=instruction_dim)
-        torch.manual_seed(seed)
-        return T3(cfg), None, None
-    if not Path(spec).exists():
-        raise FileNotFoundError(f"--t3 {spec!r} is neither a Chatterbox checkpoint directory / file nor a preset "
-                                f"{PRESETS}")
-    source = detect_t3(spec)
-    announce(label or f"--t3 {spec}", source)
-    if source.family.name == TURBO and not source.own_checkpoint:
-        torch.manual_seed(seed)  # the adapters' first layers
-        turbo = load_turbo(source.directory, instruction_dim=instruction_dim)
-        return turbo.t3, turbo.report, source
-    cfg = source.config
-    if source.own_checkpoint and cfg.adapters and cfg.instruction_dim != instruction_dim:
-        raise ValueError(
-            f"{source.t3.path} has adapters over {cfg.instruction_dim}-d instruction embeddings, but the stage-1 "
-            f"encoder gives {instruction_dim}-d ones: it was trained with another instruction encoder")
-    cfg = cfg.replace(adapters=True, instruction_dim=instruction_dim)
-    torch.manual_seed(seed)
-    model = t3_for_config(cfg)
-    report = load_t3_checkpoint(model, source.t3.path)  # strict; only adapter keys may be missing
-    return model, report, source
-
-
-def _group_of(name: str) -> str:
-    if is_adapter_key(name):
-        return "adapters"
-    if name.startswith("tfmr."):
-        return "backbone"
-    if name.split(".")[0] in ("text_emb", "speech_emb", "text_pos_emb", "speech_pos_emb"):
-        return "embeddings"
-    if name.split(".")[0] in ("text_head", "speech_head"):
-        return "heads"
-    if name.startswith("cond_enc."):
-        return "cond_enc"
-    raise ValueError(f"T3 parameter {name!r} belongs to no known group")
-
-
-def parameter_groups(t3: T3) -> dict[str, list[tuple[str, nn.Parameter]]]:
-    """Trainable T3 parameters by group (after `freeze_for_stage2`)."""
-    out: dict[str, list] = {g: [] for g in GROUPS}
-    for name, p in t3.named_parameters():
-        if p.requires_grad:
-            out[_group_of(name)].append((name, p))
-    return out
-
-
-def freeze_for_stage2(t3: T3, encoder: nn.Module, mapper: nn.Module) -> tuple[dict[str, int], dict[str, int]]:
-    """Apply DESIGN's freezing; → (trainable counts per group, frozen counts)."""
-    t3.requires_grad_(True)
-    unused = t3.tfmr.get_input_embeddings()  # Llama embed_tokens / GPT-2 wte: never read (inputs_embeds)
-    unused.requires_grad_(False)  # no gradient would reach it: DDP-unsafe
-    for m in (encoder, mapper):
-        m.requires_grad_(False)
-        m.eval()
-    groups = parameter_groups(t3)
-    trainable = {g: sum(p.numel() for _, p in ps) for g, ps in groups.items()}
-    unused_name = next(n for n, m in t3.tfmr.named_modules() if m is unused)
-    frozen = {f"t3.tfmr.{unused_name} (unused)": unused.weight.numel(),
-              "instruction_encoder": sum(p.numel() for p in encoder.parameters()),
-              "mapper": sum(p.numel() for p in mapper.parameters())}
-    return trainable, frozen
-
-
-def _no_decay_names(t3: T3) -> set[str]:
-    names = set()
-    for mname, mod in t3.named_modules():
-        for pname, p in mod.named_parameters(recurse=False):
-            if p.ndim < 2 or isinstance(mod, nn.Embedding):
-                names.add(f"{mname}.{pname}" if mname else pname)
-    return names
-
-
-def _make_optimizer(t3: T3, cfg: Stage2Config, device: torch.device) -> torch.optim.Optimizer:
-    no_decay = _no_decay_names(t3)
-    adapter_lr = cfg.adapter_lr if cfg.adapter_lr is not None else cfg.lr
-    buckets: dict[tuple[bool, bool], list] = {}
-    for g, ps in parameter_groups(t3).items():
-        for name, p in ps:
-            buckets.setdefault((g == "adapters", name not in no_decay), []).append(p)
-    groups = []
-    for (is_adapter, decay) in sorted(buckets):
-        base = adapter_lr if is_adapter else cfg.lr
-        groups.append({"params": buckets[(is_adapter, decay)], "weight_decay": cfg.weight_decay if decay else 0.0,
-                       "base_lr": base, "lr": base})
-    kw = {"fused": True} if device.type == "cuda" else {}
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), **kw)
-
-
-def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine from 1 to ``min_ratio`` at ``total``."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    span = max(total - warmup, 1)
-    progress = min(max((step - warmup) / span, 0.0), 1.0)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-# ---- environment ---------------------------------------------------------------------------------------------
 @dataclass
-class _Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    enabled: bool = False
-    owns_group: bool = False
+class _Window:
+    """Sums over the steps since the last metrics row."""
 
-    def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
+    stats: torch.Tensor = field(default_factory=lambda: torch.zeros(len(_STAT_NAMES) + 1, dtype=torch.float64))
+    t0: float = field(default_factory=time.time)
+    tokens: float = 0.0
+    padded: float = 0.0
+    gnorm: float = 0.0
 
+    def add(self, vals: torch.Tensor, finite: bool) -> None:
+        """``vals``: the all-reduced step sums (stats × weight, weight, tokens, padded tokens, grad norm)."""
+        S = len(_STAT_NAMES)
+        if finite:
+            w_sum = float(vals[S])
+            self.stats[:3] += vals[:3] / max(w_sum, 1e-12) if w_sum else 0
+            self.stats[3:S] += vals[3:S]
+            self.stats[-1] += 1
+            self.gnorm += float(vals[-1])
+        self.tokens += float(vals[S + 1])
+        self.padded += float(vals[S + 2])
 
-def _init_distributed(device_pref: str) -> tuple[_Dist, torch.device]:
-    env_ws = int(os.environ.get("WORLD_SIZE", "1"))
-    launched = "RANK" in os.environ and env_ws > 1
-    if device_pref == "auto":
-        dev_type = "cuda" if torch.cuda.is_available() else "cpu"
-    else:
-        dev_type = torch.device(device_pref).type
-    if not launched:
-        return _Dist(), torch.device(device_pref if device_pref != "auto" else dev_type)
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    owns = False
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev_type == "cuda" else "gloo")
-        owns = True
-    d = _Dist(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local, enabled=True, owns_group=owns)
-    if dev_type == "cuda":
-        torch.cuda.set_device(local)
-        return d, torch.device("cuda", local)
-    return d, torch.device("cpu")
+    def row(self, st: _State, nb: int, lr: float) -> dict:
+        a = dict(zip(_STAT_NAMES, self.stats[:len(_STAT_NAMES)].tolist()))
+        n = max(float(self.stats[-1]), 1.0)
+        dt = max(time.time() - self.t0, 1e-9)
 
+        def ratio(x, y):
+            return a[x] / a[y] if a[y] > 0 else None
 
-# ---- checkpoints ----------------------------------------------------------------------------------------------
-def _save_checkpoint(out: Path, t3: T3, tokenizer: TextTokenizer, opt, st: _State, cfg: Stage2Config,
-                     meta: dict, fingerprint: str, keep: int) -> Path:
-    root = out / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    name = f"step_{st.global_step:08d}"
-    final = root / name
-    tmp = root / f".tmp-{name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_t3(t3, tmp / T3_WEIGHTS, config=t3.cfg)
-    tokenizer.save(tmp)
-    atomic_torch_save({"optimizer": opt.state_dict(), "state": json.dumps(asdict(st)),
-                        "config": json.dumps(cfg.to_dict()), "fingerprint": fingerprint}, tmp / TRAIN_STATE)
-    atomic_write_json(tmp / STAGE2_META, {**meta, "step": st.global_step, "epoch": st.epoch,
-                                           "position": st.position})
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    atomic_write_json(out / LATEST, {"checkpoint": f"checkpoints/{name}", "step": st.global_step})
-    # prune: older checkpoints beyond `keep`, and temporary dirs of killed writers
-    done = sorted(p for p in root.iterdir() if p.name.startswith("step_"))
-    for p in done[:-max(keep, 1)]:
-        if p != final:
-            shutil.rmtree(p, ignore_errors=True)
-    for p in root.iterdir():
-        if p.name.startswith(".tmp-") and p != tmp:
-            shutil.rmtree(p, ignore_errors=True)
-    return final
+        return {
+            "step": st.global_step, "total_steps": st.total_steps, "epoch": st.epoch + st.position / max(nb, 1),
+            "lr": lr, "loss": a["loss"] / n, "loss_text": a["loss_text"] / n, "loss_speech": a["loss_speech"] / n,
+            "text_inst": ratio("ce_text_inst", "n_text_inst"), "text_audio": ratio("ce_text_audio", "n_text_audio"),
+            "speech_inst": ratio("ce_speech_inst", "n_speech_inst"),
+            "speech_audio": ratio("ce_speech_audio", "n_speech_audio"),
+            "inst_frac": ratio("n_inst_rows", "n_rows"), "grad_norm": self.gnorm / n,
+            "tokens_per_s": self.tokens / dt, "pad_frac": 1 - self.tokens / self.padded if self.padded else 0.0,
+            "nonfinite_total": st.nonfinite_total, "steps_in_row": int(self.stats[-1]), "time": time.time(),
+        }
 
 
-_RUN_FILES = (LATEST, "metrics.jsonl", "report.md", "loss_curves.png", T3_WEIGHTS, STAGE2_META, "tokenizer.json",
-              "text_tokenizer.json", "chatterbox_tokenizer.json")
+# ---- the recipe -------------------------------------------------------------------------------------------------
+def train_stage2(cfg: Stage2Config, on_log: Callable[[dict], None] | None = None) -> Stage2Result:
+    """Train (or resume) stage 2; see the module docstring. ``on_log(row)`` runs on rank 0 after each
+    metrics row is written (raising from it stops the run like a kill, after the last checkpoint)."""
+    if not 0.0 <= cfg.instruction_prob <= 1.0:
+        raise ValueError("instruction_prob must lie in [0, 1]")
+    if cfg.hold_out not in HOLD_OUT_MODES:
+        raise ValueError(f"hold_out must be one of {HOLD_OUT_MODES}, not {cfg.hold_out!r}")
+    if not cfg.store or not cfg.mapper_dir:
+        raise ValueError("Stage2Config needs store (a cache store URL) and mapper_dir (a stage-1 run directory)")
+    dd, device = init_distributed(cfg.device)
+    try:
+        return Stage2Recipe(cfg, on_log, dd, device).train()
+    finally:
+        dd.close()
 
 
-def _clear_run(out: Path) -> None:
-    """Remove what a previous run left in ``out`` (the fingerprinted prepared tables are kept)."""
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    for name in _RUN_FILES:
-        (out / name).unlink(missing_ok=True)
+class Stage2Recipe:
+    """One stage-2 run (module doc). ``train()`` is the whole story; each step is a method below."""
+
+    def __init__(self, cfg: Stage2Config, on_log: Callable[[dict], None] | None, dd: DistEnv, device: torch.device):
+        self.cfg, self.on_log, self.dd, self.device = cfg, on_log, dd, device
+        self.out = Path(cfg.out_dir)
+        self.ckpts = CheckpointDir(self.out, LATEST, complete=(TRAIN_STATE, T3_WEIGHTS))
+        self.metrics_path = self.out / METRICS
+        self._val: tuple[int | None, dict] = (None, {})  # (step, held-out losses) of the last evaluation
+
+    def train(self) -> Stage2Result:
+        self.setup()
+        self.resume()
+        self.build_training()
+        cfg, st = self.cfg, self.st
+        self.window = _Window()
+        bar = progress_bar(cfg.progress and self.dd.rank == 0, st.total_steps, st.global_step, "stage2")
+        while st.epoch < cfg.epochs and (cfg.max_steps is None or st.global_step < cfg.max_steps):
+            nb = len(self.sampler.batches(st.epoch))
+            lr_f = self.one_step()
+            st.global_step += 1
+            st.position += self.V
+            if st.position >= nb:
+                st.epoch += 1
+                st.position = 0
+            if bar is not None:
+                bar.update(1)
+            self.after_step(nb, lr_f)
+        stopped = "done" if st.epoch >= cfg.epochs else "max_steps"
+        if bar is not None:
+            bar.close()
+        if self.last_saved != st.global_step:
+            self.save_checkpoint()
+        return self.report(stopped, self.evaluate())
+
+    # -- set-up ----------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Frozen stage-1 models, T3 + tokenizer, data, freezing (everything but the resume state)."""
+        if self.dd.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.dd.barrier()
+        self.amp = resolve_amp(self.cfg.amp_dtype, self.device)
+        self.load_frozen()
+        self.load_t3()
+        self.prepare_data()
+        self.t3.to(self.device)
+        self.trainable, self.frozen = freeze_for_stage2(self.t3, self.encoder, self.mapper)
+        log.info("stage2 trainable params %s (total %d); frozen %s", self.trainable, sum(self.trainable.values()),
+                 self.frozen)
+        if self.cfg.grad_accum < 1:
+            raise ValueError(f"grad_accum must be ≥ 1, not {self.cfg.grad_accum}")
+
+    def load_frozen(self) -> None:
+        """The store, and the stage-1 encoder + mapper trained over the same text encoder (else refused)."""
+        from cache.reader import CacheReader
+        from tts_core.stage1.artifacts import load_mapper
+
+        cfg = self.cfg
+        self.reader = reader = CacheReader(cfg.store)
+        self.store_te = store_te = reader.identities.get("text_encoder")
+        self.encoder, self.mapper, self.mapper_meta = load_mapper(cfg.mapper_dir, device="cpu")
+        mapper_te = self.mapper_meta.get("text_encoder") or {}
+        try:
+            check_text_encoder_identity(mapper_te or None, store_te, what=f"the stage-1 mapper {cfg.mapper_dir}")
+        except TextEncoderMismatchError as e:
+            raise TextEncoderMismatchError(
+                f"stage 2 refuses this combination: the store {cfg.store} was built with text encoder "
+                f"{getattr(store_te, 'name', store_te)!r} (sha256 {getattr(store_te, 'sha256', '?')[:12]}) but the "
+                f"stage-1 mapper {cfg.mapper_dir} was trained on {mapper_te.get('name')!r} (sha256 "
+                f"{str(mapper_te.get('sha256'))[:12]}); names and weight hashes must match. Train stage 1 on this "
+                f"store's cache, or use the store that mapper was trained on. ({e})") from None
+        if self.mapper_meta.get("text_encoder") is None:
+            log.warning("stage-1 checkpoint %s records no text-encoder identity: cannot verify it matches the store",
+                        cfg.mapper_dir)
+        if self.encoder.hidden_size != reader.text_hidden_size:
+            raise TextEncoderMismatchError(f"stage-1 encoder pools {self.encoder.hidden_size}-d states, the store "
+                                           f"holds {reader.text_hidden_size}-d ones")
+        self.encoder.to(self.device)
+        self.mapper.to(self.device)
+
+    def load_t3(self) -> None:
+        """T3 (module doc, "t3 resolution"), its text tokenizer, the language and the prompt length."""
+        cfg = self.cfg
+        t3, report, source = build_t3(cfg.t3, instruction_dim=self.encoder.hidden_size, seed=cfg.seed)
+        t3_dir = source.directory if source is not None else None
+        tok_spec = cfg.text_tokenizer
+        if tok_spec is None and source is not None and not source.own_checkpoint:
+            # the family's own file(s) — Turbo's GPT-2 BPE files are its directory — never another family's
+            tok_spec = source.directory if source.family.name == TURBO else (source.text_tokenizer or "bytes")
+        tokenizer = load_text_tokenizer(tok_spec, t3_dir=t3_dir)
+        tokenizer.check_fits(t3.cfg.text_vocab_size, t3.cfg.start_text_token, t3.cfg.stop_text_token)
+        if source is not None and not source.own_checkpoint and getattr(tokenizer, "name", "") == "bytes":
+            log.warning("training an official Chatterbox T3 with the byte tokenizer: its pretrained text embeddings "
+                        "are indexed by its own tokenizer file, not by bytes")
+        self.language = check_language(cfg.language) if cfg.language else None
+        if tokenizer.requires_language is False and cfg.language:
+            log.warning("--language %s is ignored: the %s T3's tokenizer takes no language", cfg.language,
+                        t3.cfg.family)
+        if report is not None:
+            log.info("T3 from %s: %s", cfg.t3, report.summary)
+        if (t3_dir is not None and t3_dir.resolve() == self.out.resolve()
+                and (not cfg.resume or self.ckpts.latest() is None)):
+            raise ValueError(f"out_dir {self.out} is the --t3 source directory and holds no stage-2 checkpoint to "
+                             "resume; a fresh run would overwrite its weights: choose another out_dir")
+        limit = t3.cfg.speech_cond_prompt_len
+        self.prompt_len = int(cfg.prompt_len if cfg.prompt_len is not None else limit)
+        if not 0 <= self.prompt_len <= limit:
+            raise ValueError(f"prompt_len must lie in [0, {limit}] (this Chatterbox T3 feeds ≤ {limit} prompt tokens)")
+        self.t3, self.load_report, self.source, self.tokenizer = t3, report, source, tokenizer
+
+    def prepare_data(self) -> None:
+        """Rank 0 prepares the shared tables (the others then load them); the length-bucketed sampler."""
+        cfg, dd, t3_cfg = self.cfg, self.dd, self.t3.cfg
+        self.n_steps = int(cfg.mapper_n_steps or self.mapper.config.n_steps)
+        kw = dict(mapper_meta=self.mapper_meta, mapper_seed=cfg.mapper_seed, mapper_samples=cfg.mapper_samples,
+                  n_steps=self.n_steps, max_text_tokens=t3_cfg.max_text_tokens,
+                  max_speech_tokens=t3_cfg.max_speech_tokens, prepared_path=self.out / PREPARED,
+                  language=self.language, prompt_seconds=FAMILIES[t3_cfg.family].prompt_seconds)
+        t0 = time.time()
+        if dd.rank == 0:
+            data = prepare_stage2_data(self.reader, self.tokenizer, self.encoder, self.mapper, **kw)
+        dd.barrier()
+        if dd.rank != 0:
+            data = prepare_stage2_data(self.reader, self.tokenizer, self.encoder, self.mapper, write_prepared=False,
+                                       **kw)
+        self.encoder.cpu()
+        self.mapper.cpu()
+        self.val_data, held = None, {}
+        if cfg.hold_out == "mapper":  # tts_core.stage2.hold_out
+            train_rows, val_rows = mapper_split(self.reader, self.mapper_meta, data.clip_ids, cfg.mapper_dir)
+            held = {"held_out_rows": len(val_rows), "excluded_rows": len(data) - len(train_rows) - len(val_rows)}
+            self.val_data = data.subset(val_rows).to(self.device)
+            data = data.subset(train_rows)
+        if len(data) == 0:
+            raise ValueError(f"no usable rows in {cfg.store} (dropped: {data.dropped})")
+        data.to(self.device)
+        log.info("stage2 data ready in %.1fs: %d rows", time.time() - t0, len(data))
+        self.data, self.fingerprint = data, data.meta["fingerprint"]
+        # conditioning positions per row, at most (Turbo: 1 + prompt tokens; a perceiver T3: always 34)
+        self.cond_bound = int(cond_lens(t3_cfg, torch.tensor([self.prompt_len]), 1)[0])
+        self.sampler = BucketBatchSampler(data.seq_lens(self.cond_bound), batch_size=cfg.batch_size,
+                                          max_tokens=cfg.max_tokens, pool_batches=cfg.pool_batches, seed=cfg.seed)
+        self.data_stats = {"rows": len(data), "n_ok": data.meta["n_ok"], "dropped": data.dropped,
+                           "n_instructions": data.n_instructions,
+                           "rows_with_instruction": int((data.instruction_id >= 0).sum()),
+                           "own_prompt_frac": len(data.own_prompt_rows) / len(data),
+                           "prompt_seconds": data.meta["prompt_seconds"],
+                           "batches_per_epoch": len(self.sampler.batches(0)), **self.sampler.padding_stats(0),
+                           **held}
+
+    # -- resume ------------------------------------------------------------------------------------------------
+    def resume(self) -> None:
+        """Weights + position from the latest checkpoint (refused when it is another run), or a clean start;
+        then the LR-schedule length."""
+        cfg, dd = self.cfg, self.dd
+        # A step covers V = ranks × grad_accum global batches; batch k of a step goes to "virtual rank"
+        # v = micro·N + rank, so N ranks × A micro-batches and 1 rank × N·A micro-batches see the same
+        # batches with the same seeds, and average the same gradients (tests/test_ddp_equivalence.py).
+        self.V = V = dd.world_size * cfg.grad_accum
+        self.st = st = _State(world_size=V)
+        latest = self.ckpts.latest() if cfg.resume else None
+        self.saved_opt, saved_cfg = None, {}
+        if latest is not None:
+            saved = torch.load(latest / TRAIN_STATE, map_location="cpu", weights_only=True)
+            saved_cfg = json.loads(saved["config"])
+            problems = [] if saved["fingerprint"] == self.fingerprint else [
+                "the data differ (store rows, text tokenizer, mapper weights or mapper seeds)"]
+            refuse_other_run(latest, problems + config_changes(saved_cfg, cfg.to_dict(), _RUN_KEYS, _DEFAULTS))
+            load_t3_checkpoint(self.t3, latest / T3_WEIGHTS, allow_missing_adapters=False)
+            self.st = st = _State(**json.loads(saved["state"]))
+            self.saved_opt = saved["optimizer"]
+            log.info("resumed %s at step %d (epoch %d, batch %d)", latest, st.global_step, st.epoch, st.position)
+            if dd.rank == 0:
+                truncate_metrics(self.metrics_path, st.global_step)
+        elif dd.rank == 0:
+            self.ckpts.clear(_RUN_FILES)  # a fresh start in an existing out_dir: no stale files
+        if dd.rank == 0:
+            _save_speech_codebook(cfg.store, self.out)
+        self.last_saved = st.global_step if latest is not None else -1
+
+        # LR-schedule length: fixed at the start of a run and kept by a resume with the same world size and
+        # length settings (so the resumed LR curve is the uninterrupted one); recomputed otherwise.
+        if (latest is None or st.world_size != V or not st.total_steps
+                or saved_cfg.get("epochs") != cfg.epochs or saved_cfg.get("max_steps") != cfg.max_steps):
+            spe = self.sampler.steps_in_epoch(0, V)
+            remaining = 0 if st.epoch >= cfg.epochs else (
+                self.sampler.steps_in_epoch(st.epoch, V, st.position) + (cfg.epochs - st.epoch - 1) * spe)
+            st.total_steps = st.global_step + remaining
+            if cfg.max_steps is not None:
+                st.total_steps = min(st.total_steps, cfg.max_steps)
+        if latest is not None and st.world_size != V:
+            log.warning("resuming a run saved with %d global batches per step with %d: global step %d kept, epoch %d "
+                        "continues at global batch %d; LR schedule length now %d steps", st.world_size, V,
+                        st.global_step, st.epoch, st.position, st.total_steps)
+        st.world_size = V
+
+    def build_training(self) -> None:
+        """Compile, the loss wrapper (DDP-wrapped under torchrun), the optimizer, and the run metadata."""
+        cfg, t3, dd = self.cfg, self.t3, self.dd
+        if cfg.compile:
+            t3.tfmr.compile(dynamic=True)
+        self.model = Stage2Model(t3, text_loss_weight=cfg.text_loss_weight, padding_mask=cfg.padding_mask)
+        self.model.train()
+        self.encoder.eval()
+        self.mapper.eval()
+        self.wrapped: nn.Module = self.model
+        if dd.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            # no running-stat buffers in T3 (only rotary tables): nothing to broadcast each step
+            self.wrapped = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                               broadcast_buffers=False)
+        self.opt = make_optimizer(t3, cfg, self.device)
+        if self.saved_opt is not None:
+            self.opt.load_state_dict(self.saved_opt)
+        self.params = [p for g in self.opt.param_groups for p in g["params"]]
+        self.nonfinite = NonFiniteSteps(self.st, cfg.max_nonfinite)
+        self.meta = self.run_meta()
+
+    def run_meta(self) -> dict:
+        """``stage2.json``: what inference needs to use a checkpoint of this run."""
+        cfg, mm, report, source = self.cfg, self.mapper_meta, self.load_report, self.source
+        return {
+            "format": FORMAT, "t3_source": cfg.t3, "t3_config": self.t3.cfg.to_dict(),
+            "tokenizer": self.tokenizer.to_dict(),
+            "text_encoder": self.store_te.to_dict() if self.store_te is not None else None,
+            "mapper": {"dir": _absolute(str(cfg.mapper_dir)), "weights_sha256": mm.get("weights_sha256"),
+                       "n_steps": self.n_steps, "mapper_config": mm.get("mapper_config"), "encoder": mm.get("encoder")},
+            "instruction_dim": self.encoder.hidden_size, "prompt_len": self.prompt_len,
+            "emotion_adv": cfg.emotion_adv, "language": self.language, "family": self.t3.cfg.family,
+            "store": {"url": _absolute(cfg.store), "lines_digest": self.reader.info.lines_digest},
+            "train_config": cfg.to_dict(), "load_report": report.summary if report is not None else None,
+            "t3_found": source.describe() if source is not None else None,
+        }
+
+    # -- one step ------------------------------------------------------------------------------------------------
+    def one_step(self) -> float:
+        """Forward/backward over this rank's micro-batches, clip, and step unless any rank saw a non-finite
+        loss or gradient norm (then skip and count). → the step's LR factor."""
+        cfg, dd, st, opt = self.cfg, self.dd, self.st, self.opt
+        self.opt.zero_grad(set_to_none=True)
+        red = None
+        for micro in range(cfg.grad_accum):
+            vr = micro * dd.world_size + dd.rank
+            gidx, rows, weight = self.sampler.rank_batch(st.epoch, st.position, vr, self.V)
+            b = self.data.build_batch(rows, instruction_prob=cfg.instruction_prob,
+                                      rng=batch_rng(cfg.seed, st.epoch, gidx), prompt_len=self.prompt_len,
+                                      cond_len=self.cond_bound, emotion_adv=cfg.emotion_adv)
+            torch.manual_seed(mix_seed(cfg.seed, "step", st.global_step, vr))  # dropout: a function of the step
+            last = not dd.enabled or micro == cfg.grad_accum - 1
+            with contextlib.nullcontext() if last else self.wrapped.no_sync():
+                with torch.autocast(device_type=self.device.type, dtype=self.amp or torch.float32,
+                                    enabled=self.amp is not None):
+                    loss, stats = self.wrapped(b.batch, b.is_instruction, weight / cfg.grad_accum)
+                loss.backward()
+            part = torch.cat([stats.float() * weight, torch.tensor([weight, b.n_real_tokens * weight,
+                                                                    b.n_padded_tokens * weight], device=stats.device)])
+            red = part if red is None else red + part
+        gnorm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        dd.all_reduce(red)
+        vals = torch.cat([red, gnorm.detach().float().reshape(1).to(red.device)]).cpu().double()
+        finite = bool(torch.isfinite(vals).all())
+        lr_f = lr_factor(st.global_step, cfg.warmup_steps, st.total_steps, cfg.min_lr_ratio)
+        if finite:
+            set_lr(opt, lambda g: g["base_lr"] * lr_f)
+            opt.step()
+            self.nonfinite.ok()
+        else:
+            opt.zero_grad(set_to_none=True)
+            self.nonfinite.skipped(
+                f"stage2: non-finite step skipped at step {st.global_step} (loss {float(vals[0])}, grad norm "
+                f"{float(vals[-1])})",
+                lambda: Stage2NonFiniteError(
+                    f"stage 2: {st.consecutive_nonfinite} consecutive non-finite steps at step {st.global_step} "
+                    f"(epoch {st.epoch}); {st.nonfinite_total} skipped in total (max_nonfinite={cfg.max_nonfinite}). "
+                    f"Lower lr, check the cache for NaN/inf vectors, or try amp_dtype='fp32'. Last good checkpoint: "
+                    f"{self.ckpts.latest()}"))
+        self.window.add(vals, finite)
+        st.tokens_seen += int(float(vals[len(_STAT_NAMES) + 1]))
+        return lr_f
+
+    def after_step(self, nb: int, lr_f: float) -> None:
+        """Metrics row every ``log_every`` steps, checkpoint every ``save_every``, Ctrl-C at the boundary."""
+        cfg, st = self.cfg, self.st
+        if cfg.log_every > 0 and st.global_step % cfg.log_every == 0:
+            row = self.window.row(st, nb, lr_f * cfg.lr)
+            if st.global_step % (cfg.eval_every or 10 * cfg.log_every) == 0:
+                row.update(self.evaluate())
+            self.window = _Window()
+            if self.dd.rank == 0:
+                write_metrics_row(self.metrics_path, row)
+                if self.on_log is not None:
+                    self.on_log(row)
+        if cfg.save_every > 0 and st.global_step % cfg.save_every == 0:
+            self.save_checkpoint()
+        if stop_requested():  # Ctrl-C (tts_core.interrupt; never set under torchrun): checkpoint here, then stop
+            if self.last_saved != st.global_step:
+                self.save_checkpoint()
+            raise TrainingInterrupted(f"stage 2 stopped at step {st.global_step}, checkpoint "
+                                      f"{self.ckpts.latest()}; rerun the same command to resume")
+
+    # -- evaluate, checkpoint, report ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Teacher-forced loss on the held-out rows (instruction-only rows: the rows' own instructions) →
+        ``val_speech_loss``, ``val_text_loss`` (mean CE per token) and ``val_loss``; {} without hold-out.
+        Every rank scores its share; the sums are all-reduced. Memoised per step (the last row and the
+        end of the run may ask twice)."""
+        if self.val_data is None:
+            return {}
+        cfg, st, dd, val = self.cfg, self.st, self.dd, self.val_data
+        if self._val[0] == st.global_step:
+            return dict(self._val[1])
+        self.model.eval()
+        sums = torch.zeros(4, dtype=torch.float64)  # CE text, text tokens, CE speech, speech tokens
+        mine = np.arange(len(val))[dd.rank::dd.world_size]
+        for i in range(0, len(mine), cfg.batch_size):
+            b = val.build_batch(mine[i:i + cfg.batch_size], instruction_prob=1.0,
+                                rng=np.random.default_rng(mix_seed(cfg.seed, "val", i)), prompt_len=self.prompt_len,
+                                cond_len=self.cond_bound, emotion_adv=cfg.emotion_adv)
+            with torch.autocast(device_type=self.device.type, dtype=self.amp or torch.float32,
+                                enabled=self.amp is not None):
+                _, stats = self.model(b.batch, b.is_instruction)
+            s = stats.double().cpu()
+            sums += torch.stack([s[3] + s[5], s[4] + s[6], s[7] + s[9], s[8] + s[10]])
+        self.model.train()
+        sums = sums.to(self.device)
+        dd.all_reduce(sums)
+        sums = sums.cpu()
+        text, speech = float(sums[0] / sums[1].clamp(min=1)), float(sums[2] / sums[3].clamp(min=1))
+        out = {"val_speech_loss": speech, "val_text_loss": text, "val_loss": cfg.text_loss_weight * text + speech}
+        self._val = (st.global_step, out)
+        return dict(out)
+
+    def save_checkpoint(self) -> None:
+        """Rank 0 writes ``checkpoints/step_N`` (module doc, "Checkpoints"); every rank waits for it."""
+        st = self.st
+        if self.dd.rank == 0:
+            def fill(tmp: Path) -> None:
+                save_t3(self.t3, tmp / T3_WEIGHTS, config=self.t3.cfg)
+                self.tokenizer.save(tmp)
+                atomic_torch_save({"optimizer": self.opt.state_dict(), "state": json.dumps(asdict(st)),
+                                   "config": json.dumps(self.cfg.to_dict()), "fingerprint": self.fingerprint},
+                                  tmp / TRAIN_STATE)
+                atomic_write_json(tmp / STAGE2_META, {**self.meta, "step": st.global_step, "epoch": st.epoch,
+                                                       "position": st.position})
+
+            self.ckpts.write(st.global_step, fill, self.cfg.keep_checkpoints)
+        self.last_saved = st.global_step
+        self.dd.barrier()
+
+    def report(self, stopped: str, val: dict) -> Stage2Result:
+        """Publish the final checkpoint at the run root and write ``report.md`` (rank 0)."""
+        cfg, st = self.cfg, self.st
+        history = read_metrics(self.metrics_path)
+        ckpt = None
+        if self.dd.rank == 0:
+            _publish(self.out, self.ckpts.latest())
+            ckpt = self.out
+            summary = {"t3_source": cfg.t3, "t3_found": self.meta["t3_found"], "load_report": self.meta["load_report"],
+                       "tokenizer": self.tokenizer.to_dict(), "mapper_dir": str(cfg.mapper_dir),
+                       "text_encoder": self.meta["text_encoder"] or {}, "data": self.data_stats,
+                       "config": cfg.to_dict(), "world_size": self.dd.world_size, "device": str(self.device),
+                       "amp": str(self.amp).removeprefix("torch.") if self.amp else "fp32",
+                       "global_step": st.global_step, "epoch": st.epoch, "stopped_reason": stopped,
+                       "nonfinite_steps": st.nonfinite_total, "trainable": self.trainable, "frozen": self.frozen,
+                       "val": val, "last_row": history[-1] if history else {}}
+            write_report(self.out, summary, history, plot=True)
+        self.dd.barrier()
+        return Stage2Result(run_dir=self.out, checkpoint=ckpt, global_step=st.global_step, epoch=st.epoch,
+                            stopped_reason=stopped, history=history, trainable=self.trainable, frozen=self.frozen,
+                            nonfinite_steps=st.nonfinite_total, world_size=self.dd.world_size, t3=self.t3,
+                            encoder=self.encoder, mapper=self.mapper, tokenizer=self.tokenizer,
+                            load_report=self.meta["load_report"], data_stats=self.data_stats, val=val)
 
 
+# ---- run-directory files ---------------------------------------------------------------------------------------
 def _absolute(url: str) -> str:
     """Local paths recorded absolute (a run is used from other working directories); URLs as given."""
     return url if "://" in url else str(Path(url).resolve())
@@ -452,7 +674,7 @@ def _absolute(url: str) -> str:
 def _save_speech_codebook(store: str, out: Path) -> None:
     """The embedded tokenizer's codebook beside the run (``mel_vq.safetensors``): the run directory then
     decodes its own tokens wherever it is moved, without the cache store."""
-    from cache.build import saved_codebook
+    from cache.writer import saved_codebook
     from tts_core.encoders.mel_vq import MelVQTokenizer
 
     codebook = saved_codebook(store)
@@ -460,438 +682,9 @@ def _save_speech_codebook(store: str, out: Path) -> None:
         MelVQTokenizer.from_arrays(**codebook).to_safetensors(out / SPEECH_CODEBOOK)
 
 
-def _latest_checkpoint(out: Path) -> Path | None:
-    f = out / LATEST
-    if not f.is_file():
-        return None
-    d = out / json.loads(f.read_text())["checkpoint"]
-    return d if (d / TRAIN_STATE).is_file() and (d / T3_WEIGHTS).is_file() else None
-
-
-def _check_resume(saved_cfg: dict, cfg: Stage2Config, saved_fp: str, fingerprint: str, path: Path) -> None:
-    problems = []
-    if saved_fp != fingerprint:
-        problems.append("the data differ (store rows, text tokenizer, mapper weights or mapper seeds)")
-    now = cfg.to_dict()
-    for k in _RUN_KEYS:
-        if saved_cfg.get(k) != now.get(k):
-            problems.append(f"{k}: {saved_cfg.get(k)!r} then, {now.get(k)!r} now")
-    if problems:
-        raise ResumeMismatchError(f"cannot resume {path}: it is another run — " + "; ".join(problems)
-                         + ". Use a new out_dir, or resume=False to start over in this one.")
-
-
 def _publish(out: Path, ckpt: Path) -> None:
     """Copy the final checkpoint's inference files to the run root (weights first, stage2.json last)."""
-
     for f in sorted(ckpt.iterdir()):
         if f.is_file() and f.name not in (TRAIN_STATE, STAGE2_META):
             atomic_copy(f, out / f.name)
     atomic_copy(ckpt / STAGE2_META, out / STAGE2_META)
-
-
-# ---- metrics / report -------------------------------------------------------------------------------------------
-_STAT_NAMES = ("loss", "loss_text", "loss_speech", "ce_text_inst", "n_text_inst", "ce_text_audio", "n_text_audio",
-               "ce_speech_inst", "n_speech_inst", "ce_speech_audio", "n_speech_audio", "n_inst_rows", "n_rows")
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a line torn by a kill
-                pass
-    return rows
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    rows = [r for r in _read_metrics(path) if r.get("step", 0) <= step]
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
-
-
-def _fmt(x) -> str:
-    return "—" if x is None else (f"{x:.4f}" if isinstance(x, float) else str(x))
-
-
-def _write_report(out: Path, summary: dict, history: list[dict], plot: bool) -> None:
-    png = None
-    if plot and history:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-
-            fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-            steps = [r["step"] for r in history]
-            for ax, key, title in ((axes[0], "text", "text loss"), (axes[1], "speech", "speech loss")):
-                for seg, style in (("inst", "-"), ("audio", "--")):
-                    ax.plot(steps, [r.get(f"{key}_{seg}") for r in history], style,
-                            label="instruction rows" if seg == "inst" else "audio rows")
-                ax.set_title(title)
-                ax.set_xlabel("step")
-                ax.legend()
-            axes[2].plot(steps, [r["loss"] for r in history])
-            axes[2].set_title("total loss")
-            axes[2].set_xlabel("step")
-            fig.tight_layout()
-            fig.savefig(out / "loss_curves.png", dpi=80)
-            plt.close(fig)
-            png = "loss_curves.png"
-        except Exception as e:  # a report never fails a run
-            log.warning("loss plot skipped: %s", e)
-    s = summary
-    lines = [
-        "# Stage 2 — T3 with instruction adapters", "",
-        f"- T3: `{s['t3_source']}`" + (f" — {s['t3_found']}" if s.get("t3_found") else "")
-        + (f" — {s['load_report']}" if s.get("load_report") else " (fresh weights)"),
-        f"- text tokenizer: `{s['tokenizer']['identity']['name']}` (vocab {s['tokenizer']['vocab_size']})",
-        f"- stage-1 mapper: `{s['mapper_dir']}`; text encoder `{s['text_encoder'].get('name')}`",
-        f"- data: {s['data']['rows']} rows used of {s['data']['n_ok']} OK clips (dropped: {s['data']['dropped']}); "
-        f"{s['data']['n_instructions']} instructions; rows without a same-speaker prompt clip: "
-        f"{s['data']['own_prompt_frac']:.1%}; padding {s['data']['pad_frac']:.1%} of batch tokens",
-        f"- instruction_prob {s['config']['instruction_prob']}; world size {s['world_size']}; device {s['device']}; "
-        f"amp {s['amp']}; compile {s['config']['compile']}",
-        f"- steps {s['global_step']} (epoch {s['epoch']}); stopped: {s['stopped_reason']}; non-finite steps skipped "
-        f"{s['nonfinite_steps']}", "",
-        "## Parameters", "", "| group | trainable |", "|---|---|",
-        *[f"| {g} | {n:,} |" for g, n in s["trainable"].items()],
-        f"| **total** | **{sum(s['trainable'].values()):,}** |", "", "| frozen | params |", "|---|---|",
-        *[f"| {g} | {n:,} |" for g, n in s["frozen"].items()], "",
-        "## Loss per segment", "",
-    ]
-    if png:
-        lines += [f"![loss curves]({png})", ""]
-    lines += ["| step | epoch | lr | loss | text (instr.) | text (audio) | speech (instr.) | speech (audio) | "
-              "instr. frac | tok/s |", "|---|---|---|---|---|---|---|---|---|---|"]
-    stride = max(1, math.ceil(len(history) / 40))
-    shown = history[::stride] + ([history[-1]] if history and (len(history) - 1) % stride else [])
-    for r in shown:
-        lines.append(f"| {r['step']} | {r['epoch']:.3f} | {r['lr']:.2e} | {_fmt(r['loss'])} "
-                     f"| {_fmt(r.get('text_inst'))} | {_fmt(r.get('text_audio'))} | {_fmt(r.get('speech_inst'))} | {_fmt(r.get('speech_audio'))} "
-                     f"| {_fmt(r.get('inst_frac'))} | {r.get('tokens_per_s', 0):.0f} |")
-    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
-
-
-# ---- the loop ---------------------------------------------------------------------------------------------------
-def train_stage2(cfg: Stage2Config, on_log: Callable[[dict], None] | None = None) -> Stage2Result:
-    """Train (or resume) stage 2; see the module docstring. ``on_log(row)`` runs on rank 0 after each
-    metrics row is written (raising from it stops the run like a kill, after the last checkpoint)."""
-    from cache.reader import CacheReader
-    from tts_core.stage1.artifacts import load_mapper
-
-    if not 0.0 <= cfg.instruction_prob <= 1.0:
-        raise ValueError("instruction_prob must lie in [0, 1]")
-    if not cfg.store or not cfg.mapper_dir:
-        raise ValueError("Stage2Config needs store (a cache store URL) and mapper_dir (a stage-1 run directory)")
-    dd, device = _init_distributed(cfg.device)
-    try:
-        return _train(cfg, on_log, dd, device, CacheReader, load_mapper)
-    finally:
-        if dd.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _train(cfg, on_log, dd: _Dist, device: torch.device, CacheReader, load_mapper) -> Stage2Result:
-    out = Path(cfg.out_dir)
-    if dd.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    dd.barrier()
-    amp = resolve_amp(cfg.amp_dtype, device)
-
-    # -- store, frozen stage-1 models, identity ----------------------------------------------------------
-    reader = CacheReader(cfg.store)
-    store_te = reader.identities.get("text_encoder")
-    encoder, mapper, mapper_meta = load_mapper(cfg.mapper_dir, device="cpu")
-    mapper_te = mapper_meta.get("text_encoder") or {}
-    try:
-        check_text_encoder_identity(mapper_te or None, store_te, what=f"the stage-1 mapper {cfg.mapper_dir}")
-    except TextEncoderMismatchError as e:
-        raise TextEncoderMismatchError(
-            f"stage 2 refuses this combination: the store {cfg.store} was built with text encoder "
-            f"{getattr(store_te, 'name', store_te)!r} (sha256 {getattr(store_te, 'sha256', '?')[:12]}) but the "
-            f"stage-1 mapper {cfg.mapper_dir} was trained on {mapper_te.get('name')!r} (sha256 "
-            f"{str(mapper_te.get('sha256'))[:12]}); names and weight hashes must match. Train stage 1 on this "
-            f"store's cache, or use the store that mapper was trained on. ({e})") from None
-    if mapper_meta.get("text_encoder") is None:
-        log.warning("stage-1 checkpoint %s records no text-encoder identity: cannot verify it matches the store",
-                    cfg.mapper_dir)
-    if encoder.hidden_size != reader.text_hidden_size:
-        raise TextEncoderMismatchError(
-            f"stage-1 encoder pools {encoder.hidden_size}-d states, the store holds {reader.text_hidden_size}-d ones")
-    encoder.to(device)
-    mapper.to(device)
-
-    # -- T3, tokenizer --------------------------------------------------------------------------------------
-    t3, report, source = build_t3(cfg.t3, instruction_dim=encoder.hidden_size, seed=cfg.seed)
-    t3_dir = source.directory if source is not None else None
-    tok_spec = cfg.text_tokenizer
-    if tok_spec is None and source is not None and not source.own_checkpoint:
-        # the family's own file(s) — Turbo's GPT-2 BPE files are its directory — never another family's
-        tok_spec = source.directory if source.family.name == TURBO else (source.text_tokenizer or "bytes")
-    tokenizer = load_text_tokenizer(tok_spec, t3_dir=t3_dir)
-    tokenizer.check_fits(t3.cfg.text_vocab_size, t3.cfg.start_text_token, t3.cfg.stop_text_token)
-    if source is not None and not source.own_checkpoint and getattr(tokenizer, "name", "") == "bytes":
-        log.warning("training an official Chatterbox T3 with the byte tokenizer: its pretrained text embeddings "
-                    "are indexed by its own tokenizer file, not by bytes")
-    language = check_language(cfg.language) if cfg.language else None
-    if tokenizer.requires_language is False and cfg.language:
-        log.warning("--language %s is ignored: the %s T3's tokenizer takes no language", cfg.language,
-                    t3.cfg.family)
-    if report is not None:
-        log.info("T3 from %s: %s", cfg.t3, report.summary)
-    if t3_dir is not None and t3_dir.resolve() == out.resolve() and (not cfg.resume or _latest_checkpoint(out) is None):
-        raise ValueError(f"out_dir {out} is the --t3 source directory and holds no stage-2 checkpoint to resume; "
-                         "a fresh run would overwrite its weights: choose another out_dir")
-    t3_cfg = t3.cfg
-    prompt_len = int(cfg.prompt_len if cfg.prompt_len is not None else t3_cfg.speech_cond_prompt_len)
-    if not 0 <= prompt_len <= t3_cfg.speech_cond_prompt_len:
-        raise ValueError(f"prompt_len must lie in [0, {t3_cfg.speech_cond_prompt_len}] (this Chatterbox T3 feeds "
-                         f"≤ {t3_cfg.speech_cond_prompt_len} prompt tokens)")
-
-    # -- data (rank 0 prepares the shared tables; the others load them) ---------------------------------
-    n_steps = int(cfg.mapper_n_steps or mapper.config.n_steps)
-    kw = dict(mapper_meta=mapper_meta, mapper_seed=cfg.mapper_seed, mapper_samples=cfg.mapper_samples,
-              n_steps=n_steps, max_text_tokens=t3_cfg.max_text_tokens, max_speech_tokens=t3_cfg.max_speech_tokens,
-              prepared_path=out / PREPARED, language=language,
-              prompt_seconds=FAMILIES[t3_cfg.family].prompt_seconds)
-    t0 = time.time()
-    if dd.rank == 0:
-        data = prepare_stage2_data(reader, tokenizer, encoder, mapper, **kw)
-    dd.barrier()
-    if dd.rank != 0:
-        data = prepare_stage2_data(reader, tokenizer, encoder, mapper, write_prepared=False, **kw)
-    encoder.cpu()
-    mapper.cpu()
-    if len(data) == 0:
-        raise ValueError(f"no usable rows in {cfg.store} (dropped: {data.dropped})")
-    data.to(device)
-    log.info("stage2 data ready in %.1fs: %d rows", time.time() - t0, len(data))
-    fingerprint = data.meta["fingerprint"]
-
-    # conditioning positions per row, at most (Turbo: 1 + prompt tokens; a perceiver T3: always 34)
-    cond_bound = int(cond_lens(t3_cfg, torch.tensor([prompt_len]), 1)[0])
-    sampler = BucketBatchSampler(data.seq_lens(cond_bound), batch_size=cfg.batch_size,
-                                 max_tokens=cfg.max_tokens, pool_batches=cfg.pool_batches, seed=cfg.seed)
-    n_inst = int((data.instruction_id >= 0).sum())
-    data_stats = {"rows": len(data), "n_ok": data.meta["n_ok"], "dropped": data.dropped,
-                  "n_instructions": data.n_instructions, "rows_with_instruction": n_inst,
-                  "own_prompt_frac": len(data.own_prompt_rows) / len(data), "prompt_seconds": data.meta["prompt_seconds"],
-                  "batches_per_epoch": len(sampler.batches(0)), **sampler.padding_stats(0)}
-
-    # -- freezing, optimizer, model wrapper ----------------------------------------------------------------
-    t3.to(device)
-    trainable, frozen = freeze_for_stage2(t3, encoder, mapper)
-    log.info("stage2 trainable params %s (total %d); frozen %s", trainable, sum(trainable.values()), frozen)
-
-    if cfg.grad_accum < 1:
-        raise ValueError(f"grad_accum must be ≥ 1, not {cfg.grad_accum}")
-    # A step covers V = ranks × grad_accum global batches; batch k of a step goes to "virtual rank"
-    # v = micro·N + rank, so N ranks × A micro-batches and 1 rank × N·A micro-batches see the same
-    # batches with the same seeds, and average the same gradients (tests/test_ddp_equivalence.py).
-    V = dd.world_size * cfg.grad_accum
-    st = _State(world_size=V)
-    latest = _latest_checkpoint(out) if cfg.resume else None
-    saved_opt = None
-    if latest is not None:
-        saved = torch.load(latest / TRAIN_STATE, map_location="cpu", weights_only=True)
-        _check_resume(json.loads(saved["config"]), cfg, saved["fingerprint"], fingerprint, latest)
-        load_t3_checkpoint(t3, latest / T3_WEIGHTS, allow_missing_adapters=False)
-        st = _State(**json.loads(saved["state"]))
-        saved_opt = saved["optimizer"]
-        log.info("resumed %s at step %d (epoch %d, batch %d)", latest, st.global_step, st.epoch, st.position)
-        if dd.rank == 0:
-            _truncate_metrics(out / "metrics.jsonl", st.global_step)
-    elif dd.rank == 0:
-        _clear_run(out)  # a fresh start in an existing out_dir: no stale checkpoints, metrics or published files
-    if dd.rank == 0:
-        _save_speech_codebook(cfg.store, out)
-
-    # LR-schedule length: fixed at the start of a run and kept by a resume with the same world size and
-    # length settings (so the resumed LR curve is the uninterrupted one); recomputed otherwise.
-    saved_len = (json.loads(saved["config"]) if latest is not None else {})
-    if (latest is None or st.world_size != V or not st.total_steps
-            or saved_len.get("epochs") != cfg.epochs or saved_len.get("max_steps") != cfg.max_steps):
-        spe = sampler.steps_in_epoch(0, V)
-        remaining = 0 if st.epoch >= cfg.epochs else (
-            sampler.steps_in_epoch(st.epoch, V, st.position) + (cfg.epochs - st.epoch - 1) * spe)
-        st.total_steps = st.global_step + remaining
-        if cfg.max_steps is not None:
-            st.total_steps = min(st.total_steps, cfg.max_steps)
-    if latest is not None and st.world_size != V:
-        log.warning("resuming a run saved with %d global batches per step with %d: global step %d kept, epoch %d "
-                    "continues at global batch %d; LR schedule length now %d steps", st.world_size, V,
-                    st.global_step, st.epoch, st.position, st.total_steps)
-    st.world_size = V
-
-    if cfg.compile:
-        t3.tfmr.compile(dynamic=True)
-    model = Stage2Model(t3, text_loss_weight=cfg.text_loss_weight, padding_mask=cfg.padding_mask)
-    model.train()
-    encoder.eval()
-    mapper.eval()
-    wrapped: nn.Module = model
-    if dd.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        # no running-stat buffers in T3 (only rotary tables): nothing to broadcast each step
-        wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-    opt = _make_optimizer(t3, cfg, device)
-    if saved_opt is not None:
-        opt.load_state_dict(saved_opt)
-    params = [p for g in opt.param_groups for p in g["params"]]
-
-    meta = {
-        "format": FORMAT, "t3_source": cfg.t3, "t3_config": t3_cfg.to_dict(), "tokenizer": tokenizer.to_dict(),
-        "text_encoder": store_te.to_dict() if store_te is not None else None,
-        "mapper": {"dir": _absolute(str(cfg.mapper_dir)), "weights_sha256": mapper_meta.get("weights_sha256"),
-                   "n_steps": n_steps, "mapper_config": mapper_meta.get("mapper_config"),
-                   "encoder": mapper_meta.get("encoder")},
-        "instruction_dim": encoder.hidden_size, "prompt_len": prompt_len, "emotion_adv": cfg.emotion_adv,
-        "language": language, "family": t3_cfg.family,
-        "store": {"url": _absolute(cfg.store), "lines_digest": reader.info.lines_digest},
-        "train_config": cfg.to_dict(), "load_report": report.summary if report is not None else None,
-        "t3_found": source.describe() if source is not None else None,
-    }
-
-    # -- training -----------------------------------------------------------------------------------------
-    metrics_path = out / "metrics.jsonl"
-    acc = torch.zeros(len(_STAT_NAMES) + 1, dtype=torch.float64)  # + steps
-    acc_t, acc_tokens, acc_padded, acc_gnorm = time.time(), 0, 0, 0.0
-    bar = None
-    if cfg.progress and dd.rank == 0:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=st.total_steps, initial=st.global_step, unit="step", desc="stage2")
-    last_saved = st.global_step if latest is not None else -1
-
-    def save() -> None:
-        nonlocal last_saved
-        if dd.rank == 0:
-            _save_checkpoint(out, t3, tokenizer, opt, st, cfg, meta, fingerprint, cfg.keep_checkpoints)
-        last_saved = st.global_step
-        dd.barrier()
-
-    while st.epoch < cfg.epochs and (cfg.max_steps is None or st.global_step < cfg.max_steps):
-        nb = len(sampler.batches(st.epoch))
-        opt.zero_grad(set_to_none=True)
-        red = None
-        for micro in range(cfg.grad_accum):
-            vr = micro * dd.world_size + dd.rank
-            gidx, rows, weight = sampler.rank_batch(st.epoch, st.position, vr, V)
-            b = data.build_batch(rows, instruction_prob=cfg.instruction_prob, rng=batch_rng(cfg.seed, st.epoch, gidx),
-                                 prompt_len=prompt_len, cond_len=cond_bound, emotion_adv=cfg.emotion_adv)
-            torch.manual_seed(mix_seed(cfg.seed, "step", st.global_step, vr))  # dropout: a function of the step
-            sync = contextlib.nullcontext() if (not dd.enabled or micro == cfg.grad_accum - 1) else wrapped.no_sync()
-            with sync:
-                with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    loss, stats = wrapped(b.batch, b.is_instruction, weight / cfg.grad_accum)
-                loss.backward()
-            part = torch.cat([stats.float() * weight, torch.tensor([weight, b.n_real_tokens * weight,
-                                                                    b.n_padded_tokens * weight], device=stats.device)])
-            red = part if red is None else red + part
-        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        if dd.enabled:
-            dist.all_reduce(red)
-        vals = torch.cat([red, gnorm.detach().float().reshape(1).to(red.device)]).cpu().double()
-        finite = bool(torch.isfinite(vals).all())
-        lr_f = lr_factor(st.global_step, cfg.warmup_steps, st.total_steps, cfg.min_lr_ratio)
-        if finite:
-            for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * lr_f
-            opt.step()
-            st.consecutive_nonfinite = 0
-            w_sum = float(vals[len(_STAT_NAMES)])
-            acc[:3] += vals[:3] / max(w_sum, 1e-12) if w_sum else 0
-            acc[3:len(_STAT_NAMES)] += vals[3:len(_STAT_NAMES)]
-            acc[-1] += 1
-            acc_gnorm += float(vals[-1])
-        else:
-            opt.zero_grad(set_to_none=True)
-            st.consecutive_nonfinite += 1
-            st.nonfinite_total += 1
-            log.warning("stage2: non-finite step skipped at step %d (loss %s, grad norm %s)", st.global_step,
-                        float(vals[0]), float(vals[-1]))
-            if st.consecutive_nonfinite > cfg.max_nonfinite:
-                raise Stage2NonFiniteError(
-                    f"stage 2: {st.consecutive_nonfinite} consecutive non-finite steps at step {st.global_step} "
-                    f"(epoch {st.epoch}); {st.nonfinite_total} skipped in total (max_nonfinite={cfg.max_nonfinite}). "
-                    f"Lower lr, check the cache for NaN/inf vectors, or try amp_dtype='fp32'. Last good checkpoint: "
-                    f"{_latest_checkpoint(out)}")
-        n_tok, n_pad = float(vals[len(_STAT_NAMES) + 1]), float(vals[len(_STAT_NAMES) + 2])
-        acc_tokens += n_tok
-        acc_padded += n_pad
-        st.tokens_seen += int(n_tok)
-        st.global_step += 1
-        st.position += V
-        if st.position >= nb:
-            st.epoch += 1
-            st.position = 0
-        if bar is not None:
-            bar.update(1)
-
-        if cfg.log_every > 0 and st.global_step % cfg.log_every == 0:
-            row = _log_row(acc, acc_t, acc_tokens, acc_padded, acc_gnorm, st, nb, lr_f * cfg.lr)
-            acc.zero_()
-            acc_t, acc_tokens, acc_padded, acc_gnorm = time.time(), 0, 0, 0.0
-            if dd.rank == 0:
-                with open(metrics_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(row) + "\n")
-                if on_log is not None:
-                    on_log(row)
-        if cfg.save_every > 0 and st.global_step % cfg.save_every == 0:
-            save()
-        if stop_requested():  # Ctrl-C (tts_core.interrupt; never set under torchrun): checkpoint here, then stop
-            if last_saved != st.global_step:
-                save()
-            raise TrainingInterrupted(f"stage 2 stopped at step {st.global_step}, checkpoint "
-                                      f"{_latest_checkpoint(out)}; rerun the same command to resume")
-    stopped = "done" if st.epoch >= cfg.epochs else "max_steps"
-    if bar is not None:
-        bar.close()
-
-    if last_saved != st.global_step:
-        save()
-    history = _read_metrics(metrics_path)
-    ckpt = None
-    if dd.rank == 0:
-        ckpt_dir = _latest_checkpoint(out)
-        _publish(out, ckpt_dir)
-        ckpt = out
-        summary = {"t3_source": cfg.t3, "t3_found": meta["t3_found"], "load_report": meta["load_report"],
-                   "tokenizer": tokenizer.to_dict(),
-                   "mapper_dir": str(cfg.mapper_dir), "text_encoder": meta["text_encoder"] or {},
-                   "data": data_stats, "config": cfg.to_dict(), "world_size": dd.world_size, "device": str(device),
-                   "amp": str(amp).removeprefix("torch.") if amp else "fp32", "global_step": st.global_step,
-                   "epoch": st.epoch, "stopped_reason": stopped, "nonfinite_steps": st.nonfinite_total,
-                   "trainable": trainable, "frozen": frozen}
-        _write_report(out, summary, history, plot=True)
-    dd.barrier()
-    return Stage2Result(run_dir=out, checkpoint=ckpt, global_step=st.global_step, epoch=st.epoch,
-                        stopped_reason=stopped, history=history, trainable=trainable, frozen=frozen,
-                        nonfinite_steps=st.nonfinite_total, world_size=dd.world_size, t3=t3, encoder=encoder,
-                        mapper=mapper, tokenizer=tokenizer, load_report=meta["load_report"], data_stats=data_stats)
-
-
-def _log_row(acc: torch.Tensor, t_start: float, tokens: float, padded: float, gnorm_sum: float, st: _State,
-             nb: int, lr: float) -> dict:
-    a = dict(zip(_STAT_NAMES, acc[:len(_STAT_NAMES)].tolist()))
-    n = max(float(acc[-1]), 1.0)
-    dt = max(time.time() - t_start, 1e-9)
-
-    def ratio(x, y):
-        return a[x] / a[y] if a[y] > 0 else None
-
-    return {
-        "step": st.global_step, "total_steps": st.total_steps, "epoch": st.epoch + st.position / max(nb, 1), "lr": lr,
-        "loss": a["loss"] / n, "loss_text": a["loss_text"] / n, "loss_speech": a["loss_speech"] / n,
-        "text_inst": ratio("ce_text_inst", "n_text_inst"), "text_audio": ratio("ce_text_audio", "n_text_audio"),
-        "speech_inst": ratio("ce_speech_inst", "n_speech_inst"),
-        "speech_audio": ratio("ce_speech_audio", "n_speech_audio"),
-        "inst_frac": ratio("n_inst_rows", "n_rows"), "grad_norm": gnorm_sum / n,
-        "tokens_per_s": tokens / dt, "pad_frac": 1 - tokens / padded if padded else 0.0,
-        "nonfinite_total": st.nonfinite_total, "steps_in_row": int(acc[-1]), "time": time.time(),
-    }

@@ -1,7 +1,8 @@
 """Build a cache store from a metadata file: validate every clip, run the frozen models once, write.
 
 The loop is plain Python so that the CLI, the Prefect flow and the tests all run the same code; the
-flow only adds retries, artifacts and reports around it (flows/build_cache.py).
+flow only adds retries, artifacts and reports around it (flows/build_cache.py). The store it writes is
+the `cache` package's, which is storage only.
 """
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ import numpy as np
 from filelock import FileLock, Timeout
 
 from cache import norms, schema
-from cache.store import EXPECTED_ERRNOS, StoreError, StoreNotFound, io_error, lock_path, open_group, os_errors
-from cache.shards import ShardJob, ShardMap, encode_batch, load_line
-from cache.writer import CacheWriter, ClipBatch, saved_arrays
+from cache.store import EXPECTED_ERRNOS, StoreError, io_error, lock_path, os_errors
+from cache.norms import publish_norm_report
+from cache.writer import CacheWriter, ClipBatch, saved_codebook
+from tts_core.cachebuild.shards import ShardJob, ShardMap, encode_batch, load_line
 from tts_core.audio import AudioPolicy, AudioRejected, load_clip
 from tts_core.frozen import FrozenModelsConfig, load_speaker_models, load_speech_tokenizer, load_text_encoder
 from tts_core.metadata import MetaLine, lines_digest, read_metadata
@@ -198,19 +200,6 @@ def _build_locked(cfg: BuildConfig, progress: Callable[[BuildProgress], None], s
         report_paths=paths, model_names={k: v.name for k, v in identities.items()})
 
 
-def saved_codebook(url: str) -> dict | None:
-    """The embedded tokenizer's codebook of a created store; None when there is none yet, or when its
-    write (or the store's creation) was interrupted: the build then refits it, deterministically."""
-    try:
-        g = open_group(url, "r", strict=True)
-    except StoreNotFound:
-        return None
-    if g.attrs.get("schema_version") != schema.SCHEMA_VERSION:
-        return None  # no store yet (interrupted creation), or another schema: open_for_build says which
-    saved = saved_arrays(g, schema.MEL_VQ_GROUP, ("codebook",))
-    return None if saved is None else {"codebook": saved[0]["codebook"], "config": saved[1]}
-
-
 def _fit_clips(cfg: BuildConfig, lines: list[MetaLine]) -> list[np.ndarray]:
     """The first N loadable clips, in file order: deterministic input for the embedded tokenizer."""
     wavs = []
@@ -241,15 +230,3 @@ def _local_batches(cfg: BuildConfig, lines: list[MetaLine], starts: list[int], c
             if k + 1 < len(starts):
                 pending = submit(starts[k + 1])
             yield encode_batch(lines[start:start + chunk], loaded, inst_ids[start:start + chunk], ve, xv, tokenizer)
-
-
-def publish_norm_report(url: str, max_rows: int | None = 200_000, seed: int = 0):
-    """Compute the norm report over OK rows (a seeded sample for huge stores) and save it beside the store."""
-    from cache.reader import CacheReader
-
-    r = CacheReader(url)
-    rows = norms.sample_rows(len(r), max_rows, seed)
-    spk_n, xv_n = r.raw_norms(rows)
-    report = norms.norm_report(spk_n, xv_n, r.normalisation.to_dict(), total_rows=len(r), sampled=rows is not None)
-    with os_errors(url):
-        return report, norms.save_report(report, url)

@@ -1,0 +1,87 @@
+"""Stage 2's report: ``report.md`` (+ ``loss_curves.png``) from the run summary and the metrics rows."""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+from tts_core.atomic_files import atomic_write_text
+from tts_core.training import fmt as _fmt
+
+log = logging.getLogger(__name__)
+
+
+def write_report(out: Path, summary: dict, history: list[dict], plot: bool) -> None:
+    png = None
+    if plot and history:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+
+            fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+            steps = [r["step"] for r in history]
+            for ax, key, title in ((axes[0], "text", "text loss"), (axes[1], "speech", "speech loss")):
+                for seg, style in (("inst", "-"), ("audio", "--")):
+                    ax.plot(steps, [r.get(f"{key}_{seg}") for r in history], style,
+                            label="instruction rows" if seg == "inst" else "audio rows")
+                ax.set_title(title)
+                ax.set_xlabel("step")
+                ax.legend()
+            axes[2].plot(steps, [r["loss"] for r in history])
+            axes[2].set_title("total loss")
+            axes[2].set_xlabel("step")
+            fig.tight_layout()
+            fig.savefig(out / "loss_curves.png", dpi=80)
+            plt.close(fig)
+            png = "loss_curves.png"
+        except Exception as e:  # a report never fails a run
+            log.warning("loss plot skipped: %s", e)
+    s = summary
+    lines = [
+        "# Stage 2 — T3 with instruction adapters", "",
+        f"- T3: `{s['t3_source']}`" + (f" — {s['t3_found']}" if s.get("t3_found") else "")
+        + (f" — {s['load_report']}" if s.get("load_report") else " (fresh weights)"),
+        f"- text tokenizer: `{s['tokenizer']['identity']['name']}` (vocab {s['tokenizer']['vocab_size']})",
+        f"- stage-1 mapper: `{s['mapper_dir']}`; text encoder `{s['text_encoder'].get('name')}`",
+        f"- data: {s['data']['rows']} rows used of {s['data']['n_ok']} OK clips (dropped: {s['data']['dropped']}); "
+        f"{s['data']['n_instructions']} instructions; rows without a same-speaker prompt clip: "
+        f"{s['data']['own_prompt_frac']:.1%}; padding {s['data']['pad_frac']:.1%} of batch tokens",
+        f"- instruction_prob {s['config']['instruction_prob']}; world size {s['world_size']}; device {s['device']}; "
+        f"amp {s['amp']}; compile {s['config']['compile']}",
+        f"- steps {s['global_step']} (epoch {s['epoch']}); stopped: {s['stopped_reason']}; non-finite steps skipped "
+        f"{s['nonfinite_steps']}", *_held_out_lines(s), "",
+        "## Parameters", "", "| group | trainable |", "|---|---|",
+        *[f"| {g} | {n:,} |" for g, n in s["trainable"].items()],
+        f"| **total** | **{sum(s['trainable'].values()):,}** |", "", "| frozen | params |", "|---|---|",
+        *[f"| {g} | {n:,} |" for g, n in s["frozen"].items()], "",
+        "## Loss per segment", "",
+    ]
+    if png:
+        lines += [f"![loss curves]({png})", ""]
+    val = bool(s.get("val"))  # held-out columns only for a run with hold_out
+    lines += ["| step | epoch | lr | loss | text (instr.) | text (audio) | speech (instr.) | speech (audio) | "
+              "instr. frac | tok/s |" + (" held-out text | held-out speech |" if val else ""),
+              "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if val else "")]
+    stride = max(1, math.ceil(len(history) / 40))
+    shown = history[::stride] + ([history[-1]] if history and (len(history) - 1) % stride else [])
+    for r in shown:
+        lines.append(f"| {r['step']} | {r['epoch']:.3f} | {r['lr']:.2e} | {_fmt(r['loss'])} "
+                     f"| {_fmt(r.get('text_inst'))} | {_fmt(r.get('text_audio'))} | {_fmt(r.get('speech_inst'))} | {_fmt(r.get('speech_audio'))} "
+                     f"| {_fmt(r.get('inst_frac'))} | {r.get('tokens_per_s', 0):.0f} |"
+                     + (f" {_fmt(r.get('val_text_loss'))} | {_fmt(r.get('val_speech_loss'))} |" if val else ""))
+    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+
+
+def _held_out_lines(s: dict) -> list[str]:
+    """The held-out losses at the end beside the last training losses (hold_out="mapper" only)."""
+    v = s.get("val")
+    if not v:
+        return []
+    d, last = s["data"], s.get("last_row") or {}
+    return [f"- held-out (the stage-1 mapper's split): {d.get('held_out_rows')} rows, never trained on "
+            f"({d.get('excluded_rows')} more left out of both sides); at the end: speech loss "
+            f"{_fmt(v['val_speech_loss'])}, text loss {_fmt(v['val_text_loss'])} (instruction rows) — last "
+            f"training row: speech {_fmt(last.get('speech_inst'))}, text {_fmt(last.get('text_inst'))}"]
+
