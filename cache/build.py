@@ -20,6 +20,7 @@ from cache.store import EXPECTED_ERRNOS, StoreError, StoreNotFound, io_error, lo
 from cache.shards import ShardJob, ShardMap, encode_batch, load_line
 from cache.writer import CacheWriter, ClipBatch, saved_arrays
 from tts_core.audio import AudioPolicy, AudioRejected, load_clip
+from tts_core.encoders import embedded
 from tts_core.frozen import FrozenModelsConfig, load_speaker_models, load_speech_tokenizer, load_text_encoder
 from tts_core.metadata import MetaLine, lines_digest, read_metadata
 
@@ -137,8 +138,11 @@ def _build_locked(cfg: BuildConfig, progress: Callable[[BuildProgress], None], s
 
     ve, xv = load_speaker_models(cfg.models)
     text_enc = load_text_encoder(cfg.models)
-    tokenizer, fitted = load_speech_tokenizer(cfg.models, saved_codebook(cfg.store),
-                                              lambda: _fit_clips(cfg, lines))
+    saved = saved_codebook(cfg.store)
+    if saved is not None and saved.kind != cfg.models.speech_tokenizer and cfg.models.s3gen_path() is None:
+        raise StoreError(f"{cfg.store} holds {saved.kind} speech tokens, this build asks for "
+                         f"{cfg.models.speech_tokenizer}: pass --speech-tokenizer {saved.kind}, or another --store")
+    tokenizer, fitted = load_speech_tokenizer(cfg.models, saved, lambda: _fit_clips(cfg, lines))
     identities = {"voice_encoder": ve.identity, "xvector": xv.identity,
                   "speech_tokenizer": tokenizer.identity, "text_encoder": text_enc.identity}
     w = CacheWriter.open_for_build(
@@ -146,10 +150,11 @@ def _build_locked(cfg: BuildConfig, progress: Callable[[BuildProgress], None], s
         prefix_digest=prefix, models=identities, normalisation=cfg.normalisation,
         text_hidden_size=text_enc.hidden_size, chunk_rows=cfg.chunk_rows,
         extra={"metadata": str(cfg.metadata), "audio_root": str(cfg.audio_root),
-               "tokenizer_vocab": int(tokenizer.vocab_size), "tokenizer_frame_rate": float(tokenizer.frame_rate)})
+               "tokenizer_vocab": int(tokenizer.vocab_size), "tokenizer_frame_rate": float(tokenizer.frame_rate),
+               embedded.KIND_ATTR: getattr(tokenizer, "kind", "s3")})
     if fitted:
-        codebook, conf = tokenizer.arrays()
-        w.save_arrays(schema.MEL_VQ_GROUP, {"codebook": codebook}, conf)
+        arrays, conf = tokenizer.arrays()
+        w.save_arrays(schema.TOKENIZER_GROUPS[tokenizer.kind], arrays, conf)
     info = w.info
     resumed_from = info.committed_rows
     did_work = not info.complete
@@ -170,10 +175,7 @@ def _build_locked(cfg: BuildConfig, progress: Callable[[BuildProgress], None], s
     if shard_map is None:
         batches = _local_batches(cfg, lines, starts, chunk, inst_ids, ve, xv, tokenizer)
     else:
-        codebook = None
-        if hasattr(tokenizer, "arrays"):  # embedded mel-VQ: workers rebuild it from these arrays
-            cb, conf = tokenizer.arrays()
-            codebook = {"codebook": cb, "config": conf}
+        codebook = embedded.saved(tokenizer) if hasattr(tokenizer, "arrays") else None  # workers rebuild it
         jobs = (ShardJob(start=s, lines=tuple(lines[s:s + chunk]),
                          instruction_ids=tuple(int(i) for i in inst_ids[s:s + chunk]),
                          metadata_name=Path(cfg.metadata).name, audio_root=str(cfg.audio_root), audio=cfg.audio,
@@ -198,17 +200,21 @@ def _build_locked(cfg: BuildConfig, progress: Callable[[BuildProgress], None], s
         report_paths=paths, model_names={k: v.name for k, v in identities.items()})
 
 
-def saved_codebook(url: str) -> dict | None:
-    """The embedded tokenizer's codebook of a created store; None when there is none yet, or when its
-    write (or the store's creation) was interrupted: the build then refits it, deterministically."""
+def saved_codebook(url: str) -> embedded.SavedTokenizer | None:
+    """The embedded tokenizer of a created store (of the kind the store records; none recorded: mel-vq);
+    None when there is none yet, or when its write (or the store's creation) was interrupted: the build
+    then refits it, deterministically."""
     try:
         g = open_group(url, "r", strict=True)
     except StoreNotFound:
         return None
     if g.attrs.get("schema_version") != schema.SCHEMA_VERSION:
         return None  # no store yet (interrupted creation), or another schema: open_for_build says which
-    saved = saved_arrays(g, schema.MEL_VQ_GROUP, ("codebook",))
-    return None if saved is None else {"codebook": saved[0]["codebook"], "config": saved[1]}
+    kind = dict(g.attrs.get("extra") or {}).get(embedded.KIND_ATTR, embedded.MEL_VQ)
+    if kind not in embedded.KINDS:
+        return None  # S3 tokens: nothing embedded to restore
+    saved = saved_arrays(g, schema.TOKENIZER_GROUPS[kind], embedded.ARRAY_NAMES[kind])
+    return None if saved is None else embedded.SavedTokenizer(kind, *saved)
 
 
 def _fit_clips(cfg: BuildConfig, lines: list[MetaLine]) -> list[np.ndarray]:
