@@ -136,12 +136,12 @@ def _build_locked(cfg: BuildConfig, progress: Callable[[BuildProgress], None], s
     recorded = CacheWriter.recorded_rows(cfg.store)
     prefix = lines_digest(lines[:recorded]) if recorded and recorded < len(lines) else None
 
-    ve, xv = load_speaker_models(cfg.models)
-    text_enc = load_text_encoder(cfg.models)
     saved = saved_codebook(cfg.store)
     if saved is not None and saved.kind != cfg.models.speech_tokenizer and cfg.models.s3gen_path() is None:
         raise StoreError(f"{cfg.store} holds {saved.kind} speech tokens, this build asks for "
                          f"{cfg.models.speech_tokenizer}: pass --speech-tokenizer {saved.kind}, or another --store")
+    ve, xv = load_speaker_models(cfg.models)
+    text_enc = load_text_encoder(cfg.models)
     tokenizer, fitted = load_speech_tokenizer(cfg.models, saved, lambda: _fit_clips(cfg, lines))
     identities = {"voice_encoder": ve.identity, "xvector": xv.identity,
                   "speech_tokenizer": tokenizer.identity, "text_encoder": text_enc.identity}

@@ -113,3 +113,36 @@ def test_factory_and_config_pick_the_kind(clips):
     assert isinstance(mel, MelVQTokenizer)
     vocoder = embedded.EmbeddedVocoder(world)
     assert vocoder.sample_rate == SR and len(vocoder.decode(np.array([3, 5, -1, world.vocab_size]))) == 2 * 640
+
+
+def test_store_records_the_kind_and_refuses_another(demo_corpus, tmp_path):
+    """build-cache --speech-tokenizer world-vq: the store keeps the tokenizer and its kind; a build asking for
+    the other kind is refused by name; a store without the kind (older builds) reads as mel-vq."""
+    import zarr
+
+    from cache import schema
+    from cache.build import BuildConfig, build_cache, saved_codebook
+    from cache.store import StoreError, compressors
+
+    def cfg(store, kind):
+        return BuildConfig(metadata=demo_corpus.metadata, audio_root=demo_corpus.root, store=str(store), chunk_rows=16,
+                           tokenizer_fit_clips=20, max_batches=1, models=FrozenModelsConfig(speech_tokenizer=kind))
+
+    world_store, mel_store = tmp_path / "w.zarr", tmp_path / "m.zarr"
+    build_cache(cfg(world_store, "world-vq"))
+    saved = saved_codebook(str(world_store))
+    g = zarr.open_group(str(world_store), mode="r")
+    assert saved.kind == "world-vq" and g.attrs["extra"]["speech_tokenizer_kind"] == "world-vq"
+    tok = embedded.restore(saved)
+    assert tok.identity.sha256 == g.attrs["models"]["speech_tokenizer"]["sha256"]
+    tokens = g["tokens/flat"][...]
+    assert 0 <= tokens.min() and tokens.max() < tok.vocab_size == g.attrs["extra"]["tokenizer_vocab"]
+    with pytest.raises(StoreError, match="holds world-vq speech tokens.*--speech-tokenizer world-vq"):
+        build_cache(cfg(world_store, "mel-vq"))
+
+    old = zarr.open_group(str(mel_store), mode="w")  # what a build before the kind existed left
+    old.attrs.update({"schema_version": schema.SCHEMA_VERSION, "extra": {"tokenizer_vocab": 8}})
+    mel = MelVQTokenizer.fit([vowel(1.0, 120.0)], vocab_size=8, seed=0)
+    old.create_array(f"{schema.MEL_VQ_GROUP}/codebook", data=mel.codebook, compressors=compressors())
+    old[schema.MEL_VQ_GROUP].attrs.update(mel.config_dict())
+    assert embedded.restore(saved_codebook(str(mel_store))).identity.same_model(mel.identity)

@@ -213,18 +213,8 @@ class WorldVQTokenizer:
         if tokens.min() < 0 or tokens.max() >= self.vocab_size:
             raise ValueError(f"tokens must lie in [0, {self.vocab_size})")
         env_code, f0_code = np.divmod(tokens, cfg.n_f0_bins + 1)
-        per = cfg.hop_length // cfg.frame_hop
-        n = tokens.size
-        t = np.arange(n * per + 1) / per  # synthesis frames, in token units (token i centred at i)
-        tok_t = np.arange(n)
-        env = np.stack([np.interp(t, tok_t, self.envelopes[env_code, d]) for d in range(cfg.envelope_dims)], 1)
-        ap = self.aperiodicity[env_code[np.clip(np.rint(t).astype(int), 0, n - 1)]].astype(np.float64)
-        f0 = _frame_f0(f0_code, cfg.f0_levels(), t)
-        pw = _pyworld()
-        sp = pw.decode_spectral_envelope(np.ascontiguousarray(env), cfg.sample_rate, cfg.fft_size)
-        wav = pw.synthesize(f0, sp, np.ascontiguousarray(ap), cfg.sample_rate, cfg.frame_period_ms)
-        wav = np.pad(wav, (0, max(0, n * cfg.hop_length - wav.size)))[: n * cfg.hop_length]
-        return wav.astype(np.float32)
+        f0 = np.where(f0_code > 0, cfg.f0_levels()[np.maximum(f0_code - 1, 0)], 0.0)
+        return synthesize(WorldFrames(f0, self.envelopes[env_code], self.aperiodicity[env_code]), cfg)
 
     # ---- persistence -----------------------------------------------------------------------------
     def config_dict(self) -> dict:
@@ -256,17 +246,29 @@ class WorldVQTokenizer:
                                source=str(path))
 
 
-def _frame_f0(f0_code: np.ndarray, levels: np.ndarray, t: np.ndarray) -> np.ndarray:
+def synthesize(frames: WorldFrames, config: WorldVQConfig) -> np.ndarray:
+    """Token-rate WORLD features → 16 kHz float32 audio of len T · hop: envelopes interpolated between token
+    centres onto the 5 ms grid, aperiodicity of the nearest token, F0 by `_frame_f0`."""
+    pw = _pyworld()
+    n = frames.f0.size
+    per = config.hop_length // config.frame_hop
+    t = np.arange(n * per + 1) / per  # synthesis frames, in token units (token i centred at i)
+    nearest = np.clip(np.rint(t).astype(int), 0, n - 1)
+    env = np.stack([np.interp(t, np.arange(n), frames.envelope[:, d]) for d in range(frames.envelope.shape[1])], 1)
+    sp = pw.decode_spectral_envelope(np.ascontiguousarray(env, dtype=np.float64), config.sample_rate,
+                                     config.fft_size)
+    ap = np.ascontiguousarray(frames.aperiodicity[nearest], dtype=np.float64)
+    wav = pw.synthesize(_frame_f0(frames.f0, t), sp, ap, config.sample_rate, config.frame_period_ms)
+    return np.pad(wav, (0, max(0, n * config.hop_length - wav.size)))[: n * config.hop_length].astype(np.float32)
+
+
+def _frame_f0(tok_f0: np.ndarray, t: np.ndarray) -> np.ndarray:
     """F0 per synthesis frame: a frame takes the voicing of its nearest token; voiced frames interpolate
     log-F0 between the neighbouring voiced tokens (a smooth contour instead of 40 ms steps)."""
-    n = f0_code.size
-    voiced_tok = f0_code > 0
-    nearest = np.clip(np.rint(t).astype(int), 0, n - 1)
+    voiced = np.flatnonzero(tok_f0 > 0)
     f0 = np.zeros(t.size)
-    if not voiced_tok.any():
+    if voiced.size == 0:
         return f0
-    idx = np.flatnonzero(voiced_tok)
-    log_f0 = np.interp(t, idx, np.log(levels[f0_code[idx] - 1]))
-    on = voiced_tok[nearest]
-    f0[on] = np.exp(log_f0[on])
+    on = (tok_f0 > 0)[np.clip(np.rint(t).astype(int), 0, tok_f0.size - 1)]
+    f0[on] = np.exp(np.interp(t, voiced, np.log(tok_f0[voiced])))[on]
     return f0
