@@ -122,8 +122,9 @@ def test_calibration_interpolates_and_plans_refuse_what_they_cannot_do(tmp_path)
 def test_world_vq_tokens_carry_every_attribute(lab_rows, one_thread):
     """The lab's tokenizer + vocoder ceiling (issue #10: ≥ 0.95 on every attribute): each clip → world-vq tokens
     (fitted on these 36 clips, as build-cache fits it) → WORLD audio → the evaluation's measures.
-    Seen on 36-clip samples (12 voices), corpus/voice seeds 0-4: 1.0 on pitch, rate and loudness for the
-    tokens (ground-truth rate 0.993 on seed 2); token F0 / ground-truth F0 median 0.99-1.00."""
+    Seen: this sample 1.0 / 1.0 / 1.0 (pitch / rate / loudness); other 36-clip samples (12 voices of
+    `lab_voices(seed=s)`, corpus seed s, s = 0-4) 1.0 on every attribute except pitch 0.986 for s = 4, where
+    ground truth scores 0.986 too; token F0 / ground-truth F0 median 0.99-1.00, all clips within 10%."""
     import torch
     import torchaudio.functional as AF
 

@@ -13,7 +13,7 @@ keeps them in one safetensors file whose metadata names the kind.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -26,6 +26,20 @@ KINDS = (MEL_VQ, WORLD_VQ)
 DEFAULT_KIND = MEL_VQ
 ARRAY_NAMES = {MEL_VQ: ("codebook",), WORLD_VQ: ("envelopes", "aperiodicity")}
 KIND_ATTR = "speech_tokenizer_kind"  # key of the store's "extra" attributes
+
+
+class TokenConfig:
+    """Mixin of the embedded tokenizers' frozen config dataclasses (sample_rate, hop_length fields)."""
+
+    @property
+    def frame_rate(self) -> float:
+        return self.sample_rate / self.hop_length
+
+    @classmethod
+    def from_dict(cls, d: Mapping):
+        """The config from a stored dict; keys that are not fields (n_fit_frames) are ignored."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 @dataclass(frozen=True)
@@ -60,6 +74,14 @@ def fit(kind: str, wavs16k: Sequence[np.ndarray], vocab_cap: int = 1024, seed: i
         n_frames = sum(len(w) for w in wavs16k) // 640  # 25 Hz at 16 kHz
         return _cls(kind).fit(wavs16k, vocab_size=min(vocab_cap, max(16, n_frames // 8)), seed=seed)
     return _cls(kind).fit(wavs16k, seed=seed)
+
+
+def checked_tokens(tokens, vocab_size: int) -> np.ndarray:
+    """1-D int64 tokens, all in [0, vocab_size), else ValueError: what a decoder accepts."""
+    tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        raise ValueError(f"tokens must lie in [0, {vocab_size})")
+    return tokens
 
 
 def saved(tokenizer) -> SavedTokenizer:

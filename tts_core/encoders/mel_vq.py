@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -18,13 +18,14 @@ import torch
 import torchaudio
 
 from tts_core.checkpoint import read_state_dict_safetensors, save_state_dict_safetensors
+from tts_core.encoders.embedded import TokenConfig, checked_tokens
 from tts_core.identity import ModelIdentity, sha256_state_dict
 
 CONFIG_KEY = "mel_vq_config"  # safetensors metadata key: what makes a file a MelVQTokenizer file
 
 
 @dataclass(frozen=True)
-class MelVQConfig:
+class MelVQConfig(TokenConfig):
     """Front end: one log-mel frame per 40 ms hop (25 Hz, like S3), centred STFT, natural-log power mel."""
 
     sample_rate: int = 16_000
@@ -40,15 +41,6 @@ class MelVQConfig:
     def __post_init__(self):
         if self.hop_length % self.decode_hop:
             raise ValueError("decode_hop must divide hop_length (each token becomes a whole number of frames)")
-
-    @property
-    def frame_rate(self) -> float:
-        return self.sample_rate / self.hop_length
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> "MelVQConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def _identity(codebook: np.ndarray, n_fit_frames: int, source: str = "") -> ModelIdentity:
@@ -144,11 +136,9 @@ class MelVQTokenizer:
     def decode(self, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
         """Tokens → 16 kHz float32 audio (len = n_tokens · hop) via centroid log-mel and Griffin-Lim."""
         cfg = self.config
-        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        tokens = checked_tokens(tokens, self.vocab_size)
         if tokens.size == 0:
             return np.zeros(0, np.float32)
-        if tokens.min() < 0 or tokens.max() >= self.vocab_size:
-            raise ValueError(f"tokens must lie in [0, {self.vocab_size})")
         mel = torch.from_numpy(np.exp(self.codebook[tokens])).T  # [n_mels, T] power
         repeat = cfg.hop_length // cfg.decode_hop
         mel = mel.repeat_interleave(repeat, dim=1)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from tts_core.checkpoint import read_state_dict_safetensors, save_state_dict_safetensors
+from tts_core.encoders.embedded import TokenConfig, checked_tokens
 from tts_core.identity import ModelIdentity, sha256_state_dict
 
 CONFIG_KEY = "world_vq_config"  # safetensors metadata key: what makes a file a WorldVQTokenizer file
@@ -41,7 +42,7 @@ def _pyworld():
 
 
 @dataclass(frozen=True)
-class WorldVQConfig:
+class WorldVQConfig(TokenConfig):
     sample_rate: int = 16_000
     hop_length: int = 640  # 25 tokens per second, as S3
     frame_period_ms: float = 5.0  # WORLD's F0 analysis and synthesis grid
@@ -59,10 +60,6 @@ class WorldVQConfig:
             raise ValueError("frame_period_ms must divide the token hop")
 
     @property
-    def frame_rate(self) -> float:
-        return self.sample_rate / self.hop_length
-
-    @property
     def frame_hop(self) -> int:
         return int(round(self.sample_rate * self.frame_period_ms / 1000))
 
@@ -77,11 +74,6 @@ class WorldVQConfig:
     def f0_levels(self) -> np.ndarray:
         """[n_f0_bins] geometric F0 levels (Hz), one per voiced code."""
         return np.geomspace(self.f0_min, self.f0_max, self.n_f0_bins)
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> "WorldVQConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 @dataclass(frozen=True)
@@ -207,11 +199,9 @@ class WorldVQTokenizer:
     def decode(self, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
         """Tokens → 16 kHz float32 audio, len = n_tokens · hop, by WORLD synthesis."""
         cfg = self.config
-        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        tokens = checked_tokens(tokens, self.vocab_size)
         if tokens.size == 0:
             return np.zeros(0, np.float32)
-        if tokens.min() < 0 or tokens.max() >= self.vocab_size:
-            raise ValueError(f"tokens must lie in [0, {self.vocab_size})")
         env_code, f0_code = np.divmod(tokens, cfg.n_f0_bins + 1)
         f0 = np.where(f0_code > 0, cfg.f0_levels()[np.maximum(f0_code - 1, 0)], 0.0)
         return synthesize(WorldFrames(f0, self.envelopes[env_code], self.aperiodicity[env_code]), cfg)
