@@ -22,6 +22,7 @@ from cache.build import BuildConfig, BuildProgress, BuildSummary, build_cache
 from cache.schema import Normalisation
 from cache.shards import encode_shard, ordered_window
 from flows.keys import artifact_key
+from tts_core.encoders.embedded import DEFAULT_KIND
 from tts_core.frozen import FrozenModelsConfig
 
 
@@ -30,7 +31,7 @@ def build_cache_flow(metadata: str, audio_root: str, store: str, chatterbox_dir:
                      text_encoder: str | None = None, device: str = "cpu", normalise_spk: bool = True,
                      normalise_xvec: bool = True, loader_threads: int = 4, chunk_rows: int = 256,
                      task_runner: str = "local", cluster: str | None = None, workers: int = 2,
-                     speech_tokenizer: str = "mel-vq") -> dict:
+                     speech_tokenizer: str = DEFAULT_KIND) -> dict:
     """Validate every clip, run the frozen models once, write the Zarr store and its norm report."""
     cfg = BuildConfig(
         metadata=Path(metadata), audio_root=Path(audio_root), store=store,

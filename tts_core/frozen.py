@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 
 from tts_core.encoders.base import SpeakerEncoder, SpeechTokenizer, TextEncoder
+from tts_core.encoders.embedded import DEFAULT_KIND, check_kind
 from tts_core.identity import ModelIdentity
 
 if TYPE_CHECKING:
@@ -35,11 +36,9 @@ class FrozenModelsConfig:
     text_encoder: Path | None = None  # local flan-t5-large (or other HF encoder) directory
     device: str = "cpu"
     tokenizer_vocab: int = 1024  # embedded mel-VQ tokenizer only
-    speech_tokenizer: str = "mel-vq"  # embedded kind without s3gen weights: "mel-vq" | "world-vq" (encoders.embedded)
+    speech_tokenizer: str = DEFAULT_KIND  # embedded kind without s3gen weights: "mel-vq" | "world-vq"
 
     def __post_init__(self):
-        from tts_core.encoders.embedded import check_kind
-
         check_kind(self.speech_tokenizer)
 
     def ve_path(self) -> Path | None:
