@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -35,9 +34,8 @@ CONFIG_KEY = "world_vq_config"  # safetensors metadata key: what makes a file a 
 
 
 def _pyworld():
-    with warnings.catch_warnings():  # pyworld 0.3.5 imports pkg_resources (hence setuptools<81)
-        warnings.simplefilter("ignore", UserWarning)
-        import pyworld
+    import pyworld  # the pyworld-prebuilt wheel; imported on use: only world-vq needs it
+
     return pyworld
 
 
