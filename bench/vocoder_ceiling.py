@@ -2,13 +2,16 @@
 
     uv run python -m bench.vocoder_ceiling [--clips 240] [--voices 80] [--vocab 1024] [--out DIR]
 
-Direction accuracy (tts_core.evaluation) of three renderings of the same calibrated lab-corpus clips:
+Direction accuracy (tts_core.evaluation) of five renderings of the same calibrated lab-corpus clips:
 
 * *ground truth*: the espeak-ng audio;
-* *mel → Griffin-Lim*: each clip's own log-mel frames decoded by the embedded vocoder (no quantisation):
-  what the vocoder alone keeps;
-* *tokens → Griffin-Lim*: the clip tokenized by the embedded mel k-means VQ (fitted on these clips, as
-  build-cache does) and decoded: the best a perfect stage-2 model can reach through the embedded default.
+* *mel → Griffin-Lim*: each clip's own log-mel frames decoded by the mel-vq vocoder (no quantisation):
+  what that vocoder alone keeps;
+* *mel-vq tokens → Griffin-Lim*: the clip tokenized by the mel k-means VQ (fitted on these clips, as
+  build-cache does) and decoded: the best a perfect stage-2 model can reach through `--speech-tokenizer mel-vq`;
+* *WORLD features → WORLD*: the clip's own 25 Hz WORLD features (F0, coded envelope, aperiodicity; no
+  quantisation) through the world-vq decoder: what its frame rate and coding keep;
+* *world-vq tokens → WORLD*: the same through `--speech-tokenizer world-vq` (fitted on these clips).
 
 Pitch is also scored with the previous measure (YIN, `librosa.yin` 50–600 Hz over frames within 30 dB of the
 loudest) to show what issue #10 reported. Prints a markdown table; with ``--out``, also per-clip JSON.
@@ -49,7 +52,9 @@ def main() -> None:
 
     from tts_core.corpus.demo import DemoCorpusConfig, generate_demo_corpus
     from tts_core.corpus.voices import lab_voices
+    from tts_core.encoders import embedded
     from tts_core.encoders.mel_vq import MelVQConfig, MelVQTokenizer, log_mel_frames
+    from tts_core.encoders.world_vq import analyse, synthesize
     from tts_core.evaluation.directions import accuracies
     from tts_core.evaluation.measures import measure
 
@@ -69,27 +74,34 @@ def main() -> None:
     for r in attrs:
         wav, sr = sf.read(corpus.root / r["path"], dtype="float32")
         wavs16.append(AF.resample(torch.from_numpy(wav), sr, cfg.sample_rate).numpy())
-    n_frames = sum(len(w) for w in wavs16) // cfg.hop_length
-    vocab = min(a.vocab, max(16, n_frames // 8))  # frozen.load_speech_tokenizer's rule
     t0 = time.time()
-    tok = MelVQTokenizer.fit(wavs16, vocab_size=vocab, seed=0, config=cfg)
+    tok = embedded.fit(embedded.MEL_VQ, wavs16, vocab_cap=a.vocab, seed=0)  # as build-cache fits them
     t_fit = time.time() - t0
+    world = embedded.fit(embedded.WORLD_VQ, wavs16, seed=0)
+    t_world = time.time() - t0 - t_fit
+    vocab = tok.vocab_size
 
-    rows: dict[str, list[dict]] = {"ground truth": [], "mel -> Griffin-Lim": [], "tokens -> Griffin-Lim": []}
+    rows: dict[str, list[dict]] = {k: [] for k in (
+        "ground truth", "mel -> Griffin-Lim", "mel-vq tokens -> Griffin-Lim", "WORLD features -> WORLD",
+        "world-vq tokens -> WORLD")}
     t0 = time.time()
     for r, wav, text in zip(attrs, wavs16, texts):
         levels = {k: r[k] for k in ("gender", "pitch", "rate", "loudness")}
         frames = log_mel_frames(wav, cfg)
         renders = {"ground truth": wav,
                    "mel -> Griffin-Lim": MelVQTokenizer(frames, cfg, len(frames)).decode(np.arange(len(frames))),
-                   "tokens -> Griffin-Lim": tok.decode(tok.tokenize_batch([wav])[0])}
+                   "mel-vq tokens -> Griffin-Lim": tok.decode(tok.tokenize_batch([wav])[0]),
+                   "WORLD features -> WORLD": synthesize(analyse(wav, world.config, with_aperiodicity=True),
+                                                         world.config),
+                   "world-vq tokens -> WORLD": world.decode(world.tokenize_batch([wav])[0])}
         for name, x in renders.items():
             rows[name].append({**levels, **measure(x, cfg.sample_rate, text), "yin_f0_hz": yin_f0(x, cfg.sample_rate),
                                "clip_id": r["clip_id"]})
     t_measure = time.time() - t0
 
     print(f"lab corpus: {len(attrs)} clips, {len({r['speaker'] for r in attrs})} voices, "
-          f"{corpus.total_seconds:.0f} s audio; codebook {vocab} (fit {t_fit:.0f} s); corpus {t_corpus:.0f} s, "
+          f"{corpus.total_seconds:.0f} s audio; mel-vq codebook {vocab} (fit {t_fit:.0f} s), world-vq "
+          f"{world.vocab_size} codes (fit {t_world:.0f} s); corpus {t_corpus:.0f} s, "
           f"render + measure {t_measure:.0f} s\n")
     print("| rendering | pitch (Praat) | pitch (YIN, old) | rate | loudness |")
     print("|---|---|---|---|---|")
@@ -102,7 +114,7 @@ def main() -> None:
         cell = {k: f"{v['accuracy']:.3f} ({v['pairs']})" for k, v in acc.items()}
         print(f"| {name} | {cell['pitch']} | {yin['accuracy']:.3f} ({yin['pairs']}) | {cell['rate']} | "
               f"{cell['loudness']} |")
-    for name in ("mel -> Griffin-Lim", "tokens -> Griffin-Lim"):
+    for name in list(rows)[1:]:
         ratio = [x["f0_hz"] / g["f0_hz"] for x, g in zip(rows[name], rows["ground truth"])]
         low_male = [x["f0_hz"] for x in rows[name] if x["gender"] == "male" and x["pitch"] == "low"]
         print(f"\n{name}: F0 / ground-truth F0 median {np.nanmedian(ratio):.2f}, within 20%: "

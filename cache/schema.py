@@ -19,7 +19,10 @@ Layout of a store (a Zarr v3 group, on any fsspec URL):
                                             (`PROMPTS`; tts_core.reference, tts_core.t3.families)
       instructions/offsets int64 [U + 1]    states of instruction j are instructions/states[off[j]:off[j+1]]
       instructions/states float16 [S, H]    text-encoder last hidden states, padding stripped
-      models/mel_vq/*                        codebook of the embedded tokenizer, when that one is used
+      models/mel_vq/*                        codebook of the embedded mel-vq tokenizer, when that one is used
+      models/world_vq/*                      envelopes + aperiodicity of the embedded world-vq tokenizer, when used
+                                            (which kind: attrs extra.speech_tokenizer_kind, absent = mel-vq;
+                                            tts_core.encoders.embedded)
       manifest.parquet                       one row per data line (see MANIFEST_COLUMNS)
       norm_report.{json,md,png}              published beside the arrays (also as Prefect artifacts)
 
@@ -113,6 +116,7 @@ INSTRUCTION_OFFSETS = "instructions/offsets"
 INSTRUCTION_STATES = "instructions/states"
 STATE_DTYPE = np.dtype("float16")
 MEL_VQ_GROUP = "models/mel_vq"
+TOKENIZER_GROUPS = {"mel-vq": MEL_VQ_GROUP, "world-vq": "models/world_vq"}  # embedded kind -> its arrays
 
 MANIFEST_FILE = "manifest.parquet"
 MANIFEST_PARTS = "manifest_parts"  # one parquet per committed batch while building

@@ -297,17 +297,23 @@ def saved_arrays(g: zarr.Group, group_path: str, names: Sequence[str]) -> tuple[
     return {n: sub[n][...] for n in names}, attrs
 
 
-def saved_codebook(url: str) -> dict | None:
-    """The embedded tokenizer's codebook of a created store; None when there is none yet, or when its
-    write (or the store's creation) was interrupted: the build then refits it, deterministically."""
+def saved_codebook(url: str) -> "embedded.SavedTokenizer | None":
+    """The embedded tokenizer of a created store (of the kind the store records; none recorded: mel-vq);
+    None when there is none yet, or when its write (or the store's creation) was interrupted: the build
+    then refits it, deterministically."""
+    from tts_core.encoders import embedded
+
     try:
         g = open_group(url, "r", strict=True)
     except StoreNotFound:
         return None
     if g.attrs.get("schema_version") != schema.SCHEMA_VERSION:
         return None  # no store yet (interrupted creation), or another schema: open_for_build says which
-    saved = saved_arrays(g, schema.MEL_VQ_GROUP, ("codebook",))
-    return None if saved is None else {"codebook": saved[0]["codebook"], "config": saved[1]}
+    kind = dict(g.attrs.get("extra") or {}).get(embedded.KIND_ATTR, embedded.MEL_VQ)
+    if kind not in embedded.KINDS:
+        return None  # S3 tokens: nothing embedded to restore
+    saved = saved_arrays(g, schema.TOKENIZER_GROUPS[kind], embedded.ARRAY_NAMES[kind])
+    return None if saved is None else embedded.SavedTokenizer(kind, *saved)
 
 
 def _refuse_foreign(url: str) -> None:

@@ -23,7 +23,8 @@ def _cmd_build_cache(a: argparse.Namespace) -> int:
                   chatterbox_dir=str(a.chatterbox_dir) if a.chatterbox_dir else None,
                   text_encoder=str(a.text_encoder) if a.text_encoder else None, device=a.device,
                   normalise_spk=not a.raw_spk, normalise_xvec=not a.raw_xvec, loader_threads=a.loader_threads,
-                  chunk_rows=a.chunk_rows, task_runner=a.task_runner, cluster=a.cluster, workers=a.workers)
+                  chunk_rows=a.chunk_rows, task_runner=a.task_runner, cluster=a.cluster, workers=a.workers,
+                  speech_tokenizer=a.speech_tokenizer)
     if a.no_prefect and a.task_runner != "local":
         print("instruct-tts: error: --task-runner dask runs through Prefect (prefect-dask); drop --no-prefect",
               file=sys.stderr)
@@ -35,7 +36,7 @@ def _cmd_build_cache(a: argparse.Namespace) -> int:
 
         cfg = BuildConfig(metadata=a.metadata, audio_root=a.audio_root, store=a.store,
                           models=FrozenModelsConfig(chatterbox_dir=a.chatterbox_dir, text_encoder=a.text_encoder,
-                                                    device=a.device),
+                                                    device=a.device, speech_tokenizer=a.speech_tokenizer),
                           normalisation=Normalisation(not a.raw_spk, not a.raw_xvec), loader_threads=a.loader_threads,
                           chunk_rows=a.chunk_rows)
         for line in build_cache(cfg, _print_progress).lines():
@@ -211,6 +212,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tts_core.encoders.embedded import DEFAULT_KIND, KINDS
     from tts_core.languages import MTL_LANGUAGES
     from tts_core.sampling_defaults import family_defaults_help
 
@@ -233,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--stage1-steps", type=int)
     lab.add_argument("--stage2-steps", type=int)
     lab.add_argument("--eval-clips", type=int, help="held-out clips synthesized per split")
-    lab.add_argument("--speech-tokenizer", help="embedded tokenizer + vocoder (default mel-vq)")
+    lab.add_argument("--speech-tokenizer", choices=("mel-vq", "world-vq"), help="embedded tokenizer + vocoder (default world-vq: its tokens keep F0)")
     lab.add_argument("--seed", type=int)
     lab.add_argument("--device")
     lab.add_argument("--no-prefect", action="store_true", help="run without Prefect (no artifacts)")
@@ -249,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--raw-xvec", action="store_true", help="reader does not L2-normalise x-vectors")
     b.add_argument("--loader-threads", type=int, default=4)
     b.add_argument("--chunk-rows", type=int, default=256, help="rows per Zarr chunk and per batch (new stores)")
+    b.add_argument("--speech-tokenizer", choices=KINDS, default=DEFAULT_KIND,
+                   help="embedded tokenizer + decoder fitted on the corpus when no --chatterbox-dir is given: "
+                        "mel-vq (log-mel k-means, Griffin-Lim) or world-vq (WORLD envelope codes x log-F0 levels, "
+                        "keeps pitch; docs/benchmarks.md 'Vocoder ceiling')")
     b.add_argument("--task-runner", choices=("local", "dask"), default="local",
                    help="where clip shards are encoded: this process, or Dask workers (prefect-dask)")
     b.add_argument("--cluster", help="Dask scheduler address, e.g. tcp://scheduler:8786 (default: a local cluster)")

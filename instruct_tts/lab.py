@@ -47,7 +47,8 @@ class LabConfig:
     held_out_wording: float = 0.1  # share of instructions in the held-out wording (all of them are held out)
     held_out_voice_frac: float = 0.1  # share of espeak voices held out (with both pitch-factor twins)
     held_out_instruction_frac: float = 0.05  # share of training-wording instruction texts held out
-    speech_tokenizer: str = "mel-vq"  # FrozenModelsConfig.speech_tokenizer ("mel-vq" | "world-vq")
+    speech_tokenizer: str = "world-vq"  # FrozenModelsConfig.speech_tokenizer: the one whose tokens keep F0
+
     # stage 1 (mapper)
     stage1_steps: int = 3000  # both phases together; each phase also early-stops on its held-out AvgCos
     stage1_batch_size: int = 64
@@ -87,17 +88,11 @@ class LabConfig:
 
 
 def frozen_models(cfg: LabConfig):
-    """The frozen models the lab's caches are built with (embedded defaults; ``speech_tokenizer`` chooses the
-    tokenizer + vocoder when the installed FrozenModelsConfig knows the field)."""
+    """The frozen models the lab's caches are built with: the embedded defaults, with ``speech_tokenizer``
+    choosing the tokenizer + vocoder (world-vq: its tokens carry F0 and level, docs/lab.md)."""
     from tts_core.frozen import FrozenModelsConfig
 
-    kw: dict = {"device": cfg.device}
-    if "speech_tokenizer" in {f.name for f in fields(FrozenModelsConfig)}:
-        kw["speech_tokenizer"] = cfg.speech_tokenizer
-    elif cfg.speech_tokenizer != "mel-vq":
-        raise ValueError(f"speech_tokenizer={cfg.speech_tokenizer!r}: this version has only the embedded mel-VQ "
-                         "tokenizer ('mel-vq')")
-    return FrozenModelsConfig(**kw)
+    return FrozenModelsConfig(device=cfg.device, speech_tokenizer=cfg.speech_tokenizer)
 
 
 @dataclass

@@ -172,7 +172,7 @@ def test_mel_vq_round_trips(tmp_path, mel_vq):
         for a, b in zip(restored.tokenize_batch(wavs), expected):
             np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="n_fit_frames"):
-        MelVQTokenizer.from_arrays(mel_vq.codebook, mel_vq.config)
+        MelVQTokenizer.from_arrays({"codebook": mel_vq.codebook}, mel_vq.config)
 
 
 def test_mel_vq_decode_is_audible_and_faithful(mel_vq):

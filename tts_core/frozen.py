@@ -4,19 +4,24 @@ Production: a Chatterbox checkpoint directory (`ve.safetensors` / `ve.pt`, `s3ge
 the English and multilingual releases ship the same weights in the two formats) and a local
 flan-t5-large directory. Embedded default (nothing given): real small models that pip packages ship —
 Resemblyzer's GE2E weights in the VoiceEncoder slot, a Resemblyzer-based stand-in honestly labelled
-in the x-vector slot, a mel k-means tokenizer fitted on the corpus in the S3 slot, and the packaged
+in the x-vector slot, a tokenizer fitted on the corpus in the S3 slot (`speech_tokenizer`: mel k-means, or a
+WORLD product code that keeps F0 — tts_core.encoders.embedded), and the packaged
 all-MiniLM-L6-v2 as the instruction encoder. See docs/production-weights.md.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
 from tts_core.encoders.base import SpeakerEncoder, SpeechTokenizer, TextEncoder
+from tts_core.encoders.embedded import DEFAULT_KIND, check_kind
 from tts_core.identity import ModelIdentity
+
+if TYPE_CHECKING:
+    from tts_core.encoders.embedded import SavedTokenizer
 
 
 class WeightsNotFound(FileNotFoundError):
@@ -31,6 +36,10 @@ class FrozenModelsConfig:
     text_encoder: Path | None = None  # local flan-t5-large (or other HF encoder) directory
     device: str = "cpu"
     tokenizer_vocab: int = 1024  # embedded mel-VQ tokenizer only
+    speech_tokenizer: str = DEFAULT_KIND  # embedded kind without s3gen weights: "mel-vq" | "world-vq"
+
+    def __post_init__(self):
+        check_kind(self.speech_tokenizer)
 
     def ve_path(self) -> Path | None:
         from tts_core.t3.families import ENGLISH, FAMILIES
@@ -94,9 +103,10 @@ def load_text_encoder(cfg: FrozenModelsConfig) -> TextEncoder:
     return HFTextEncoder.embedded_default().to(cfg.device)
 
 
-def load_speech_tokenizer(cfg: FrozenModelsConfig, saved_codebook: dict | None,
+def load_speech_tokenizer(cfg: FrozenModelsConfig, saved: "SavedTokenizer | None",
                           fit_wavs: Callable[[], Sequence[np.ndarray]]) -> tuple[SpeechTokenizer, bool]:
-    """The S3 tokenizer from s3gen weights; else the embedded mel-VQ, restored from the store or fitted.
+    """The S3 tokenizer from s3gen weights; else the embedded one of `cfg.speech_tokenizer`, restored from
+    the store (`saved`, when of that kind) or fitted.
 
     Returns (tokenizer, newly_fitted). Fitting is deterministic for the same clips and seed, so an
     interrupted build that refits gets the same codebook and the same identity.
@@ -106,11 +116,8 @@ def load_speech_tokenizer(cfg: FrozenModelsConfig, saved_codebook: dict | None,
         from tts_core.encoders.s3_tokenizer import S3SpeechTokenizer
 
         return S3SpeechTokenizer.from_s3gen(s3gen, device=cfg.device), False
-    from tts_core.encoders.mel_vq import MelVQTokenizer
+    from tts_core.encoders import embedded
 
-    if saved_codebook is not None:
-        return MelVQTokenizer.from_arrays(**saved_codebook), False
-    wavs = fit_wavs()
-    n_frames = sum(len(w) for w in wavs) // 640  # 25 Hz at 16 kHz
-    vocab = min(cfg.tokenizer_vocab, max(16, n_frames // 8))  # small corpora get a smaller codebook
-    return MelVQTokenizer.fit(wavs, vocab_size=vocab, seed=0), True
+    if saved is not None and saved.kind == cfg.speech_tokenizer:
+        return embedded.restore(saved), False
+    return embedded.fit(cfg.speech_tokenizer, fit_wavs(), vocab_cap=cfg.tokenizer_vocab, seed=0), True

@@ -12,8 +12,8 @@ The conditioning is the one training used, row kind by row kind (`tts_core.stage
 The token sequence comes from `T3.generate`, i.e. `tts_core.t3.layout.build_generation_layout` — the
 same layout module that builds training batches; there is no second prefix builder here.
 
-Vocoder (`tts_core.vocoders`): the embedded default decodes the embedded mel-VQ tokens (codebook read
-from the run's cache store) with Griffin-Lim; S3 tokens (production) are decoded by Chatterbox's S3Gen
+Vocoder (`tts_core.vocoders`): the embedded default decodes the embedded tokens with the tokenizer's own
+decoder (mel-vq: Griffin-Lim; world-vq: WORLD; arrays from the run's copy, else its cache store); S3 tokens (production) are decoded by Chatterbox's S3Gen
 from ``--chatterbox-dir`` (optional extra ``vocoder``), with the reference clip's voice when given, else
 the mapper's x-vector. Without a vocoder `synthesize` returns the tokens and ``wav=None``, and says so.
 """
@@ -126,11 +126,10 @@ class Synthesizer:
                    None)  # the run's own copy (a checkpoints/step_* dir: its run's)
         codebook = None if own else _store_codebook(meta.get("store", {}).get("url"))
         if own or codebook is not None:
-            from tts_core.encoders.mel_vq import MelVQTokenizer
-            from tts_core.vocoders import MelVQVocoder
+            from tts_core.encoders import embedded
 
-            speech_tok = MelVQTokenizer.from_safetensors(own) if own else MelVQTokenizer.from_arrays(**codebook)
-            vocoder = MelVQVocoder(speech_tok)
+            speech_tok = embedded.load_file(own) if own else embedded.restore(codebook)
+            vocoder = embedded.EmbeddedVocoder(speech_tok)
         elif models.s3gen_path():
             from tts_core.encoders.s3_tokenizer import S3SpeechTokenizer
             from tts_core.vocoders import VocoderUnavailable, s3gen_spec_for
@@ -202,7 +201,7 @@ def _as_reference(reference: Reference | np.ndarray) -> Reference:
     return reference if isinstance(reference, Reference) else Reference.from_16k(reference)
 
 
-def _store_codebook(url: str | None) -> dict | None:
+def _store_codebook(url: str | None):
     if not url or ("://" not in url and not Path(url).exists()):
         return None
     from cache.writer import saved_codebook

@@ -1,6 +1,7 @@
 """Speech tokens → waveform. One interface, two implementations:
 
-* `MelVQTokenizer` (tts_core.encoders.mel_vq) decodes the embedded tokenizer's tokens (Griffin-Lim);
+* `EmbeddedVocoder` (tts_core.encoders.embedded) decodes the embedded tokenizers' tokens (mel-vq: Griffin-Lim;
+  world-vq: WORLD synthesis);
 * `S3GenVocoder` decodes S3 tokens with Chatterbox's S3Gen from a local ``s3gen.safetensors`` / ``s3gen.pt``,
   using the ``chatterbox-tts`` package's module (the optional extra ``vocoder``; docs/vocoder.md says why
   not a port). Speaker identity: the reference clip when given (S3Gen's own ``embed_ref`` over the
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tts_core.encoders.embedded import EmbeddedVocoder  # re-exported: the embedded tokenizers' own decoder
 from tts_core.reference import S3GEN_SR, S3_SR, Reference, s3gen_audio
 
 log = logging.getLogger(__name__)
@@ -161,18 +163,4 @@ class S3GenVocoder:
         return wav[0].float().cpu().numpy()
 
 
-class MelVQVocoder:
-    """The embedded tokenizer's own decoder behind the same `decode` as S3Gen (voice comes from the tokens)."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.sample_rate = int(tokenizer.config.sample_rate)
-
-    def decode(self, tokens: np.ndarray, x_vector: np.ndarray | None = None,
-               reference=None, reference_sr: int = S3_SR) -> np.ndarray:
-        tokens = np.asarray(tokens, np.int64)
-        usable = tokens[(tokens >= 0) & (tokens < self.tokenizer.vocab_size)]
-        if len(usable) < len(tokens):
-            log.warning("%d of %d tokens are outside the %d-token codebook: dropped", len(tokens) - len(usable),
-                        len(tokens), self.tokenizer.vocab_size)
-        return self.tokenizer.decode(usable)
+MelVQVocoder = EmbeddedVocoder  # its former name

@@ -22,6 +22,7 @@ from cache.norms import publish_norm_report
 from cache.writer import CacheWriter, ClipBatch, saved_codebook
 from tts_core.cachebuild.shards import ShardJob, ShardMap, encode_batch, load_line
 from tts_core.audio import AudioPolicy, AudioRejected, load_clip
+from tts_core.encoders import embedded
 from tts_core.frozen import FrozenModelsConfig, load_speaker_models, load_speech_tokenizer, load_text_encoder
 from tts_core.metadata import MetaLine, lines_digest, read_metadata
 
@@ -137,10 +138,13 @@ def _build_locked(cfg: BuildConfig, progress: Callable[[BuildProgress], None], s
     recorded = CacheWriter.recorded_rows(cfg.store)
     prefix = lines_digest(lines[:recorded]) if recorded and recorded < len(lines) else None
 
+    saved = saved_codebook(cfg.store)
+    if saved is not None and saved.kind != cfg.models.speech_tokenizer and cfg.models.s3gen_path() is None:
+        raise StoreError(f"{cfg.store} holds {saved.kind} speech tokens, this build asks for "
+                         f"{cfg.models.speech_tokenizer}: pass --speech-tokenizer {saved.kind}, or another --store")
     ve, xv = load_speaker_models(cfg.models)
     text_enc = load_text_encoder(cfg.models)
-    tokenizer, fitted = load_speech_tokenizer(cfg.models, saved_codebook(cfg.store),
-                                              lambda: _fit_clips(cfg, lines))
+    tokenizer, fitted = load_speech_tokenizer(cfg.models, saved, lambda: _fit_clips(cfg, lines))
     identities = {"voice_encoder": ve.identity, "xvector": xv.identity,
                   "speech_tokenizer": tokenizer.identity, "text_encoder": text_enc.identity}
     w = CacheWriter.open_for_build(
@@ -148,10 +152,11 @@ def _build_locked(cfg: BuildConfig, progress: Callable[[BuildProgress], None], s
         prefix_digest=prefix, models=identities, normalisation=cfg.normalisation,
         text_hidden_size=text_enc.hidden_size, chunk_rows=cfg.chunk_rows,
         extra={"metadata": str(cfg.metadata), "audio_root": str(cfg.audio_root),
-               "tokenizer_vocab": int(tokenizer.vocab_size), "tokenizer_frame_rate": float(tokenizer.frame_rate)})
+               "tokenizer_vocab": int(tokenizer.vocab_size), "tokenizer_frame_rate": float(tokenizer.frame_rate),
+               embedded.KIND_ATTR: getattr(tokenizer, "kind", "s3")})
     if fitted:
-        codebook, conf = tokenizer.arrays()
-        w.save_arrays(schema.MEL_VQ_GROUP, {"codebook": codebook}, conf)
+        arrays, conf = tokenizer.arrays()
+        w.save_arrays(schema.TOKENIZER_GROUPS[tokenizer.kind], arrays, conf)
     info = w.info
     resumed_from = info.committed_rows
     did_work = not info.complete
@@ -172,10 +177,7 @@ def _build_locked(cfg: BuildConfig, progress: Callable[[BuildProgress], None], s
     if shard_map is None:
         batches = _local_batches(cfg, lines, starts, chunk, inst_ids, ve, xv, tokenizer)
     else:
-        codebook = None
-        if hasattr(tokenizer, "arrays"):  # embedded mel-VQ: workers rebuild it from these arrays
-            cb, conf = tokenizer.arrays()
-            codebook = {"codebook": cb, "config": conf}
+        codebook = embedded.saved(tokenizer) if hasattr(tokenizer, "arrays") else None  # workers rebuild it
         jobs = (ShardJob(start=s, lines=tuple(lines[s:s + chunk]),
                          instruction_ids=tuple(int(i) for i in inst_ids[s:s + chunk]),
                          metadata_name=Path(cfg.metadata).name, audio_root=str(cfg.audio_root), audio=cfg.audio,

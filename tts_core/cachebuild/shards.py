@@ -26,6 +26,7 @@ import pandas as pd
 from cache import schema
 from cache.writer import ClipBatch
 from tts_core.audio import AudioPolicy, AudioRejected, LoadedAudio, load_clip
+from tts_core.encoders.embedded import SavedTokenizer
 from tts_core.frozen import FrozenModelsConfig
 from tts_core.metadata import MetaLine
 from tts_core.reference import prompt_audio
@@ -42,7 +43,7 @@ class ShardJob:
     audio_root: str
     audio: AudioPolicy
     models: FrozenModelsConfig
-    codebook: dict | None  # embedded tokenizer arrays (`MelVQTokenizer.arrays`); None: S3 from s3gen weights
+    codebook: SavedTokenizer | None  # the embedded tokenizer (`encoders.embedded.saved`); None: S3 from s3gen weights
     loader_threads: int = 4
 
 
@@ -134,18 +135,20 @@ def encode_batch(batch: Sequence[MetaLine], loaded: list, iids: Sequence[int], v
 
 
 # ---- remote side ---------------------------------------------------------------------------------------------
-def _codebook_key(codebook: dict | None) -> str:
+def _codebook_key(codebook: SavedTokenizer | None) -> str:
     if codebook is None:
         return ""
-    h = hashlib.sha256(np.ascontiguousarray(codebook["codebook"]).tobytes())
-    h.update(json.dumps(codebook["config"], sort_keys=True, default=str).encode())
+    h = hashlib.sha256(codebook.kind.encode())
+    for name in sorted(codebook.arrays):
+        h.update(np.ascontiguousarray(codebook.arrays[name]).tobytes())
+    h.update(json.dumps(codebook.config, sort_keys=True, default=str).encode())
     return h.hexdigest()
 
 
 _WORKER_MODELS: dict[tuple[str, str], tuple] = {}  # this process's loaded models (one set at a time)
 
 
-def _worker_models(models: FrozenModelsConfig, codebook: dict | None) -> tuple:
+def _worker_models(models: FrozenModelsConfig, codebook: SavedTokenizer | None) -> tuple:
     from tts_core.frozen import load_speaker_models, load_speech_tokenizer
 
     key = (repr(models), _codebook_key(codebook))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -18,11 +18,14 @@ import torch
 import torchaudio
 
 from tts_core.checkpoint import read_state_dict_safetensors, save_state_dict_safetensors
+from tts_core.encoders.embedded import TokenConfig, checked_tokens
 from tts_core.identity import ModelIdentity, sha256_state_dict
+
+CONFIG_KEY = "mel_vq_config"  # safetensors metadata key: what makes a file a MelVQTokenizer file
 
 
 @dataclass(frozen=True)
-class MelVQConfig:
+class MelVQConfig(TokenConfig):
     """Front end: one log-mel frame per 40 ms hop (25 Hz, like S3), centred STFT, natural-log power mel."""
 
     sample_rate: int = 16_000
@@ -38,15 +41,6 @@ class MelVQConfig:
     def __post_init__(self):
         if self.hop_length % self.decode_hop:
             raise ValueError("decode_hop must divide hop_length (each token becomes a whole number of frames)")
-
-    @property
-    def frame_rate(self) -> float:
-        return self.sample_rate / self.hop_length
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> "MelVQConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def _identity(codebook: np.ndarray, n_fit_frames: int, source: str = "") -> ModelIdentity:
@@ -76,6 +70,8 @@ def log_mel_frames(wav: np.ndarray, config: MelVQConfig,
 
 class MelVQTokenizer:
     """SpeechTokenizer: each 40 ms log-mel frame → index of its nearest k-means centroid."""
+
+    kind = "mel-vq"  # tts_core.encoders.embedded
 
     def __init__(self, codebook: np.ndarray, config: MelVQConfig, n_fit_frames: int, source: str = ""):
         codebook = np.ascontiguousarray(codebook, dtype=np.float32)
@@ -140,11 +136,9 @@ class MelVQTokenizer:
     def decode(self, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
         """Tokens → 16 kHz float32 audio (len = n_tokens · hop) via centroid log-mel and Griffin-Lim."""
         cfg = self.config
-        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        tokens = checked_tokens(tokens, self.vocab_size)
         if tokens.size == 0:
             return np.zeros(0, np.float32)
-        if tokens.min() < 0 or tokens.max() >= self.vocab_size:
-            raise ValueError(f"tokens must lie in [0, {self.vocab_size})")
         mel = torch.from_numpy(np.exp(self.codebook[tokens])).T  # [n_mels, T] power
         repeat = cfg.hop_length // cfg.decode_hop
         mel = mel.repeat_interleave(repeat, dim=1)
@@ -164,13 +158,16 @@ class MelVQTokenizer:
         """Front-end config plus the fit size, i.e. everything besides the codebook that the identity needs."""
         return {**asdict(self.config), "n_fit_frames": self.n_fit_frames}
 
-    def arrays(self) -> tuple[np.ndarray, dict]:
-        """(codebook, config dict): what a cache stores; `from_arrays(*tok.arrays())` rebuilds the tokenizer."""
-        return self.codebook.copy(), self.config_dict()
+    def arrays(self) -> tuple[dict[str, np.ndarray], dict]:
+        """({"codebook"}, config dict): what a cache stores; `from_arrays(*tok.arrays())` rebuilds the tokenizer."""
+        return {"codebook": self.codebook.copy()}, self.config_dict()
 
     @classmethod
-    def from_arrays(cls, codebook: np.ndarray, config: MelVQConfig | Mapping,
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray], config: MelVQConfig | Mapping,
                     n_fit_frames: int | None = None, source: str = "") -> "MelVQTokenizer":
+        if "codebook" not in arrays:
+            raise ValueError("not a mel-vq tokenizer: no codebook array")
+        codebook = np.asarray(arrays["codebook"])
         if isinstance(config, Mapping):
             n_fit_frames = n_fit_frames if n_fit_frames is not None else config.get("n_fit_frames")
             config = MelVQConfig.from_dict(config)
@@ -183,11 +180,12 @@ class MelVQTokenizer:
 
     def to_safetensors(self, path: str | Path) -> Path:
         return save_state_dict_safetensors(self.state_dict(), path,
-                                           metadata={"mel_vq_config": json.dumps(self.config_dict())})
+                                           metadata={CONFIG_KEY: json.dumps(self.config_dict())})
 
     @classmethod
     def from_safetensors(cls, path: str | Path) -> "MelVQTokenizer":
         state, meta = read_state_dict_safetensors(path)
-        if "mel_vq_config" not in meta:
-            raise ValueError(f"{path} is not a MelVQTokenizer file (no mel_vq_config metadata)")
-        return cls.from_arrays(state["codebook"].numpy(), json.loads(meta["mel_vq_config"]), source=str(path))
+        if CONFIG_KEY not in meta or set(state) != {"codebook"}:
+            raise ValueError(f"{path} is not a MelVQTokenizer file (expected {CONFIG_KEY} metadata and exactly the "
+                             f"tensor codebook; found {sorted(state)})")
+        return cls.from_arrays({"codebook": state["codebook"].numpy()}, json.loads(meta[CONFIG_KEY]), source=str(path))

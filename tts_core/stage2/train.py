@@ -675,11 +675,11 @@ def _save_speech_codebook(store: str, out: Path) -> None:
     """The embedded tokenizer's codebook beside the run (``mel_vq.safetensors``): the run directory then
     decodes its own tokens wherever it is moved, without the cache store."""
     from cache.writer import saved_codebook
-    from tts_core.encoders.mel_vq import MelVQTokenizer
+    from tts_core.encoders.embedded import restore
 
     codebook = saved_codebook(store)
     if codebook is not None:
-        MelVQTokenizer.from_arrays(**codebook).to_safetensors(out / SPEECH_CODEBOOK)
+        restore(codebook).to_safetensors(out / SPEECH_CODEBOOK)
 
 
 def _publish(out: Path, ckpt: Path) -> None:
