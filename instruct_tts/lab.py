@@ -317,7 +317,7 @@ def _renderings(cfg: LabConfig, p: LabPaths, root: Path, by_id: dict, held: dict
                                       sampling=sampling)
                 renders[WITH_REFERENCE] = (r2.wav, r2.sample_rate)
             for name, (w, s) in renders.items():
-                row = attribute_row(w, s, text, levels)
+                row = {**attribute_row(w, s, text, levels), "wording": c["wording"]}
                 rows[name].append(row)
                 records.append({"split": split, "rendering": name, "clip_id": cid, "speaker": c["speaker"],
                                 "instruction": c["instruction"], **row})
@@ -345,7 +345,7 @@ def _report(cfg: LabConfig, corpus, clips: list[dict], roles: dict, stage1_cos: 
         "training_voices": sorted({espeak_voice(c["speaker"]) for c in clips if roles[c["cache_id"]] == TRAIN}),
         "step_seconds": {k: float(v) for k, v in seconds.items() if k != "report"},
         "wall_s": float(wall_s),
-        "tables": tables, "stage1": stage1,
+        "tables": tables, "by_wording": lr.wording_section(renderings, cfg.n_boot, cfg.seed), "stage1": stage1,
         "stage2": {"curve": curve, "final_train_loss": train_log[-1] if train_log else None},
     }
     report["targets"] = lr.targets(tables, stage1)

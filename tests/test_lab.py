@@ -138,6 +138,22 @@ def test_lab_tables_have_ceilings_model_baselines_with_intervals(lab):
         assert gt["loudness", split]["pairs"] == asked.count("quiet") * asked.count("loud") > 0
 
 
+def test_lab_splits_the_model_on_held_out_instructions_by_wording(lab):
+    """Known words in new texts vs unseen words: each wording's loudness pairs are its own quiet x loud model
+    clips (a recount from measurements.json), and the two wordings together never pair across each other."""
+    out, report = lab
+    clips = [c for c in json.loads((out / "measurements.json").read_text())
+             if c["split"] == HELD_OUT_INSTRUCTION and c["rendering"] == "model"]
+    rows = {(r["wording"], r["attribute"]): r for r in report["by_wording"]}
+    assert set(rows) == {(w, a) for w in ("train", "held_out") for a in ("pitch", "rate", "loudness")}
+    for wording in ("train", "held_out"):
+        asked = [c["loudness"] for c in clips if c["wording"] == wording]
+        assert (rows[wording, "loudness"]["pairs"] or 0) == asked.count("quiet") * asked.count("loud")
+    model = next(r for r in report["tables"]["loudness"] if r["split"] == HELD_OUT_INSTRUCTION and r["rendering"] == "model")
+    assert sum(rows[w, "loudness"]["pairs"] or 0 for w in ("train", "held_out")) <= model["pairs"]
+    assert "by wording" in (out / "report.md").read_text()
+
+
 def test_lab_held_out_clips_never_reach_the_training_store(lab):
     out, report = lab
     from cache.reader import CacheReader

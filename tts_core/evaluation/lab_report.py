@@ -62,6 +62,18 @@ def attribute_tables(renderings: dict[str, dict[str, list[dict]]], n_boot: int =
     return out
 
 
+WORDINGS = {"train": "training wording (new texts, known words)", "held_out": "held-out wording (words no training text has)"}
+
+
+def wording_section(renderings: dict[str, dict[str, list[dict]]], n_boot: int = 1000, seed: int = 0) -> list[dict]:
+    """The model on held-out instructions, split by wording: how much of a miss is unseen *words* (the frozen
+    text encoder + pooling must generalise) rather than unseen combinations of known ones."""
+    model = renderings.get(HELD_OUT_INSTRUCTION, {}).get("model", [])
+    return [{"wording": wording, "attribute": attr, **_score([r for r in model if r.get("wording") == wording],
+                                                            attr, n_boot, seed)}
+            for wording in WORDINGS for attr in TARGET_ATTRIBUTES]
+
+
 def stage1_section(cosines: dict[str, dict[str, np.ndarray]], n_boot: int = 1000, seed: int = 0) -> dict:
     """``cosines[split]`` = `lab.stage1_cosines` output → {split: {"mean"|"oracle"|"model": mean_ci, "gap_closed",
     "oracle_minus_mean"}}."""
@@ -150,6 +162,15 @@ def to_markdown(r: dict) -> str:
                          f"{_f(row['accuracy'])} | {_ci(row['ci'])} | {row['pairs'] if row['pairs'] else '—'} | "
                          f"{_measured(row)} |")
         lines.append("")
+    if r.get("by_wording"):
+        lines += ["### model on held-out instructions, by wording", "",
+                  "| wording | " + " | ".join(TARGET_ATTRIBUTES) + " |", "|---|" + "---|" * len(TARGET_ATTRIBUTES)]
+        for wording, title in WORDINGS.items():
+            cells = {row["attribute"]: row for row in r["by_wording"] if row["wording"] == wording}
+            lines.append(f"| {title} | " + " | ".join(
+                f"{_f(cells[a]['accuracy'])} {_ci(cells[a]['ci'])} ({cells[a]['pairs'] or 0} pairs)"
+                for a in TARGET_ATTRIBUTES) + " |")
+        lines.append("")
     lines += ["## Stage 1 (instruction → voice vectors), AvgCos on held-out clips", "",
               "| split | mean vector | gender+pitch oracle | model | oracle − mean | gap closed | clips |",
               "|---|---|---|---|---|---|---|"]
@@ -197,6 +218,14 @@ def notes(r: dict) -> list[str]:
             out.append(f"{attr}: model {model['accuracy']:.3f} under a {voc['accuracy']:.3f} ceiling — the T3 has "
                        "not learned it at this size/step count; see the stage-2 curve (more steps while the held-out "
                        "loss still falls, more data when it has turned up).")
+    bw = {(row["wording"], row["attribute"]): row["accuracy"] for row in r.get("by_wording", [])}
+    both = [a for a in TARGET_ATTRIBUTES if all(math.isfinite(bw.get((w, a), math.nan)) for w in WORDINGS)]
+    if both:
+        out.append("Model on held-out instructions, known words in new texts vs unseen words: "
+                   + ", ".join(f"{a} {bw[('train', a)]:.3f} vs {bw[('held_out', a)]:.3f}" for a in both)
+                   + ". Where the second is lower, the miss is the instruction encoder (frozen text encoder + stage-1 "
+                   "pooling) not generalising to unseen wording: more varied training phrasings, or a stronger "
+                   "text encoder (flan-t5-large in production).")
     curve = r["stage2"]["curve"]
     if len(curve) >= 2 and curve[-1].get(HELD_OUT_INSTRUCTION) is not None:
         ho = [p[HELD_OUT_INSTRUCTION] for p in curve if p.get(HELD_OUT_INSTRUCTION) is not None]
@@ -209,8 +238,9 @@ def notes(r: dict) -> list[str]:
     s1 = r["stage1"].get(HELD_OUT_INSTRUCTION)
     if s1 and s1["model"]["value"] < s1["mean"]["value"]:
         out.append(f"Stage 1 is below the mean-vector baseline on held-out instructions ({s1['model']['value']:.3f} vs "
-                   f"{s1['mean']['value']:.3f}): the mapper is under-trained at {r['config']['stage1_steps']} steps "
-                   "(its own held-out curve: runs/mapper/report.md).")
+                   f"{s1['mean']['value']:.3f}) after {r['config']['stage1_steps']} steps: the mapper draws a flow "
+                   "sample of the voice vectors, which scores below a conditional mean when the vectors vary little "
+                   "with what an instruction says (its own held-out curve: runs/mapper/report.md).")
     if s1 and s1["oracle_minus_mean"] < ORACLE_GAP_MIN:
         out.append(f"The oracle beats the mean vector by only {s1['oracle_minus_mean']:.3f} AvgCos on held-out "
                    "instructions: the voice vectors vary little with gender/pitch in this corpus or encoder, so "
