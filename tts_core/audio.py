@@ -45,6 +45,11 @@ class LoadedAudio:
     # the prompt official inference builds. None: cut from `wav`.
     prompt_wav: np.ndarray | None = None
 
+    @property
+    def prompt_source(self) -> np.ndarray:
+        """The 16 kHz audio T3's prompt is cut from."""
+        return self.prompt_wav if self.prompt_wav is not None else self.wav
+
 
 def load_clip(path: str | Path, policy: AudioPolicy = AudioPolicy()) -> LoadedAudio:
     path = Path(path)

@@ -66,12 +66,11 @@ def _prompt_tokens(clips: Sequence[LoadedAudio], tokens: Sequence[np.ndarray], t
     todo: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (clip, cut length) → [(prompt k, clip j)]
     for k, spec in enumerate(schema.PROMPTS):
         for j, a in enumerate(clips):
-            src = a.prompt_wav if a.prompt_wav is not None else a.wav
-            n = len(prompt_audio(src, spec.seconds))
+            n = len(prompt_audio(a.prompt_source, spec.seconds))
             if a.prompt_wav is not None or n < len(a.wav):
                 todo.setdefault((j, n), []).append((k, j))
     keys = list(todo)
-    cut = [(clips[j].prompt_wav if clips[j].prompt_wav is not None else clips[j].wav)[:n] for j, n in keys]
+    cut = [clips[j].prompt_source[:n] for j, n in keys]
     for key, toks in zip(keys, tokenizer.tokenize_batch(cut) if cut else []):
         for k, j in todo[key]:
             out[k][j] = toks
