@@ -193,7 +193,7 @@ def _cmd_lab(a: argparse.Namespace) -> int:
     from instruct_tts.lab import LabConfig, run_lab
 
     overrides = {k: getattr(a, k) for k in ("n_clips", "seed", "device", "speech_tokenizer", "stage1_steps",
-                                            "stage2_steps", "eval_clips")}
+                                            "stage2_steps", "eval_clips", "t3")}
     if a.use_prefect:
         from flows.lab import lab_flow
 
@@ -234,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--n-clips", type=int, help="lab corpus size (preset's otherwise)")
     lab.add_argument("--stage1-steps", type=int)
     lab.add_argument("--stage2-steps", type=int)
+    lab.add_argument("--t3", choices=("tiny", "small"), help="T3 preset trained in stage 2 (preset's otherwise: small)")
     lab.add_argument("--eval-clips", type=int, help="held-out clips synthesized per split")
     lab.add_argument("--speech-tokenizer", choices=("mel-vq", "world-vq"), help="embedded tokenizer + vocoder (default world-vq: its tokens keep F0)")
     lab.add_argument("--seed", type=int)
@@ -299,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     t2.add_argument("--mapper", type=Path, required=True, help="stage-1 run directory (train-stage1 --out)")
     t2.add_argument("--t3", required=True,
                     help="Chatterbox checkpoint dir or T3 file (English t3_cfg.safetensors, multilingual "
-                         "t3_mtl23ls_v2.safetensors, each with its tokenizer) or a preset: tiny, 520m")
+                         "t3_mtl23ls_v2.safetensors, each with its tokenizer) or a preset: tiny, small, 520m")
     t2.add_argument("--out", type=Path, required=True, help="run directory (resumed when it holds the same run)")
     t2.add_argument("--device", help="cpu, cuda (default: cuda when available; under torchrun: cuda:LOCAL_RANK)")
     t2.add_argument("--amp", choices=("auto", "bf16", "fp32"))

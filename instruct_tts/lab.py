@@ -28,7 +28,7 @@ import numpy as np
 
 PRESETS = {
     # CI: the whole pipeline in a couple of minutes on 2 cores (tests/test_lab.py)
-    "tiny": dict(n_clips=96, stage1_steps=20, stage1_batch_size=32, stage2_steps=12, curve_points=2, eval_clips=12,
+    "tiny": dict(t3="tiny", n_clips=96, stage1_steps=20, stage1_batch_size=32, stage2_steps=12, curve_points=2, eval_clips=12,
                  loss_clips=12, max_new_tokens=40, n_boot=200),
     # a check that the lab works, ~10 minutes on 2 cores
     "medium": dict(n_clips=1200, stage1_steps=1000, stage2_steps=800, curve_points=4, eval_clips=60, loss_clips=60,
@@ -55,7 +55,7 @@ class LabConfig:
     mapper_hidden_dim: int = 256
     mapper_blocks: int = 4
     # stage 2 (T3)
-    t3: str = "tiny"
+    t3: str = "small"  # T3 preset (tts_core.t3.config.PRESET_SHAPES); "small" beat "tiny" (docs/benchmarks.md)
     stage2_steps: int = 3000
     stage2_batch_size: int = 16
     stage2_lr: float = 2e-3
@@ -160,10 +160,12 @@ def run_lab(cfg: LabConfig, say: Callable[[str], None] = print) -> dict:
     stage1 = _stage1_cosines(p, clips, roles, held)
     curve, train_log = _stage2_curve(cfg, p, roles, held)
     renderings, measured = _renderings(cfg, p, corpus.root, by_id, held, say)
+    probe = _instruction_probe(cfg, p, by_id, roles, renderings)
     done("evaluate")
 
     step("report", 6, f"report -> {p.out / 'report.md'}")
-    report = _report(cfg, corpus, clips, roles, stage1, curve, train_log, renderings, seconds, time.time() - t_start)
+    report = _report(cfg, corpus, clips, roles, stage1, curve, train_log, renderings, probe, seconds,
+                     time.time() - t_start)
     (p.out / "measurements.json").write_text(json.dumps(measured, indent=1, default=_json))
     say(f"lab done in {report['wall_s'] / 60:.1f} min: {p.out / 'report.md'}")
     return report
@@ -229,7 +231,7 @@ def _build_caches(cfg: LabConfig, root: Path, p: LabPaths, say) -> None:
 
 def _stage1_cosines(p: LabPaths, clips: list[dict], roles: dict, held: dict) -> dict:
     from tts_core.evaluation.lab import stage1_cosines
-    from tts_core.evaluation.lab_split import TRAIN
+    from tts_core.evaluation.lab_split import TRAIN, espeak_variant
     from tts_core.stage1.artifacts import load_stage1_model
     from tts_core.stage1.from_store import load_stage1_data
 
@@ -237,9 +239,11 @@ def _stage1_cosines(p: LabPaths, clips: list[dict], roles: dict, held: dict) -> 
     model, _ = load_stage1_model(p.mapper, text_encoder_identity=data.text_encoder_identity)
     by_id = {c["cache_id"]: c for c in clips}
     keys = [f"{by_id[c]['gender']}/{by_id[c]['pitch']}" for c in data.clip_ids]
+    timbre = [espeak_variant(by_id[c]["speaker"]) for c in data.clip_ids]
     row_roles = np.asarray([roles.get(c, "") for c in data.clip_ids])
     train_rows = np.flatnonzero(row_roles == TRAIN)
-    return {split: stage1_cosines(data, model, train_rows, np.flatnonzero(row_roles == split), keys)
+    return {split: stage1_cosines(data, model, train_rows, np.flatnonzero(row_roles == split), keys,
+                                  timbre_keys=timbre)
             for split in held if (row_roles == split).any()}
 
 
@@ -317,18 +321,27 @@ def _renderings(cfg: LabConfig, p: LabPaths, root: Path, by_id: dict, held: dict
                                       sampling=sampling)
                 renders[WITH_REFERENCE] = (r2.wav, r2.sample_rate)
             for name, (w, s) in renders.items():
-                row = {**attribute_row(w, s, text, levels), "wording": c["wording"]}
+                row = {**attribute_row(w, s, text, levels), "wording": c["wording"], "instruction": c["instruction"]}
                 rows[name].append(row)
-                records.append({"split": split, "rendering": name, "clip_id": cid, "speaker": c["speaker"],
-                                "instruction": c["instruction"], **row})
+                records.append({"split": split, "rendering": name, "clip_id": cid, "speaker": c["speaker"], **row})
             if (k + 1) % 10 == 0 or k + 1 == len(chosen):
                 say(f"  {split}: {k + 1}/{len(chosen)} clips rendered and measured")
         out[split] = rows
     return out, records
 
 
+def _instruction_probe(cfg: LabConfig, p: LabPaths, by_id: dict, roles: dict, renderings: dict) -> dict:
+    """{split: probe rows} for the clips the model rendered (`tts_core.evaluation.lab.instruction_probe_rows`)."""
+    from tts_core.evaluation.lab import instruction_probe_rows
+    from tts_core.evaluation.lab_split import TRAIN
+
+    train_texts = [by_id[c]["instruction"] for c, r in roles.items() if r == TRAIN]
+    return instruction_probe_rows(p.all_store, p.mapper, train_texts,
+                                  {split: by_name["model"] for split, by_name in renderings.items()}, seed=cfg.seed)
+
+
 def _report(cfg: LabConfig, corpus, clips: list[dict], roles: dict, stage1_cos: dict, curve: list[dict], train_log: list[dict],
-            renderings: dict, seconds: dict, wall_s: float) -> dict:
+            renderings: dict, probe: dict, seconds: dict, wall_s: float) -> dict:
     from tts_core.atomic_files import atomic_write_text
     from tts_core.evaluation import lab_report as lr
     from tts_core.evaluation.lab_split import HELD_OUT_VOICE, TRAIN, espeak_voice, role_counts
@@ -345,7 +358,7 @@ def _report(cfg: LabConfig, corpus, clips: list[dict], roles: dict, stage1_cos: 
         "training_voices": sorted({espeak_voice(c["speaker"]) for c in clips if roles[c["cache_id"]] == TRAIN}),
         "step_seconds": {k: float(v) for k, v in seconds.items() if k != "report"},
         "wall_s": float(wall_s),
-        "tables": tables, "by_wording": lr.wording_section(renderings, cfg.n_boot, cfg.seed), "stage1": stage1,
+        "tables": tables, "by_wording": lr.wording_section(renderings, probe, cfg.n_boot, cfg.seed), "stage1": stage1,
         "stage2": {"curve": curve, "final_train_loss": train_log[-1] if train_log else None},
     }
     report["targets"] = lr.targets(tables, stage1)

@@ -139,18 +139,26 @@ def test_lab_tables_have_ceilings_model_baselines_with_intervals(lab):
 
 
 def test_lab_splits_the_model_on_held_out_instructions_by_wording(lab):
-    """Known words in new texts vs unseen words: each wording's loudness pairs are its own quiet x loud model
-    clips (a recount from measurements.json), and the two wordings together never pair across each other."""
+    """Known words in new texts vs unseen words, the model beside the instruction-embedding probe: each wording's
+    loudness pairs are its own quiet x loud clips (a recount from measurements.json), the two wordings never pair
+    across each other, and the probe is scored on exactly the model's clips."""
     out, report = lab
     clips = [c for c in json.loads((out / "measurements.json").read_text())
              if c["split"] == HELD_OUT_INSTRUCTION and c["rendering"] == "model"]
-    rows = {(r["wording"], r["attribute"]): r for r in report["by_wording"]}
-    assert set(rows) == {(w, a) for w in ("train", "held_out") for a in ("pitch", "rate", "loudness")}
+    rows = {(r["source"], r["wording"], r["attribute"]): r for r in report["by_wording"]}
+    sources = ("model", "instruction-embedding probe")
+    assert set(rows) == {(s, w, a) for s in sources for w in ("all", "train", "held_out")
+                         for a in ("pitch", "rate", "loudness")}
     for wording in ("train", "held_out"):
         asked = [c["loudness"] for c in clips if c["wording"] == wording]
-        assert (rows[wording, "loudness"]["pairs"] or 0) == asked.count("quiet") * asked.count("loud")
+        for source in sources:
+            assert (rows[source, wording, "loudness"]["pairs"] or 0) == asked.count("quiet") * asked.count("loud")
     model = next(r for r in report["tables"]["loudness"] if r["split"] == HELD_OUT_INSTRUCTION and r["rendering"] == "model")
-    assert sum(rows[w, "loudness"]["pairs"] or 0 for w in ("train", "held_out")) <= model["pairs"]
+    assert rows["model", "all", "loudness"]["pairs"] == model["pairs"]
+    assert sum(rows["model", w, "loudness"]["pairs"] or 0 for w in ("train", "held_out")) <= model["pairs"]
+    probe_known = rows["instruction-embedding probe", "train", "loudness"]
+    if probe_known["pairs"]:  # known words: the probe reads the levels it was fitted on
+        assert probe_known["accuracy"] >= 0.9, probe_known
     assert "by wording" in (out / "report.md").read_text()
 
 
@@ -180,9 +188,12 @@ def test_lab_stage_sections(lab):
     _, report = lab
     for split in (HELD_OUT_INSTRUCTION, HELD_OUT_VOICE):
         s = report["stage1"][split]
-        for k in ("mean", "oracle", "model"):
+        for k in ("mean", "oracle", "model", "model_mean", "timbre_oracle"):
             assert -1 <= s[k]["value"] <= 1 and s[k]["ci"][0] <= s[k]["value"] <= s[k]["ci"][1] and s[k]["n"] > 0
         assert s["oracle_minus_mean"] == pytest.approx(s["oracle"]["value"] - s["mean"]["value"])
+        # the mean of the mapper's draws is closer to the targets on average than one draw (cosine is concave
+        # along a sphere's chords; it holds clip by clip only in expectation, so on the mean over clips)
+        assert s["model_mean"]["value"] >= s["model"]["value"] - 0.01
     curve = report["stage2"]["curve"]
     assert [p["step"] for p in curve] == [6, 12]
     for p in curve:  # fresh T3 over a ~1k-token vocabulary: CE well above 0, finite
@@ -190,3 +201,25 @@ def test_lab_stage_sections(lab):
             assert 0 < p[k] < 20, (p, k)
     assert curve[-1]["train_rows"] < curve[0]["train_rows"]  # 12 steps lower the loss on the training clips
     assert {t["target"].split(":")[0] for t in report["targets"]} >= {"pitch", "rate", "loudness"}
+
+
+# ---- instruction-embedding probe (pure) -------------------------------------------------------------------------
+def test_probe_reads_levels_along_the_direction_that_carries_them_and_nothing_from_noise():
+    from tts_core.evaluation.directions import direction_accuracy
+    from tts_core.evaluation.instruction_probe import fit_level_probes, probe_scores
+
+    rng = np.random.default_rng(0)
+    rates = np.array(["slow", "normal", "fast"])[rng.integers(0, 3, 600)]
+    signal = np.select([rates == "slow", rates == "fast"], [-1.0, 1.0], 0.0)
+    emb = rng.normal(size=(600, 16))
+    emb[:, 3] += 2 * signal  # dimension 3 carries rate; nothing carries loudness
+    levels = [{"rate": r, "loudness": "loud" if i % 2 else "quiet", "pitch": None} for i, r in enumerate(rates)]
+    probes = fit_level_probes(emb[:400], levels[:400])
+    assert set(probes) == {"rate", "loudness"}  # pitch: no level in the training texts, no probe
+    scores = probe_scores(probes, emb[400:])
+    assert np.isnan(scores["pitch"]).all()
+    rate_acc, n = direction_accuracy(scores["rate"], rates[400:], "slow", "fast")
+    assert rate_acc > 0.95 and n > 1000
+    loud = [lv["loudness"] for lv in levels[400:]]
+    loud_acc, _ = direction_accuracy(scores["loudness"], loud, "quiet", "loud")
+    assert abs(loud_acc - 0.5) < 0.1  # fitted on noise: chance on new rows

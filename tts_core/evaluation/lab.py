@@ -6,10 +6,13 @@ Each function answers one question about trained artifacts on held-out clips; `i
 * `stage1_cosines`: per held-out clip, AvgCos = (SpkCos + XVecCos) / 2 of three predictions of its voice vectors —
   the train-set *mean* vector (knows nothing), the gender+pitch *oracle* (the mean vector of the training clips
   with the clip's true gender and pitch level: what an instruction can at best say about a voice in this corpus,
-  up to rate/loudness), and the stage-1 *model* (the mapper's flow sample from the instruction, fixed noise);
+  up to rate/loudness), and the stage-1 *model* (the mapper's flow sample from the instruction, fixed noise); beside
+  them the mean of several mapper draws and an oracle keyed by the undescribed timbre (diagnostics);
 * `speech_losses`: teacher-forced speech-token cross-entropy of a T3 checkpoint on instruction-only rows (mapper
   speaker embedding, no audio prompt, dropout off) — on held-out clips and, for a like-for-like comparison, on
   as many training clips: the gap between the two is memorisation;
+* `instruction_probe_rows`: what the frozen instruction embedding says about each held-out instruction's levels
+  (`instruction_probe`), in the shape of `attribute_row` so the same direction accuracy scores it;
 * `attribute_row`: what `directions` scores for one rendered clip.
 """
 from __future__ import annotations
@@ -30,9 +33,15 @@ POOL_CHUNK = 256
 
 @torch.no_grad()
 def stage1_cosines(data, model, train_rows: np.ndarray, eval_rows: np.ndarray, oracle_keys: Sequence[str],
-                   n_steps: int | None = None, seed: int = 1234) -> dict[str, np.ndarray]:
-    """{"mean", "oracle", "model"} → AvgCos per eval row. ``data``: `Stage1Data` holding both row sets;
-    ``model``: `Stage1Model`; ``oracle_keys``: one key per data row (e.g. "male/low")."""
+                   n_steps: int | None = None, seed: int = 1234, timbre_keys: Sequence[str] | None = None,
+                   n_draws: int = 16) -> dict[str, np.ndarray]:
+    """{"mean", "oracle", "model", "model_mean", ["timbre_oracle"]} → AvgCos per eval row. ``data``: `Stage1Data`
+    holding both row sets; ``model``: `Stage1Model`; ``oracle_keys``: one key per data row (e.g. "male/low").
+
+    Two diagnostics beside the target's three: ``model_mean``, the mean of ``n_draws`` mapper draws (its
+    estimate of the conditional mean: one draw scores below it by the spread it samples), and, with
+    ``timbre_keys`` (e.g. the espeak variant), the same oracle keyed by what no instruction describes — how much
+    of the voice vectors' variance the instructions could never explain."""
     spk, xv = data.spk, data.xvec
     tr, ev = torch.as_tensor(train_rows, dtype=torch.long), torch.as_tensor(eval_rows, dtype=torch.long)
 
@@ -40,27 +49,66 @@ def stage1_cosines(data, model, train_rows: np.ndarray, eval_rows: np.ndarray, o
         return ((F.cosine_similarity(p_spk.float(), spk[ev], dim=-1)
                  + F.cosine_similarity(p_xv.float(), xv[ev], dim=-1)) / 2).numpy()
 
+    def oracle(row_keys: Sequence[str]) -> np.ndarray:
+        keys = np.asarray(row_keys, dtype=object)
+        o_spk, o_xv = spk[tr].mean(0).repeat(n, 1), xv[tr].mean(0).repeat(n, 1)
+        for key in np.unique(keys[eval_rows]):
+            same = torch.from_numpy(np.flatnonzero(keys[train_rows] == key))
+            at = torch.from_numpy(np.flatnonzero(keys[eval_rows] == key))
+            if len(same):  # a key no training clip has keeps the mean vector
+                o_spk[at], o_xv[at] = spk[tr[same]].mean(0), xv[tr[same]].mean(0)
+        return avg_cos(o_spk, o_xv)
+
     n = len(ev)
-    out = {"mean": avg_cos(spk[tr].mean(0).expand(n, -1), xv[tr].mean(0).expand(n, -1))}
-    keys = np.asarray(oracle_keys, dtype=object)
-    o_spk, o_xv = spk[tr].mean(0).repeat(n, 1), xv[tr].mean(0).repeat(n, 1)
-    for key in np.unique(keys[eval_rows]):
-        same = torch.from_numpy(np.flatnonzero(keys[train_rows] == key))
-        at = torch.from_numpy(np.flatnonzero(keys[eval_rows] == key))
-        if len(same):  # a key no training clip has keeps the mean vector
-            o_spk[at], o_xv[at] = spk[tr[same]].mean(0), xv[tr[same]].mean(0)
-    out["oracle"] = avg_cos(o_spk, o_xv)
+    out = {"mean": avg_cos(spk[tr].mean(0).expand(n, -1), xv[tr].mean(0).expand(n, -1)), "oracle": oracle(oracle_keys)}
+    if timbre_keys is not None:
+        out["timbre_oracle"] = oracle(timbre_keys)
 
     was_training = model.training
     model.eval()
     uniq, inv = np.unique(data.instruction_id[ev].numpy(), return_inverse=True)
     style = torch.cat([model.encoder(*data.states.gather(torch.from_numpy(uniq[i:i + POOL_CHUNK])))
-                       for i in range(0, len(uniq), POOL_CHUNK)])
-    noise = torch.randn((n, model.mapper.config.dim), generator=torch.Generator().manual_seed(seed))
-    spk_hat, xv_hat = model.mapper.inference(style[torch.from_numpy(inv)], n_steps=n_steps or model.mapper.config.n_steps,
-                                             noise=noise)
+                       for i in range(0, len(uniq), POOL_CHUNK)])[torch.from_numpy(inv)]
+    gen = torch.Generator().manual_seed(seed)
+    draws = [model.mapper.inference(style, n_steps=n_steps or model.mapper.config.n_steps,
+                                    noise=torch.randn((n, model.mapper.config.dim), generator=gen))
+             for _ in range(max(n_draws, 1))]
     model.train(was_training)
-    out["model"] = avg_cos(spk_hat, xv_hat)
+    out["model"] = avg_cos(*draws[0])
+    out["model_mean"] = avg_cos(torch.stack([d[0] for d in draws]).mean(0), torch.stack([d[1] for d in draws]).mean(0))
+    return out
+
+
+@torch.no_grad()
+def instruction_probe_rows(store: str, mapper_dir: str | Path, train_texts: Sequence[str],
+                           rows_by_split: dict[str, list[dict]], seed: int = 0) -> dict[str, list[dict]]:
+    """Probe rows for each split: a copy of each row (levels, gender, wording, ``instruction``) whose
+    measurement columns hold the probe's P(more) − P(less) for its instruction, fitted on ``train_texts``.
+    Embeddings are the stage-1 pooling over the store's cached states (what stage 2 was trained on)."""
+    from cache.reader import CacheReader
+    from tts_core.evaluation.directions import ATTRIBUTES
+    from tts_core.evaluation.instruction_probe import fit_level_probes, probe_scores
+    from tts_core.mapper.pooling import pad_states
+    from tts_core.stage1.artifacts import load_mapper
+
+    reader = CacheReader(store)
+    encoder, _, _ = load_mapper(mapper_dir)
+    index = {t: i for i, t in enumerate(reader.instruction_texts)}
+
+    def embed(texts: Sequence[str]) -> np.ndarray:
+        ids = [index[t] for t in texts]
+        out = [encoder(*map(torch.from_numpy, pad_states(reader.instruction_states(ids[i:i + POOL_CHUNK]),
+                                                          encoder.hidden_size)))
+               for i in range(0, len(ids), POOL_CHUNK)]
+        return torch.cat(out).numpy() if out else np.zeros((0, encoder.hidden_size), np.float32)
+
+    train_texts = sorted(set(train_texts) & set(index))
+    probes = fit_level_probes(embed(train_texts), [asked_levels(t) for t in train_texts], seed=seed)
+    out = {}
+    for split, rows in rows_by_split.items():
+        scores = probe_scores(probes, embed([r["instruction"] for r in rows]))
+        out[split] = [{**r, **{col: float(scores[a][k]) for a, (col, _, _) in ATTRIBUTES.items()}}
+                      for k, r in enumerate(rows)]
     return out
 
 

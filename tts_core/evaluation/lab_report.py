@@ -63,15 +63,20 @@ def attribute_tables(renderings: dict[str, dict[str, list[dict]]], n_boot: int =
 
 
 WORDINGS = {"train": "training wording (new texts, known words)", "held_out": "held-out wording (words no training text has)"}
+BY_WORDING = {"all": "all held-out instructions", **WORDINGS}
+PROBE = "instruction-embedding probe"
 
 
-def wording_section(renderings: dict[str, dict[str, list[dict]]], n_boot: int = 1000, seed: int = 0) -> list[dict]:
-    """The model on held-out instructions, split by wording: how much of a miss is unseen *words* (the frozen
-    text encoder + pooling must generalise) rather than unseen combinations of known ones."""
-    model = renderings.get(HELD_OUT_INSTRUCTION, {}).get("model", [])
-    return [{"wording": wording, "attribute": attr, **_score([r for r in model if r.get("wording") == wording],
-                                                            attr, n_boot, seed)}
-            for wording in WORDINGS for attr in TARGET_ATTRIBUTES]
+def wording_section(renderings: dict[str, dict[str, list[dict]]], probe: dict[str, list[dict]] | None = None,
+                    n_boot: int = 1000, seed: int = 0) -> list[dict]:
+    """Held-out instructions by wording, the model beside the instruction-embedding probe
+    (`tts_core.evaluation.instruction_probe`) on the same clips: how much of a miss is unseen *words* that the
+    frozen text encoder + stage-1 pooling does not carry (the probe misses too) rather than the T3 (it does not)."""
+    sources = {"model": renderings.get(HELD_OUT_INSTRUCTION, {}).get("model", []),
+               PROBE: (probe or {}).get(HELD_OUT_INSTRUCTION, [])}
+    return [{"source": source, "wording": wording, "attribute": attr,
+             **_score([r for r in rows if wording == "all" or r.get("wording") == wording], attr, n_boot, seed)}
+            for wording in BY_WORDING for source, rows in sources.items() if rows for attr in TARGET_ATTRIBUTES]
 
 
 def stage1_section(cosines: dict[str, dict[str, np.ndarray]], n_boot: int = 1000, seed: int = 0) -> dict:
@@ -163,22 +168,37 @@ def to_markdown(r: dict) -> str:
                          f"{_measured(row)} |")
         lines.append("")
     if r.get("by_wording"):
-        lines += ["### model on held-out instructions, by wording", "",
-                  "| wording | " + " | ".join(TARGET_ATTRIBUTES) + " |", "|---|" + "---|" * len(TARGET_ATTRIBUTES)]
-        for wording, title in WORDINGS.items():
-            cells = {row["attribute"]: row for row in r["by_wording"] if row["wording"] == wording}
-            lines.append(f"| {title} | " + " | ".join(
-                f"{_f(cells[a]['accuracy'])} {_ci(cells[a]['ci'])} ({cells[a]['pairs'] or 0} pairs)"
-                for a in TARGET_ATTRIBUTES) + " |")
+        lines += ["### held-out instructions by wording: the model beside what the instruction embedding carries", "",
+                  f"*{PROBE}*: a linear classifier of each attribute's level, fitted on the training instructions' "
+                  "stage-1 embeddings (what the T3's adapters read), scored on the same held-out clips by the same "
+                  "direction accuracy (P(more) − P(less) as the measurement). Where the probe misses too, the frozen "
+                  "text encoder does not carry the wording to stage 2; where only the model misses, the T3 did not "
+                  "learn it.", "",
+                  "| wording | what | " + " | ".join(TARGET_ATTRIBUTES) + " |", "|---|---|" + "---|" * len(TARGET_ATTRIBUTES)]
+        for wording, title in BY_WORDING.items():
+            for source in ("model", PROBE):
+                cells = {row["attribute"]: row for row in r["by_wording"]
+                         if row["wording"] == wording and row.get("source", "model") == source}
+                if cells:
+                    lines.append(f"| {title} | {source} | " + " | ".join(
+                        f"{_f(cells[a]['accuracy'])} {_ci(cells[a]['ci'])} ({cells[a]['pairs'] or 0} pairs)"
+                        for a in TARGET_ATTRIBUTES) + " |")
         lines.append("")
     lines += ["## Stage 1 (instruction → voice vectors), AvgCos on held-out clips", "",
-              "| split | mean vector | gender+pitch oracle | model | oracle − mean | gap closed | clips |",
-              "|---|---|---|---|---|---|---|"]
+              "Targets use the *model* column (one mapper draw: what stage 2 and synthesis get). Diagnostics beside it: "
+              "the mean of 16 draws (the mapper's conditional mean: a draw scores below it by the spread it samples), "
+              "and an oracle keyed by the espeak variant (the voice's timbre file, which no instruction describes): "
+              "how much of the voice vectors' variance is out of any instruction's reach.", "",
+              "| split | mean vector | gender+pitch oracle | model | oracle − mean | gap closed | model, mean of 16 draws "
+              "| variant oracle (undescribed timbre) | clips |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for split, s in r["stage1"].items():
+        extra = " | ".join(f"{_f(s[k]['value'])} {_ci(s[k]['ci'])}" if k in s else "—"
+                           for k in ("model_mean", "timbre_oracle"))
         lines.append(f"| {SPLIT_TITLES.get(split, split)} | {_f(s['mean']['value'])} {_ci(s['mean']['ci'])} | "
                      f"{_f(s['oracle']['value'])} {_ci(s['oracle']['ci'])} | {_f(s['model']['value'])} "
                      f"{_ci(s['model']['ci'])} | {_f(s['oracle_minus_mean'])} | {_f(s['gap_closed'] * 100, 0)}% | "
-                     f"{s['model']['n']} |")
+                     f"{extra} | {s['model']['n']} |")
     st2 = r["stage2"]
     lines += ["", "## Stage 2 (T3): training vs held-out speech loss", "",
               "Teacher-forced speech-token cross-entropy on instruction-only rows (mapper embedding, no audio prompt, "
@@ -215,17 +235,38 @@ def notes(r: dict) -> list[str]:
                        + (" (the VAD found no speech in the others: the T3's output is not yet speech-like)"
                           if col == "rate_lps" else "") + ".")
         elif model and voc and model["accuracy"] < MODEL_MIN:
-            out.append(f"{attr}: model {model['accuracy']:.3f} under a {voc['accuracy']:.3f} ceiling — the T3 has "
-                       "not learned it at this size/step count; see the stage-2 curve (more steps while the held-out "
-                       "loss still falls, more data when it has turned up).")
-    bw = {(row["wording"], row["attribute"]): row["accuracy"] for row in r.get("by_wording", [])}
-    both = [a for a in TARGET_ATTRIBUTES if all(math.isfinite(bw.get((w, a), math.nan)) for w in WORDINGS)]
+            probe = next((row for row in r.get("by_wording", []) if row.get("source") == PROBE
+                          and row["wording"] == "all" and row["attribute"] == attr), None)
+            if probe and math.isfinite(probe["accuracy"]) and probe["accuracy"] < MODEL_MIN:
+                why = (f"the instruction embedding itself limits it: even the linear probe reads only "
+                       f"{probe['accuracy']:.3f} from it on these clips (by-wording table)")
+                known = {row.get("source", "model"): row["accuracy"] for row in r.get("by_wording", [])
+                         if row["wording"] == "train" and row["attribute"] == attr}
+                if known.get("model", math.nan) < MODEL_MIN <= known.get(PROBE, math.nan):
+                    why += (f"; and on known words the T3 reaches {known['model']:.3f} where the probe reads "
+                            f"{known[PROBE]:.3f}, so the T3 limits it too")
+            else:
+                why = ("the T3 has not learned it at this size/step count" +
+                       (f" (the instruction embedding carries it: probe {probe['accuracy']:.3f})" if probe else "") +
+                       "; see the stage-2 curve (more steps while the held-out loss still falls, more data when it "
+                       "has turned up)")
+            out.append(f"{attr}: model {model['accuracy']:.3f} under a {voc['accuracy']:.3f} ceiling — {why}.")
+    bw = {(row.get("source", "model"), row["wording"], row["attribute"]): row["accuracy"]
+          for row in r.get("by_wording", [])}
+    both = [a for a in TARGET_ATTRIBUTES if all(math.isfinite(bw.get(("model", w, a), math.nan)) for w in WORDINGS)]
     if both:
         out.append("Model on held-out instructions, known words in new texts vs unseen words: "
-                   + ", ".join(f"{a} {bw[('train', a)]:.3f} vs {bw[('held_out', a)]:.3f}" for a in both)
-                   + ". Where the second is lower, the miss is the instruction encoder (frozen text encoder + stage-1 "
-                   "pooling) not generalising to unseen wording: more varied training phrasings, or a stronger "
-                   "text encoder (flan-t5-large in production).")
+                   + ", ".join(f"{a} {bw[('model', 'train', a)]:.3f} vs {bw[('model', 'held_out', a)]:.3f}"
+                               for a in both) + ".")
+    probed = [a for a in TARGET_ATTRIBUTES if math.isfinite(bw.get((PROBE, "held_out", a), math.nan))]
+    if probed:
+        out.append("What the instruction embedding carries (linear probe fitted on the training instructions), known "
+                   "vs unseen words: " + ", ".join(f"{a} {bw.get((PROBE, 'train', a), math.nan):.3f} vs "
+                                                  f"{bw[(PROBE, 'held_out', a)]:.3f}" for a in probed)
+                   + ". Where the unseen-word probe is far under the bar, the frozen text encoder + stage-1 pooling does "
+                   "not say what the unseen words ask for, and no T3 trained on these instructions can follow them: "
+                   "that part of the held-out-instruction target needs a stronger text encoder (flan-t5-large in "
+                   "production) or training phrasings that cover the unseen words' meanings.")
     curve = r["stage2"]["curve"]
     if len(curve) >= 2 and curve[-1].get(HELD_OUT_INSTRUCTION) is not None:
         ho = [p[HELD_OUT_INSTRUCTION] for p in curve if p.get(HELD_OUT_INSTRUCTION) is not None]
@@ -242,9 +283,13 @@ def notes(r: dict) -> list[str]:
                    "sample of the voice vectors, which scores below a conditional mean when the vectors vary little "
                    "with what an instruction says (its own held-out curve: runs/mapper/report.md).")
     if s1 and s1["oracle_minus_mean"] < ORACLE_GAP_MIN:
+        timbre = s1.get("timbre_oracle", {}).get("value")
         out.append(f"The oracle beats the mean vector by only {s1['oracle_minus_mean']:.3f} AvgCos on held-out "
                    "instructions: the voice vectors vary little with gender/pitch in this corpus or encoder, so "
-                   "stage 1 has little to learn.")
+                   "stage 1 has little to learn."
+                   + (f" An oracle keyed by the espeak variant (timbre no instruction describes) beats it by "
+                      f"{timbre - s1['mean']['value']:.3f}: most of what the speaker encoders see is that timbre."
+                      if timbre is not None else ""))
     return out
 
 

@@ -30,6 +30,11 @@ def espeak_voice(speaker: str) -> str:
     return str(speaker).partition("@")[0]
 
 
+def espeak_variant(speaker: str) -> str:
+    """``en-us+f2@0.92`` → ``f2``: the variant file (timbre, formants), shared across accents and pitch factors."""
+    return espeak_voice(speaker).partition("+")[2] or espeak_voice(speaker)
+
+
 def split_lab_clips(speakers: Sequence[str], wordings: Sequence[str], instructions: Sequence[str],
                     voice_frac: float = 0.1, instruction_frac: float = 0.05, salt: str = SALT) -> list[str]:
     """One role per clip (module doc); inputs are per clip, in corpus order."""

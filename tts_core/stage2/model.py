@@ -13,9 +13,10 @@ from torch import nn
 from tts_core.t3 import (
     IGNORE_INDEX, T3, T3Batch, T3Config, build_layout, is_adapter_key, load_t3_checkpoint, load_turbo, t3_for_config,
 )
+from tts_core.t3.config import PRESET_SHAPES
 from tts_core.t3.families import TURBO, T3Source, announce, detect_t3
 
-PRESETS = ("tiny", "520m")
+PRESETS = tuple(PRESET_SHAPES)
 GROUPS = ("backbone", "adapters", "embeddings", "heads", "cond_enc")
 
 

@@ -32,7 +32,7 @@ parameter counts per group; the run's report lists them.
   LayerNorms; its GPT-2 BPE tokenizer files are the run's text tokenizer (docs/production-weights.md
   "Turbo"). A run trained from it saves ``t3_cfg.safetensors`` whose T3Config says ``backbone="gpt2"``,
   so it is a ``t3`` source like any stage-2 checkpoint.
-* a preset name (``"tiny"``, ``"520m"``): fresh weights (seeded), the byte tokenizer by default.
+* a preset name (``"tiny"``, ``"small"``, ``"520m"``): fresh weights (seeded), the byte tokenizer by default.
 
 Identity: the stage-1 mapper must have been trained over the text encoder that built the store
 (name + weights sha256), else `TextEncoderMismatchError` before anything is computed.
