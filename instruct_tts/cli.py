@@ -193,7 +193,7 @@ def _cmd_lab(a: argparse.Namespace) -> int:
     from instruct_tts.lab import LabConfig, run_lab
 
     overrides = {k: getattr(a, k) for k in ("n_clips", "seed", "device", "speech_tokenizer", "stage1_steps",
-                                            "stage2_steps", "eval_clips", "t3")}
+                                            "stage2_steps", "eval_clips", "t3", "text_encoder")}
     if a.use_prefect:
         from flows.lab import lab_flow
 
@@ -234,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--n-clips", type=int, help="lab corpus size (preset's otherwise)")
     lab.add_argument("--stage1-steps", type=int)
     lab.add_argument("--stage2-steps", type=int)
+    lab.add_argument("--text-encoder", help="local HF encoder directory for instructions (e.g. flan-t5-large); "
+                                            "default: the embedded MiniLM")
     lab.add_argument("--t3", choices=("tiny", "small"), help="T3 preset trained in stage 2 (preset's otherwise: small)")
     lab.add_argument("--eval-clips", type=int, help="held-out clips synthesized per split")
     lab.add_argument("--speech-tokenizer", choices=("mel-vq", "world-vq"), help="embedded tokenizer + vocoder (default world-vq: its tokens keep F0)")

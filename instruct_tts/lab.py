@@ -48,6 +48,9 @@ class LabConfig:
     held_out_voice_frac: float = 0.1  # share of espeak voices held out (with both pitch-factor twins)
     held_out_instruction_frac: float = 0.05  # share of training-wording instruction texts held out
     speech_tokenizer: str = "world-vq"  # FrozenModelsConfig.speech_tokenizer: the one whose tokens keep F0
+    # a local HF encoder directory (flan-t5-large in production); None: the embedded MiniLM. The report's
+    # instruction-embedding probe says how much of the unseen wording a text encoder carries (docs/lab.md).
+    text_encoder: str | None = None
 
     # stage 1 (mapper)
     stage1_steps: int = 3000  # both phases together; each phase also early-stops on its held-out AvgCos
@@ -89,10 +92,12 @@ class LabConfig:
 
 def frozen_models(cfg: LabConfig):
     """The frozen models the lab's caches are built with: the embedded defaults, with ``speech_tokenizer``
-    choosing the tokenizer + vocoder (world-vq: its tokens carry F0 and level, docs/lab.md)."""
+    choosing the tokenizer + vocoder (world-vq: its tokens carry F0 and level, docs/lab.md) and ``text_encoder``
+    the instruction encoder."""
     from tts_core.frozen import FrozenModelsConfig
 
-    return FrozenModelsConfig(device=cfg.device, speech_tokenizer=cfg.speech_tokenizer)
+    return FrozenModelsConfig(device=cfg.device, speech_tokenizer=cfg.speech_tokenizer,
+                              text_encoder=Path(cfg.text_encoder) if cfg.text_encoder else None)
 
 
 @dataclass
@@ -288,7 +293,7 @@ def _renderings(cfg: LabConfig, p: LabPaths, root: Path, by_id: dict, held: dict
     from tts_core.evaluation.lab_report import WITH_REFERENCE
     from tts_core.reference import Reference
 
-    synth = Synthesizer.from_run(p.t3, device=cfg.device)
+    synth = Synthesizer.from_run(p.t3, device=cfg.device, text_encoder=cfg.text_encoder)
     by_speaker: dict[str, list[str]] = {}
     for cid in held.get(HELD_OUT_VOICE, []):
         by_speaker.setdefault(by_id[cid]["speaker"], []).append(cid)

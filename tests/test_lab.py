@@ -223,3 +223,28 @@ def test_probe_reads_levels_along_the_direction_that_carries_them_and_nothing_fr
     loud = [lv["loudness"] for lv in levels[400:]]
     loud_acc, _ = direction_accuracy(scores["loudness"], loud, "quiet", "loud")
     assert abs(loud_acc - 0.5) < 0.1  # fitted on noise: chance on new rows
+
+
+def test_lab_runs_over_another_text_encoder(lab, tmp_path):
+    """`instruct-tts lab --text-encoder DIR` (flan-t5-large in production; here a tiny random T5 in its format):
+    both caches hold its states, both stages and the probe run over its hidden size, and the report is written."""
+    import shutil
+
+    from cache.reader import CacheReader
+    from instruct_tts.lab import LabConfig, run_lab
+    from text_encoder_files import write_tiny_t5_dir
+    from tts_core.stage1.artifacts import load_mapper
+
+    first, _ = lab
+    t5 = tmp_path / "t5"
+    write_tiny_t5_dir(t5)
+    out = tmp_path / "lab"
+    shutil.copytree(first / "corpus", out / "corpus")  # the same corpus: reused, not regenerated
+    report = run_lab(LabConfig.preset("tiny", out=out, text_encoder=str(t5)), say=lambda s: None)
+    for store in ("train.zarr", "all.zarr"):
+        reader = CacheReader(str(out / "cache" / store))
+        assert reader.text_hidden_size == 32 and reader.identities["text_encoder"].name == f"t5:{t5.name}"
+    encoder, _, _ = load_mapper(out / "runs" / "mapper")
+    assert encoder.hidden_size == 32
+    assert {r["source"] for r in report["by_wording"]} == {"model", "instruction-embedding probe"}
+    assert (out / "report.md").stat().st_size > 0

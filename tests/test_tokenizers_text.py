@@ -17,6 +17,7 @@ from tts_core.encoders.mel_vq import MelVQTokenizer
 from tts_core.encoders.s3_tokenizer import S3_NAME, S3SpeechTokenizer, config_from_state, package_mel_filters
 from tts_core.encoders.text_encoder import HFTextEncoder, TextEncoderNotFound, embedded_model_dir
 from tts_core.identity import sha256_file
+from text_encoder_files import tiny_t5_config, write_tiny_t5_dir  # noqa: E402
 
 SR = 16_000
 
@@ -227,23 +228,10 @@ def test_text_encoder_missing_dir_says_what_to_put_there(tmp_path):
         HFTextEncoder.from_dir(tmp_path)
 
 
-def tiny_t5_config():
-    from transformers import T5Config
-
-    return T5Config(vocab_size=32, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=1, num_heads=4,
-                    pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-
-
 def test_tiny_t5_dir_loads_as_encoder_only(tmp_path):
-    from transformers import T5EncoderModel, T5ForConditionalGeneration, T5Tokenizer
+    from transformers import T5EncoderModel
 
-    torch.manual_seed(0)
-    full = T5ForConditionalGeneration(tiny_t5_config()).eval()  # flan-t5 checkpoints hold the whole seq2seq
-    full.to(torch.bfloat16).save_pretrained(tmp_path)  # stored in bf16: the encoder must still run in fp32
-    # transformers 5 builds a real T5 (Unigram) tokenizer from a vocab list, no sentencepiece model file needed
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.0)]
-    vocab += [(c, -2.0 - i * 0.01) for i, c in enumerate("abcdefghijklmnopqrstuvwxyz,.")]
-    T5Tokenizer(vocab=vocab, extra_ids=0).save_pretrained(tmp_path)
+    full = write_tiny_t5_dir(tmp_path)  # flan-t5 checkpoints hold the whole seq2seq
 
     enc = HFTextEncoder.from_dir(tmp_path)
     assert enc.kind == "t5" and isinstance(enc.model, T5EncoderModel)
@@ -253,7 +241,7 @@ def test_tiny_t5_dir_loads_as_encoder_only(tmp_path):
 
     texts = ["a soft voice", "loud, fast and high."]
     out = enc.encode(texts)
-    reference = full.float().encoder
+    reference = full.encoder
     for text, states in zip(texts, out):
         ids = enc.tokenizer(text, return_tensors="pt")["input_ids"]
         assert states.shape == (ids.shape[1], 32)
