@@ -88,7 +88,6 @@ def instruction_probe_rows(store: str, mapper_dir: str | Path, train_texts: Sequ
     from cache.reader import CacheReader
     from tts_core.evaluation.directions import ATTRIBUTES
     from tts_core.evaluation.instruction_probe import fit_level_probes, probe_scores
-    from tts_core.mapper.pooling import pad_states
     from tts_core.stage1.artifacts import load_mapper
 
     reader = CacheReader(store)
@@ -97,8 +96,7 @@ def instruction_probe_rows(store: str, mapper_dir: str | Path, train_texts: Sequ
 
     def embed(texts: Sequence[str]) -> np.ndarray:
         ids = [index[t] for t in texts]
-        out = [encoder(*map(torch.from_numpy, pad_states(reader.instruction_states(ids[i:i + POOL_CHUNK]),
-                                                          encoder.hidden_size)))
+        out = [encoder(*map(torch.from_numpy, reader.instruction_states_batch(ids[i:i + POOL_CHUNK])))
                for i in range(0, len(ids), POOL_CHUNK)]
         return torch.cat(out).numpy() if out else np.zeros((0, encoder.hidden_size), np.float32)
 

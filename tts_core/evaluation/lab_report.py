@@ -220,6 +220,8 @@ def notes(r: dict) -> list[str]:
     """Plain statements about what the numbers show, for the closing section (no silent lowering of bars)."""
     out = []
     unmet = [t["target"] for t in r["targets"] if not t["met"]]
+    bw = {(row.get("source", "model"), row["wording"], row["attribute"]): row["accuracy"]
+          for row in r.get("by_wording", [])}  # (source, wording, attribute) -> accuracy
     out.append("All targets met." if not unmet else f"Not met: {'; '.join(unmet)}.")
     for attr in TARGET_ATTRIBUTES:
         t = r["tables"].get(attr, [])
@@ -235,24 +237,20 @@ def notes(r: dict) -> list[str]:
                        + (" (the VAD found no speech in the others: the T3's output is not yet speech-like)"
                           if col == "rate_lps" else "") + ".")
         elif model and voc and model["accuracy"] < MODEL_MIN:
-            probe = next((row for row in r.get("by_wording", []) if row.get("source") == PROBE
-                          and row["wording"] == "all" and row["attribute"] == attr), None)
-            if probe and math.isfinite(probe["accuracy"]) and probe["accuracy"] < MODEL_MIN:
+            probe = bw.get((PROBE, "all", attr), math.nan)
+            if probe < MODEL_MIN:
                 why = (f"the instruction embedding itself limits it: even the linear probe reads only "
-                       f"{probe['accuracy']:.3f} from it on these clips (by-wording table)")
-                known = {row.get("source", "model"): row["accuracy"] for row in r.get("by_wording", [])
-                         if row["wording"] == "train" and row["attribute"] == attr}
-                if known.get("model", math.nan) < MODEL_MIN <= known.get(PROBE, math.nan):
-                    why += (f"; and on known words the T3 reaches {known['model']:.3f} where the probe reads "
-                            f"{known[PROBE]:.3f}, so the T3 limits it too")
+                       f"{probe:.3f} from it on these clips (by-wording table)")
+                known_model, known_probe = (bw.get((s, "train", attr), math.nan) for s in ("model", PROBE))
+                if known_model < MODEL_MIN <= known_probe:
+                    why += (f"; and on known words the T3 reaches {known_model:.3f} where the probe reads "
+                            f"{known_probe:.3f}, so the T3 limits it too")
             else:
                 why = ("the T3 has not learned it at this size/step count" +
-                       (f" (the instruction embedding carries it: probe {probe['accuracy']:.3f})" if probe else "") +
+                       (f" (the instruction embedding carries it: probe {probe:.3f})" if math.isfinite(probe) else "") +
                        "; see the stage-2 curve (more steps while the held-out loss still falls, more data when it "
                        "has turned up)")
             out.append(f"{attr}: model {model['accuracy']:.3f} under a {voc['accuracy']:.3f} ceiling — {why}.")
-    bw = {(row.get("source", "model"), row["wording"], row["attribute"]): row["accuracy"]
-          for row in r.get("by_wording", [])}
     both = [a for a in TARGET_ATTRIBUTES if all(math.isfinite(bw.get(("model", w, a), math.nan)) for w in WORDINGS)]
     if both:
         out.append("Model on held-out instructions, known words in new texts vs unseen words: "
