@@ -72,7 +72,7 @@ def _stage1_overrides(a: argparse.Namespace) -> tuple[dict, dict]:
         amp_dtype=a.amp, states_in_memory_mb=a.states_in_memory_mb, states_cache_mb=a.states_cache_mb).items()
         if v is not None}
     mapper = {k: v for k, v in dict(hidden_dim=a.hidden_dim, n_blocks=a.n_blocks, temperature=a.temperature,
-                                    n_steps=a.n_steps).items() if v is not None}
+                                    n_steps=a.n_steps, draws=a.draws).items() if v is not None}
     return train, mapper
 
 
@@ -150,7 +150,7 @@ def _cmd_synthesize(a: argparse.Namespace) -> int:
                               repetition_penalty=a.repetition_penalty, cfg_weight=a.cfg_weight,
                               max_new_tokens=a.max_new_tokens)
     res = synth.synthesize(a.text, instruction=a.instruction, reference=ref, seed=a.seed, sampling=sampling,
-                           language=a.language)
+                           language=a.language, mapper_draws=a.mapper_draws)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     np.save(a.out.with_suffix(".tokens.npy"), res.tokens)
     if res.wav is not None:
@@ -193,7 +193,7 @@ def _cmd_lab(a: argparse.Namespace) -> int:
     from instruct_tts.lab import LabConfig, run_lab
 
     overrides = {k: getattr(a, k) for k in ("n_clips", "seed", "device", "speech_tokenizer", "stage1_steps",
-                                            "stage2_steps", "eval_clips", "t3", "text_encoder")}
+                                            "stage2_steps", "eval_clips", "t3", "text_encoder", "mapper_draws")}
     if a.use_prefect:
         from flows.lab import lab_flow
 
@@ -238,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
                                             "default: the embedded MiniLM")
     lab.add_argument("--t3", choices=("tiny", "small"), help="T3 preset trained in stage 2 (preset's otherwise: small)")
     lab.add_argument("--eval-clips", type=int, help="held-out clips synthesized per split")
+    lab.add_argument("--mapper-draws", type=int, help="mapper draws averaged per voice vector for stage 2 and "
+                     "synthesis (preset's otherwise; the report's stage-1 sampling curve measures the choice)")
     lab.add_argument("--speech-tokenizer", choices=("mel-vq", "world-vq"), help="embedded tokenizer + vocoder (default world-vq: its tokens keep F0)")
     lab.add_argument("--seed", type=int)
     lab.add_argument("--device")
@@ -294,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--n-blocks", type=int)
     m.add_argument("--n-steps", type=int, help="Euler steps at inference")
     m.add_argument("--temperature", type=float, help="sampling temperature of the flow's start noise")
+    m.add_argument("--draws", type=int, help="mapper draws averaged per vector that stage 2 and synthesis get "
+                   "(1: one draw, most voice variety; recorded in mapper.json)")
     t1.add_argument("--no-prefect", action="store_true", help="run without Prefect (no artifacts)")
     t1.set_defaults(func=_cmd_train_stage1, ctrl_c_saves=True)
 
@@ -341,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--text-encoder", type=Path, help="local text-encoder dir the run was trained over")
     sy.add_argument("--chatterbox-dir", type=Path, help="dir with ve/s3gen weights (production runs)")
     sy.add_argument("--language", help="multilingual T3: the text's language (default: the run's --language)")
+    sy.add_argument("--mapper-draws", type=int, help="instruction → voice: mapper draws averaged (default: the "
+                    "stage-1 run's `draws`; 1 gives the most voice variety across --seed)")
     sp = sy.add_argument_group("sampling (default: each Chatterbox family's own `generate` values)")
     for option, kind in (("temperature", float), ("top_p", float), ("top_k", int), ("min_p", float),
                          ("repetition_penalty", float), ("cfg_weight", float)):

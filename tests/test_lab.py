@@ -15,6 +15,7 @@ import pytest
 from tts_core.evaluation.lab_split import (
     DROPPED, HELD_OUT_INSTRUCTION, HELD_OUT_VOICE, TRAIN, espeak_voice, split_lab_clips,
 )
+from tts_core.evaluation.lab import SAMPLING_CURVE
 from tts_core.evaluation.stats import bootstrap_ci, direction_ci, gap_closed, mean_ci, shuffled_direction_accuracy
 
 
@@ -188,12 +189,24 @@ def test_lab_stage_sections(lab):
     _, report = lab
     for split in (HELD_OUT_INSTRUCTION, HELD_OUT_VOICE):
         s = report["stage1"][split]
-        for k in ("mean", "oracle", "model", "model_mean", "timbre_oracle"):
-            assert -1 <= s[k]["value"] <= 1 and s[k]["ci"][0] <= s[k]["value"] <= s[k]["ci"][1] and s[k]["n"] > 0
+        for name in ("mean", "oracle", "model", "model_one_draw", "model_mean", "timbre_oracle"):
+            for k in (name, name + ".spk", name + ".xvec"):
+                assert -1 <= s[k]["value"] <= 1 and s[k]["ci"][0] <= s[k]["value"] <= s[k]["ci"][1] and s[k]["n"] > 0
+            # AvgCos is the mean of the two vectors' cosines, clip by clip
+            assert s[name]["value"] == pytest.approx((s[name + ".spk"]["value"] + s[name + ".xvec"]["value"]) / 2)
         assert s["oracle_minus_mean"] == pytest.approx(s["oracle"]["value"] - s["mean"]["value"])
+        for v in ("spk", "xvec"):
+            assert s[f"gap_closed.{v}"] == pytest.approx(gap_closed(s[f"mean.{v}"]["value"], s[f"oracle.{v}"]["value"],
+                                                                    s[f"model.{v}"]["value"]), nan_ok=True)
+        # the lab records its draw count in the mapper, and "model" is exactly that curve point
+        points = {c["point"]: c for c in s["curve"]}
+        assert len(points) == len(SAMPLING_CURVE)
+        chosen = points["T=0.8 K=64"]  # the lab's recorded mapper sampling
+        assert chosen["avg"] == pytest.approx(s["model"]["value"])
+        assert chosen["spk"] == pytest.approx(s["model.spk"]["value"])
         # the mean of the mapper's draws is closer to the targets on average than one draw (cosine is concave
         # along a sphere's chords; it holds clip by clip only in expectation, so on the mean over clips)
-        assert s["model_mean"]["value"] >= s["model"]["value"] - 0.01
+        assert s["model_mean"]["value"] >= s["model_one_draw"]["value"] - 0.01
     curve = report["stage2"]["curve"]
     assert [p["step"] for p in curve] == [6, 12]
     for p in curve:  # fresh T3 over a ~1k-token vocabulary: CE well above 0, finite

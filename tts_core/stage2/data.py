@@ -326,9 +326,9 @@ def compute_instruction_tables(reader, encoder, mapper, *, mapper_seed: int = 0,
     out = torch.zeros(U, mapper_samples, SPK_DIM)
     for k in range(mapper_samples):
         g = torch.Generator().manual_seed(mix_seed(mapper_seed, "mapper-sample", k))
-        noise = torch.randn((U, mapper.config.dim), generator=g)
+        noise = torch.randn((mapper.config.draws, U, mapper.config.dim), generator=g)
         for a in range(0, U, chunk):
-            spk, _ = mapper.inference(style[a:a + chunk], n_steps=n_steps, noise=noise[a:a + chunk])
+            spk, _ = mapper.inference(style[a:a + chunk], n_steps=n_steps, noise=noise[:, a:a + chunk])
             out[a:a + chunk, k] = spk.float().cpu()
     return style, out
 
@@ -343,6 +343,7 @@ def prepared_fingerprint(reader, tokenizer, mapper_meta: dict, *, mapper_seed: i
         "tokenizer": tokenizer.identity.to_dict(),
         "mapper_weights": mapper_meta.get("weights_sha256"),
         "mapper_seed": mapper_seed, "mapper_samples": mapper_samples, "n_steps": n_steps,
+        "mapper_sampling": {k: mapper_meta.get("mapper_config", {}).get(k) for k in ("temperature", "draws")},
     }
     if tokenizer.requires_language:
         d["language"] = language
