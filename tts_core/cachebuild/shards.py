@@ -26,6 +26,7 @@ import pandas as pd
 from cache import schema
 from cache.writer import ClipBatch
 from tts_core.audio import AudioPolicy, AudioRejected, LoadedAudio, load_clip
+from tts_core.audio_paths import clip_path
 from tts_core.encoders.embedded import SavedTokenizer
 from tts_core.frozen import FrozenModelsConfig
 from tts_core.metadata import MetaLine
@@ -49,13 +50,18 @@ class ShardJob:
 
 # ---- loading and encoding (shared by the local loop and remote workers) -------------------------------------
 def load_line(audio_root: Path, metadata_name: str, audio: AudioPolicy, m: MetaLine) -> LoadedAudio | AudioRejected:
+    """The line's clip, or why it cannot be used (its detail starts with `metadata:line`). Never raises:
+    an error no check foresaw quarantines this one clip as `unreadable`, naming the error."""
     if not m.ok:
         return AudioRejected(m.reason, m.detail)
     try:
-        return load_clip(Path(audio_root) / m.audio_path, audio)
+        return load_clip(clip_path(audio_root, m.audio_path, audio.allow_outside_root), audio)
     except AudioRejected as exc:
         exc.detail = f"{metadata_name}:{m.line}: {exc.detail}"
         return exc
+    except Exception as exc:  # one clip must not stop the build
+        return AudioRejected("unreadable", f"{metadata_name}:{m.line}: {m.audio_path} could not be loaded "
+                                           f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})")
 
 
 def _prompt_tokens(clips: Sequence[LoadedAudio], tokens: Sequence[np.ndarray], tokenizer) -> list[list[np.ndarray]]:
