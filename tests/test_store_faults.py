@@ -73,7 +73,7 @@ def _text_encoder(cfg, _load=build_mod.load_text_encoder):
     return enc
 
 
-_encode = _memo(build_mod.encode_batch, lambda batch, loaded, iids, ve, xv, tok: (
+_encode = _memo(build_mod.encode_batch, lambda batch, loaded, iids, ve, xv, tok, *name: (
     tuple(m.row for m in batch), tok.identity.sha256))
 _load_clip = _memo(build_mod.load_clip, lambda path, policy: (str(path), policy))
 _load_line = _memo(build_mod.load_line, lambda root, name, policy, m: (str(root), name, policy, m))

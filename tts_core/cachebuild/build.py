@@ -261,4 +261,5 @@ def _local_batches(cfg: BuildConfig, lines: list[MetaLine], starts: list[int], c
             loaded = [f.result() for f in pending]
             if k + 1 < len(starts):
                 pending = submit(starts[k + 1])
-            yield encode_batch(lines[start:start + chunk], loaded, inst_ids[start:start + chunk], ve, xv, tokenizer)
+            yield encode_batch(lines[start:start + chunk], loaded, inst_ids[start:start + chunk], ve, xv, tokenizer,
+                               Path(cfg.metadata).name)
