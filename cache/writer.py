@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -28,7 +29,7 @@ import zarr
 
 from cache import schema
 from cache.store import (StoreError, StoreInfo, StoreNotFound, before_write, check_identities, compressors,
-                         open_group, os_errors)
+                         local_path, open_group, os_errors)
 from tts_core.identity import ModelIdentity
 
 # Every chunk of a finished store exists, even an all-fill one, so a missing chunk is always damage.
@@ -117,11 +118,21 @@ class CacheWriter:
             return None
         return int(g.attrs["n_rows"]) if "n_rows" in g.attrs else None
 
+    @staticmethod
+    def recorded_extra(url: str) -> dict | None:
+        """The store's "extra" attributes (what it was built from), None before its creation finished."""
+        try:
+            g = open_group(url, "r")
+        except StoreNotFound:
+            return None
+        return dict(g.attrs["extra"]) if "extra" in g.attrs else None
+
     @classmethod
     def _create(cls, url, n_rows, n_instructions, lines_digest, models, normalisation, text_hidden_size,
                 chunk_rows, extra):
         _refuse_foreign(url)
-        g = open_group(url, "w")  # clears what an interrupted creation left
+        _clear_own(url)  # what an interrupted creation left
+        g = open_group(url, "a")
 
         def create(path: str, shape: tuple, chunks: tuple, dtype, fill=0) -> zarr.Array:
             parent, name = path.split("/")
@@ -322,11 +333,41 @@ def _refuse_foreign(url: str) -> None:
     fs, root = fsspec.core.url_to_fs(url)
     with os_errors(url):
         names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)] if fs.isdir(root) else []
-    foreign = [n for n in names if n not in schema.STORE_ENTRIES and not n.startswith("norm_report.")
-               and not n.endswith((".partial", ".tmp"))]
+    foreign = [n for n in names if not _own_entry(n)]
     if foreign:
         raise StoreError(f"{url} exists and is not a cache store (it holds {', '.join(sorted(foreign)[:3])}"
                          f"{', ...' if len(foreign) > 3 else ''}); nothing was changed: use a new --store")
+
+
+def _own_entry(name: str) -> bool:
+    return name in schema.STORE_ENTRIES or name.startswith("norm_report.") or name.endswith((".partial", ".tmp"))
+
+
+def _clear_own(url: str) -> None:
+    """Remove the store's own entries, one by one, keeping its directory. Not Zarr's `clear` (rmtree of the
+    root, then mkdir): a store reached through a symlink (cache/x.zarr -> /big/x.zarr) must lose its
+    contents, never the link or what the link points at, and nothing that is not the store's own."""
+    path = local_path(url)
+    if path is not None:
+        if not path.is_dir():
+            return
+        for entry in sorted(path.iterdir()):
+            if _own_entry(entry.name):
+                before_write(f"{url.rstrip('/')}/{entry.name}")
+                with os_errors(str(entry)):
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry)
+                    else:
+                        entry.unlink()
+        return
+    fs, root = fsspec.core.url_to_fs(url)
+    with os_errors(url):
+        names = fs.ls(root, detail=False) if fs.isdir(root) else []
+    for p in sorted(names):
+        if _own_entry(p.rstrip("/").rsplit("/", 1)[-1]):
+            before_write(p)
+            with os_errors(p):
+                fs.rm(p, recursive=True)
 
 
 def _parquet(df: pd.DataFrame) -> bytes:

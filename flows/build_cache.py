@@ -24,6 +24,7 @@ from tts_core.cachebuild.shards import encode_shard, ordered_window
 from flows.keys import artifact_key
 from tts_core.encoders.embedded import DEFAULT_KIND
 from tts_core.frozen import FrozenModelsConfig
+from tts_core.audio import AudioPolicy
 
 
 @flow(name="build-cache", log_prints=True)
@@ -31,7 +32,7 @@ def build_cache_flow(metadata: str, audio_root: str, store: str, chatterbox_dir:
                      text_encoder: str | None = None, device: str = "cpu", normalise_spk: bool = True,
                      normalise_xvec: bool = True, loader_threads: int = 4, chunk_rows: int = 256,
                      task_runner: str = "local", cluster: str | None = None, workers: int = 2,
-                     speech_tokenizer: str = DEFAULT_KIND) -> dict:
+                     speech_tokenizer: str = DEFAULT_KIND, allow_outside_root: bool = False) -> dict:
     """Validate every clip, run the frozen models once, write the Zarr store and its norm report."""
     cfg = BuildConfig(
         metadata=Path(metadata), audio_root=Path(audio_root), store=store,
@@ -39,7 +40,7 @@ def build_cache_flow(metadata: str, audio_root: str, store: str, chatterbox_dir:
                                   text_encoder=Path(text_encoder) if text_encoder else None, device=device,
                                   speech_tokenizer=speech_tokenizer),
         normalisation=Normalisation(spk_emb=normalise_spk, xvec=normalise_xvec), loader_threads=loader_threads,
-        chunk_rows=chunk_rows)
+        chunk_rows=chunk_rows, audio=AudioPolicy(allow_outside_root=allow_outside_root))
     if task_runner == "local":
         return _build(cfg, shard_map=None)
     if task_runner != "dask":

@@ -18,18 +18,29 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def _cmd_build_cache(a: argparse.Namespace) -> int:
     kwargs = dict(metadata=str(a.metadata), audio_root=str(a.audio_root), store=a.store,
                   chatterbox_dir=str(a.chatterbox_dir) if a.chatterbox_dir else None,
                   text_encoder=str(a.text_encoder) if a.text_encoder else None, device=a.device,
                   normalise_spk=not a.raw_spk, normalise_xvec=not a.raw_xvec, loader_threads=a.loader_threads,
                   chunk_rows=a.chunk_rows, task_runner=a.task_runner, cluster=a.cluster, workers=a.workers,
-                  speech_tokenizer=a.speech_tokenizer)
+                  speech_tokenizer=a.speech_tokenizer, allow_outside_root=a.allow_outside_root)
     if a.no_prefect and a.task_runner != "local":
         print("instruct-tts: error: --task-runner dask runs through Prefect (prefect-dask); drop --no-prefect",
               file=sys.stderr)
         return 2
     if not a.use_prefect:  # dask needs Prefect: without an API this process encodes (the same store)
+        from tts_core.audio import AudioPolicy
         from tts_core.cachebuild.build import BuildConfig, build_cache
         from cache.schema import Normalisation
         from tts_core.frozen import FrozenModelsConfig
@@ -38,7 +49,7 @@ def _cmd_build_cache(a: argparse.Namespace) -> int:
                           models=FrozenModelsConfig(chatterbox_dir=a.chatterbox_dir, text_encoder=a.text_encoder,
                                                     device=a.device, speech_tokenizer=a.speech_tokenizer),
                           normalisation=Normalisation(not a.raw_spk, not a.raw_xvec), loader_threads=a.loader_threads,
-                          chunk_rows=a.chunk_rows)
+                          chunk_rows=a.chunk_rows, audio=AudioPolicy(allow_outside_root=a.allow_outside_root))
         for line in build_cache(cfg, _print_progress).lines():
             print(line)
         return 0
@@ -254,8 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(b)
     b.add_argument("--raw-spk", action="store_true", help="reader does not L2-normalise speaker embeddings")
     b.add_argument("--raw-xvec", action="store_true", help="reader does not L2-normalise x-vectors")
-    b.add_argument("--loader-threads", type=int, default=4)
-    b.add_argument("--chunk-rows", type=int, default=256, help="rows per Zarr chunk and per batch (new stores)")
+    b.add_argument("--loader-threads", type=_positive_int, default=4)
+    b.add_argument("--chunk-rows", type=_positive_int, default=256, help="rows per Zarr chunk and per batch (new stores)")
+    b.add_argument("--allow-outside-root", action="store_true",
+                   help="read relative audio paths whose '..' leaves --audio-root (refused by default)")
     b.add_argument("--speech-tokenizer", choices=KINDS, default=DEFAULT_KIND,
                    help="embedded tokenizer + decoder fitted on the corpus when no --chatterbox-dir is given: "
                         "mel-vq (log-mel k-means, Griffin-Lim) or world-vq (WORLD envelope codes x log-F0 levels, "

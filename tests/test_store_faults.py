@@ -73,7 +73,7 @@ def _text_encoder(cfg, _load=build_mod.load_text_encoder):
     return enc
 
 
-_encode = _memo(build_mod.encode_batch, lambda batch, loaded, iids, ve, xv, tok: (
+_encode = _memo(build_mod.encode_batch, lambda batch, loaded, iids, ve, xv, tok, *name: (
     tuple(m.row for m in batch), tok.identity.sha256))
 _load_clip = _memo(build_mod.load_clip, lambda path, policy: (str(path), policy))
 _load_line = _memo(build_mod.load_line, lambda root, name, policy, m: (str(root), name, policy, m))
@@ -284,3 +284,47 @@ def test_lock_is_keyed_by_the_resolved_store(corpus, tmp_path):
         with pytest.raises(StoreError, match="another build is writing"):
             _build(corpus, via_link)
     assert not (real / "c.zarr").exists()
+
+
+@pytest.mark.parametrize("kill", [True, False])
+def test_store_through_a_symlink_is_recreated_inside_the_link(corpus, reference, tmp_path, kill):
+    """#22: `cache/x.zarr -> /big/x.zarr` killed before its first committed row (or a link made ahead to an
+    empty directory) is (re)created through the link: its own entries go, the link and its neighbours stay."""
+    ref, writes = reference
+    big = tmp_path / "big"
+    (big / "x.zarr").mkdir(parents=True)
+    (big / "other.txt").write_text("not the store's")
+    (tmp_path / "cache").mkdir()
+    link = tmp_path / "cache" / "x.zarr"
+    link.symlink_to(big / "x.zarr", target_is_directory=True)
+    if kill:  # after some arrays exist, before the store's attributes: an interrupted creation
+        k = writes.index("/instructions/states/zarr.json")
+        with write_hook(_fail_at(k, Killed())):
+            with pytest.raises(Killed):
+                _build(corpus, link)
+        assert (big / "x.zarr" / "clips").is_dir()
+    s = _build(corpus, link)
+    assert s.complete and link.is_symlink() and link.resolve() == (big / "x.zarr").resolve()
+    assert (big / "other.txt").read_text() == "not the store's"
+    assert sorted(p.name for p in big.iterdir()) == ["other.txt", "x.zarr", "x.zarr.lock"]
+    assert snapshot(big / "x.zarr") == snapshot(ref)
+
+
+def test_resume_with_another_audio_root_is_refused(corpus, tmp_path):
+    """#22: the audio root is part of what a store was built from, like its metadata lines."""
+    meta, root = corpus
+    other = tmp_path / "copy_of_audio"
+    shutil.copytree(root, other)
+    store = tmp_path / "c.zarr"
+
+    def cfg(audio_root, **kw):
+        return BuildConfig(metadata=meta, audio_root=audio_root, store=str(store), chunk_rows=CHUNK, loader_threads=1,
+                           **kw)
+
+    assert not build_cache(cfg(root, max_batches=1)).complete  # interrupted after one batch
+    with pytest.raises(StoreError) as info:
+        build_cache(cfg(other))
+    msg = str(info.value)
+    assert f"built from audio under {root.resolve()}" in msg and f"--audio-root {other.resolve()}" in msg
+    assert zarr.open_group(str(store), mode="r").attrs["committed_rows"] == CHUNK  # nothing written
+    assert build_cache(cfg(Path(str(root) + "/./"))).complete  # the same root, spelled otherwise: resumes

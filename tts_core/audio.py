@@ -6,6 +6,10 @@ conversions, recorded as notes, never rejections.
 """
 from __future__ import annotations
 
+import errno
+import math
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +27,11 @@ class AudioPolicy:
     min_seconds: float = 0.5
     max_seconds: float = 30.0
     min_sample_rate: int = 8_000  # below this there is not enough bandwidth for 16 kHz models
-    silence_peak: float = 1e-3  # peak |x| under this (about -60 dBFS) is silence
+    max_sample_rate: int = 384_000  # above this no recording is real; it only bounds what one clip can cost
+    max_channels: int = 32  # ditto: a header claiming thousands of channels would decode to gigabytes
+    silence_peak: float = 1e-3  # peak |x - mean| under this (about -60 dBFS) is silence, a DC offset included
+    max_peak: float = 100.0  # +40 dBFS: float samples beyond this are a broken writer's, and would overflow fits
+    allow_outside_root: bool = False  # a relative audio path whose `..` leaves --audio-root is refused unless set
 
 
 class AudioRejected(Exception):
@@ -53,22 +61,33 @@ class LoadedAudio:
 
 def load_clip(path: str | Path, policy: AudioPolicy = AudioPolicy()) -> LoadedAudio:
     path = Path(path)
-    if not path.exists():
-        raise AudioRejected("missing_file", f"{path} does not exist; fix the path or --audio-root")
-    if path.is_dir():
-        raise AudioRejected("missing_file", f"{path} is a directory, not an audio file")
+    _check_file(path)
     try:
-        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+        info = sf.info(str(path))
     except Exception as exc:  # libsndfile's errors are all "cannot decode this file"
-        kind = "empty_file" if path.stat().st_size == 0 else "unreadable"
-        raise AudioRejected(kind, f"{path} cannot be decoded ({exc}); re-encode it as WAV/FLAC") from None
+        raise AudioRejected("unreadable", f"{path} cannot be decoded ({_one_line(exc)}); re-encode it as WAV/FLAC") from None
+    sr, channels = int(info.samplerate), int(info.channels)
+    if not policy.min_sample_rate <= sr <= policy.max_sample_rate:
+        raise AudioRejected("bad_sample_rate", f"{path} is sampled at {sr} Hz (outside {policy.min_sample_rate}–"
+                                               f"{policy.max_sample_rate} Hz)")
+    if not 1 <= channels <= policy.max_channels:
+        raise AudioRejected("bad_channels", f"{path} has {channels} channels (expected 1–{policy.max_channels})")
+    if info.frames / sr > policy.max_seconds:  # judged from the header: a 6-hour file is never decoded
+        raise AudioRejected("too_long", f"{path} lasts {info.frames / sr:.1f} s (> {policy.max_seconds} s); split it")
+    limit = int(policy.max_seconds * sr) + 1  # a header that under-states its length still cannot cost more
+    try:
+        data, _ = sf.read(str(path), frames=limit, dtype="float32", always_2d=True)
+    except Exception as exc:
+        raise AudioRejected("unreadable", f"{path} cannot be decoded ({_one_line(exc)}); re-encode it as WAV/FLAC") from None
     notes: list[str] = []
     if data.shape[0] == 0:
         raise AudioRejected("empty_audio", f"{path} has no samples")
     if not np.isfinite(data).all():
         raise AudioRejected("nan_audio", f"{path} contains NaN or infinite samples")
-    if sr < policy.min_sample_rate:
-        raise AudioRejected("bad_sample_rate", f"{path} is sampled at {sr} Hz (< {policy.min_sample_rate} Hz)")
+    peak = float(np.abs(data).max())
+    if peak > policy.max_peak:
+        raise AudioRejected("out_of_range", f"{path} has samples of magnitude {peak:.2e} (> {policy.max_peak:g}, "
+                                            "a broken float writer's); re-export it")
     if data.shape[1] > 1:
         notes.append(f"{data.shape[1]}ch->mono")
         data = data.mean(axis=1, keepdims=True)
@@ -77,13 +96,54 @@ def load_clip(path: str | Path, policy: AudioPolicy = AudioPolicy()) -> LoadedAu
     if duration < policy.min_seconds:
         raise AudioRejected("too_short", f"{path} lasts {duration:.2f} s (< {policy.min_seconds} s)")
     if duration > policy.max_seconds:
-        raise AudioRejected("too_long", f"{path} lasts {duration:.1f} s (> {policy.max_seconds} s); split it")
-    peak = float(np.abs(wav).max())
-    if peak < policy.silence_peak:
-        raise AudioRejected("silent", f"{path} is silent (peak {peak:.2e})")
+        raise AudioRejected("too_long", f"{path} lasts more than {policy.max_seconds} s; split it")
+    ac_peak = float(np.abs(wav - wav.mean(dtype=np.float64)).max())  # a constant offset is no signal
+    if ac_peak < policy.silence_peak:
+        raise AudioRejected("silent", f"{path} is silent (peak {ac_peak:.2e} after removing its mean)")
     prompt = prompt_audio(Reference.from_native(wav, sr).wav_16k, TURBO_PROMPT_SECONDS).copy()
     if sr != SAMPLE_RATE:
         notes.append(f"{sr}->{SAMPLE_RATE}Hz")
-        wav = AF.resample(torch.from_numpy(np.ascontiguousarray(wav)), sr, SAMPLE_RATE).numpy()
+        wav = resample_16k(wav, sr)
     return LoadedAudio(wav=np.ascontiguousarray(wav, dtype=np.float32), duration=wav.shape[0] / SAMPLE_RATE, notes=notes,
                        prompt_wav=prompt)
+
+
+def resample_16k(wav: np.ndarray, sr: int) -> np.ndarray:
+    """torchaudio's windowed sinc for the usual rates; soxr for a rate sharing no large factor with 16 kHz
+    (torchaudio's kernel has 16000/gcd rows: a 44101 Hz clip took 47 s and 12 GB)."""
+    if SAMPLE_RATE // math.gcd(sr, SAMPLE_RATE) <= 1_000:
+        return AF.resample(torch.from_numpy(np.ascontiguousarray(wav)), sr, SAMPLE_RATE).numpy()
+    import librosa
+
+    return librosa.resample(np.ascontiguousarray(wav, dtype=np.float32), orig_sr=sr, target_sr=SAMPLE_RATE,
+                            res_type="soxr_hq")
+
+
+def _check_file(path: Path) -> None:
+    """A regular, non-empty file, or the reason it is not (never an OSError: a path the OS refuses is data)."""
+    try:
+        st = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        raise AudioRejected("missing_file", f"{path} does not exist; fix the path or --audio-root") from None
+    except ValueError as exc:  # an embedded NUL byte
+        raise AudioRejected("bad_path", f"{_short(path)}: not a usable path ({exc}); fix the path") from None
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            raise AudioRejected("path_too_long", f"{_short(path)} is longer than the file system allows "
+                                                 f"({len(os.fsencode(path))} bytes); shorten the path") from None
+        raise AudioRejected("unreadable", f"{_short(path)} cannot be opened ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise AudioRejected("missing_file", f"{path} is a directory, not an audio file")
+    if not stat.S_ISREG(st.st_mode):
+        raise AudioRejected("missing_file", f"{path} is not a regular file (a device or pipe), not an audio file")
+    if st.st_size == 0:
+        raise AudioRejected("empty_file", f"{path} is empty (0 bytes); re-export it")
+
+
+def _short(path: Path, n: int = 120) -> str:
+    s = str(path)
+    return s if len(s) <= n else s[:n] + "…"
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())

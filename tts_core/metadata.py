@@ -56,11 +56,17 @@ def read_metadata(path: str | Path) -> tuple[list[MetaLine], str]:
         raise MetadataError(f"{path}:{line_no}: not valid UTF-8 ({exc.reason}); save the file as UTF-8") from None
     lines: list[MetaLine] = []
     seen: dict[str, int] = {}
-    for line_no, text_line in enumerate(text.splitlines(), start=1):
+    for line_no, text_line in enumerate(split_lines(text), start=1):
         if not text_line.strip() or text_line.lstrip().startswith("#"):
             continue
         lines.append(_parse_line(len(lines), line_no, text_line, seen, path))
     return lines, hashlib.sha256(raw).hexdigest()
+
+
+def split_lines(text: str) -> list[str]:
+    """Lines as `grep -n` and editors count them: only `\n` (or `\r\n`) ends one. Not `str.splitlines`,
+    which also breaks at U+2028, NEL, form feed or a lone CR inside a transcript and shifts every line number."""
+    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
 
 
 def _parse_line(row: int, line_no: int, text: str, seen: dict[str, int], path: Path) -> MetaLine:

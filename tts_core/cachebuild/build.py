@@ -21,7 +21,7 @@ from cache.store import EXPECTED_ERRNOS, StoreError, io_error, lock_path, os_err
 from cache.norms import publish_norm_report
 from cache.writer import CacheWriter, ClipBatch, saved_codebook
 from tts_core.cachebuild.shards import ShardJob, ShardMap, encode_batch, load_line
-from tts_core.audio import AudioPolicy, AudioRejected, load_clip
+from tts_core.audio import AudioPolicy, LoadedAudio, load_clip  # noqa: F401  (load_clip: tests patch it)
 from tts_core.encoders import embedded
 from tts_core.frozen import FrozenModelsConfig, load_speaker_models, load_speech_tokenizer, load_text_encoder
 from tts_core.metadata import MetaLine, lines_digest, read_metadata
@@ -41,6 +41,11 @@ class BuildConfig:
     report_max_rows: int | None = 200_000
     chunk_rows: int = schema.CLIP_CHUNK  # rows per chunk and per batch; fixed when the store is created
     max_batches: int | None = None  # stop after this many clip batches (tests, staged runs)
+
+    def __post_init__(self) -> None:
+        for name in ("chunk_rows", "loader_threads", "instruction_batch", "tokenizer_fit_clips"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise StoreError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -135,6 +140,7 @@ def _build_locked(cfg: BuildConfig, progress: Callable[[BuildProgress], None], s
         raise StoreError(f"{cfg.metadata} has no data lines (expected audio_path|transcript|instruction)")
     inst_ids, inst_texts = instruction_ids(lines)
     digest = lines_digest(lines)
+    _check_audio_root(cfg)
     recorded = CacheWriter.recorded_rows(cfg.store)
     prefix = lines_digest(lines[:recorded]) if recorded and recorded < len(lines) else None
 
@@ -144,14 +150,20 @@ def _build_locked(cfg: BuildConfig, progress: Callable[[BuildProgress], None], s
                          f"{cfg.models.speech_tokenizer}: pass --speech-tokenizer {saved.kind}, or another --store")
     ve, xv = load_speaker_models(cfg.models)
     text_enc = load_text_encoder(cfg.models)
-    tokenizer, fitted = load_speech_tokenizer(cfg.models, saved, lambda: _fit_clips(cfg, lines))
+    fit_lines: list[MetaLine] = []
+    try:
+        tokenizer, fitted = load_speech_tokenizer(cfg.models, saved, lambda: _fit_clips(cfg, lines, fit_lines))
+    except embedded.FitInputError as exc:
+        m = fit_lines[exc.clip]
+        raise StoreError(f"{Path(cfg.metadata).name}:{m.line}: {m.audio_path} gives non-finite {exc.what}, which would "
+                         "poison the embedded tokenizer's fit; remove or re-export it, then rerun") from None
     identities = {"voice_encoder": ve.identity, "xvector": xv.identity,
                   "speech_tokenizer": tokenizer.identity, "text_encoder": text_enc.identity}
     w = CacheWriter.open_for_build(
         cfg.store, n_rows=len(lines), n_instructions=len(inst_texts), lines_digest=digest,
         prefix_digest=prefix, models=identities, normalisation=cfg.normalisation,
         text_hidden_size=text_enc.hidden_size, chunk_rows=cfg.chunk_rows,
-        extra={"metadata": str(cfg.metadata), "audio_root": str(cfg.audio_root),
+        extra={"metadata": str(cfg.metadata), AUDIO_ROOT_ATTR: _root_name(cfg.audio_root),
                "tokenizer_vocab": int(tokenizer.vocab_size), "tokenizer_frame_rate": float(tokenizer.frame_rate),
                embedded.KIND_ATTR: getattr(tokenizer, "kind", "s3")})
     if fitted:
@@ -202,17 +214,35 @@ def _build_locked(cfg: BuildConfig, progress: Callable[[BuildProgress], None], s
         report_paths=paths, model_names={k: v.name for k, v in identities.items()})
 
 
-def _fit_clips(cfg: BuildConfig, lines: list[MetaLine]) -> list[np.ndarray]:
-    """The first N loadable clips, in file order: deterministic input for the embedded tokenizer."""
+AUDIO_ROOT_ATTR = "audio_root"  # key of the store's "extra" attributes: the resolved --audio-root
+
+
+def _root_name(root: Path | str) -> str:
+    return str(Path(root).resolve())
+
+
+def _check_audio_root(cfg: BuildConfig) -> None:
+    """The audio root is part of what a store was built from (like its metadata lines): resuming or
+    appending with another one would mix rows read from two trees, so it is refused, saying what differs."""
+    recorded = (CacheWriter.recorded_extra(cfg.store) or {}).get(AUDIO_ROOT_ATTR)
+    if recorded is not None and _root_name(recorded) != _root_name(cfg.audio_root):
+        raise StoreError(f"{cfg.store} was built from audio under {recorded}, this run reads --audio-root "
+                         f"{_root_name(cfg.audio_root)}: its rows would come from two trees. Rerun with "
+                         f"--audio-root {recorded}, or use a new --store.")
+
+
+def _fit_clips(cfg: BuildConfig, lines: list[MetaLine], used: list[MetaLine]) -> list[np.ndarray]:
+    """The first N loadable clips, in file order: deterministic input for the embedded tokenizer. They pass
+    the same checks as every clip (so an absurd one is quarantined before the fit sees it); ``used``
+    receives their lines, so that a fit failing on one can name it."""
     wavs = []
     for m in lines:
         if len(wavs) >= cfg.tokenizer_fit_clips:
             break
-        if m.ok:
-            try:
-                wavs.append(load_clip(cfg.audio_root / m.audio_path, cfg.audio).wav)
-            except AudioRejected:
-                pass
+        a = load_line(cfg.audio_root, Path(cfg.metadata).name, cfg.audio, m)
+        if isinstance(a, LoadedAudio):
+            wavs.append(a.wav)
+            used.append(m)
     if not wavs:
         raise StoreError(f"no loadable clip in {cfg.metadata} to fit the embedded tokenizer on")
     return wavs
@@ -231,4 +261,5 @@ def _local_batches(cfg: BuildConfig, lines: list[MetaLine], starts: list[int], c
             loaded = [f.result() for f in pending]
             if k + 1 < len(starts):
                 pending = submit(starts[k + 1])
-            yield encode_batch(lines[start:start + chunk], loaded, inst_ids[start:start + chunk], ve, xv, tokenizer)
+            yield encode_batch(lines[start:start + chunk], loaded, inst_ids[start:start + chunk], ve, xv, tokenizer,
+                               Path(cfg.metadata).name)

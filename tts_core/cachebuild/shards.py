@@ -26,6 +26,7 @@ import pandas as pd
 from cache import schema
 from cache.writer import ClipBatch
 from tts_core.audio import AudioPolicy, AudioRejected, LoadedAudio, load_clip
+from tts_core.audio_paths import clip_path
 from tts_core.encoders.embedded import SavedTokenizer
 from tts_core.frozen import FrozenModelsConfig
 from tts_core.metadata import MetaLine
@@ -49,13 +50,18 @@ class ShardJob:
 
 # ---- loading and encoding (shared by the local loop and remote workers) -------------------------------------
 def load_line(audio_root: Path, metadata_name: str, audio: AudioPolicy, m: MetaLine) -> LoadedAudio | AudioRejected:
+    """The line's clip, or why it cannot be used (its detail starts with `metadata:line`). Never raises:
+    an error no check foresaw quarantines this one clip as `unreadable`, naming the error."""
     if not m.ok:
         return AudioRejected(m.reason, m.detail)
     try:
-        return load_clip(Path(audio_root) / m.audio_path, audio)
+        return load_clip(clip_path(audio_root, m.audio_path, audio.allow_outside_root), audio)
     except AudioRejected as exc:
         exc.detail = f"{metadata_name}:{m.line}: {exc.detail}"
         return exc
+    except Exception as exc:  # one clip must not stop the build
+        return AudioRejected("unreadable", f"{metadata_name}:{m.line}: {m.audio_path} could not be loaded "
+                                           f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})")
 
 
 def _prompt_tokens(clips: Sequence[LoadedAudio], tokens: Sequence[np.ndarray], tokenizer) -> list[list[np.ndarray]]:
@@ -77,9 +83,11 @@ def _prompt_tokens(clips: Sequence[LoadedAudio], tokens: Sequence[np.ndarray], t
     return out
 
 
-def encode_batch(batch: Sequence[MetaLine], loaded: list, iids: Sequence[int], ve, xv, tokenizer) -> ClipBatch:
+def encode_batch(batch: Sequence[MetaLine], loaded: list, iids: Sequence[int], ve, xv, tokenizer,
+                 metadata_name: str = "metadata") -> ClipBatch:
     """Loaded (or rejected) clips of consecutive rows → their ClipBatch. A clip a model fails on is
-    quarantined with the reason; it never sinks its batch."""
+    quarantined with the reason (its detail names `metadata_name:line`, as every quarantine detail does);
+    it never sinks its batch."""
     n = len(batch)
     spk = np.zeros((n, schema.SPK_DIM), np.float32)
     xvec = np.zeros((n, schema.XVEC_DIM), np.float32)
@@ -102,7 +110,8 @@ def encode_batch(batch: Sequence[MetaLine], loaded: list, iids: Sequence[int], v
         cuts = _prompt_tokens([loaded[i] for i in idx], t, tokenizer)
         for j, i in enumerate(idx):
             if not (np.isfinite(s[j]).all() and np.isfinite(x[j]).all()):
-                reasons[i], details[i] = "model_nonfinite", "a frozen model returned NaN/inf for this clip"
+                reasons[i], details[i] = "model_nonfinite", (f"{metadata_name}:{batch[i].line}: a frozen model "
+                                                             "returned NaN/inf for this clip")
                 continue
             spk[i], xvec[i], tokens[i], status[i] = s[j], x[j], np.asarray(t[j]), schema.STATUS_OK
             for k, spec in enumerate(schema.PROMPTS):
@@ -115,7 +124,7 @@ def encode_batch(batch: Sequence[MetaLine], loaded: list, iids: Sequence[int], v
             try:
                 run([i])
             except Exception as exc:
-                reasons[i], details[i] = "model_error", f"{type(exc).__name__}: {exc}"
+                reasons[i], details[i] = "model_error", f"{metadata_name}:{batch[i].line}: {type(exc).__name__}: {exc}"
     iid = np.where(status == schema.STATUS_OK, np.asarray(iids, np.int64), -1).astype(np.int32)
     for i in range(n):
         if status[i] != schema.STATUS_OK:
@@ -168,7 +177,7 @@ def encode_shard(job: ShardJob) -> ClipBatch:
     ve, xv, tok = _worker_models(job.models, job.codebook)
     with ThreadPoolExecutor(max(job.loader_threads, 1)) as pool:
         loaded = list(pool.map(lambda m: load_line(Path(job.audio_root), job.metadata_name, job.audio, m), job.lines))
-    return encode_batch(job.lines, loaded, job.instruction_ids, ve, xv, tok)
+    return encode_batch(job.lines, loaded, job.instruction_ids, ve, xv, tok, job.metadata_name)
 
 
 # ---- ordering --------------------------------------------------------------------------------------------------

@@ -51,6 +51,24 @@ class SavedTokenizer:
     config: Mapping = field(default_factory=dict)
 
 
+class FitInputError(ValueError):
+    """A clip whose features are not finite reached a fit. The build quarantines such clips before any fit
+    sees them; if one still gets through, the fit stops naming the clip (``clip``: its index in the fit's
+    input) instead of letting k-means fail with a library message, or fitting a codebook poisoned by it."""
+
+    def __init__(self, clip: int, what: str):
+        super().__init__(f"clip {clip} of the fit gives non-finite {what}")
+        self.clip = clip
+        self.what = what
+
+
+def check_finite_features(features: Sequence[np.ndarray], what: str) -> None:
+    """FitInputError for the first clip whose features hold NaN/inf."""
+    for i, f in enumerate(features):
+        if not np.isfinite(f).all():
+            raise FitInputError(i, what)
+
+
 def check_kind(kind: str) -> str:
     if kind not in KINDS:
         raise ValueError(f"unknown speech tokenizer {kind!r}: choose one of {', '.join(KINDS)}")

@@ -18,7 +18,7 @@ import torch
 import torchaudio
 
 from tts_core.checkpoint import read_state_dict_safetensors, save_state_dict_safetensors
-from tts_core.encoders.embedded import TokenConfig, checked_tokens
+from tts_core.encoders.embedded import TokenConfig, check_finite_features, checked_tokens
 from tts_core.identity import ModelIdentity, sha256_state_dict
 
 CONFIG_KEY = "mel_vq_config"  # safetensors metadata key: what makes a file a MelVQTokenizer file
@@ -101,7 +101,9 @@ class MelVQTokenizer:
         if len(wavs16k) == 0:
             raise ValueError("fit needs at least one clip")
         transform = mel_transform(config)
-        frames = np.concatenate([log_mel_frames(w, config, transform) for w in wavs16k])
+        per_clip = [log_mel_frames(w, config, transform) for w in wavs16k]
+        check_finite_features(per_clip, "log-mel frames")
+        frames = np.concatenate(per_clip)
         if len(frames) > max_frames:
             keep = np.sort(np.random.default_rng(seed).choice(len(frames), size=max_frames, replace=False))
             frames = frames[keep]

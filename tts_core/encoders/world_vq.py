@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from tts_core.checkpoint import read_state_dict_safetensors, save_state_dict_safetensors
-from tts_core.encoders.embedded import TokenConfig, checked_tokens
+from tts_core.encoders.embedded import TokenConfig, check_finite_features, checked_tokens
 from tts_core.identity import ModelIdentity, sha256_state_dict
 
 CONFIG_KEY = "world_vq_config"  # safetensors metadata key: what makes a file a WorldVQTokenizer file
@@ -161,6 +161,8 @@ class WorldVQTokenizer:
         if len(wavs16k) == 0:
             raise ValueError("fit needs at least one clip")
         frames = [analyse(w, config, with_aperiodicity=True) for w in wavs16k]
+        check_finite_features([f.envelope for f in frames], "WORLD envelopes")
+        check_finite_features([f.aperiodicity for f in frames], "WORLD aperiodicity")
         env = np.concatenate([f.envelope for f in frames])
         ap = np.concatenate([f.aperiodicity for f in frames])
         voiced = np.concatenate([f.f0 > 0 for f in frames])
