@@ -73,7 +73,7 @@ def _stage2(family: str) -> Callable[[bool, Path], dict]:
 def _build_cache(dry: bool, work: Path) -> dict:
     from bench.cache_build import FrozenBenchConfig, frozen_throughput
 
-    c = FrozenBenchConfig(device="cpu", clips=2, batch=2, clip_s=1.0, tiny=True) if dry else \
+    c = FrozenBenchConfig(device="cpu", clips=2, batch=2, clip_s=0.5, tiny=True) if dry else \
         FrozenBenchConfig(device="cuda", clips=512, batch=64)
     return frozen_throughput(c)
 
