@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -254,6 +255,53 @@ def _verdicts(results: dict[int, dict]) -> list[str]:
     return out
 
 
+@dataclass
+class ScaleConfig:
+    """The driver's settings (``--help`` says what each is); `bench.gpu` runs the stage-1 rows on the device."""
+    sizes: tuple[int, ...] = (10_000, 100_000)
+    unique_frac: float = 1.0
+    hidden: int = 1024
+    stages: tuple[str, ...] = STAGES
+    steps: int = 30
+    batch_size: int = 512
+    mapper_hidden: int = 256
+    mapper_blocks: int = 2
+    random_items: int = 50_000
+    uniform_items: int = 500
+    device: str = "cpu"
+    workdir: Path | None = None
+    keep: bool = False
+    seed: int = 0
+
+
+def run_scale(c: ScaleConfig, log=print) -> dict[int, dict]:
+    """Every stage of every size, each in its own process; → {rows: {row key: result}} (also results.json)."""
+    import torch
+
+    a = argparse.Namespace(**{**asdict(c), "workdir": Path(c.workdir or tempfile.mkdtemp(prefix="bench-scale-"))})
+    log(f"device {a.device}; torch threads {torch.get_num_threads()}; H={a.hidden}; unique instructions = "
+        f"{a.unique_frac:g} × rows; stages {list(a.stages)}; stores under {a.workdir}")
+    saved = Path(a.workdir) / "results.json"  # earlier runs in this workdir join the table (e.g. --keep, then more stages)
+    results = {int(k): v for k, v in json.loads(saved.read_text()).items()} if saved.exists() else {}
+    for n in a.sizes:
+        store = str(Path(a.workdir) / f"scale-{n}.zarr")
+        results.setdefault(n, {})
+        for stage in a.stages:
+            if stage != "write" and not Path(store).exists():
+                print(f"  {n}: no store at {store} (run the write stage)", file=sys.stderr)
+                break
+            t = time.perf_counter()
+            got = _run_child(stage, store, a, n)
+            results[n].update(got)
+            log(f"  {n:>7} rows  {stage:15s} {time.perf_counter() - t:7.1f} s  "
+                + "  ".join(f"{k}: {v['rows_s']:,.0f} rows/s, {v['rss']:.2f} GiB, load {v['load']:.1f}"
+                            for k, v in got.items()))
+        saved.write_text(json.dumps(results, indent=1))
+        if not a.keep:
+            shutil.rmtree(store, ignore_errors=True)
+    return dict(sorted(results.items()))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="10000,100000", help="store rows, comma-separated")
@@ -277,33 +325,11 @@ def main() -> None:
     a = ap.parse_args()
     if a.child:
         return _child(a)
-
-    import torch
-
-    a.workdir = a.workdir or Path(tempfile.mkdtemp(prefix="bench-scale-"))
-    stages = [s for s in a.stages.split(",") if s]
-    sizes = [int(s) for s in a.sizes.split(",")]
-    print(f"device {a.device}; torch threads {torch.get_num_threads()}; H={a.hidden}; unique instructions = "
-          f"{a.unique_frac:g} × rows; stages {stages}; stores under {a.workdir}", flush=True)
-    saved = Path(a.workdir) / "results.json"  # earlier runs in this workdir join the table (e.g. --keep, then more stages)
-    results = {int(k): v for k, v in json.loads(saved.read_text()).items()} if saved.exists() else {}
-    for n in sizes:
-        store = str(Path(a.workdir) / f"scale-{n}.zarr")
-        results.setdefault(n, {})
-        for stage in stages:
-            if stage != "write" and not Path(store).exists():
-                print(f"  {n}: no store at {store} (run the write stage)", file=sys.stderr)
-                break
-            t = time.perf_counter()
-            got = _run_child(stage, store, a, n)
-            results[n].update(got)
-            print(f"  {n:>7} rows  {stage:15s} {time.perf_counter() - t:7.1f} s  "
-                  + "  ".join(f"{k}: {v['rows_s']:,.0f} rows/s, {v['rss']:.2f} GiB, load {v['load']:.1f}"
-                              for k, v in got.items()), flush=True)
-        saved.write_text(json.dumps(results, indent=1))
-        if not a.keep:
-            shutil.rmtree(store, ignore_errors=True)
-    results = dict(sorted(results.items()))
+    c = ScaleConfig(sizes=tuple(int(s) for s in a.sizes.split(",")), unique_frac=a.unique_frac, hidden=a.hidden,
+                    stages=tuple(s for s in a.stages.split(",") if s), steps=a.steps, batch_size=a.batch_size,
+                    mapper_hidden=a.mapper_hidden, mapper_blocks=a.mapper_blocks, random_items=a.random_items,
+                    uniform_items=a.uniform_items, device=a.device, workdir=a.workdir, keep=a.keep, seed=a.seed)
+    results = run_scale(c, log=lambda m: print(m, flush=True))
     print()
     print(_table(results, a))
     print()

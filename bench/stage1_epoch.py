@@ -6,15 +6,74 @@
 would be), its own rows/s over the training steps. *on the fly* (the seed's way): the same model and
 step, but each batch's instruction states come from running the text encoder on the batch's texts;
 timed over ``--fly-batches`` batches. Without ``--store`` a demo store is built first (not timed).
+
+`synthetic_epoch` (what `bench.gpu` runs): the *cached* path alone on a synthetic `Stage1Data` of ``rows`` rows
+at ``hidden`` (1024: flan-t5-large) with ``unique`` instructions of N(24, 6) states, default mapper, batch 512,
+one epoch; goal: a 300k-row epoch in < 15 s on one H100-class GPU.
 """
 from __future__ import annotations
 
 import argparse
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+
+GOAL_EPOCH_S = 15.0
+
+
+@dataclass
+class EpochConfig:
+    rows: int = 300_000
+    unique: int = 30_000  # instructions (their states live on the device; the per-batch gather is what costs)
+    hidden: int = 1024
+    batch_size: int = 512
+    device: str = "cpu"
+    mapper_hidden: int | None = None  # None: MapperConfig's defaults (the production mapper)
+    mapper_blocks: int | None = None
+    seed: int = 0
+
+
+def synthetic_data(c: EpochConfig):
+    """A `Stage1Data` of random unit vectors and fp16 ragged states (the store's dtype)."""
+    from tts_core.stage1.data import Stage1Data
+    from tts_core.stage1.states import RaggedStates
+
+    g = torch.Generator().manual_seed(c.seed)
+    lens = torch.from_numpy(np.clip(np.rint(np.random.default_rng(c.seed).normal(24, 6, c.unique)), 8, 64)).long()
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
+    flat = (0.25 * torch.randn(int(offsets[-1]), c.hidden, generator=g)).half()
+    return Stage1Data(spk=torch.randn(c.rows, 256, generator=g), xvec=torch.randn(c.rows, 192, generator=g),
+                      instruction_id=torch.randint(0, c.unique, (c.rows,), generator=g),
+                      states=RaggedStates(flat, offsets), clip_ids=[f"r{i}" for i in range(c.rows)],
+                      instruction_texts=[f"instruction {i}" for i in range(c.unique)],
+                      text_encoder_identity={"name": "synthetic (bench)", "sha256": "0" * 64})
+
+
+def synthetic_epoch(c: EpochConfig, work: Path) -> dict:
+    """One epoch of `train_stage1` (cached path); → rows/s of its training steps and the epoch's seconds."""
+    from tts_core.mapper import MapperConfig
+    from tts_core.stage1 import Stage1TrainConfig, train_stage1
+
+    data = synthetic_data(c)
+    small = {k: v for k, v in (("hidden_dim", c.mapper_hidden), ("n_blocks", c.mapper_blocks)) if v}
+    mapper = MapperConfig(cond_dim=c.hidden, **small)
+    cfg = Stage1TrainConfig(out_dir=str(work / "cached"), phase="1", epochs=1, min_phase_steps=0, eval_every=0,
+                            batch_size=c.batch_size, device=c.device, held_out_frac=0.01, resume=False,
+                            nn_max_queries=256, nn_max_keys=2048)
+    if c.device.startswith("cuda"):  # warm-up: kernels and allocator, not counted
+        train_stage1(data, Stage1TrainConfig(**{**cfg.to_dict(), "out_dir": str(work / "warm"), "max_steps": 5}),
+                     mapper)
+    t0 = time.perf_counter()
+    res = train_stage1(data, cfg, mapper)
+    wall = time.perf_counter() - t0
+    rate = res.history[-1]["rows_per_s"]
+    epoch_s = c.rows / rate
+    return {"rows": c.rows, "unique": c.unique, "hidden": c.hidden, "rows_s": rate, "epoch_s": epoch_s,
+            "wall_s": wall, "goals": {f"300k-row epoch < {GOAL_EPOCH_S:.0f} s": 300_000 / rate < GOAL_EPOCH_S}}
 
 
 def _demo_store(work: Path, clips: int) -> str:

@@ -524,3 +524,17 @@ def test_ddp_two_ranks_equal_one_process_with_the_same_global_batch(env, tmp_pat
     res = train_stage2(_cfg(env, tmp_path / "run", max_steps=6, save_every=2))
     assert res.global_step == 6 and res.world_size == 1
     assert [r["step"] for r in res.history] == [1, 2, 3, 4, 5, 6]
+
+
+def test_activation_checkpointing_trains_the_same_weights_and_is_recorded(env, tmp_path):
+    """`--activation-checkpointing` changes memory, not the run: the same weights after 3 steps (to float
+    tolerance), and the run config says it was on."""
+    plain = train_stage2(_cfg(env, tmp_path / "plain", max_steps=3))
+    ckpt = train_stage2(_cfg(env, tmp_path / "ckpt", max_steps=3, activation_checkpointing=True))
+    a, b = plain.t3.state_dict(), ckpt.t3.state_dict()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert any(not torch.equal(a[k], v) for k, v in _state(build_t3("tiny", H)[0]).items())  # the steps moved it
+    meta = json.loads((tmp_path / "ckpt" / "stage2.json").read_text())
+    assert meta["train_config"]["activation_checkpointing"] is True
+    assert json.loads((tmp_path / "plain" / "stage2.json").read_text())["train_config"]["activation_checkpointing"] is False

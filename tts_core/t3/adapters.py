@@ -21,9 +21,9 @@ sets the instruction on every adapter right before the backbone runs and clears 
 (`instruction_context`). The modulation (γ, β) is computed once at set time — in fp32 with
 autocast disabled (DESIGN failure mode 1) — and held on the module, so a generation loop computes
 it once, not per token. The state is a per-module attribute of this model instance: DDP replicas
-(one process each) never share it. Gradient checkpointing is not supported while an instruction is
-set (the recomputation in backward runs after the context is cleared); `T3` refuses that
-combination.
+(one process each) never share it. Activation checkpointing recomputes the norms in backward, after
+the context is cleared: `tts_core.t3.checkpointing` puts each call's modulation back for its
+recompute, and `T3` refuses checkpointing switched on any other way.
 """
 from __future__ import annotations
 

@@ -37,6 +37,7 @@ from transformers.generation.logits_process import (
 
 from .adapters import AdaRMSNorm, attach_adaptive_norms, find_adaptive_norms, instruction_context
 from .alignment import AlignmentGuard
+from .checkpointing import ADAPTER_AWARE, activation_checkpointing_on
 from .config import IGNORE_INDEX, T3Config
 from .layout import SEG_COND, SEG_SPEECH, SEG_TEXT, T3Layout, build_generation_layout, build_layout
 
@@ -280,9 +281,10 @@ class T3(nn.Module):
         adapters = self.adapters
         if not adapters:
             return contextlib.nullcontext()
-        if self.training and any(getattr(m, "gradient_checkpointing", False) for m in self.tfmr.modules()):
+        if self.training and activation_checkpointing_on(self) and not getattr(self, ADAPTER_AWARE, False):
             raise NotImplementedError(
-                "gradient checkpointing recomputes the norms after the instruction context is cleared"
+                "gradient checkpointing recomputes the norms after the instruction context is cleared: switch it on "
+                "with tts_core.t3.checkpointing.enable_activation_checkpointing"
             )
         emb, mask = cond.instruction_emb, cond.instruction_mask
         B = cond.batch_size
