@@ -101,7 +101,8 @@ def _print_stage1_row(r: dict) -> None:
 
 def _cmd_train_stage2(a: argparse.Namespace) -> int:
     train = {k: v for k, v in dict(
-        instruction_prob=a.instruction_prob, batch_size=a.batch_size, max_tokens=a.max_tokens,
+        instruction_prob=a.instruction_prob, prompt_instruction_prob=a.prompt_instruction_prob,
+        instruction_dropout=a.instruction_dropout, batch_size=a.batch_size, max_tokens=a.max_tokens,
         grad_accum=a.grad_accum, lr=a.lr,
         adapter_lr=a.adapter_lr, epochs=a.epochs, max_steps=a.max_steps, warmup_steps=a.warmup_steps,
         device=a.device, amp_dtype=a.amp, compile=a.compile or None, save_every=a.save_every,
@@ -148,7 +149,7 @@ def _cmd_synthesize(a: argparse.Namespace) -> int:
     synth = Synthesizer.from_run(a.run, device=a.device, text_encoder=a.text_encoder, chatterbox_dir=a.chatterbox_dir)
     sampling = SamplingConfig(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
                               repetition_penalty=a.repetition_penalty, cfg_weight=a.cfg_weight,
-                              max_new_tokens=a.max_new_tokens)
+                              max_new_tokens=a.max_new_tokens, instruction_guidance=a.instruction_guidance)
     res = synth.synthesize(a.text, instruction=a.instruction, reference=ref, seed=a.seed, sampling=sampling,
                            language=a.language)
     a.out.parent.mkdir(parents=True, exist_ok=True)
@@ -308,6 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
     t2.add_argument("--amp", choices=("auto", "bf16", "fp32"))
     g = t2.add_argument_group("training (defaults: tts_core.stage2.Stage2Config)")
     g.add_argument("--instruction-prob", type=float, help="share of instruction-only rows (default 0.5)")
+    g.add_argument("--prompt-instruction-prob", type=float,
+                   help="share of rows with a reference prompt *and* the instruction ('this voice, but slower'); "
+                        "the rest split by --instruction-prob (default 0.0)")
+    g.add_argument("--instruction-dropout", type=float,
+                   help="share of instruction rows given the null instruction, for --instruction-guidance at "
+                        "synthesis (default 0.1)")
     g.add_argument("--batch-size", type=int, help="rows per batch per rank (the cap with --max-tokens)")
     g.add_argument("--max-tokens", type=int, help="token budget per batch (length bucketing)")
     g.add_argument("--grad-accum", type=int, help="batches per rank per step (N ranks x A = same run as 1 x N*A)")
@@ -346,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
                          ("repetition_penalty", float), ("cfg_weight", float)):
         sp.add_argument("--" + option.replace("_", "-"), type=kind, help=family_defaults_help(option))
     sp.add_argument("--max-new-tokens", type=int, default=1000)
+    sp.add_argument("--instruction-guidance", type=float, default=0.0, metavar="W",
+                    help="classifier-free guidance on the instruction: logits + W·(cond − null instruction), "
+                         "on top of --cfg-weight's text CFG (default 0: unguided)")
     sy.set_defaults(func=_cmd_synthesize)
 
     ev = sub.add_parser("evaluate", help="synthesize held-out instructions and measure what they asked for")
