@@ -171,7 +171,8 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     cfg = EvalConfig(run_dir=str(a.run), store=a.store, out_dir=str(a.out) if a.out else None,
                      n_instructions=a.n, seed=a.seed, device=a.device, max_new_tokens=a.max_new_tokens,
                      text_encoder=str(a.text_encoder) if a.text_encoder else None,
-                     chatterbox_dir=str(a.chatterbox_dir) if a.chatterbox_dir else None, language=a.language)
+                     chatterbox_dir=str(a.chatterbox_dir) if a.chatterbox_dir else None, language=a.language,
+                     repetition_penalty=a.repetition_penalty, instruction_guidance=a.instruction_guidance)
     if not a.use_prefect:
         summary = evaluate_run(cfg, on_item=lambda k, n, r: print(f"  {k}/{n} {r['instruction']}", file=sys.stderr))
     else:
@@ -194,7 +195,9 @@ def _cmd_lab(a: argparse.Namespace) -> int:
     from instruct_tts.lab import LabConfig, run_lab
 
     overrides = {k: getattr(a, k) for k in ("n_clips", "seed", "device", "speech_tokenizer", "stage1_steps",
-                                            "stage2_steps", "eval_clips", "t3", "text_encoder")}
+                                            "stage2_steps", "eval_clips", "t3", "text_encoder", "repetition_penalty",
+                                            "instruction_guidance", "repetition_sweep", "guidance_sweep",
+                                            "sweep_clips", "instruction_dropout", "prompt_instruction_prob")}
     if a.use_prefect:
         from flows.lab import lab_flow
 
@@ -210,6 +213,14 @@ def _cmd_serve(a: argparse.Namespace) -> int:
 
     serve_all(start_server=not a.no_server)
     return 0
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    """'1.0,1.1,1.2' → (1.0, 1.1, 1.2)."""
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -240,6 +251,19 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--t3", choices=("tiny", "small"), help="T3 preset trained in stage 2 (preset's otherwise: small)")
     lab.add_argument("--eval-clips", type=int, help="held-out clips synthesized per split")
     lab.add_argument("--speech-tokenizer", choices=("mel-vq", "world-vq"), help="embedded tokenizer + vocoder (default world-vq: its tokens keep F0)")
+    lab.add_argument("--repetition-penalty", type=float,
+                     help="sampling of the model renderings (default: the family's official 1.2)")
+    lab.add_argument("--instruction-guidance", type=float, metavar="W", help="instruction guidance (default 0)")
+    lab.add_argument("--repetition-sweep", type=_floats, metavar="P,P,...",
+                     help="also render the model at each repetition penalty, e.g. 1.0,1.1,1.2 (report: accuracy vs "
+                          "repetition penalty)")
+    lab.add_argument("--guidance-sweep", type=_floats, metavar="W,W,...",
+                     help="also render the model at each instruction guidance W, e.g. 0,1,2,4 (report: accuracy vs W)")
+    lab.add_argument("--sweep-clips", type=int, help="held-out clips per split in each sweep (default 60)")
+    lab.add_argument("--instruction-dropout", type=float, help="stage 2: share of instruction rows given the null "
+                                                               "instruction (default: Stage2Config's)")
+    lab.add_argument("--prompt-instruction-prob", type=float,
+                     help="stage 2: share of prompt + instruction rows (default: Stage2Config's)")
     lab.add_argument("--seed", type=int)
     lab.add_argument("--device")
     lab.add_argument("--no-prefect", action="store_true", help="run without Prefect (no artifacts)")
@@ -369,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--text-encoder", type=Path)
     ev.add_argument("--chatterbox-dir", type=Path)
     ev.add_argument("--language", default="en", help="multilingual T3: language of the evaluation text")
+    ev.add_argument("--repetition-penalty", type=float, help=family_defaults_help("repetition_penalty"))
+    ev.add_argument("--instruction-guidance", type=float, default=0.0, metavar="W",
+                    help="classifier-free guidance on the instruction (default 0: unguided)")
     ev.add_argument("--no-prefect", action="store_true")
     ev.set_defaults(func=_cmd_evaluate)
 
