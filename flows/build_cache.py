@@ -14,14 +14,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, \
-    update_progress_artifact
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 
 from cache import norms
 from tts_core.cachebuild.build import BuildConfig, BuildProgress, BuildSummary, build_cache
 from cache.schema import Normalisation
 from tts_core.cachebuild.shards import encode_shard, ordered_window
 from flows.keys import artifact_key
+from flows.pictures import picture, publish_markdown
 from tts_core.encoders.embedded import DEFAULT_KIND
 from tts_core.frozen import FrozenModelsConfig
 from tts_core.audio import AudioPolicy
@@ -85,9 +85,11 @@ def _build(cfg: BuildConfig, shard_map) -> dict:
 
 def publish_summary(summary: BuildSummary, key: str) -> None:
     if summary.report is not None:
-        create_markdown_artifact(norms.to_markdown(summary.report, f"Norm statistics — {summary.store}")
-                                 + "\n" + "\n".join(f"- `{p}`" for p in summary.report_paths.values()),
-                                 key=f"{key}-norm-report", description="norm statistics of the cached vectors")
+        publish_markdown(norms.to_markdown(summary.report, f"Norm statistics — {summary.store}")
+                         + "\n" + "\n".join(f"- `{p}`" for p in summary.report_paths.values())
+                         + ("\n\n" + picture(summary.report_paths["png"], "norm histograms")
+                            if "png" in summary.report_paths else ""),
+                         key=f"{key}-norm-report", description="norm statistics of the cached vectors")
         create_table_artifact(norms.table_rows(summary.report), key=f"{key}-norm-table",
                               description="norm statistics per vector type")
     create_table_artifact([{"reason": k, "clips": v} for k, v in sorted(summary.reasons.items())]

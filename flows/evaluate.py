@@ -4,24 +4,27 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_table_artifact
 
 from flows.keys import artifact_key
+from flows.pictures import picture, publish_markdown
 from tts_core.evaluation.run import EvalConfig, evaluate_run, to_markdown
 
 
 @flow(name="evaluate", log_prints=True)
 def evaluate_flow(run_dir: str, store: str, out_dir: str | None = None, n_instructions: int = 24,
                   text: str = EvalConfig.text, seed: int = 0, device: str = "cpu", max_new_tokens: int = 400,
-                  text_encoder: str | None = None, chatterbox_dir: str | None = None, language: str = "en") -> dict:
+                  text_encoder: str | None = None, chatterbox_dir: str | None = None, language: str = "en",
+                  repetition_penalty: float | None = None, instruction_guidance: float = 0.0) -> dict:
     logger = get_run_logger()
     cfg = EvalConfig(run_dir=run_dir, store=store, out_dir=out_dir, n_instructions=n_instructions, text=text,
                      seed=seed, device=device, max_new_tokens=max_new_tokens, text_encoder=text_encoder,
-                     chatterbox_dir=chatterbox_dir, language=language)
+                     chatterbox_dir=chatterbox_dir, language=language, repetition_penalty=repetition_penalty,
+                     instruction_guidance=instruction_guidance)
     summary = evaluate_run(cfg, on_item=lambda k, n, r: logger.info("%d/%d %s", k, n, r["instruction"]))
     key = artifact_key(run_dir, "eval")
-    create_markdown_artifact(to_markdown(summary) + f"\n![plot]({Path(summary['out_dir']) / 'eval.png'})\n",
-                             key=f"{key}-report", description="instruction-following accuracy")
+    publish_markdown(to_markdown(summary) + "\n" + picture("eval.png", "measured values by asked level") + "\n",
+                     base=summary["out_dir"], key=f"{key}-report", description="instruction-following accuracy")
     cols = ("instruction", "pitch", "rate", "loudness", "f0_hz", "rate_lps", "loudness_lufs", "spk_cos", "wav")
     create_table_artifact([{c: r.get(c) for c in cols} for r in summary["rows"]], key=f"{key}-clips",
                           description="per-instruction measurements and wav paths")

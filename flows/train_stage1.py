@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, \
-    update_progress_artifact
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 
 from flows.keys import artifact_key
+from flows.pictures import publish_markdown
 from tts_core.mapper.flow import MapperConfig
 from tts_core.stage1.from_store import train_stage1_from_store
 from tts_core.stage1.train import PHASES, Stage1TrainConfig
@@ -49,8 +49,8 @@ def train_stage1_flow(store: str, out: str, phase: str = "both", train: dict | N
 
     res = train_stage1_from_store(store, cfg, mcfg, on_epoch=on_epoch)
     update_progress_artifact(bar, 100.0, description=f"done ({res.stopped_reason})")
-    create_markdown_artifact(Path(res.run_dir, "report.md").read_text(), key=f"{key}-report",
-                             description="stage-1 held-out cosines vs baselines")
+    publish_markdown(Path(res.run_dir, "report.md").read_text(), base=res.run_dir, key=f"{key}-report",
+                     description="stage-1 held-out cosines vs baselines")
     create_table_artifact([{k: h.get(k) for k in HISTORY_COLUMNS} for h in res.history] or [{"step": 0}],
                           key=f"{key}-history", description="held-out evaluations")
     return {"run_dir": str(res.run_dir), "best": res.best, "baselines": res.baselines,

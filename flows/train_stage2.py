@@ -1,7 +1,8 @@
 """Prefect flow `train-stage2`: thin orchestration around tts_core.stage2.train_stage2.
 
 Progress artifact from the loop's log rows, then the run report (losses of instruction vs audio rows,
-trainable parameters per group, load report) as a markdown artifact. TensorBoard under ``out/tb``.
+trainable parameters per group, load report) as a markdown artifact, its loss-curve picture embedded
+(`flows.pictures`). TensorBoard under ``out/tb``.
 Multi-GPU runs use torchrun with the CLI (README), not this flow: one flow run is one process.
 """
 from __future__ import annotations
@@ -9,9 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from flows.keys import artifact_key
+from flows.pictures import publish_markdown
 from tts_core.stage2.train import Stage2Config, train_stage2
 from tts_core.training.tb import logged
 
@@ -34,7 +36,7 @@ def train_stage2_flow(store: str, mapper: str, t3: str, out: str, train: dict | 
     with logged(Path(out) / "tb", "stage2", on_log) as hook:
         res = train_stage2(cfg, on_log=hook)
     update_progress_artifact(bar, 100.0, description=f"done ({res.stopped_reason})")
-    create_markdown_artifact(Path(res.run_dir, "report.md").read_text(), key=f"{key}-report",
-                             description="stage-2 losses, parameter groups, load report")
+    publish_markdown(Path(res.run_dir, "report.md").read_text(), base=res.run_dir, key=f"{key}-report",
+                     description="stage-2 losses, parameter groups, load report")
     return {"run_dir": str(res.run_dir), "global_step": res.global_step, "stopped_reason": res.stopped_reason,
             "trainable": res.trainable}

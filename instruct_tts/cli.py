@@ -112,7 +112,8 @@ def _print_stage1_row(r: dict) -> None:
 
 def _cmd_train_stage2(a: argparse.Namespace) -> int:
     train = {k: v for k, v in dict(
-        instruction_prob=a.instruction_prob, batch_size=a.batch_size, max_tokens=a.max_tokens,
+        instruction_prob=a.instruction_prob, prompt_instruction_prob=a.prompt_instruction_prob,
+        instruction_dropout=a.instruction_dropout, batch_size=a.batch_size, max_tokens=a.max_tokens,
         grad_accum=a.grad_accum, lr=a.lr,
         adapter_lr=a.adapter_lr, epochs=a.epochs, max_steps=a.max_steps, warmup_steps=a.warmup_steps,
         device=a.device, amp_dtype=a.amp, compile=a.compile or None,
@@ -160,7 +161,7 @@ def _cmd_synthesize(a: argparse.Namespace) -> int:
     synth = Synthesizer.from_run(a.run, device=a.device, text_encoder=a.text_encoder, chatterbox_dir=a.chatterbox_dir)
     sampling = SamplingConfig(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
                               repetition_penalty=a.repetition_penalty, cfg_weight=a.cfg_weight,
-                              max_new_tokens=a.max_new_tokens)
+                              max_new_tokens=a.max_new_tokens, instruction_guidance=a.instruction_guidance)
     res = synth.synthesize(a.text, instruction=a.instruction, reference=ref, seed=a.seed, sampling=sampling,
                            language=a.language, mapper_draws=a.mapper_draws)
     a.out.parent.mkdir(parents=True, exist_ok=True)
@@ -182,7 +183,8 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     cfg = EvalConfig(run_dir=str(a.run), store=a.store, out_dir=str(a.out) if a.out else None,
                      n_instructions=a.n, seed=a.seed, device=a.device, max_new_tokens=a.max_new_tokens,
                      text_encoder=str(a.text_encoder) if a.text_encoder else None,
-                     chatterbox_dir=str(a.chatterbox_dir) if a.chatterbox_dir else None, language=a.language)
+                     chatterbox_dir=str(a.chatterbox_dir) if a.chatterbox_dir else None, language=a.language,
+                     repetition_penalty=a.repetition_penalty, instruction_guidance=a.instruction_guidance)
     if not a.use_prefect:
         summary = evaluate_run(cfg, on_item=lambda k, n, r: print(f"  {k}/{n} {r['instruction']}", file=sys.stderr))
     else:
@@ -205,7 +207,9 @@ def _cmd_lab(a: argparse.Namespace) -> int:
     from instruct_tts.lab import LabConfig, run_lab
 
     overrides = {k: getattr(a, k) for k in ("n_clips", "seed", "device", "speech_tokenizer", "stage1_steps",
-                                            "stage2_steps", "eval_clips", "t3", "text_encoder", "mapper_draws")}
+                                            "stage2_steps", "eval_clips", "t3", "text_encoder", "repetition_penalty",
+                                            "instruction_guidance", "repetition_sweep", "guidance_sweep",
+                                            "sweep_clips", "instruction_dropout", "prompt_instruction_prob", "mapper_draws")}
     if a.use_prefect:
         from flows.lab import lab_flow
 
@@ -221,6 +225,14 @@ def _cmd_serve(a: argparse.Namespace) -> int:
 
     serve_all(start_server=not a.no_server)
     return 0
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    """'1.0,1.1,1.2' → (1.0, 1.1, 1.2)."""
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -253,6 +265,19 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--mapper-draws", type=int, help="mapper draws averaged per voice vector for stage 2 and "
                      "synthesis (preset's otherwise; the report's stage-1 sampling curve measures the choice)")
     lab.add_argument("--speech-tokenizer", choices=("mel-vq", "world-vq"), help="embedded tokenizer + vocoder (default world-vq: its tokens keep F0)")
+    lab.add_argument("--repetition-penalty", type=float,
+                     help="sampling of the model renderings (default: the family's official 1.2)")
+    lab.add_argument("--instruction-guidance", type=float, metavar="W", help="instruction guidance (default 0)")
+    lab.add_argument("--repetition-sweep", type=_floats, metavar="P,P,...",
+                     help="also render the model at each repetition penalty, e.g. 1.0,1.1,1.2 (report: accuracy vs "
+                          "repetition penalty)")
+    lab.add_argument("--guidance-sweep", type=_floats, metavar="W,W,...",
+                     help="also render the model at each instruction guidance W, e.g. 0,1,2,4 (report: accuracy vs W)")
+    lab.add_argument("--sweep-clips", type=int, help="held-out clips per split in each sweep (default 60)")
+    lab.add_argument("--instruction-dropout", type=float, help="stage 2: share of instruction rows given the null "
+                                                               "instruction (default: Stage2Config's)")
+    lab.add_argument("--prompt-instruction-prob", type=float,
+                     help="stage 2: share of prompt + instruction rows (default: Stage2Config's)")
     lab.add_argument("--seed", type=int)
     lab.add_argument("--device")
     lab.add_argument("--no-prefect", action="store_true", help="run without Prefect (no artifacts)")
@@ -326,6 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
     t2.add_argument("--amp", choices=("auto", "bf16", "fp32"))
     g = t2.add_argument_group("training (defaults: tts_core.stage2.Stage2Config)")
     g.add_argument("--instruction-prob", type=float, help="share of instruction-only rows (default 0.5)")
+    g.add_argument("--prompt-instruction-prob", type=float,
+                   help="share of rows with a reference prompt *and* the instruction ('this voice, but slower'); "
+                        "the rest split by --instruction-prob (default 0.0)")
+    g.add_argument("--instruction-dropout", type=float,
+                   help="share of instruction rows given the null instruction, for --instruction-guidance at "
+                        "synthesis (default 0.1)")
     g.add_argument("--batch-size", type=int, help="rows per batch per rank (the cap with --max-tokens)")
     g.add_argument("--max-tokens", type=int, help="token budget per batch (length bucketing)")
     g.add_argument("--grad-accum", type=int, help="batches per rank per step (N ranks x A = same run as 1 x N*A)")
@@ -369,6 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
                          ("repetition_penalty", float), ("cfg_weight", float)):
         sp.add_argument("--" + option.replace("_", "-"), type=kind, help=family_defaults_help(option))
     sp.add_argument("--max-new-tokens", type=int, default=1000)
+    sp.add_argument("--instruction-guidance", type=float, default=0.0, metavar="W",
+                    help="classifier-free guidance on the instruction: logits + W·(cond − null instruction), "
+                         "on top of --cfg-weight's text CFG (default 0: unguided)")
     sy.set_defaults(func=_cmd_synthesize)
 
     ev = sub.add_parser("evaluate", help="synthesize held-out instructions and measure what they asked for")
@@ -382,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--text-encoder", type=Path)
     ev.add_argument("--chatterbox-dir", type=Path)
     ev.add_argument("--language", default="en", help="multilingual T3: language of the evaluation text")
+    ev.add_argument("--repetition-penalty", type=float, help=family_defaults_help("repetition_penalty"))
+    ev.add_argument("--instruction-guidance", type=float, default=0.0, metavar="W",
+                    help="classifier-free guidance on the instruction (default 0: unguided)")
     ev.add_argument("--no-prefect", action="store_true")
     ev.set_defaults(func=_cmd_evaluate)
 

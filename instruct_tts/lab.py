@@ -29,7 +29,8 @@ import numpy as np
 PRESETS = {
     # CI: the whole pipeline in a couple of minutes on 2 cores (tests/test_lab.py)
     "tiny": dict(t3="tiny", n_clips=96, stage1_steps=20, stage1_batch_size=32, stage2_steps=12, curve_points=2, eval_clips=12,
-                 loss_clips=12, max_new_tokens=40, n_boot=200),
+                 loss_clips=12, max_new_tokens=40, n_boot=200, repetition_sweep=(1.0, 1.2), guidance_sweep=(0.0, 2.0),
+                 sweep_clips=4),
     # a check that the lab works, ~10 minutes on 2 cores
     "medium": dict(n_clips=1200, stage1_steps=1000, stage2_steps=800, curve_points=4, eval_clips=60, loss_clips=60,
                    max_new_tokens=150),
@@ -73,6 +74,17 @@ class LabConfig:
     loss_clips: int = 150  # per split (and training): clips scored for teacher-forced speech loss
     max_new_tokens: int = 200  # 8 s at 25 tokens/s
     n_boot: int = 1000
+    # sampling of every model rendering: None = the T3 family's official value (repetition penalty 1.2), W = 0 unguided
+    repetition_penalty: float | None = None
+    instruction_guidance: float = 0.0
+    # sampling sweeps (report sections "accuracy vs ..."): the model re-rendered on the first ``sweep_clips`` evaluation
+    # clips of each held-out split at each value, everything else as above; () = not run
+    repetition_sweep: tuple[float, ...] = ()  # e.g. (1.0, 1.1, 1.2)
+    guidance_sweep: tuple[float, ...] = ()  # e.g. (0.0, 1.0, 2.0, 4.0): instruction guidance W
+    sweep_clips: int = 60
+    # stage-2 row mix (Stage2Config; None = its default)
+    instruction_dropout: float | None = None
+    prompt_instruction_prob: float | None = None
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "LabConfig":
@@ -90,9 +102,18 @@ class LabConfig:
     def stage2_train(self) -> dict:
         n = self.stage2_steps
         every = max(1, -(-n // max(self.curve_points, 1)))  # ceil: the last point is the final step
+        mix = {k: getattr(self, k) for k in ("instruction_dropout", "prompt_instruction_prob")
+               if getattr(self, k) is not None}
         return dict(batch_size=self.stage2_batch_size, lr=self.stage2_lr, warmup_steps=min(30, n // 5),
                     epochs=100_000, max_steps=n, log_every=max(1, n // 50), save_every=every,
-                    keep_checkpoints=self.curve_points + 1, device=self.device, seed=self.seed)
+                    keep_checkpoints=self.curve_points + 1, device=self.device, seed=self.seed, **mix)
+
+    def sampling(self, **overrides):
+        """The `SamplingConfig` of the lab's model renderings (``overrides``: a sweep's value)."""
+        from tts_core.synthesis import SamplingConfig
+
+        return SamplingConfig(**{"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty,
+                                 "instruction_guidance": self.instruction_guidance, **overrides})
 
 
 def frozen_models(cfg: LabConfig):
@@ -172,11 +193,15 @@ def run_lab(cfg: LabConfig, say: Callable[[str], None] = print) -> dict:
     curve, train_log = _stage2_curve(cfg, p, roles, held)
     renderings, measured = _renderings(cfg, p, corpus.root, by_id, held, say)
     probe = _instruction_probe(cfg, p, by_id, roles, renderings)
+    sweeps = _sweeps(cfg, p, by_id, renderings, say)
+    measured += [{"split": split, "rendering": f"model, {opt} = {v:g}", "speaker": by_id[r["clip_id"]]["speaker"], **r}
+                 for opt, by_value in sweeps.items() for v, by_split in by_value.items()
+                 for split, rows in by_split.items() for r in rows]
     done("evaluate")
 
     step("report", 6, f"report -> {p.out / 'report.md'}")
     report = _report(cfg, corpus, clips, roles, stage1, curve, train_log, renderings, probe, seconds,
-                     time.time() - t_start)
+                     time.time() - t_start, sweeps)
     (p.out / "measurements.json").write_text(json.dumps(measured, indent=1, default=_json))
     say(f"lab done in {report['wall_s'] / 60:.1f} min: {p.out / 'report.md'}")
     return report
@@ -305,7 +330,7 @@ def _renderings(cfg: LabConfig, p: LabPaths, root: Path, by_id: dict, held: dict
         by_speaker.setdefault(by_id[cid]["speaker"], []).append(cid)
     reader = CacheReader(p.all_store)
     ok_row = {c: i for i, c in enumerate(reader.ok_manifest["clip_id"].astype(str))}
-    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens)
+    sampling = cfg.sampling()
     out, records = {}, []
     for split, ids in held.items():
         usable = [c for c in ids if c in ok_row and any(asked_levels(by_id[c]["instruction"]).get(a) in (lo, hi)
@@ -332,13 +357,48 @@ def _renderings(cfg: LabConfig, p: LabPaths, root: Path, by_id: dict, held: dict
                                       sampling=sampling)
                 renders[WITH_REFERENCE] = (r2.wav, r2.sample_rate)
             for name, (w, s) in renders.items():
-                row = {**attribute_row(w, s, text, levels), "wording": c["wording"], "instruction": c["instruction"]}
+                row = {**attribute_row(w, s, text, levels), "wording": c["wording"], "instruction": c["instruction"],
+                       "clip_id": cid, "seed": cfg.seed + k}
                 rows[name].append(row)
                 records.append({"split": split, "rendering": name, "clip_id": cid, "speaker": c["speaker"], **row})
             if (k + 1) % 10 == 0 or k + 1 == len(chosen):
                 say(f"  {split}: {k + 1}/{len(chosen)} clips rendered and measured")
         out[split] = rows
     return out, records
+
+
+SWEEPS = {"repetition_penalty": "repetition_sweep", "instruction_guidance": "guidance_sweep"}
+
+
+def _sweeps(cfg: LabConfig, p: LabPaths, by_id: dict, renderings: dict, say) -> dict:
+    """{option: {value: {split: model rows}}}: the model re-rendered from the instruction alone on the first
+    ``sweep_clips`` clips (same clips, transcripts and seeds as the main table) of each held-out split, once per value
+    of each sweep (`LabConfig.repetition_sweep`, ``guidance_sweep``); the other sampling options as the main table."""
+    from tts_core.evaluation.lab import asked_levels, attribute_row
+    from tts_core.synthesis import Synthesizer
+
+    wanted = {opt: tuple(getattr(cfg, field)) for opt, field in SWEEPS.items() if getattr(cfg, field)}
+    if not wanted:
+        return {}
+    synth = Synthesizer.from_run(p.t3, device=cfg.device, text_encoder=cfg.text_encoder)
+    out: dict = {}
+    for opt, values in wanted.items():
+        out[opt] = {}
+        for v in values:
+            by_split = {}
+            for split, by_name in renderings.items():
+                rows = []
+                for base in by_name["model"][: cfg.sweep_clips]:
+                    c = by_id[base["clip_id"]]
+                    res = synth.synthesize(c["transcript"], instruction=c["instruction"], seed=base["seed"],
+                                           sampling=cfg.sampling(**{opt: v}))
+                    rows.append({**attribute_row(res.wav, res.sample_rate, c["transcript"],
+                                                 asked_levels(c["instruction"])),
+                                 "wording": c["wording"], "instruction": c["instruction"], "clip_id": base["clip_id"]})
+                by_split[split] = rows
+            out[opt][v] = by_split
+            say(f"  sweep {opt} = {v}: {sum(map(len, by_split.values()))} clips rendered and measured")
+    return out
 
 
 def _instruction_probe(cfg: LabConfig, p: LabPaths, by_id: dict, roles: dict, renderings: dict) -> dict:
@@ -352,7 +412,7 @@ def _instruction_probe(cfg: LabConfig, p: LabPaths, by_id: dict, roles: dict, re
 
 
 def _report(cfg: LabConfig, corpus, clips: list[dict], roles: dict, stage1_cos: dict, curve: list[dict], train_log: list[dict],
-            renderings: dict, probe: dict, seconds: dict, wall_s: float) -> dict:
+            renderings: dict, probe: dict, seconds: dict, wall_s: float, sweeps: dict | None = None) -> dict:
     from tts_core.atomic_files import atomic_write_text
     from tts_core.evaluation import lab_report as lr
     from tts_core.evaluation.lab_split import HELD_OUT_VOICE, TRAIN, espeak_voice, role_counts
@@ -371,6 +431,8 @@ def _report(cfg: LabConfig, corpus, clips: list[dict], roles: dict, stage1_cos: 
         "wall_s": float(wall_s),
         "tables": tables, "by_wording": lr.wording_section(renderings, probe, cfg.n_boot, cfg.seed), "stage1": stage1,
         "stage2": {"curve": curve, "final_train_loss": train_log[-1] if train_log else None},
+        "sampling": {"main": {k: v for k, v in asdict(cfg.sampling()).items() if k != "max_new_tokens"},
+                     "sweeps": lr.sweep_section(sweeps or {}, cfg.n_boot, cfg.seed)},
     }
     report["targets"] = lr.targets(tables, stage1)
     report["notes"] = lr.notes(report)

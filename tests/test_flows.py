@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from flows.pictures import local_image_links
 from flows.serve import DEPLOYMENT_NAME
 
 
@@ -95,6 +96,12 @@ def test_train_stage2_flow_publishes_progress_and_report(demo_store, tmp_path, p
     arts = _artifacts()
     assert arts["t3run-stage2-progress"].data == 100.0
     assert "adapter" in arts["t3run-stage2-report"].data
+    # the loss-curve picture travels inside the artifact: no link to a file of this machine (broken in the UI)
+    assert local_image_links(arts["t3run-stage2-report"].data) == []
+    assert "![loss curves](data:image/png;base64," in arts["t3run-stage2-report"].data
+    for k, a in arts.items():  # every markdown artifact published so far (stage 1, stage 2, build-cache, ...)
+        if a.type == "markdown":
+            assert local_image_links(a.data) == [], k
     assert "Good morning." in arts["wavs-wavs"].data
 
 
@@ -108,8 +115,28 @@ def test_evaluate_flow_publishes_report_table_and_links(t3_run, demo_store, tmp_
     arts = _artifacts()
     key = t3_run.name + "-eval"
     assert "Direction accuracy" in arts[f"{key}-report"].data
+    assert local_image_links(arts[f"{key}-report"].data) == []
+    assert "(data:image/png;base64," in arts[f"{key}-report"].data  # eval.png, embedded
     assert "f0_hz" in arts[f"{key}-clips"].data
     assert arts[f"{key}-eval-json"].data.startswith("[eval.json](file://")
+
+
+def test_embed_pictures_inlines_local_images_or_names_them(tmp_path):
+    import base64
+
+    from flows.pictures import embed_pictures, picture
+
+    png = b"\x89PNG\r\n\x1a\n" + bytes(range(40))
+    (tmp_path / "a.png").write_bytes(png)
+    md = "\n".join([picture("a.png", "rel"), picture(tmp_path / "a.png", "abs"), picture("gone.png", "missing"),
+                    "![web](https://example.org/x.png)", "text `a.png` stays"])
+    out = embed_pictures(md, base=tmp_path)
+    uri = "data:image/png;base64," + base64.b64encode(png).decode()
+    assert out.splitlines() == [f"![rel]({uri})", f"![abs]({uri})", "*missing*: `gone.png` (not embedded: missing)",
+                                "![web](https://example.org/x.png)", "text `a.png` stays"]
+    assert local_image_links(out) == [] and local_image_links(md) == ["a.png", str(tmp_path / "a.png"), "gone.png"]
+    big = embed_pictures(picture("a.png", "big"), base=tmp_path, max_bytes=10)
+    assert big == "*big*: `a.png` (not embedded: 0 kB over 0 kB)" and local_image_links(big) == []
 
 
 # ---- the CLI with and without a Prefect API ---------------------------------------------------------------------

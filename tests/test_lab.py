@@ -185,6 +185,42 @@ def test_lab_held_out_clips_never_reach_the_training_store(lab):
         report["split_counts"][HELD_OUT_VOICE]
 
 
+def test_lab_sampling_sweeps_rerender_the_same_clips(lab):
+    """The tiny preset sweeps repetition penalty (1.0, 1.2) and instruction guidance W (0, 2): at the main table's
+    own settings (1.2 = the official default, W = 0) a sweep reproduces the main model rows clip for clip (same
+    clips, seeds and sampling), and the report has an "accuracy vs" table per option."""
+    out, report = lab
+    sweeps = report["sampling"]["sweeps"]
+    assert set(sweeps) == {"repetition_penalty", "instruction_guidance"}
+    assert report["sampling"]["main"] == {"temperature": None, "top_p": None, "top_k": None, "min_p": None,
+                                          "repetition_penalty": None, "cfg_weight": None, "instruction_guidance": 0.0}
+    clips = json.loads((out / "measurements.json").read_text())
+    for opt, same in (("repetition_penalty", 1.2), ("instruction_guidance", 0.0)):
+        assert {(r["value"], r["split"]) for r in sweeps[opt]} == {
+            (v, s) for v in ((1.0, 1.2) if opt == "repetition_penalty" else (0.0, 2.0))
+            for s in (HELD_OUT_INSTRUCTION, HELD_OUT_VOICE)}
+        for split in (HELD_OUT_INSTRUCTION, HELD_OUT_VOICE):
+            main = [c for c in clips if c["split"] == split and c["rendering"] == "model"][:4]
+            swept = [c for c in clips if c["split"] == split and c["rendering"] == f"model, {opt} = {same:g}"]
+            assert [c["clip_id"] for c in swept] == [c["clip_id"] for c in main] and len(main) == 4
+            for a, b in zip(main, swept):
+                for col in ("f0_hz", "rate_lps", "loudness_lufs"):
+                    assert a[col] == b[col] or (math.isnan(a[col]) and math.isnan(b[col])), (opt, col, a, b)
+    md = (out / "report.md").read_text()
+    assert "### accuracy vs repetition penalty" in md and "### accuracy vs instruction guidance W" in md
+
+
+def test_sweep_section_scores_each_value():
+    from tts_core.evaluation.lab_report import sweep_section, to_markdown  # noqa: F401
+
+    def rows(order):  # 4 clips asking low/high rate; `order` +1: measured in the asked direction
+        return [{"rate": lvl, "rate_lps": 10 + order * (5 if lvl == "fast" else -5)} for lvl in ("slow", "fast") * 2]
+
+    out = sweep_section({"instruction_guidance": {0.0: {"x": rows(-1)}, 2.0: {"x": rows(+1)}}}, n_boot=50)
+    rate = {r["value"]: r for r in out["instruction_guidance"] if r["attribute"] == "rate"}
+    assert rate[0.0]["accuracy"] == 0.0 and rate[2.0]["accuracy"] == 1.0 and rate[2.0]["pairs"] == 4
+
+
 def test_lab_stage_sections(lab):
     _, report = lab
     for split in (HELD_OUT_INSTRUCTION, HELD_OUT_VOICE):

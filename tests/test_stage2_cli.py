@@ -96,6 +96,33 @@ def test_synthesize_is_deterministic_under_a_seed(t3_run, tmp_path):
     assert np.array_equal(a.speaker_emb, b.speaker_emb) and not np.array_equal(a.speaker_emb, c.speaker_emb)
 
 
+def test_instruction_guidance_reaches_generate_and_zero_is_the_default_path(t3_run, tmp_path, monkeypatch):
+    import numpy as np
+
+    from tts_core.synthesis import SamplingConfig, SamplingOptionError
+    from tts_core.t3 import T3
+
+    assert "instruction_guidance" not in SamplingConfig().for_family("english")  # W = 0: generate's own default
+    assert SamplingConfig(instruction_guidance=2.0).for_family("english")["instruction_guidance"] == 2.0
+    with pytest.raises(SamplingOptionError, match="instruction guidance"):
+        SamplingConfig(instruction_guidance=2.0).for_family("turbo")
+    # the CLI flag: W = 0 gives the tokens of a run without it; W > 0 reaches T3.generate
+    inst = ("--instruction", "A deep, slow male voice.")
+    assert _synth(t3_run, tmp_path / "a.wav", *inst) == 0
+    assert _synth(t3_run, tmp_path / "b.wav", *inst, "--instruction-guidance", "0") == 0
+    assert np.array_equal(np.load(tmp_path / "a.tokens.npy"), np.load(tmp_path / "b.tokens.npy"))
+    seen = []
+    orig = T3.generate
+
+    def spy(self, *a, **kw):
+        seen.append(kw.get("instruction_guidance", 0.0))
+        return orig(self, *a, **kw)
+
+    monkeypatch.setattr(T3, "generate", spy)
+    assert _synth(t3_run, tmp_path / "c.wav", *inst, "--instruction-guidance", "1.5") == 0
+    assert seen == [1.5]
+
+
 def test_synthesize_names_what_a_run_directory_lacks(t3_run, tmp_path, capsys):
     import shutil
 

@@ -266,6 +266,54 @@ def test_mixing_ratio_and_per_row_contents(prepared, p):
     assert torch.equal(again.batch.cond.speaker_emb, first.batch.cond.speaker_emb)  # seeded per batch
 
 
+def test_prompt_instruction_rows_and_null_instruction_rows(prepared):
+    """The row-kind refinements: prompt + instruction rows take prompt *and* speaker embedding from another clip of
+    the same speaker with the instruction on; dropped rows keep everything but get the null instruction; the older
+    draws are unchanged (with both shares at 0 a batch is what it was before them); shares match `row_mix`."""
+    from tts_core.stage2.data import KIND_AUDIO, KIND_INSTRUCTION, KIND_PROMPT_INSTRUCTION, row_mix
+
+    reader, _, _, data = prepared
+    gt = F.normalize(torch.from_numpy(reader.spk_emb(raw=True)), dim=-1)
+    speakers = reader.ok_manifest.speaker.tolist()
+    rows = np.arange(len(data))
+    elig = data.instruction_id >= 0
+    counts = np.zeros(3)
+    n_on = n_null = 0
+    for step in range(150):
+        base = data.build_batch(rows, instruction_prob=0.5, rng=batch_rng(0, 0, step), prompt_len=5)
+        b = data.build_batch(rows, instruction_prob=0.5, rng=batch_rng(0, 0, step), prompt_len=5,
+                             prompt_instruction_prob=0.3, instruction_dropout=0.25)
+        kind, c = b.kind, b.batch.cond
+        assert (kind[~elig] == KIND_AUDIO).all() and not b.null_instruction[~elig].any()
+        same = kind != KIND_PROMPT_INSTRUCTION  # every other row is the row it was without the refinements
+        assert (base.kind[same] == kind[same]).all()
+        torch.testing.assert_close(c.speaker_emb[torch.from_numpy(same)], base.batch.cond.speaker_emb[torch.from_numpy(same)])
+        counts += np.bincount(kind[elig], minlength=3)
+        on = kind != KIND_AUDIO
+        n_on += int(on.sum())
+        n_null += int(b.null_instruction.sum())
+        assert (c.instruction_mask.numpy() == (on & ~b.null_instruction)).all()
+        assert b.is_instruction.numpy().tolist() == (kind == KIND_INSTRUCTION).tolist()
+        if step >= 3:
+            continue
+        for i, r in enumerate(rows):
+            if kind[i] == KIND_PROMPT_INSTRUCTION:
+                src = b.prompt_src[i]
+                if speakers[r]:
+                    assert src != r and speakers[src] == speakers[r]
+                torch.testing.assert_close(c.speaker_emb[i], gt[src])  # the reference clip's own embedding
+                assert c.prompt_tokens[i, :5].tolist() == data.prompt_tokens_of(src, 5).tolist()
+                torch.testing.assert_close(c.instruction_emb[i], data.style_emb[data.instruction_id[r]])
+            if b.null_instruction[i]:  # null instruction: the embedding stays, the mask turns the adapters off
+                assert kind[i] != KIND_AUDIO and not bool(c.instruction_mask[i]) and c.instruction_emb[i].any()
+    shares = counts / counts.sum()
+    want = row_mix(0.5, 0.3, 0.25)
+    assert abs(shares[KIND_PROMPT_INSTRUCTION] - want["prompt + instruction"]) < 0.03, shares
+    assert abs(shares[KIND_INSTRUCTION] - want["instruction-only"]) < 0.03, shares
+    assert abs(n_null / n_on - 0.25) < 0.03
+    assert row_mix(0.5)["instruction-only"] == row_mix(0.5)["audio-only"] == 0.5  # DESIGN's 50/50 core
+
+
 def test_stage2_model_loss_equals_t3_forward(prepared):
     _, encoder, _, data = prepared
     t3, _, _ = build_t3("tiny", instruction_dim=H)
@@ -322,11 +370,15 @@ def test_training_freezes_stage1_trains_t3_and_loss_decreases(env, tmp_path):
     assert load_text_tokenizer(None, t3_dir=out).identity == ByteTextTokenizer().identity
 
 
+# every row kind in the resumed runs: the refinements' draws must resume bit-identically too
+_MIX = dict(prompt_instruction_prob=0.25, instruction_dropout=0.3)
+
+
 @pytest.fixture(scope="module")
 def straight_run(env, tmp_path_factory):
     """6 steps uninterrupted, checkpoints at 2, 4, 6: what every interrupted run below must end with."""
     torch.set_num_threads(1)
-    return train_stage2(_cfg(env, tmp_path_factory.mktemp("straight"), max_steps=6, save_every=2))
+    return train_stage2(_cfg(env, tmp_path_factory.mktemp("straight"), max_steps=6, save_every=2, **_MIX))
 
 
 class Killed(BaseException):
@@ -385,7 +437,7 @@ def test_interrupted_anywhere_resumes_to_the_uninterrupted_weights(env, tmp_path
     """Interrupted at any point and rerun: every tensor equals the uninterrupted run's (CPU, one thread)."""
     from tts_core.interrupt import TrainingInterrupted, stop_after_step
 
-    cfg = _cfg(env, tmp_path / "run", max_steps=6, save_every=2)
+    cfg = _cfg(env, tmp_path / "run", max_steps=6, save_every=2, **_MIX)
     with monkeypatch.context() as m, stop_after_step():
         _interrupt_at(m, what, n)
         with pytest.raises(TrainingInterrupted if what == "ctrl-c" else Killed) as exc:
@@ -409,7 +461,7 @@ def test_resume_after_an_error_in_a_callback_is_bit_identical(env, tmp_path, str
         if row["step"] == 5:
             raise Stop
 
-    cfg_b = _cfg(env, tmp_path / "b", max_steps=6, save_every=2)
+    cfg_b = _cfg(env, tmp_path / "b", max_steps=6, save_every=2, **_MIX)
     with pytest.raises(Stop):
         train_stage2(cfg_b, on_log=fail_at_5)
     assert json.loads((tmp_path / "b" / "latest.json").read_text())["step"] == 4
@@ -419,7 +471,9 @@ def test_resume_after_an_error_in_a_callback_is_bit_identical(env, tmp_path, str
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert [r["loss"] for r in straight_run.history] == [r["loss"] for r in b.history]
     with pytest.raises(ValueError, match="another run"):
-        train_stage2(_cfg(env, tmp_path / "b", max_steps=8, save_every=2, seed=1))
+        train_stage2(_cfg(env, tmp_path / "b", max_steps=8, save_every=2, seed=1, **_MIX))
+    with pytest.raises(ValueError, match="prompt_instruction_prob"):  # the mix defines the run
+        train_stage2(_cfg(env, tmp_path / "b", max_steps=8, save_every=2, **{**_MIX, "prompt_instruction_prob": 0.5}))
 
 
 def test_mapper_trained_on_another_text_encoder_is_refused(env, tmp_path):

@@ -128,3 +128,102 @@ def test_padding_values_beyond_lengths_are_ignored():
     speech = torch.tensor([[1, BOS, EOS]])
     lay = build_layout(CFG, text, torch.tensor([2]), speech, torch.tensor([1]))
     assert lay.token_ids[0, C:].tolist() == [SOT, 5, 6, EOT, BOS, 1, EOS]
+
+
+# ---- instruction guidance and the stage-2 row kinds --------------------------------------------------------
+def test_guidance_blocks_tile_rows_in_order():
+    from tts_core.t3.layout import COND, INSTRUCTION_UNCOND, TEXT_UNCOND, guidance_blocks
+
+    assert guidance_blocks(True, True) == (COND, TEXT_UNCOND, INSTRUCTION_UNCOND)
+    assert guidance_blocks(False, True) == (COND, INSTRUCTION_UNCOND)
+    base = _gen_layout()
+    lay = base.with_guidance(text_cfg=True, instruction_cfg=True)
+    B = len(TEXTS)
+    assert lay.batch_size == 3 * B
+    assert lay.uncond.tolist() == [False] * B + [True] * B + [False] * B  # only the text-uncond block zeroes text
+    for blk in range(3):
+        assert torch.equal(lay.token_ids[blk * B:(blk + 1) * B], base.token_ids)
+    assert torch.equal(base.with_cfg().uncond, base.with_guidance(text_cfg=True, instruction_cfg=False).uncond)
+
+
+def _stage2_data(n_rows: int = 6):
+    """An in-memory `Stage2Data`: 2 speakers, every row with an instruction, prompts of its own."""
+    import numpy as np
+
+    from tts_core.stage2.data import Stage2Data
+
+    g = torch.Generator().manual_seed(0)
+    text = [[5 + r, 6, 7 + r][: 2 + r % 2] for r in range(n_rows)]
+    speech = [[(r * 7 + 3 * j) % 6000 for j in range(3 + r % 3)] for r in range(n_rows)]
+    prompt = [[(r * 11 + 5 * j) % 6000 for j in range(2 + r % 2)] for r in range(n_rows)]
+
+    def flat(seqs):
+        lens = np.array([len(s) for s in seqs])
+        return torch.tensor([t for s in seqs for t in s], dtype=torch.int16), np.r_[0, np.cumsum(lens)[:-1]], lens
+
+    (tf, ts, tl), (sf, ss, sl), (pf, ps, pl) = flat(text), flat(speech), flat(prompt)
+    return Stage2Data(clip_ids=[f"c{r}" for r in range(n_rows)], text_flat=tf, text_start=ts, text_len=tl,
+                      speech_flat=sf, speech_start=ss, speech_len=sl, prompt_flat=pf, prompt_start=ps, prompt_len=pl,
+                      spk=torch.nn.functional.normalize(torch.randn(n_rows, 256, generator=g), dim=-1),
+                      instruction_id=np.arange(n_rows) % 3, style_emb=torch.randn(3, CFG.instruction_dim, generator=g),
+                      mapper_spk=torch.randn(3, 1, 256, generator=g), speaker_code=np.arange(n_rows) % 2)
+
+
+def test_null_instruction_and_prompt_instruction_rows_teacher_forced_equal_guided_generation():
+    """Train/infer parity for the stage-2 row kinds (DESIGN failure mode 5): rows built by `Stage2Data.build_batch`
+    (instruction-only, audio-only, prompt + instruction) and laid out by the one layout module give, teacher-forced,
+    the logits that KV-cached generation gives for the same tokens — in a guided batch
+    [cond | text-uncond | instruction-uncond]. The instruction-uncond block equals the *training* rows that
+    instruction dropout gave the null instruction: the unconditional branch is a row stage 2 trains."""
+    import numpy as np
+
+    from tts_core.stage2.data import KIND_AUDIO, KIND_INSTRUCTION, KIND_PROMPT_INSTRUCTION, batch_rng
+    from tts_core.t3 import T3
+
+    torch.manual_seed(0)
+    model = T3(CFG).eval()
+    with torch.no_grad():  # adapters that do something, so a dropped instruction changes the logits
+        gen_ = torch.Generator().manual_seed(1)
+        for a in model.adapters:
+            a.adapter.fc2.weight.copy_(torch.randn(a.adapter.fc2.weight.shape, generator=gen_) * 0.1)
+    data = _stage2_data()
+    rows = np.arange(len(data))
+    kw = dict(instruction_prob=0.5, prompt_len=150, prompt_instruction_prob=0.4)
+    gidx = next(i for i in range(100) if set(data.build_batch(rows, rng=batch_rng(0, 0, i), **kw).kind.tolist())
+                == {KIND_AUDIO, KIND_INSTRUCTION, KIND_PROMPT_INSTRUCTION})
+    kept = data.build_batch(rows, rng=batch_rng(0, 0, gidx), instruction_dropout=0.0, **kw)
+    dropped = data.build_batch(rows, rng=batch_rng(0, 0, gidx), instruction_dropout=1.0, **kw)
+    on = kept.kind != KIND_AUDIO
+    assert dropped.null_instruction.tolist() == on.tolist() and (dropped.kind == kept.kind).all()
+    with torch.no_grad():
+        tf_kept = model(kept.batch).speech_logits
+        tf_null = model(dropped.batch).speech_logits
+        b = kept.batch
+        text_lay, text_cond = model(b).layout.with_cfg(), b.cond.repeat(2).to("cpu")  # Chatterbox's text CFG rows
+        tf_text = model.forward_embeds(model.embed_layout(text_lay, text_cond), text_lay, text_cond)
+        tf_text = tf_text.speech_logits[len(rows):]
+        # the dropped instruction changes instruction rows only
+        for i in range(len(rows)):
+            differs = not torch.allclose(tf_kept[i], tf_null[i])
+            assert differs == bool(on[i])
+
+        train = model(b).layout
+        gen = build_generation_layout(CFG, b.text_tokens, b.text_lens, b.cond.prompt_lengths())
+        gen = gen.with_guidance(text_cfg=True, instruction_cfg=True)
+        cond = b.cond.guidance_rows(True, True)
+        B = len(rows)
+        want = torch.cat([tf_kept, tf_text, tf_null])  # [cond | text-uncond | instruction-uncond]
+        speech = [data.speech_tokens_of(r).tolist() for r in rows]
+        logits, cache = model.prefill(gen, cond)
+        checked = 0
+        for r in range(3 * B):
+            torch.testing.assert_close(logits[r], want[r, int(train.speech_start[r % B])], atol=1e-4, rtol=1e-4)
+        for t in range(max(map(len, speech))):
+            tokens = torch.tensor([s[t] if t < len(s) else 0 for s in speech] * 3)
+            logits, cache = model.decode_step(gen, t, tokens, cache, cond)
+            for r in range(3 * B):
+                if t < len(speech[r % B]):
+                    col = int(train.speech_start[r % B]) + 1 + t
+                    torch.testing.assert_close(logits[r], want[r, col], atol=1e-4, rtol=1e-4)
+                    checked += 1
+    assert checked == 3 * sum(map(len, speech))

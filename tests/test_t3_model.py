@@ -151,6 +151,84 @@ def test_generate_runs_batched_with_cfg_and_stops():
 
 
 # ----------------------------------------------------------------------------------------
+# instruction guidance: W = 0 is today's path token for token; W > 0 moves the logits toward cond
+# ----------------------------------------------------------------------------------------
+def _reference_generate(model, t, tl, cond, n, cfg_weight, seed):
+    """Today's sampling loop written out (Chatterbox CFG only), independent of `generate`'s guidance code."""
+    from tts_core.t3 import sample_next_token
+    from tts_core.t3.model import DEFAULT_SAMPLING
+
+    B = t.shape[0]
+    lay = build_generation_layout(CFG, t, tl, cond.prompt_lengths()).with_cfg()
+    c2 = cond.repeat(2)
+    g = torch.Generator().manual_seed(seed)
+    hist = torch.full((B, 1), CFG.start_speech_token)
+    with torch.no_grad():
+        logits, cache = model.prefill(lay, c2)
+        for step in range(n):
+            c, u = logits[:B].float(), logits[B:].float()
+            nxt = sample_next_token(c + cfg_weight * (c - u), hist, generator=g,
+                                    **{k: v for k, v in DEFAULT_SAMPLING.items() if k != "cfg_weight"})
+            hist = torch.cat([hist, nxt[:, None]], 1)
+            logits, cache = model.decode_step(lay, step, torch.cat([nxt, nxt]), cache, c2)
+    return hist[:, 1:]
+
+
+def test_instruction_guidance_zero_reproduces_todays_tokens():
+    model = _model()
+    _perturb_adapters(model, scale=0.1)
+    t, tl = pad_sequences(TEXTS)
+    cond = _cond()
+    n = 10
+    want = _reference_generate(model, t, tl, cond, n, 0.5, seed=3)
+    for w in (None, 0.0):  # the default, and W = 0 given
+        kw = {} if w is None else {"instruction_guidance": w}
+        got = model.generate(t, tl, cond, max_new_tokens=n, generator=torch.Generator().manual_seed(3), raw=True, **kw)
+        for b in range(len(TEXTS)):
+            hit = (want[b] == CFG.stop_speech_token).nonzero()
+            ref = want[b, : int(hit[0]) + 1] if hit.numel() else want[b]
+            assert got[b].tolist() == ref.tolist()
+
+
+def test_combine_guidance_values():
+    from tts_core.t3.layout import guidance_blocks
+    from tts_core.t3.model import combine_guidance
+
+    c, ut, ui = torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 1.0]]), torch.tensor([[2.0, 0.0]])
+    both = combine_guidance(torch.cat([c, ut, ui]), guidance_blocks(True, True), 0.5, 2.0)
+    torch.testing.assert_close(both, c + 0.5 * (c - ut) + 2.0 * (c - ui))  # [-0.5, 6.5]
+    assert both.tolist() == [[-0.5, 6.5]]
+    only = combine_guidance(torch.cat([c, ui]), guidance_blocks(False, True), 0.0, 2.0)
+    torch.testing.assert_close(only, ui + 3.0 * (c - ui))  # uncond + (1 + W)·(cond − uncond)
+    assert torch.equal(combine_guidance(torch.cat([c, ut]), guidance_blocks(True, False), 0.5, 0.0),
+                       c + 0.5 * (c - ut))  # today's expression, exactly
+
+
+def test_instruction_guidance_moves_the_first_logits_toward_cond():
+    """Greedy, one token, no text CFG: the token is argmax(u + (1 + W)(c − u)) with c from the rows' instruction
+    and u from the null instruction (two separate unguided prefills); a large W follows the instruction's
+    direction where W = 0 does not."""
+    model = _model()
+    _perturb_adapters(model, scale=0.5)
+    t, tl = pad_sequences(TEXTS)
+    cond = _cond()
+    lay = build_generation_layout(CFG, t, tl, cond.prompt_lengths())
+    with torch.no_grad():
+        c = model.prefill(lay, cond)[0].float()
+        u = model.prefill(lay, cond.with_null_instruction())[0].float()
+    assert not torch.allclose(c[0], u[0]) and torch.equal(c[1], u[1])  # row 1 has its instruction masked
+    for w in (0.0, 1.0, 8.0):
+        got = model.generate(t, tl, cond, max_new_tokens=1, do_sample=False, cfg_weight=0.0, repetition_penalty=1.0,
+                             instruction_guidance=w, raw=True)
+        want = (u + (1 + w) * (c - u)).argmax(-1)
+        assert [int(g[0]) for g in got] == want.tolist()
+    far = (u + 9.0 * (c - u)).argmax(-1)
+    assert int(far[0]) != int(c[0].argmax()) or int(far[2]) != int(c[2].argmax())  # W changes the choice
+    with pytest.raises(ValueError, match="instruction_guidance"):
+        model.generate(t, tl, cond, max_new_tokens=1, instruction_guidance=-1.0)
+
+
+# ----------------------------------------------------------------------------------------
 # padding can never be attended by a real position
 # ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("padding_mask", [True, False])

@@ -7,7 +7,12 @@ The conditioning is the one training used, row kind by row kind (`tts_core.stage
 * reference only (Chatterbox's way, `tts_core.reference`): the clip loaded at 24 kHz and resampled to
   16 kHz; speaker embedding = VoiceEncoder of the whole 16 kHz clip, prompt = the S3 tokens of its first
   6 s (≤ ``prompt_len``), instruction masked out;
-* both: the reference's speaker embedding and prompt, with the instruction embedding on.
+* both: the reference's speaker embedding and prompt, with the instruction embedding on (stage 2 trains
+  this row kind with ``prompt_instruction_prob``).
+
+Instruction guidance (``SamplingConfig.instruction_guidance`` W): the unconditional branch is the same
+conditioning with the null instruction (`T3Cond.with_null_instruction`, what stage 2's instruction dropout
+trains); W = 0 is the unguided path.
 
 The token sequence comes from `T3.generate`, i.e. `tts_core.t3.layout.build_generation_layout` — the
 same layout module that builds training batches; there is no second prefix builder here.
@@ -57,18 +62,27 @@ class SamplingConfig:
     repetition_penalty: float | None = None
     cfg_weight: float | None = None
     max_new_tokens: int = 1000
+    # classifier-free guidance on the instruction (`T3.generate`): 0 = unguided, today's tokens exactly;
+    # composes with cfg_weight as cond + cfg_weight·(cond − text_uncond) + W·(cond − null_instruction)
+    instruction_guidance: float = 0.0
 
     def for_family(self, family: str) -> dict:
         """The keyword arguments the family's `generate` gets: its defaults, overridden by what was given.
         An option the family has no use for is an error, except those its official `generate` ignores
         with a warning (Turbo: min_p, cfg_weight), which pass through so ours warns the same way."""
         out = sampling_defaults(family)
-        given = {k: v for k, v in asdict(self).items() if v is not None and k != "max_new_tokens"}
+        given = {k: v for k, v in asdict(self).items()
+                 if v is not None and k not in ("max_new_tokens", "instruction_guidance")}
         unknown = sorted(set(given) - set(out) - set(FAMILY_IGNORED.get(family, ())))
         if unknown:
             raise SamplingOptionError(f"the {family} T3 does not sample with {', '.join(unknown)} "
                              f"(its options: {', '.join(sorted(out))})")
-        return {**out, **given}
+        out = {**out, **given}
+        if self.instruction_guidance:
+            if family == "turbo":
+                raise SamplingOptionError("the turbo T3 has no instruction guidance (its generate runs one row)")
+            out["instruction_guidance"] = float(self.instruction_guidance)
+        return out
 
 
 @dataclass

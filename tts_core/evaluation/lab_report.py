@@ -82,6 +82,48 @@ def wording_section(renderings: dict[str, dict[str, list[dict]]], probe: dict[st
             for wording in BY_WORDING for source, rows in sources.items() if rows for attr in TARGET_ATTRIBUTES]
 
 
+SWEEP_TITLES = {"repetition_penalty": "repetition penalty", "instruction_guidance": "instruction guidance W"}
+
+
+def sweep_section(sweeps: dict[str, dict[float, dict[str, list[dict]]]], n_boot: int = 1000, seed: int = 0
+                  ) -> dict[str, list[dict]]:
+    """``sweeps[option][value][split]`` = the model's attribute rows at that sampling value → {option: rows of
+    {value, split, attribute, accuracy, ci, pairs, clips, measured}}: accuracy against the option, per split."""
+    return {opt: [{"value": float(v), "split": split, "attribute": attr, **_score(rows, attr, n_boot, seed)}
+                  for v, by_split in by_value.items() for split, rows in by_split.items() for attr in LAB_ATTRIBUTES]
+            for opt, by_value in sweeps.items()}
+
+
+def _sampling_lines(r: dict) -> list[str]:
+    """The sampling the model rows used, and the "accuracy vs option" tables of the sweeps (if run)."""
+    smp = r.get("sampling")
+    if not smp:
+        return []
+    main = smp["main"]
+    lines = ["## Sampling", "",
+             "Model renderings: repetition penalty " + ("the family's official value (1.2)"
+                                                         if main.get("repetition_penalty") is None
+                                                         else f"{main['repetition_penalty']}")
+             + f", instruction guidance W = {main.get('instruction_guidance', 0.0)}; other options the official "
+               "defaults.", ""]
+    for opt, rows in smp.get("sweeps", {}).items():
+        attrs = list(LAB_ATTRIBUTES)
+        lines += [f"### accuracy vs {SWEEP_TITLES.get(opt, opt)}", "",
+                  "The model from the instruction alone, re-rendered at each value on the same held-out clips and "
+                  "seeds (the first `sweep_clips` of each split's evaluation clips); everything else as above. "
+                  "Direction accuracy [95% CI] (pairs).", "",
+                  "| split | " + SWEEP_TITLES.get(opt, opt) + " | " + " | ".join(attrs) + " |",
+                  "|---|---|" + "---|" * len(attrs)]
+        keys = sorted({(row["split"], row["value"]) for row in rows}, key=lambda k: (k[0], k[1]))
+        for split, value in keys:
+            cells = {row["attribute"]: row for row in rows if row["split"] == split and row["value"] == value}
+            lines.append(f"| {SPLIT_TITLES.get(split, split)} | {value:g} | " + " | ".join(
+                f"{_f(cells[a]['accuracy'])} {_ci(cells[a]['ci'])} ({cells[a]['pairs'] or 0})" if a in cells else "—"
+                for a in attrs) + " |")
+        lines.append("")
+    return lines
+
+
 def stage1_section(cosines: dict[str, dict[str, np.ndarray]], n_boot: int = 1000, seed: int = 0) -> dict:
     """``cosines[split]`` = `lab.stage1_cosines` output → {split: {name: mean_ci} for every name there, plus
     "oracle_minus_mean", "gap_closed" (AvgCos) and per vector v in spk/xvec "oracle_minus_mean.v", "gap_closed.v";
@@ -173,8 +215,10 @@ def to_markdown(r: dict) -> str:
               "Held-out voices: clips of espeak voices no training clip has; the *model* row hears only the "
               "instruction (the voice is not an input), so it asks whether instructions written for unseen "
               "voices are followed, beside those voices' own ceilings; the *reference clip + instruction* row "
-              "conditions on another clip of that unseen voice as well (the clone-and-steer path; stage 2 never "
-              "trains on both at once).",
+              "conditions on another clip of that unseen voice as well (the clone-and-steer path; stage 2 trains "
+              "on both at once only in the share `prompt_instruction_prob` of its rows: "
+              f"{cfg.get('prompt_instruction_prob') if cfg.get('prompt_instruction_prob') is not None else 0.0} "
+              "here).",
               ""]
     for attr, table in r["tables"].items():
         col, low, high = LAB_ATTRIBUTES[attr]
@@ -202,6 +246,7 @@ def to_markdown(r: dict) -> str:
                         f"{_f(cells[a]['accuracy'])} {_ci(cells[a]['ci'])} ({cells[a]['pairs'] or 0} pairs)"
                         for a in TARGET_ATTRIBUTES) + " |")
         lines.append("")
+    lines += _sampling_lines(r)
     lines += ["## Stage 1 (instruction → voice vectors) on held-out clips", "",
               "Targets use the *model* column: what stage 2 and synthesis get from the mapper (its recorded temperature "
               "and draws averaged; `mapper.json`). Diagnostics beside it: one draw (the voice-variety setting), the "

@@ -36,6 +36,8 @@ class EvalConfig:
     text_encoder: str | None = None
     chatterbox_dir: str | None = None
     language: str = "en"  # multilingual T3: the language of `text` (ignored by the English tokenizer)
+    repetition_penalty: float | None = None  # None: the T3 family's official value (1.2 English)
+    instruction_guidance: float = 0.0  # classifier-free guidance on the instruction (0: unguided)
 
 
 def held_out_instructions(store: str, train_config: dict) -> list[str]:
@@ -66,7 +68,9 @@ def evaluate_run(cfg: EvalConfig, on_item=None) -> dict:
     rows = []
     for k, (instruction, attrs) in enumerate(chosen):
         res = synth.synthesize(cfg.text, instruction=instruction, seed=cfg.seed, language=cfg.language,
-                               sampling=SamplingConfig(max_new_tokens=cfg.max_new_tokens))
+                               sampling=SamplingConfig(max_new_tokens=cfg.max_new_tokens,
+                                                       repetition_penalty=cfg.repetition_penalty,
+                                                       instruction_guidance=cfg.instruction_guidance))
         row = {"instruction": instruction, **attrs, "tokens": int(len(res.tokens)), "wav": None}
         if res.wav is not None and len(res.wav):
             path = out / "wavs" / f"{k:03d}.wav"
@@ -102,7 +106,9 @@ def _resample(wav: np.ndarray, sr: int, target: int) -> np.ndarray:
 
 def to_markdown(s: dict) -> str:
     lines = [f"# Instruction following — {s['config']['run_dir']}", "",
-             f"{s['n']} held-out instructions, transcript \"{s['config']['text']}\", seed {s['config']['seed']}.",
+             f"{s['n']} held-out instructions, transcript \"{s['config']['text']}\", seed {s['config']['seed']}; "
+             f"repetition penalty {_official(s['config'].get('repetition_penalty'))}, instruction guidance W = "
+             f"{s['config'].get('instruction_guidance', 0.0)}.",
              "Direction accuracy: of all pairs asking for opposite levels, the share measured in the asked order "
              "(0.5 = chance; pitch pairs within gender).", "",
              "| attribute | measure | accuracy | pairs |", "|---|---|---|---|"]
@@ -113,6 +119,10 @@ def to_markdown(s: dict) -> str:
     lines += ["", f"Speaker cosine (VoiceEncoder of the output vs the mapper's embedding): "
                   f"{'—' if sc is None else f'{sc:.3f}'}", ""]
     return "\n".join(lines)
+
+
+def _official(value) -> str:
+    return "the family's official value" if value is None else f"{value}"
 
 
 def _plot(rows: list[dict], path: Path) -> None:

@@ -47,6 +47,19 @@ the device, the rank or the world size) is, with probability ``instruction_prob`
 
 Rows without an instruction (``instruction_id`` −1) are always audio-only.
 
+Two more draws refine the mix (`row_mix` gives the resulting shares; both 0 = the two kinds above only):
+
+* with probability ``prompt_instruction_prob`` a row with an instruction is **prompt + instruction** ("clone this
+  voice, but slower"): the audio-only row's prompt clip (another clip of the same speaker, else the clip itself —
+  as the lab's "reference clip + instruction" evaluation picks it) gives the prompt tokens *and* the speaker
+  embedding (inference computes both from the one reference clip), and the instruction is on. The other rows
+  keep the ``instruction_prob`` split, so the instruction-only / audio-only core stays 50/50 by default.
+* with probability ``instruction_dropout`` a row whose instruction is on gets the **null instruction**
+  (`T3Cond.with_null_instruction`: mask 0, adapters return norm(x); speaker embedding and prompt unchanged) —
+  the unconditional branch of instruction guidance at inference (`T3.generate(instruction_guidance=W)`).
+
+Both are drawn after the older draws, so with both at 0 a batch is exactly what it was before them.
+
 Batching (`BucketBatchSampler`)
 -------------------------------
 Per epoch the rows are shuffled (seed, epoch), cut into pools of ``pool_batches`` batches, each pool
@@ -89,6 +102,20 @@ def mix_seed(*parts: Any) -> int:
     return int.from_bytes(hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest(), "big") >> 1
 
 
+KIND_AUDIO, KIND_INSTRUCTION, KIND_PROMPT_INSTRUCTION = 0, 1, 2
+KIND_NAMES = {KIND_AUDIO: "audio-only", KIND_INSTRUCTION: "instruction-only",
+              KIND_PROMPT_INSTRUCTION: "prompt + instruction"}
+
+
+def row_mix(instruction_prob: float, prompt_instruction_prob: float = 0.0, instruction_dropout: float = 0.0) -> dict:
+    """Expected share of each row kind among rows that have an instruction (module doc, "Per-sample mixing")."""
+    both = prompt_instruction_prob
+    inst = (1 - both) * instruction_prob
+    return {"instruction-only": inst, "audio-only": (1 - both) * (1 - instruction_prob), "prompt + instruction": both,
+            "null instruction (of instruction-on rows)": instruction_dropout,
+            "null instruction (of all rows)": (inst + both) * instruction_dropout}
+
+
 def batch_rng(seed: int, epoch: int, global_batch: int) -> np.random.Generator:
     """The generator of one global batch's per-row choices (mode, prompt clip, mapper sample)."""
     return np.random.default_rng(mix_seed(seed, "batch", epoch, global_batch))
@@ -98,12 +125,14 @@ def batch_rng(seed: int, epoch: int, global_batch: int) -> np.random.Generator:
 @dataclass
 class Stage2Batch:
     batch: T3Batch  # raw tokens + conditioning, on the data's device
-    is_instruction: torch.Tensor  # [B] bool (device)
+    is_instruction: torch.Tensor  # [B] bool (device): instruction-only rows (null instruction or not)
     rows: np.ndarray  # [B] data rows
     prompt_src: np.ndarray  # [B] row whose speech gave the prompt (== rows where own prompt; -1 instruction rows)
     mapper_k: np.ndarray  # [B] mapper sample used (instruction rows), -1 otherwise
     n_real_tokens: int  # Σ sequence lengths (conditioning included)
     n_padded_tokens: int  # B × longest sequence
+    kind: np.ndarray = None  # [B] KIND_* of each row
+    null_instruction: np.ndarray = None  # [B] bool: the instruction was dropped (adapters off)
 
     @property
     def size(self) -> int:
@@ -232,16 +261,21 @@ class Stage2Data:
 
     def build_batch(self, rows: np.ndarray, *, instruction_prob: float, rng: np.random.Generator,
                     prompt_len: int = 150, cond_len: int = 34,
-                    emotion_adv: float = DEFAULT_EMOTION_ADV) -> Stage2Batch:
+                    emotion_adv: float = DEFAULT_EMOTION_ADV, prompt_instruction_prob: float = 0.0,
+                    instruction_dropout: float = 0.0) -> Stage2Batch:
         """One training batch (module doc, "Per-sample mixing"). The draws happen in a fixed order
-        (modes, prompt clips, mapper samples), all ``len(rows)`` of each, so the result is a pure
-        function of (rows, rng state)."""
+        (modes, prompt clips, mapper samples, prompt + instruction, dropout), all ``len(rows)`` of each,
+        so the result is a pure function of (rows, rng state)."""
         rows = np.asarray(rows, np.int64)
         B = len(rows)
         dev = self.device
         inst = self.draw_modes(rows, instruction_prob, rng)
         src = self.prompt_source(rows, rng)
         k = rng.integers(0, self.mapper_samples, size=B)
+        both = (rng.random(B) < prompt_instruction_prob) & (self.instruction_id[rows] >= 0)
+        inst = inst & ~both
+        on = inst | both  # the instruction conditions the row
+        null = (rng.random(B) < instruction_dropout) & on
 
         tl, sl = self.text_len[rows], self.speech_len[rows]
         text = _gather_padded(self.text_flat, self.text_start[rows], tl, dev)
@@ -252,22 +286,28 @@ class Stage2Data:
         prompt = _gather_padded(self.prompt_flat, self.prompt_start[src], plen, dev, min_width=1)
 
         inst_t = torch.from_numpy(inst).to(dev)
-        iid = np.where(inst, self.instruction_id[rows], 0)
+        on_t = torch.from_numpy(on).to(dev)
+        iid = np.where(on, self.instruction_id[rows], 0)
         iid_t = torch.from_numpy(iid).to(dev)
         k_t = torch.from_numpy(np.where(inst, k, 0)).to(dev)
-        rows_t = torch.from_numpy(rows).to(dev)
-        spk = torch.where(inst_t[:, None], self.mapper_spk[iid_t, k_t], self.spk[rows_t])
+        # the speaker embedding of the clip that gave the prompt: prompt + instruction rows take both from it
+        spk_rows = torch.from_numpy(np.where(both, src, rows)).to(dev)
+        spk = torch.where(inst_t[:, None], self.mapper_spk[iid_t, k_t], self.spk[spk_rows])
         style = self.style_emb[iid_t]
-        inst_emb = torch.where(inst_t[:, None], style, torch.zeros_like(style))
+        inst_emb = torch.where(on_t[:, None], style, torch.zeros_like(style))
 
         cond = T3Cond(speaker_emb=spk, prompt_tokens=prompt, prompt_lens=torch.from_numpy(plen).to(dev),
-                      emotion_adv=emotion_adv, instruction_emb=inst_emb, instruction_mask=inst_t)
+                      emotion_adv=emotion_adv, instruction_emb=inst_emb, instruction_mask=on_t)
+        if null.any():  # the null instruction, exactly as inference's unconditional branch builds it
+            nulled = cond.with_null_instruction().instruction_mask
+            cond.instruction_mask = torch.where(torch.from_numpy(null).to(dev), nulled, on_t)
         batch = T3Batch(text_tokens=text, text_lens=torch.from_numpy(tl).to(dev), speech_tokens=speech,
                         speech_lens=torch.from_numpy(sl).to(dev), cond=cond)
         seq = cond_len + tl + 2 + sl + 2
+        kind = np.where(inst, KIND_INSTRUCTION, np.where(both, KIND_PROMPT_INSTRUCTION, KIND_AUDIO)).astype(np.int8)
         return Stage2Batch(batch=batch, is_instruction=inst_t, rows=rows, prompt_src=np.where(inst, -1, src),
                            mapper_k=np.where(inst, k, -1), n_real_tokens=int(seq.sum()),
-                           n_padded_tokens=int(B * seq.max(initial=0)))
+                           n_padded_tokens=int(B * seq.max(initial=0)), kind=kind, null_instruction=null)
 
     def prompt_tokens_of(self, row: int, prompt_len: int = 150) -> np.ndarray:
         """The prompt tokens one row gives an audio row (tests and audits)."""

@@ -41,7 +41,8 @@ class Stage2Model(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """→ (weighted loss, stats [12] detached): loss, loss_text, loss_speech, then CE sum / token count
         for (text, instruction rows), (text, audio rows), (speech, instruction rows), (speech, audio rows),
-        then the number of instruction rows and of rows."""
+        then the number of instruction rows and of rows. Instruction rows: ``is_instruction`` (the instruction-only
+        kind, null instruction or not); audio rows: the others, i.e. every row with a reference prompt."""
         t3 = self.t3
         batch = batch.to(t3.device, t3.dtype)
         layout = build_layout(t3.cfg, batch.text_tokens, batch.text_lens, batch.speech_tokens, batch.speech_lens,

@@ -48,7 +48,11 @@ def write_report(out: Path, summary: dict, history: list[dict], plot: bool) -> N
         f"- data: {s['data']['rows']} rows used of {s['data']['n_ok']} OK clips (dropped: {s['data']['dropped']}); "
         f"{s['data']['n_instructions']} instructions; rows without a same-speaker prompt clip: "
         f"{s['data']['own_prompt_frac']:.1%}; padding {s['data']['pad_frac']:.1%} of batch tokens",
-        f"- instruction_prob {s['config']['instruction_prob']}; world size {s['world_size']}; device {s['device']}; "
+        f"- row mix (instruction_prob {s['config']['instruction_prob']}, prompt_instruction_prob "
+        f"{s['config'].get('prompt_instruction_prob', 0.0)}, instruction_dropout "
+        f"{s['config'].get('instruction_dropout', 0.0)}): "
+        + ", ".join(f"{k} {v:.1%}" for k, v in (s['data'].get('row_mix') or {}).items()),
+        f"- world size {s['world_size']}; device {s['device']}; "
         f"amp {s['amp']}; compile {s['config']['compile']}",
         f"- steps {s['global_step']} (epoch {s['epoch']}); stopped: {s['stopped_reason']}; non-finite steps skipped "
         f"{s['nonfinite_steps']}", *_held_out_lines(s), "",

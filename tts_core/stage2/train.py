@@ -64,6 +64,11 @@ Non-finite steps: a step whose loss or gradient norm is non-finite (on any rank:
 all-reduced values, so every rank skips the same steps) is skipped and counted; more than
 ``max_nonfinite`` in a row raise `Stage2NonFiniteError`.
 
+Row kinds (`tts_core.stage2.data`, "Per-sample mixing"): ``instruction_prob`` splits instruction-only / audio-only
+rows (0.5: DESIGN's 50/50), ``prompt_instruction_prob`` takes a share of the rows for prompt + instruction, and
+``instruction_dropout`` gives instruction-on rows the null instruction that instruction guidance needs. The
+expected shares (`row_mix`) are in the run's summary and report; the three values are in ``train_config``.
+
 Held-out loss (``hold_out="mapper"``, `tts_core.stage2.hold_out`): the stage-1 run's held-out clips are
 left out of training (as rows and as prompt clips) and `Stage2Recipe.evaluate` scores their
 teacher-forced loss as instruction rows every ``eval_every`` steps (at a metrics row) and at the end.
@@ -94,7 +99,7 @@ from tts_core.atomic_files import atomic_copy, atomic_torch_save, atomic_write_j
 from tts_core.interrupt import TrainingInterrupted, stop_requested
 from tts_core.precision import resolve_amp
 from tts_core.mapper.pooling import TextEncoderMismatchError, check_text_encoder_identity
-from tts_core.stage2.data import BucketBatchSampler, batch_rng, mix_seed, prepare_stage2_data
+from tts_core.stage2.data import BucketBatchSampler, batch_rng, mix_seed, prepare_stage2_data, row_mix
 from tts_core.stage2.hold_out import HOLD_OUT_MODES, mapper_split
 from tts_core.stage2.model import (
     GROUPS, PRESETS, Stage2Model, build_t3, freeze_for_stage2, lr_factor, make_optimizer, parameter_groups,
@@ -141,7 +146,11 @@ class Stage2Config:
     t3: str = "520m"  # preset name, or a directory / file with t3_cfg.safetensors
     text_tokenizer: str | None = None  # None: the t3 family's tokenizer file, else bytes; "bytes"; a tokenizer file
     language: str | None = None  # multilingual T3: language of rows whose metadata has no 5th column
-    instruction_prob: float = 0.5  # per-row probability of an instruction-only row
+    instruction_prob: float = 0.5  # per-row probability of an instruction-only row (of rows not prompt + instruction)
+    # share of rows (with an instruction) conditioned on a reference prompt *and* the instruction (data.row_mix)
+    prompt_instruction_prob: float = 0.0
+    # share of instruction-on rows given the null instruction: what instruction guidance's unconditional branch is
+    instruction_dropout: float = 0.1
     batch_size: int = 32  # rows per batch (per rank); the cap when max_tokens is set
     max_tokens: int = 0  # token budget per batch (rows × longest row); 0 = fixed batch_size
     grad_accum: int = 1  # batches per rank per optimizer step (N ranks × A = A·N global batches per step)
@@ -193,11 +202,12 @@ class Stage2Config:
 
 
 # Fields that define the run: a resume with other values is refused (epochs / max_steps / logging may change).
-_RUN_KEYS = ("t3", "instruction_prob", "batch_size", "max_tokens", "pool_batches", "lr", "adapter_lr",
+_RUN_KEYS = ("t3", "instruction_prob", "prompt_instruction_prob", "instruction_dropout", "batch_size", "max_tokens", "pool_batches", "lr", "adapter_lr",
              "min_lr_ratio", "weight_decay", "betas", "warmup_steps", "text_loss_weight", "grad_clip", "seed",
              "mapper_seed", "mapper_samples", "mapper_n_steps", "prompt_len", "emotion_adv", "padding_mask",
              "amp_dtype", "language", "hold_out")
-_DEFAULTS = Stage2Config().to_dict()  # a key an older run's saved config lacks had this value
+# a key an older run's saved config lacks had this value (the row-kind refinements came later: off before)
+_DEFAULTS = {**Stage2Config().to_dict(), "prompt_instruction_prob": 0.0, "instruction_dropout": 0.0}
 
 
 @dataclass
@@ -279,8 +289,9 @@ class _Window:
 def train_stage2(cfg: Stage2Config, on_log: Callable[[dict], None] | None = None) -> Stage2Result:
     """Train (or resume) stage 2; see the module docstring. ``on_log(row)`` runs on rank 0 after each
     metrics row is written (raising from it stops the run like a kill, after the last checkpoint)."""
-    if not 0.0 <= cfg.instruction_prob <= 1.0:
-        raise ValueError("instruction_prob must lie in [0, 1]")
+    for name in ("instruction_prob", "prompt_instruction_prob", "instruction_dropout"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1]")
     if cfg.hold_out not in HOLD_OUT_MODES:
         raise ValueError(f"hold_out must be one of {HOLD_OUT_MODES}, not {cfg.hold_out!r}")
     if not cfg.store or not cfg.mapper_dir:
@@ -439,6 +450,8 @@ class Stage2Recipe:
                            "rows_with_instruction": int((data.instruction_id >= 0).sum()),
                            "own_prompt_frac": len(data.own_prompt_rows) / len(data),
                            "prompt_seconds": data.meta["prompt_seconds"],
+                           "row_mix": row_mix(cfg.instruction_prob, cfg.prompt_instruction_prob,
+                                              cfg.instruction_dropout),
                            "batches_per_epoch": len(self.sampler.batches(0)), **self.sampler.padding_stats(0),
                            **held}
 
@@ -541,7 +554,9 @@ class Stage2Recipe:
             gidx, rows, weight = self.sampler.rank_batch(st.epoch, st.position, vr, self.V)
             b = self.data.build_batch(rows, instruction_prob=cfg.instruction_prob,
                                       rng=batch_rng(cfg.seed, st.epoch, gidx), prompt_len=self.prompt_len,
-                                      cond_len=self.cond_bound, emotion_adv=cfg.emotion_adv)
+                                      cond_len=self.cond_bound, emotion_adv=cfg.emotion_adv,
+                                      prompt_instruction_prob=cfg.prompt_instruction_prob,
+                                      instruction_dropout=cfg.instruction_dropout)
             torch.manual_seed(mix_seed(cfg.seed, "step", st.global_step, vr))  # dropout: a function of the step
             last = not dd.enabled or micro == cfg.grad_accum - 1
             with contextlib.nullcontext() if last else self.wrapped.no_sync():

@@ -24,6 +24,13 @@ CFG (`with_cfg`): Chatterbox doubles the batch; the second copy ("uncond") has i
 embeddings zeroed (text position embeddings and all conditioning kept). `uncond` marks those
 rows; the model applies the zeroing.
 
+Instruction guidance (`with_guidance`): the rows are tiled into blocks of B, in this order —
+`[cond | text-uncond (with text CFG) | instruction-uncond (with instruction guidance)]`. The
+instruction-uncond block is laid out exactly like the cond block (same tokens, `uncond` False);
+what differs is only its conditioning: the *null instruction* (`T3Cond.with_null_instruction`:
+instruction mask 0, so every adapter returns norm(x)) — the row stage 2 trains by instruction
+dropout. `GUIDANCE_BLOCKS` names the blocks.
+
 Turbo (`cfg.backbone == "gpt2"`, `tts_core.t3.turbo`) is laid out by the same builder, from its
 config switches:
 
@@ -49,6 +56,12 @@ from torch import Tensor
 from .config import IGNORE_INDEX, T3Config
 
 SEG_PAD, SEG_COND, SEG_TEXT, SEG_SPEECH = 0, 1, 2, 3
+COND, TEXT_UNCOND, INSTRUCTION_UNCOND = "cond", "text-uncond", "instruction-uncond"
+
+
+def guidance_blocks(text_cfg: bool, instruction_cfg: bool) -> tuple[str, ...]:
+    """The row blocks of a guided generation batch, in order (module doc, "Instruction guidance")."""
+    return (COND,) + ((TEXT_UNCOND,) if text_cfg else ()) + ((INSTRUCTION_UNCOND,) if instruction_cfg else ())
 
 
 def pad_sequences(seqs: Sequence[Tensor | Sequence[int]], pad_value: int = 0) -> tuple[Tensor, Tensor]:
@@ -114,15 +127,22 @@ class T3Layout:
 
     def with_cfg(self) -> "T3Layout":
         """Rows [0, B) conditional, rows [B, 2B) their unconditional copies (Chatterbox CFG)."""
+        return self.with_guidance(text_cfg=True, instruction_cfg=False)
+
+    def with_guidance(self, *, text_cfg: bool, instruction_cfg: bool) -> "T3Layout":
+        """The rows tiled into the guidance blocks `guidance_blocks(text_cfg, instruction_cfg)` (module
+        doc): block "text-uncond" marked `uncond` (text token embeddings zeroed), block
+        "instruction-uncond" an exact copy of the cond block (its null instruction is conditioning)."""
         if bool(self.uncond.any()):
             raise ValueError("layout already has CFG rows")
-        doubled = {
-            f.name: torch.cat([getattr(self, f.name)] * 2, dim=0)
+        blocks = guidance_blocks(text_cfg, instruction_cfg)
+        tiled = {
+            f.name: torch.cat([getattr(self, f.name)] * len(blocks), dim=0)
             for f in fields(self)
             if f.name not in ("cond_len", "uncond")
         }
-        uncond = torch.cat([torch.zeros_like(self.uncond), torch.ones_like(self.uncond)])
-        return T3Layout(**doubled, uncond=uncond, cond_len=self.cond_len)
+        uncond = torch.cat([torch.full_like(self.uncond, b == TEXT_UNCOND) for b in blocks])
+        return T3Layout(**tiled, uncond=uncond, cond_len=self.cond_len)
 
     def decode_step(self, step: int, tokens: Tensor) -> T3Step:
         """Inputs for feeding generated speech token number `step` (0-based) of every row, after

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,10 @@ from .adapters import AdaRMSNorm, attach_adaptive_norms, find_adaptive_norms, in
 from .alignment import AlignmentGuard
 from .checkpointing import ADAPTER_AWARE, activation_checkpointing_on
 from .config import IGNORE_INDEX, T3Config
-from .layout import SEG_COND, SEG_SPEECH, SEG_TEXT, T3Layout, build_generation_layout, build_layout
+from .layout import (
+    COND, INSTRUCTION_UNCOND, SEG_COND, TEXT_UNCOND, SEG_SPEECH, SEG_TEXT, T3Layout, build_generation_layout, build_layout,
+    guidance_blocks,
+)
 
 from tts_core.sampling_defaults import DEFAULT_EXAGGERATION, DEFAULT_SAMPLING  # noqa: E402  (re-exported)
 
@@ -97,6 +100,54 @@ class T3Cond:
                 return x
             return torch.cat([x] * n, dim=0)
         return T3Cond(**{f.name: tile(getattr(self, f.name)) for f in fields(self)})
+
+    @property
+    def has_instruction(self) -> bool:
+        """True when some row's adapters are conditioned (an instruction given and not masked)."""
+        if self.instruction_emb is None:
+            return False
+        return self.instruction_mask is None or bool(torch.as_tensor(self.instruction_mask).any())
+
+    def with_null_instruction(self) -> "T3Cond":
+        """The same rows with the *null instruction*: instruction mask 0, so every adapter returns exactly
+        norm(x); speaker embedding, prompt and emotion unchanged. Stage 2's instruction dropout trains this
+        row (`tts_core.stage2.data`), and instruction guidance uses it as the unconditional branch."""
+        mask = torch.zeros(self.batch_size, dtype=torch.bool, device=self.speaker_emb.device)
+        return replace(self, instruction_mask=mask)
+
+    def guidance_rows(self, text_cfg: bool, instruction_cfg: bool) -> "T3Cond":
+        """Conditioning of the blocks `T3Layout.with_guidance` lays out: the rows themselves for the cond
+        and text-uncond blocks, `with_null_instruction` for the instruction-uncond block."""
+        blocks = guidance_blocks(text_cfg, instruction_cfg)
+        if INSTRUCTION_UNCOND in blocks and self.instruction_emb is None:
+            raise ValueError("instruction guidance needs an instruction embedding")
+        rows = self.repeat(len(blocks))
+        if INSTRUCTION_UNCOND in blocks:
+            B = self.batch_size
+            mask = (torch.ones(B, dtype=torch.bool, device=self.speaker_emb.device) if self.instruction_mask is None
+                    else torch.as_tensor(self.instruction_mask).to(torch.bool).reshape(-1))
+            null = self.with_null_instruction().instruction_mask.to(mask.device)
+            rows.instruction_mask = torch.cat([mask if b != INSTRUCTION_UNCOND else null for b in blocks])
+        return rows
+
+
+def combine_guidance(logits: Tensor, blocks: tuple[str, ...], cfg_weight: float, instruction_guidance: float
+                     ) -> Tensor:
+    """Logits of a guided batch [len(blocks)·B, V] → [B, V]:
+
+        cond + cfg_weight·(cond − text_uncond) + W·(cond − instruction_uncond)
+
+    i.e. Chatterbox's text CFG, plus instruction guidance in the classifier-free form
+    uncond + (1 + W)·(cond − uncond) (with cfg_weight 0 it is exactly that). Each term is added only when
+    its block is present, so W = 0 (no instruction-uncond block) computes today's expression bit for bit."""
+    parts = dict(zip(blocks, logits.chunk(len(blocks), dim=0)))
+    c = parts[COND]
+    out = c
+    if TEXT_UNCOND in parts:
+        out = c + cfg_weight * (c - parts[TEXT_UNCOND])
+    if INSTRUCTION_UNCOND in parts:
+        out = out + instruction_guidance * (c - parts[INSTRUCTION_UNCOND])
+    return out
 
 
 @dataclass
@@ -428,6 +479,7 @@ class T3(nn.Module):
         min_p: float = DEFAULT_SAMPLING["min_p"],
         repetition_penalty: float = DEFAULT_SAMPLING["repetition_penalty"],
         cfg_weight: float = DEFAULT_SAMPLING["cfg_weight"],
+        instruction_guidance: float = 0.0,
         do_sample: bool = True,
         generator: torch.Generator | None = None,
         alignment_guard: bool | None = None,
@@ -442,6 +494,12 @@ class T3(nn.Module):
         token embeddings zeroed, and `logits = cond + w·(cond − uncond)`; both copies are fed
         the sampled token.
 
+        Instruction guidance (`instruction_guidance` W > 0, rows that have an instruction): a further
+        block of the batch with the null instruction (`T3Cond.with_null_instruction`), combined by
+        `combine_guidance`: cond + cfg_weight·(cond − text_uncond) + W·(cond − instruction_uncond).
+        Blocks in order [cond | text-uncond | instruction-uncond] (`T3Layout.with_guidance`), each fed
+        the sampled token. W = 0 adds no block: today's path, token for token.
+
         ``alignment_guard`` (default: on when the config names ``alignment_heads``, i.e. the
         multilingual family): Chatterbox's AlignmentStreamAnalyzer per row, between CFG and the
         repetition penalty (`tts_core.t3.alignment`) — EOS suppressed early, forced on repetition."""
@@ -454,9 +512,14 @@ class T3(nn.Module):
             cond = cond.to(device, self.dtype)
             B = text_tokens.shape[0]
             layout = build_generation_layout(self.cfg, text_tokens, text_lens, cond.prompt_lengths())
+            if instruction_guidance < 0.0:
+                raise ValueError(f"instruction_guidance must be ≥ 0, not {instruction_guidance}")
             use_cfg = cfg_weight > 0.0
-            if use_cfg:
-                layout, cond = layout.with_cfg(), cond.repeat(2)
+            use_ig = instruction_guidance > 0.0 and cond.has_instruction
+            blocks = guidance_blocks(use_cfg, use_ig)
+            if len(blocks) > 1:
+                layout, cond = (layout.with_guidance(text_cfg=use_cfg, instruction_cfg=use_ig),
+                                cond.guidance_rows(use_cfg, use_ig))
             max_new_tokens = min(max_new_tokens, self.cfg.max_speech_tokens)
             bos = torch.full((B, 1), self.cfg.start_speech_token, dtype=torch.long, device=device)
             history = bos  # Chatterbox's repetition penalty sees BOS too
@@ -472,9 +535,8 @@ class T3(nn.Module):
                 logits, cache = self._prefill(layout, cond)
                 for step in range(max_new_tokens):
                     logits = logits.float()
-                    if use_cfg:
-                        c, u = logits[:B], logits[B:]
-                        logits = c + cfg_weight * (c - u)
+                    if len(blocks) > 1:
+                        logits = combine_guidance(logits, blocks, cfg_weight, instruction_guidance)
                     if isinstance(guard, AlignmentGuard):
                         logits = guard.step(logits, history[:, -1], ~finished)
                     nxt = sample_next_token(
@@ -486,7 +548,7 @@ class T3(nn.Module):
                     finished = finished | (nxt == eos)
                     if bool(finished.all()) or step == max_new_tokens - 1:
                         break
-                    feed = torch.cat([nxt, nxt]) if use_cfg else nxt
+                    feed = torch.cat([nxt] * len(blocks)) if len(blocks) > 1 else nxt
                     logits, cache = self._decode(layout, step, feed, cache)
             rows = history[:, 1:]
             if raw:  # the analyzer's view: up to and including the first EOS, nothing dropped
