@@ -138,3 +138,153 @@ def test_captions_of_a_quarantined_clip_are_quarantined(demo_corpus, tmp_path):
     assert man.reason.tolist()[3:] == ["empty_file", "clip_quarantined"]  # the caption sits in the next batch
     assert "line 4" in man.detail.iloc[4] and s.n_captions == 3
     assert CacheReader(str(store)).group["clips/clip_row"][:].tolist() == [0, 1, 2, -1, -1]
+
+
+# ---- stage 1: the split over (clip, caption) pairs, one caption per clip per epoch ----------------------------
+def _captioned_data(n_clips=300, extra=2, seed=1):
+    """Synthetic stage-1 data where each clip also has ``extra`` other captions of its own cluster."""
+    import torch
+
+    from tts_core.stage1.data import Stage1Data
+    from tts_core.stage1.synthetic import make_synthetic_data
+
+    d = make_synthetic_data(n_clips=n_clips, n_clusters=4, n_instructions=60, hidden_size=32, seed=seed)
+    rng = np.random.default_rng(seed)
+    iid = d.instruction_id.numpy()
+    caps = [[int(i)] + [int(j) for j in rng.choice(np.setdiff1d(np.arange(60), [i]), extra, replace=False)]
+            for i in iid]
+    off = np.concatenate([[0], np.cumsum([len(c) for c in caps])])
+    return Stage1Data(spk=d.spk, xvec=d.xvec, instruction_id=d.instruction_id, states=d.states,
+                      clip_ids=d.clip_ids, instruction_texts=d.instruction_texts,
+                      text_encoder_identity=d.text_encoder_identity, speakers=d.speakers,
+                      cache_identity=d.cache_identity, caption_offsets=torch.from_numpy(off),
+                      caption_ids=torch.from_numpy(np.concatenate(caps)))
+
+
+def test_split_keeps_every_held_out_text_out_of_training_and_mixed_clips_train_their_other_captions():
+    from tts_core.stage1.data import normalise_instruction
+
+    data = _captioned_data()
+    tr, va = data.split(0.2, "s")
+    clip, cap = data.caption_clip.numpy(), data.caption_ids.numpy()
+    assert len(np.intersect1d(tr, va)) == 0 and len(tr) + len(va) == data.n_captions == 900
+    norm = lambda ids: {normalise_instruction(data.instruction_texts[i]) for i in ids}
+    assert not norm(cap[tr]) & norm(cap[va])
+    rows, off, ids = data.train_captions(tr)
+    assert len(rows) == len(np.unique(clip[tr])) and off[-1] == len(tr)
+    mixed = np.intersect1d(clip[tr], clip[va])
+    assert len(mixed) > 0  # with 3 captions, many clips have captions on both sides
+    r = int(mixed[0])
+    k = int(np.flatnonzero(rows == r)[0])
+    assert set(ids[off[k]:off[k + 1]].tolist()) == set(cap[tr][clip[tr] == r].tolist())
+    assert not norm(ids[off[k]:off[k + 1]]) & norm(cap[va])
+
+
+def test_stage1_batches_see_every_caption_over_epochs_and_replay():
+    import torch
+
+    from tts_core.stage1.batches import Stage1Batches, Stage1Tables
+
+    data = _captioned_data()
+    tr, va = data.split(0.2, "s")
+    make = lambda: Stage1Batches(Stage1Tables.build(data, tr, va, torch.device("cpu")), batch_size=64, seed=3)
+    batches = make()
+    rows_tr, off, ids = data.train_captions(tr)
+    drawn: dict[int, list[int]] = {int(r): [] for r in rows_tr}
+    for epoch in range(3):
+        seen = []
+        for b in range(batches.n_batches):
+            bt = batches.get("1", epoch, b)
+            want, lens = data.states.gather(bt.instruction_id.numpy())
+            assert torch.equal(bt.states, want) and torch.equal(bt.lengths, lens)
+            for r, i in zip(bt.rows.tolist(), bt.instruction_id.tolist()):
+                drawn[r].append(i)
+            seen.append(bt.rows)
+        # each train clip once per epoch, whatever its number of captions
+        assert torch.equal(torch.sort(torch.cat(seen)).values, torch.from_numpy(rows_tr))
+    k_max = int(np.diff(off).max())
+    assert k_max == 3
+    for k, r in enumerate(rows_tr):  # 3 epochs: every training caption of every clip exactly once (k ≤ 3)
+        mine = ids[off[k]:off[k + 1]].tolist()
+        assert sorted(drawn[int(r)][:len(mine)]) == sorted(mine)
+    again = make()
+    b0 = again.get("1", 2, 1)
+    ref = batches.get("1", 2, 1)
+    assert torch.equal(b0.rows, ref.rows) and torch.equal(b0.instruction_id, ref.instruction_id)
+
+
+def test_stage1_resume_with_captions_equals_the_uninterrupted_run(tmp_path, one_thread):
+    import torch
+
+    from tts_core.stage1 import train_stage1
+    from tts_core.mapper.flow import MapperConfig
+    from tts_core.stage1.train import Stage1TrainConfig
+
+    def cfg(out, **kw):
+        return Stage1TrainConfig(out_dir=str(out), phase="1", batch_size=32, lr_phase1=2e-3, epochs=3,
+                                 eval_every=5, patience=10, warmup_steps=3, held_out_frac=0.2, eval_batch_size=256,
+                                 device="cpu", min_phase_steps=0, **kw)
+
+    small = MapperConfig(hidden_dim=64, n_blocks=2)
+    ref = train_stage1(_captioned_data(), cfg(tmp_path / "ref", max_steps=14), small)
+    first = train_stage1(_captioned_data(), cfg(tmp_path / "run", max_steps=9), small)
+    assert first.global_step == 9
+    res = train_stage1(_captioned_data(), cfg(tmp_path / "run", max_steps=14), small)
+    assert res.global_step == ref.global_step == 14
+    a, b = res.model.state_dict(), ref.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- stage 2: an instruction row draws one of its clip's captions ---------------------------------------------
+def _stage2_data(caption_lists):
+    import torch
+
+    from tts_core.stage2.data import Stage2Data
+
+    n, U = len(caption_lists), 8
+    off = np.concatenate([[0], np.cumsum([len(c) for c in caption_lists])])
+    ones = np.ones(n, np.int64)
+    return Stage2Data(
+        clip_ids=[f"c{i}" for i in range(n)], text_flat=torch.ones(n, dtype=torch.int16),
+        text_start=np.arange(n), text_len=ones, speech_flat=torch.ones(n, dtype=torch.int16),
+        speech_start=np.arange(n), speech_len=ones, prompt_flat=torch.ones(n, dtype=torch.int16),
+        prompt_start=np.arange(n), prompt_len=ones, spk=torch.nn.functional.normalize(torch.randn(n, 256), dim=-1),
+        instruction_id=np.array([c[0] if c else -1 for c in caption_lists]),
+        style_emb=torch.arange(U, dtype=torch.float32)[:, None].repeat(1, 4), mapper_spk=torch.zeros(U, 1, 256),
+        speaker_code=np.full(n, -1), caption_offsets=off,
+        caption_ids=np.array([i for c in caption_lists for i in c], np.int64))
+
+
+def test_stage2_rows_draw_every_caption_and_held_out_texts_are_dropped():
+    from tts_core.stage2.data import batch_rng
+
+    data = _stage2_data([[0, 1, 2], [3], [], [4, 5]])
+    got = {r: set() for r in range(4)}
+    for g in range(40):
+        b = data.build_batch(np.arange(4), instruction_prob=1.0, rng=batch_rng(0, 0, g), prompt_len=4)
+        style = b.batch.cond.instruction_emb[:, 0].long().tolist()
+        for r in range(4):
+            if b.is_instruction[r]:
+                got[r].add(style[r])
+    assert got == {0: {0, 1, 2}, 1: {3}, 2: set(), 3: {4, 5}}
+    sub = data.subset(np.array([0, 3]))
+    assert sub.caption_offsets.tolist() == [0, 3, 5] and sub.caption_ids.tolist() == [0, 1, 2, 4, 5]
+    kept = data.without_instructions(np.array([0, 3]))
+    assert kept.instruction_id.tolist() == [1, -1, -1, 4]  # clip 1 had only the held-out text: audio-only
+    assert kept.caption_ids.tolist() == [1, 2, 4, 5]
+    one = _stage2_data([[0], [3], [], [4]])  # one caption per clip: nothing drawn, so old batches are unchanged
+    rng = batch_rng(0, 0, 1)
+    state = rng.bit_generator.state
+    assert one.draw_captions(np.arange(4), rng).tolist() == [0, 3, -1, 4]
+    assert rng.bit_generator.state == state
+
+
+def test_an_older_schema_store_is_refused_with_what_to_do(tmp_path):
+    import zarr
+
+    from cache.store import StoreError
+
+    g = zarr.open_group(str(tmp_path / "old.zarr"), mode="w")
+    g.attrs.update({"schema_version": 3})
+    with pytest.raises(StoreError, match="cache schema 3; this code reads schema 4.*new --store"):
+        CacheReader(str(tmp_path / "old.zarr"))
