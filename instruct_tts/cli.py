@@ -193,7 +193,8 @@ def _cmd_lab(a: argparse.Namespace) -> int:
     from instruct_tts.lab import LabConfig, run_lab
 
     overrides = {k: getattr(a, k) for k in ("n_clips", "seed", "device", "speech_tokenizer", "stage1_steps",
-                                            "stage2_steps", "eval_clips", "t3", "text_encoder")}
+                                            "stage2_steps", "eval_clips", "t3", "text_encoder", "captions_per_clip",
+                                            "compare_to")}
     if a.use_prefect:
         from flows.lab import lab_flow
 
@@ -238,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
                                             "default: the embedded MiniLM")
     lab.add_argument("--t3", choices=("tiny", "small"), help="T3 preset trained in stage 2 (preset's otherwise: small)")
     lab.add_argument("--eval-clips", type=int, help="held-out clips synthesized per split")
+    lab.add_argument("--captions-per-clip", type=int, help="training-wording captions per training clip (default 3; "
+                     "1 = one per clip, the run to compare against)")
+    lab.add_argument("--compare-to", help="another lab run's --out: the report shows its held-out-instruction "
+                     "results beside this run's (e.g. the --captions-per-clip 1 run: same clips, same steps)")
     lab.add_argument("--speech-tokenizer", choices=("mel-vq", "world-vq"), help="embedded tokenizer + vocoder (default world-vq: its tokens keep F0)")
     lab.add_argument("--seed", type=int)
     lab.add_argument("--device")

@@ -288,3 +288,53 @@ def test_an_older_schema_store_is_refused_with_what_to_do(tmp_path):
     g.attrs.update({"schema_version": 3})
     with pytest.raises(StoreError, match="cache schema 3; this code reads schema 4.*new --store"):
         CacheReader(str(tmp_path / "old.zarr"))
+
+
+# ---- the lab: more training-wording captions per training clip, and the comparison line ------------------------
+def test_lab_gives_training_clips_more_captions_never_a_held_out_text():
+    from instruct_tts.lab import LabConfig, _extra_captions
+    from tts_core.corpus.instructions import VoiceAttributes, make_instruction
+    from tts_core.evaluation.lab_split import HELD_OUT_INSTRUCTION, TRAIN
+    from tts_core.stage1.data import normalise_instruction
+
+    clips, roles = [], []
+    for i in range(40):
+        a = VoiceAttributes(("male", "female")[i % 2], ("low", "mid", "high")[i % 3], "normal", "quiet")
+        instr = make_instruction(a, i, "train")
+        clips.append({"clip_id": f"demo_{i}", "gender": a.gender, "pitch": a.pitch, "rate": a.rate,
+                      "loudness": a.loudness, "instruction": instr, "line": f"wavs/demo_{i}.wav|Text {i}.|{instr}|v{i}"})
+        roles.append(HELD_OUT_INSTRUCTION if i % 5 == 0 else TRAIN)
+    extra = _extra_captions(LabConfig(captions_per_clip=3), clips, roles)
+    assert _extra_captions(LabConfig(captions_per_clip=1), clips, roles) == []
+    assert extra == _extra_captions(LabConfig(captions_per_clip=3), clips, roles)  # deterministic
+    held = {normalise_instruction(c["instruction"]) for c, r in zip(clips, roles) if r != TRAIN}
+    by_path: dict[str, list[str]] = {}
+    for line in extra:
+        path, text, instr, speaker = line.split("|")
+        by_path.setdefault(path, []).append(instr)
+        assert normalise_instruction(instr) not in held
+        assert text == f"Text {path.split('_')[1].split('.')[0]}." and speaker == f"v{path.split('_')[1].split('.')[0]}"
+    train_paths = {c["line"].split("|")[0] for c, r in zip(clips, roles) if r == TRAIN}
+    assert set(by_path) == train_paths
+    own = {c["line"].split("|")[0]: c["instruction"] for c in clips}
+    assert all(len(v) == 2 and len(set(v)) == 2 and own[p] not in v for p, v in by_path.items())
+
+
+def test_lab_report_compares_held_out_instructions_against_one_caption_per_clip():
+    from tts_core.evaluation.lab_report import caption_comparison, caption_lines
+    from tts_core.evaluation.lab_split import HELD_OUT_INSTRUCTION
+
+    def report(k, cos, acc, steps=100):
+        return {"config": {"n_clips": 96, "seed": 0, "stage1_steps": steps, "captions_per_clip": k, "out": f"lab{k}"},
+                "stage1": {HELD_OUT_INSTRUCTION: {"model": {"value": cos}}},
+                "tables": {"pitch": [{"split": HELD_OUT_INSTRUCTION, "rendering": "model", "accuracy": acc}]},
+                "stage2": {"curve": [{HELD_OUT_INSTRUCTION: 5.0}]},
+                "captions": {"per_clip": k, "train_pairs": 60 * k, "train_clips": 60, "train_instructions": 50 * k}}
+
+    r = report(3, 0.61, 0.8)
+    r["compare_to"] = caption_comparison(r, report(1, 0.55, 0.7))
+    assert r["compare_to"]["differs"] == [] and r["compare_to"]["other"]["stage1_avg_cos"] == 0.55
+    md = "\n".join(caption_lines(r))
+    assert "same clips, same steps" in md and "| stage1 avg cos | 0.610 | 0.550 |" in md
+    assert "| pitch accuracy | 0.800 | 0.700 |" in md and "180 (clip, instruction) pairs over 60 clips" in md
+    assert caption_comparison(r, report(1, 0.5, 0.5, steps=50))["differs"] == ["stage1_steps"]
