@@ -248,7 +248,8 @@ WORKER_START_METHOD = "forkserver"
 
 class CacheDataset(torch.utils.data.Dataset):
     """One item per OK clip: vectors (normalised as configured), tokens, instruction states (float16, the
-    store's dtype: cast where you pool).
+    store's dtype: cast where you pool). The instruction is the clip's own line's; its other captions are
+    in ``reader.captions`` (the training recipes draw among them, tts_core.stage1 / stage2).
 
     States come through the reader's chunk cache: fast when consecutive items share chunks
     (`ChunkAwareSampler`), a chunk decompression (~10 ms) per item in a uniform random order. Iterate it

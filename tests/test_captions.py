@@ -338,3 +338,39 @@ def test_lab_report_compares_held_out_instructions_against_one_caption_per_clip(
     assert "same clips, same steps" in md and "| stage1 avg cos | 0.610 | 0.550 |" in md
     assert "| pitch accuracy | 0.800 | 0.700 |" in md and "180 (clip, instruction) pairs over 60 clips" in md
     assert caption_comparison(r, report(1, 0.5, 0.5, steps=50))["differs"] == ["stage1_steps"]
+
+
+def test_a_resumed_build_with_captions_equals_the_uninterrupted_one(demo_corpus, tmp_path):
+    """Captions settle against their clip's status read back from the store: a build stopped after its
+    first batch and resumed writes what one uninterrupted build writes."""
+    import pandas as pd
+    import zarr
+
+    good = [l for l in demo_corpus.metadata.read_text(encoding="utf-8").splitlines()
+            if l.strip() and not l.startswith("#")][:5]
+    root = tmp_path / "audio"
+    (root / "wavs").mkdir(parents=True)
+    for l in good:
+        p = l.split("|")[0]
+        (root / p).write_bytes((demo_corpus.root / p).read_bytes())
+    (root / "empty.wav").write_bytes(b"")
+    path, text = good[0].split("|")[:2]
+    meta = tmp_path / "meta.txt"
+    meta.write_text("\n".join(good[:2] + ["empty.wav|Hi.|A.", good[2]] + good[3:] +
+                              [f"./{path}|{text}|Another wording.", "empty.wav|Hi.|B."]) + "\n", encoding="utf-8")
+
+    def build(store, **kw):
+        return build_cache(BuildConfig(metadata=meta, audio_root=root, store=str(store), chunk_rows=4,
+                                       tokenizer_fit_clips=5, **kw))
+
+    build(tmp_path / "ref.zarr")
+    part = build(tmp_path / "resumed.zarr", max_batches=1)
+    assert not part.complete
+    done = build(tmp_path / "resumed.zarr")
+    assert done.complete and done.resumed_from == 4 and done.n_captions == 6
+    a, b = zarr.open_group(str(tmp_path / "ref.zarr"), mode="r"), zarr.open_group(str(tmp_path / "resumed.zarr"), mode="r")
+    for k in ("clips/spk_emb", "clips/status", "clips/clip_row", "clips/instruction_id", "tokens/flat"):
+        np.testing.assert_array_equal(a[k][...], b[k][...], err_msg=k)
+    ma, mb = CacheReader(str(tmp_path / "ref.zarr")).manifest, CacheReader(str(tmp_path / "resumed.zarr")).manifest
+    pd.testing.assert_frame_equal(ma, mb)
+    assert ma.status.tolist()[-2:] == ["caption", "quarantined"] and ma.reason.tolist()[-1] == "clip_quarantined"
