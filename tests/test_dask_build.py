@@ -1,5 +1,6 @@
 """build-cache fanned out over a local Dask cluster (2 worker processes, through prefect-dask) writes the
-same store, byte for byte, as the single-process build."""
+same store as the single-process build: byte for byte, except the CAM++ x-vectors, whose convolutions sum in
+another order under another thread count (a worker's) — equal to float32 rounding (measured: ≤ 3e-6)."""
 from __future__ import annotations
 
 import fsspec
@@ -11,6 +12,7 @@ from cache import schema
 from tts_core.cachebuild.build import BuildConfig, build_cache
 from tts_core.frozen import FrozenModelsConfig
 
+THREAD_DEPENDENT = ("clips/xvec", "clips/xvec_norm")  # CAM++ (oneDNN convolutions): rounding depends on threads
 ARRAYS = ("clips/spk_emb", "clips/xvec", "clips/spk_norm", "clips/xvec_norm", "clips/duration",
           "clips/instruction_id", "clips/status", schema.TOKENS, schema.TOKEN_OFFSETS, schema.PROMPT_TOKENS,
           schema.PROMPT_OFFSETS, schema.INSTRUCTION_STATES)
@@ -29,7 +31,12 @@ def test_dask_build_equals_single_process_build(demo_corpus, tmp_path, prefect_h
     for name in ARRAYS:
         assert name in a, name
         x, y = a[name][...], b[name][...]
-        assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), name
+        assert x.dtype == y.dtype and x.shape == y.shape, name
+        if name in THREAD_DEPENDENT:
+            np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-4, err_msg=name)
+            assert np.abs(x).max() > 0.01, name  # real vectors were written, not zeros
+        else:
+            assert x.tobytes() == y.tobytes(), name
     ma = pd.read_parquet(fsspec.open(f"{single}/{schema.MANIFEST_FILE}").open())
     mb = pd.read_parquet(fsspec.open(f"{dist}/{schema.MANIFEST_FILE}").open())
     assert ma.equals(mb) and list(mb.row) == list(range(48))
