@@ -29,7 +29,9 @@ import numpy as np
 PRESETS = {
     # CI: the whole pipeline in a couple of minutes on 2 cores (tests/test_lab.py)
     "tiny": dict(t3="tiny", n_clips=96, stage1_steps=20, stage1_batch_size=32, stage2_steps=12, curve_points=2, eval_clips=12,
-                 loss_clips=12, max_new_tokens=40, n_boot=200, repetition_sweep=(1.0, 1.2), guidance_sweep=(0.0, 2.0),
+                 loss_clips=12, max_new_tokens=40, n_boot=200,
+                 mapper_draws=1, mapper_temperature=0.3,  # one draw at T 0.3: what its 20-step mapper was checked with
+                 repetition_sweep=(1.0, 1.2), guidance_sweep=(0.0, 2.0),
                  sweep_clips=4),
     # a check that the lab works, ~10 minutes on 2 cores
     "medium": dict(n_clips=1200, stage1_steps=1000, stage2_steps=800, curve_points=4, eval_clips=60, loss_clips=60,
