@@ -202,8 +202,10 @@ def test_teacher_forced_logits_equal_the_official_with_fresh_adapters(turbo_dir,
     lay = out.layout
     assert int(lay.cond_lens[0]) == 1 + prompt_len  # speaker + raw prompt tokens: no perceiver, no emotion
     s0, c = int(lay.speech_start[0]), int(lay.cond_lens[0])
-    assert torch.equal(out.speech_logits[0, s0: s0 + 13], ref_speech)
-    assert torch.equal(out.text_logits[0, c: c + 9], ref_text)
+    # equal to float32 rounding: the two GPT-2 implementations may take other CPU kernels (seen: 1-ulp differences
+    # on one machine where they had been bit-equal); a wrong layout or adapter moves logits by far more
+    torch.testing.assert_close(out.speech_logits[0, s0: s0 + 13], ref_speech, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.text_logits[0, c: c + 9], ref_text, rtol=1e-5, atol=1e-5)
 
 
 def test_batched_rows_with_different_prompts_equal_each_row_alone_and_kv_decoding(ours):
@@ -381,7 +383,8 @@ def test_stage2_step_trains_turbo_adapters_from_the_exact_official_model(turbo_d
         for x in xs:       # the same kernels; batched rows agree to rounding, tested above)
             out = t3(T3Batch(x["text"][None], torch.tensor([9]), x["speech"][None], torch.tensor([12]), _our_cond(x)))
             s0 = int(out.layout.speech_start[0])
-            assert torch.equal(out.speech_logits[0, s0: s0 + 13], _official_teacher_forced(official, x)[1])
+            torch.testing.assert_close(out.speech_logits[0, s0: s0 + 13], _official_teacher_forced(official, x)[1],
+                                       rtol=1e-5, atol=1e-5)  # float32 rounding, as above
     trainable, frozen = freeze_for_stage2(t3, torch.nn.Linear(1, 1), torch.nn.Linear(1, 1))
     assert "t3.tfmr.wte (unused)" in frozen and trainable["adapters"] > 0 and not t3.tfmr.wte.weight.requires_grad
     model = Stage2Model(t3).train()
