@@ -35,6 +35,26 @@ def l2_normalise(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
+def caption_table(status: np.ndarray, clip_row: np.ndarray, instruction_id: np.ndarray,
+                  ok_status: int = schema.STATUS_OK, caption_status: int = schema.STATUS_CAPTION
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Store rows → (offsets [n_ok + 1], instruction ids [C]): the captions of each OK clip (in OK-row
+    order), its own line's first, then its other captions in line order. Rows without an instruction
+    (−1) give no caption."""
+    status, clip_row = np.asarray(status), np.asarray(clip_row, np.int64)
+    iid = np.asarray(instruction_id, np.int64)
+    ok = np.flatnonzero(status == ok_status)
+    pos = np.full(len(status), -1, np.int64)
+    pos[ok] = np.arange(len(ok))
+    rows = np.flatnonzero(((status == ok_status) | (status == caption_status)) & (iid >= 0))
+    owner = np.where(status[rows] == ok_status, rows, clip_row[rows])
+    owner_pos = pos[np.clip(owner, 0, None)]
+    rows, owner_pos = rows[owner_pos >= 0], owner_pos[owner_pos >= 0]
+    order = np.lexsort((rows, owner_pos))  # by clip, then line order (a clip's own row comes first)
+    counts = np.bincount(owner_pos, minlength=len(ok))
+    return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), iid[rows[order]]
+
+
 class CacheReader:
     def __init__(self, url: str, normalisation: schema.Normalisation | None = None, require_complete: bool = True,
                  states_cache_mb: float = DEFAULT_STATES_CACHE_MB):
@@ -99,6 +119,13 @@ class CacheReader:
 
     def duration(self, rows=None) -> np.ndarray:
         return self._rows("clips/duration", rows)
+
+    @cached_property
+    def captions(self) -> tuple[np.ndarray, np.ndarray]:
+        """(offsets int64 [n_ok + 1], instruction ids int64 [C]): the instructions of OK clip i are
+        ids[off[i]:off[i+1]] — its own line's first, then its other captions' (schema: clips/clip_row)."""
+        g = self.group
+        return caption_table(g["clips/status"][:], g["clips/clip_row"][:], g["clips/instruction_id"][:])
 
     @cached_property
     def manifest(self) -> pd.DataFrame:
@@ -221,7 +248,8 @@ WORKER_START_METHOD = "forkserver"
 
 class CacheDataset(torch.utils.data.Dataset):
     """One item per OK clip: vectors (normalised as configured), tokens, instruction states (float16, the
-    store's dtype: cast where you pool).
+    store's dtype: cast where you pool). The instruction is the clip's own line's; its other captions are
+    in ``reader.captions`` (the training recipes draw among them, tts_core.stage1 / stage2).
 
     States come through the reader's chunk cache: fast when consecutive items share chunks
     (`ChunkAwareSampler`), a chunk decompression (~10 ms) per item in a uniform random order. Iterate it

@@ -10,6 +10,11 @@ Layout of a store (a Zarr v3 group, on any fsspec URL):
       clips/duration     float32 [N]        seconds, after conversion to 16 kHz mono
       clips/instruction_id int32 [N]        row of instructions/*, -1 when the line had no instruction
       clips/status       int8    [N]        STATUS_* below; rows are metadata data-lines, in file order
+      clips/clip_row     int32   [N]        row holding this line's audio arrays: the row itself for an OK clip,
+                                            the clip's first line for another caption (STATUS_CAPTION), -1 else.
+                                            (clip_row, instruction_id) of the OK and caption rows is the table of
+                                            (clip, instruction) pairs; audio-derived arrays live at the clip's row
+                                            only (a caption row's are zeros / empty)
       clips/token_offsets int64  [N + 1]    speech tokens of row i are tokens/flat[off[i]:off[i+1]]
       tokens/flat        int16   [T]        speech tokens, all clips concatenated
       clips/prompt_offsets int64 [N + 1]    prompt tokens of row i are prompt_tokens/flat[off[i]:off[i+1]]
@@ -44,8 +49,12 @@ from tts_core.reference import PROMPT_SECONDS, TURBO_PROMPT_SECONDS
 #    codec chain with a CRC32C, every chunk of a finished store exists (empty chunks are written), attrs
 #    record manifest_sha256.
 # 3: a second prompt array, tokens of each clip's first 15 s (Chatterbox Turbo's prompt).
-# Older stores are refused with "rebuild" (build-cache resumes nothing across versions; it rebuilds).
-SCHEMA_VERSION = 3
+# 4: many captions per clip: clips/clip_row and STATUS_CAPTION (tts_core.captions); a clip is its resolved
+#    audio file (+ speaker), so lines that spell one file differently are no longer separate rows of audio.
+# Older stores are refused with "rebuild" (build-cache resumes nothing across versions; it rebuilds). A
+# schema-3 store would read as one caption per clip, but its rows of one file spelled twice were encoded
+# twice and its later captions quarantined: rebuilding is what recovers them.
+SCHEMA_VERSION = 4
 
 SPK_DIM = 256
 XVEC_DIM = 192
@@ -59,7 +68,9 @@ STATE_CHUNK_ROWS = 4096
 STATUS_PENDING = 0
 STATUS_OK = 1
 STATUS_QUARANTINED = 2
-STATUS_NAMES = {STATUS_PENDING: "pending", STATUS_OK: "ok", STATUS_QUARANTINED: "quarantined"}
+STATUS_CAPTION = 3  # usable line whose audio is the clip at clips/clip_row (its own audio arrays are empty)
+STATUS_NAMES = {STATUS_PENDING: "pending", STATUS_OK: "ok", STATUS_QUARANTINED: "quarantined",
+                STATUS_CAPTION: "caption"}
 
 
 @dataclass(frozen=True)
@@ -78,6 +89,7 @@ CLIP_ARRAYS: tuple[ArraySpec, ...] = (
     ArraySpec("clips/duration", np.dtype("float32"), None),
     ArraySpec("clips/instruction_id", np.dtype("int32"), None, -1),
     ArraySpec("clips/status", np.dtype("int8"), None, STATUS_PENDING),
+    ArraySpec("clips/clip_row", np.dtype("int32"), None, -1),
 )
 TOKEN_OFFSETS = "clips/token_offsets"
 TOKENS = "tokens/flat"

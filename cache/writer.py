@@ -53,6 +53,13 @@ class ClipBatch:
     # than the prompt (tests' short clips).
     prompt_tokens: Sequence[np.ndarray] | None = None
     prompt15_tokens: Sequence[np.ndarray] | None = None
+    # [n] int32: the row holding each row's audio (schema clips/clip_row). None: each OK row is its own clip
+    clip_row: np.ndarray | None = None
+
+    def clip_rows(self) -> np.ndarray:
+        if self.clip_row is not None:
+            return np.asarray(self.clip_row, np.int32)
+        return np.where(self.status == schema.STATUS_OK, self.start + np.arange(self.n), -1).astype(np.int32)
 
     @property
     def n(self) -> int:
@@ -181,6 +188,12 @@ class CacheWriter:
     def info(self) -> StoreInfo:
         return StoreInfo.from_attrs(self.url, self.g.attrs.asdict())
 
+    def statuses(self) -> np.ndarray:
+        """int8 [n_rows]: each row's status (pending past the last commit)."""
+        status = np.asarray(self._arr("clips/status")[:], np.int8)
+        status[self.info.committed_rows:] = schema.STATUS_PENDING
+        return status
+
     def _arr(self, path: str) -> zarr.Array:
         return self.g[path].with_config(_CONFIG)
 
@@ -231,7 +244,8 @@ class CacheWriter:
         end = b.start + b.n
         values = {"clips/spk_emb": b.spk_emb, "clips/xvec": b.xvec,
                   "clips/spk_norm": np.linalg.norm(b.spk_emb, axis=1), "clips/xvec_norm": np.linalg.norm(b.xvec, axis=1),
-                  "clips/duration": b.duration, "clips/instruction_id": b.instruction_id, "clips/status": b.status}
+                  "clips/duration": b.duration, "clips/instruction_id": b.instruction_id, "clips/status": b.status,
+                  "clips/clip_row": b.clip_rows()}
         for path, v in values.items():
             self._arr(path)[b.start:end] = v
         for (offsets, flat), seqs in zip(schema.RAGGED_TOKENS, [b.tokens, *b.prompts()], strict=True):

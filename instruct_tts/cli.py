@@ -209,7 +209,8 @@ def _cmd_lab(a: argparse.Namespace) -> int:
     overrides = {k: getattr(a, k) for k in ("n_clips", "seed", "device", "speech_tokenizer", "stage1_steps",
                                             "stage2_steps", "eval_clips", "t3", "text_encoder", "repetition_penalty",
                                             "instruction_guidance", "repetition_sweep", "guidance_sweep",
-                                            "sweep_clips", "instruction_dropout", "prompt_instruction_prob", "mapper_draws")}
+                                            "sweep_clips", "instruction_dropout", "prompt_instruction_prob", "mapper_draws",
+                                            "captions_per_clip", "compare_to")}
     if a.use_prefect:
         from flows.lab import lab_flow
 
@@ -264,20 +265,25 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--eval-clips", type=int, help="held-out clips synthesized per split")
     lab.add_argument("--mapper-draws", type=int, help="mapper draws averaged per voice vector for stage 2 and "
                      "synthesis (preset's otherwise; the report's stage-1 sampling curve measures the choice)")
+    lab.add_argument("--captions-per-clip", type=int, help="training-wording captions per training clip (default 3; "
+                     "1 = one per clip, the run to compare against)")
+    lab.add_argument("--compare-to", help="another lab run's --out: the report shows its held-out-instruction "
+                     "results beside this run's (e.g. the --captions-per-clip 1 run: same clips, same steps)")
     lab.add_argument("--speech-tokenizer", choices=("mel-vq", "world-vq"), help="embedded tokenizer + vocoder (default world-vq: its tokens keep F0)")
     lab.add_argument("--repetition-penalty", type=float,
                      help="sampling of the model renderings (default: the family's official 1.2)")
     lab.add_argument("--instruction-guidance", type=float, metavar="W", help="instruction guidance (default 0)")
     lab.add_argument("--repetition-sweep", type=_floats, metavar="P,P,...",
-                     help="also render the model at each repetition penalty, e.g. 1.0,1.1,1.2 (report: accuracy vs "
-                          "repetition penalty)")
+                     help="also render the model at each repetition penalty (default 1.0,1.1,1.2; '' = none; report: "
+                          "accuracy vs repetition penalty)")
     lab.add_argument("--guidance-sweep", type=_floats, metavar="W,W,...",
-                     help="also render the model at each instruction guidance W, e.g. 0,1,2,4 (report: accuracy vs W)")
+                     help="also render the model at each instruction guidance W (default 0,1,2,4; '' = none; report: "
+                          "accuracy vs W)")
     lab.add_argument("--sweep-clips", type=int, help="held-out clips per split in each sweep (default 60)")
     lab.add_argument("--instruction-dropout", type=float, help="stage 2: share of instruction rows given the null "
                                                                "instruction (default: Stage2Config's)")
     lab.add_argument("--prompt-instruction-prob", type=float,
-                     help="stage 2: share of prompt + instruction rows (default: Stage2Config's)")
+                     help="stage 2: share of prompt + instruction rows (default 0.2)")
     lab.add_argument("--seed", type=int)
     lab.add_argument("--device")
     lab.add_argument("--no-prefect", action="store_true", help="run without Prefect (no artifacts)")

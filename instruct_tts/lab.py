@@ -50,6 +50,11 @@ class LabConfig:
     held_out_wording: float = 0.1  # share of instructions in the held-out wording (all of them are held out)
     held_out_voice_frac: float = 0.1  # share of espeak voices held out (with both pitch-factor twins)
     held_out_instruction_frac: float = 0.05  # share of training-wording instruction texts held out
+    # training-wording captions per *training* clip (its own + more, `corpus.instructions.paraphrases`): more
+    # metadata lines of one audio file, encoded once (tts_core.captions). 1 = one caption per clip, the run to
+    # compare against (same clips, same steps: `--compare-to`)
+    captions_per_clip: int = 3
+    compare_to: str | None = None  # another lab run's directory: the report puts its held-out results beside these
     speech_tokenizer: str = "world-vq"  # FrozenModelsConfig.speech_tokenizer: the one whose tokens keep F0
     # a local HF encoder directory (flan-t5-large in production); None: the embedded MiniLM. The report's
     # instruction-embedding probe says how much of the unseen wording a text encoder carries (docs/lab.md).
@@ -81,12 +86,13 @@ class LabConfig:
     instruction_guidance: float = 0.0
     # sampling sweeps (report sections "accuracy vs ..."): the model re-rendered on the first ``sweep_clips`` evaluation
     # clips of each held-out split at each value, everything else as above; () = not run
-    repetition_sweep: tuple[float, ...] = ()  # e.g. (1.0, 1.1, 1.2)
-    guidance_sweep: tuple[float, ...] = ()  # e.g. (0.0, 1.0, 2.0, 4.0): instruction guidance W
+    repetition_sweep: tuple[float, ...] = (1.0, 1.1, 1.2)
+    guidance_sweep: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0)  # instruction guidance W
     sweep_clips: int = 60
-    # stage-2 row mix (Stage2Config; None = its default)
+    # stage-2 row mix (Stage2Config; None = its default). A fifth of the rows are prompt + instruction, so the
+    # "reference clip + instruction" path is trained; the rest keep the cards' 50/50 instruction-only / audio-only.
     instruction_dropout: float | None = None
-    prompt_instruction_prob: float | None = None
+    prompt_instruction_prob: float | None = 0.2
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "LabConfig":
@@ -238,12 +244,43 @@ def _write_split(cfg: LabConfig, clips: list[dict], out: Path) -> dict[str, str]
     out.mkdir(parents=True, exist_ok=True)
     train = [c["line"] for c, r in zip(clips, roles) if r == TRAIN]
     held = [c["line"] for c, r in zip(clips, roles) if r in HELD_OUT]
+    train += _extra_captions(cfg, clips, roles)
     # train lines first: all.zarr is train.zarr grown by the held-out lines (one tokenizer, identical train rows)
     atomic_write_text(out / "train.txt", "\n".join(train) + "\n")
     atomic_write_text(out / "all.txt", "\n".join(train + held) + "\n")
     atomic_write_text(out / "roles.csv", "clip_id,role\n" + "".join(f"{c['clip_id']},{r}\n"
                                                                    for c, r in zip(clips, roles)))
     return {c["cache_id"]: r for c, r in zip(clips, roles)}
+
+
+def _extra_captions(cfg: LabConfig, clips: list[dict], roles: list[str]) -> list[str]:
+    """``captions_per_clip − 1`` more training-wording lines per training clip (same audio, transcript and
+    speaker), after all clip lines so the clips' rows are the one-caption run's. No held-out text (normalised)
+    is ever a caption, so the split stays clean."""
+    from tts_core.corpus.instructions import VoiceAttributes, paraphrases
+    from tts_core.evaluation.lab_split import HELD_OUT, TRAIN
+    from tts_core.stage1.data import normalise_instruction
+
+    if cfg.captions_per_clip <= 1:
+        return []
+    held = {normalise_instruction(c["instruction"]) for c, r in zip(clips, roles) if r in HELD_OUT}
+    out = []
+    for c, r in zip(clips, roles):
+        if r != TRAIN:
+            continue
+        attrs = VoiceAttributes(c["gender"], c["pitch"], c["rate"], c["loudness"])
+        path, text, own, speaker = c["line"].split("|")
+        for t in paraphrases(attrs, hash_seed(cfg.seed, c["clip_id"]), cfg.captions_per_clip - 1,
+                             exclude=lambda t: t == own or normalise_instruction(t) in held):
+            out.append(f"{path}|{text}|{t}|{speaker}")
+    return out
+
+
+def hash_seed(*parts) -> int:
+    """A stable 31-bit seed from any parts (Python's hash() of a str changes per process)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=4).digest(), "big") >> 1
 
 
 def _build_caches(cfg: LabConfig, root: Path, p: LabPaths, say) -> None:
@@ -436,6 +473,10 @@ def _report(cfg: LabConfig, corpus, clips: list[dict], roles: dict, stage1_cos: 
         "sampling": {"main": {k: v for k, v in asdict(cfg.sampling()).items() if k != "max_new_tokens"},
                      "sweeps": lr.sweep_section(sweeps or {}, cfg.n_boot, cfg.seed)},
     }
+    report["captions"] = _caption_counts(cfg, out)
+    if cfg.compare_to:
+        report["compare_to"] = lr.caption_comparison(report, json.loads((Path(cfg.compare_to) / "report.json")
+                                                                        .read_text(encoding="utf-8")))
     report["targets"] = lr.targets(tables, stage1)
     report["notes"] = lr.notes(report)
     atomic_write_text(out / "report.json", json.dumps(report, indent=1, default=_json))
@@ -444,6 +485,16 @@ def _report(cfg: LabConfig, corpus, clips: list[dict], roles: dict, stage1_cos: 
     lr.plot_stage2(train_log, curve, out / "stage2_loss.png")
     lr.plot_measurements(renderings, out / "measurements.png")
     return report
+
+
+def _caption_counts(cfg: LabConfig, out: Path) -> dict:
+    """Clips, captions and unique instructions of the training store (what stage 1 and 2 trained on)."""
+    from cache.reader import CacheReader
+
+    r = CacheReader(LabPaths(out).train_store)
+    off, ids = r.captions
+    return {"per_clip": cfg.captions_per_clip, "train_clips": len(r), "train_pairs": int(len(ids)),
+            "train_instructions": int(len(np.unique(ids)))}
 
 
 def _json(x):

@@ -5,6 +5,7 @@ import pytest
 
 from bad_audio import tone, write_bad_clips
 from tts_core.audio import AudioRejected, load_clip
+from tts_core.captions import group_captions
 from tts_core.metadata import MetadataError, lines_digest, read_metadata
 
 
@@ -48,8 +49,10 @@ def test_metadata_lines_and_reasons(tmp_path):
     lines, sha = read_metadata(meta)
     assert [m.row for m in lines] == [0, 1, 2, 3, 4, 5, 6]
     assert [m.line for m in lines] == [2, 4, 5, 6, 7, 8, 9]
-    assert [m.reason for m in lines] == ["", "bad_field_count", "empty_field", "duplicate_clip", "", "bad_field_count",
-                                         ""]
+    assert [m.reason for m in lines] == ["", "bad_field_count", "empty_field", "", "", "bad_field_count", ""]
+    lines = group_captions(lines, meta.parent, "meta.txt")  # which lines are one clip (tts_core.captions)
+    assert [m.reason for m in lines] == ["", "bad_field_count", "empty_field", "transcript_conflict", "",
+                                         "bad_field_count", ""]
     assert lines[6].language == "fr" and lines[4].language == ""  # 5th column: the multilingual T3's language
     assert lines[0].transcript.encode() == "Xin chào, tôi là giọng nữ.".encode()  # byte-exact
     assert lines[2].detail.startswith("meta.txt:5") and "transcript" in lines[2].detail

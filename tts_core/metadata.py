@@ -5,6 +5,7 @@ with; stage 2 checks it against the model's languages (``tts_core.languages``).
 
 Every data line becomes exactly one `MetaLine` (its row in the cache), good or bad, so that the
 manifest accounts for every line and row numbers never shift. Problems are reasons, not crashes.
+Which lines are one clip (captions, duplicates, conflicts) needs the audio root: `tts_core.captions`.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ class MetaLine:
     reason: str = ""  # non-empty: the line itself is unusable
     detail: str = ""
     language: str = ""  # "" = not given (stage 2's --language default applies)
+    clip_of: int = -1  # row of the earlier line whose audio this line captions (tts_core.captions); -1: its own
 
     @property
     def ok(self) -> bool:
@@ -55,11 +57,10 @@ def read_metadata(path: str | Path) -> tuple[list[MetaLine], str]:
         line_no = raw[: exc.start].count(b"\n") + 1
         raise MetadataError(f"{path}:{line_no}: not valid UTF-8 ({exc.reason}); save the file as UTF-8") from None
     lines: list[MetaLine] = []
-    seen: dict[str, int] = {}
     for line_no, text_line in enumerate(split_lines(text), start=1):
         if not text_line.strip() or text_line.lstrip().startswith("#"):
             continue
-        lines.append(_parse_line(len(lines), line_no, text_line, seen, path))
+        lines.append(_parse_line(len(lines), line_no, text_line, path))
     return lines, hashlib.sha256(raw).hexdigest()
 
 
@@ -69,7 +70,7 @@ def split_lines(text: str) -> list[str]:
     return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
 
 
-def _parse_line(row: int, line_no: int, text: str, seen: dict[str, int], path: Path) -> MetaLine:
+def _parse_line(row: int, line_no: int, text: str, path: Path) -> MetaLine:
     fields = text.split("|")
     where = f"{path.name}:{line_no}"
     if len(fields) not in N_FIELDS:
@@ -82,10 +83,6 @@ def _parse_line(row: int, line_no: int, text: str, seen: dict[str, int], path: P
     if empty:
         return MetaLine(row, line_no, audio, transcript, instruction, speaker, "empty_field",
                         f"{where}: empty {', '.join(empty)}", language)
-    if audio in seen:
-        return MetaLine(row, line_no, audio, transcript, instruction, speaker, "duplicate_clip",
-                        f"{where}: {audio} already listed on line {seen[audio]}", language)
-    seen[audio] = line_no
     return MetaLine(row, line_no, audio, transcript, instruction, speaker, language=language)
 
 

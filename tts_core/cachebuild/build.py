@@ -22,6 +22,7 @@ from cache.norms import publish_norm_report
 from cache.writer import CacheWriter, ClipBatch, saved_codebook
 from tts_core.cachebuild.shards import ShardJob, ShardMap, encode_batch, load_line
 from tts_core.audio import AudioPolicy, LoadedAudio, load_clip  # noqa: F401  (load_clip: tests patch it)
+from tts_core.captions import group_captions, settle_captions
 from tts_core.encoders import embedded
 from tts_core.frozen import FrozenModelsConfig, load_speaker_models, load_speech_tokenizer, load_text_encoder
 from tts_core.metadata import MetaLine, lines_digest, read_metadata
@@ -70,11 +71,13 @@ class BuildSummary:
     report: norms.NormReport | None
     report_paths: dict[str, str]
     model_names: dict[str, str]
+    n_captions: int = 0  # usable (clip, instruction) pairs: the OK clips' own lines + their other captions
 
     def lines(self) -> list[str]:
         out = [f"store: {self.store}",
                f"rows: {self.n_rows}  ok: {self.n_ok}  quarantined: {self.n_quarantined}  "
-               f"unique instructions: {self.n_instructions}"]
+               f"unique instructions: {self.n_instructions}",
+               f"clips: {self.n_ok}  captions (clip, instruction pairs): {self.n_captions}"]
         if not self.did_model_work:
             out.append("cache already complete for this metadata and these models: nothing to do")
         elif self.resumed_from:
@@ -136,6 +139,7 @@ def _build_locked(cfg: BuildConfig, progress: Callable[[BuildProgress], None], s
                   ) -> BuildSummary:
     t0 = time.perf_counter()
     lines, _ = read_metadata(cfg.metadata)
+    lines = group_captions(lines, cfg.audio_root, Path(cfg.metadata).name)
     if not lines:
         raise StoreError(f"{cfg.metadata} has no data lines (expected audio_path|transcript|instruction)")
     inst_ids, inst_texts = instruction_ids(lines)
@@ -195,7 +199,9 @@ def _build_locked(cfg: BuildConfig, progress: Callable[[BuildProgress], None], s
                          metadata_name=Path(cfg.metadata).name, audio_root=str(cfg.audio_root), audio=cfg.audio,
                          models=cfg.models, codebook=codebook, loader_threads=cfg.loader_threads) for s in starts)
         batches = shard_map(jobs)
+    status = w.statuses()
     for b in batches:
+        settle_captions(b, status, schema.STATUS_CAPTION, schema.STATUS_OK, schema.STATUS_QUARANTINED)
         w.write_clip_batch(b)
         progress(BuildProgress("clips", b.start + b.n, len(lines)))
 
@@ -207,8 +213,10 @@ def _build_locked(cfg: BuildConfig, progress: Callable[[BuildProgress], None], s
         report, paths = publish_norm_report(cfg.store, cfg.report_max_rows)
     manifest = w.read_manifest_parts()
     q = manifest[manifest.status == "quarantined"]
+    usable = manifest[manifest.status.isin(["ok", "caption"])]
     return BuildSummary(
         store=cfg.store, n_rows=len(lines), n_ok=int((manifest.status == "ok").sum()), n_quarantined=len(q),
+        n_captions=len(usable),
         reasons=dict(Counter(q.reason)), n_instructions=len(inst_texts), resumed_from=resumed_from,
         did_model_work=did_work, complete=complete, seconds=time.perf_counter() - t0, report=report,
         report_paths=paths, model_names={k: v.name for k, v in identities.items()})

@@ -49,11 +49,15 @@ class ShardJob:
 
 
 # ---- loading and encoding (shared by the local loop and remote workers) -------------------------------------
-def load_line(audio_root: Path, metadata_name: str, audio: AudioPolicy, m: MetaLine) -> LoadedAudio | AudioRejected:
-    """The line's clip, or why it cannot be used (its detail starts with `metadata:line`). Never raises:
-    an error no check foresaw quarantines this one clip as `unreadable`, naming the error."""
+def load_line(audio_root: Path, metadata_name: str, audio: AudioPolicy, m: MetaLine
+              ) -> LoadedAudio | AudioRejected | None:
+    """The line's clip, why it cannot be used (its detail starts with `metadata:line`), or None for another
+    caption of an earlier line (not loaded). Never raises: an error no check foresaw quarantines this one
+    clip as `unreadable`, naming the error."""
     if not m.ok:
         return AudioRejected(m.reason, m.detail)
+    if m.clip_of >= 0:
+        return None
     try:
         return load_clip(clip_path(audio_root, m.audio_path, audio.allow_outside_root), audio)
     except AudioRejected as exc:
@@ -87,7 +91,8 @@ def encode_batch(batch: Sequence[MetaLine], loaded: list, iids: Sequence[int], v
                  metadata_name: str = "metadata") -> ClipBatch:
     """Loaded (or rejected) clips of consecutive rows → their ClipBatch. A clip a model fails on is
     quarantined with the reason (its detail names `metadata_name:line`, as every quarantine detail does);
-    it never sinks its batch."""
+    it never sinks its batch. A caption line (``loaded`` None) runs no model: its row points at its clip's
+    (STATUS_CAPTION; the writer settles it against that clip's outcome, `tts_core.captions.settle_captions`)."""
     n = len(batch)
     spk = np.zeros((n, schema.SPK_DIM), np.float32)
     xvec = np.zeros((n, schema.XVEC_DIM), np.float32)
@@ -97,8 +102,11 @@ def encode_batch(batch: Sequence[MetaLine], loaded: list, iids: Sequence[int], v
     duration = np.zeros(n, np.float32)
     reasons, details = [""] * n, [""] * n
     ok = [i for i, a in enumerate(loaded) if isinstance(a, LoadedAudio)]
+    clip_row = np.full(n, -1, np.int32)
     for i, a in enumerate(loaded):
-        if isinstance(a, AudioRejected):
+        if a is None:
+            status[i], clip_row[i], details[i] = schema.STATUS_CAPTION, batch[i].clip_of, batch[i].detail
+        elif isinstance(a, AudioRejected):
             reasons[i], details[i] = a.reason, a.detail
         else:
             duration[i] = a.duration
@@ -125,7 +133,9 @@ def encode_batch(batch: Sequence[MetaLine], loaded: list, iids: Sequence[int], v
                 run([i])
             except Exception as exc:
                 reasons[i], details[i] = "model_error", f"{metadata_name}:{batch[i].line}: {type(exc).__name__}: {exc}"
-    iid = np.where(status == schema.STATUS_OK, np.asarray(iids, np.int64), -1).astype(np.int32)
+    usable = (status == schema.STATUS_OK) | (status == schema.STATUS_CAPTION)
+    iid = np.where(usable, np.asarray(iids, np.int64), -1).astype(np.int32)
+    clip_row = np.where(status == schema.STATUS_OK, [m.row for m in batch], clip_row).astype(np.int32)
     for i in range(n):
         if status[i] != schema.STATUS_OK:
             spk[i], xvec[i], tokens[i] = 0, 0, np.zeros(0, np.int64)
@@ -139,7 +149,7 @@ def encode_batch(batch: Sequence[MetaLine], loaded: list, iids: Sequence[int], v
         "reason": reasons, "detail": details, "duration": duration, "line": [m.line for m in batch],
         "language": [m.language for m in batch],
     }, columns=list(schema.MANIFEST_COLUMNS))
-    return ClipBatch(batch[0].row, spk, xvec, duration, iid, status, tokens, manifest, *prompts)
+    return ClipBatch(batch[0].row, spk, xvec, duration, iid, status, tokens, manifest, *prompts, clip_row=clip_row)
 
 
 # ---- remote side ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
-from typing import Literal, Mapping
+from typing import Callable, Literal, Mapping
 
 Gender = Literal["male", "female"]
 Level3 = Literal["low", "mid", "high"]
@@ -176,3 +176,18 @@ def make_instruction(attrs: VoiceAttributes, seed: int, wording: str = "train") 
     slots.update({_cap(k): _cap(v) for k, v in list(slots.items())})
     text = rng.choice(w.templates).format(**slots)
     return re.sub(r"\b([Aa]) (?=[aeiouAEIOU])", r"\1n ", text)  # "a average-pitched" -> "an ..."
+
+
+def paraphrases(attrs: VoiceAttributes, seed: int, n: int, wording: str = "train",
+                exclude: Callable[[str], bool] = lambda t: False, tries: int = 16) -> list[str]:
+    """Up to ``n`` distinct instructions for ``attrs`` in ``wording`` skipping texts
+    ``exclude`` refuses (seeded by ``seed``): more captions of one clip, the way paraphrased datasets describe a recording."""
+    seeds = random.Random(f"paraphrases/{seed}")
+    out: list[str] = []
+    for j in range(n * tries):
+        if len(out) == n:
+            break
+        t = make_instruction(attrs, seeds.randrange(2**31), wording)
+        if t not in out and not exclude(t):
+            out.append(t)
+    return out

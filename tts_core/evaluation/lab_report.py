@@ -182,6 +182,58 @@ def targets(tables: dict[str, list[dict]], stage1: dict) -> list[dict]:
     return out
 
 
+# What must match for two lab runs to compare captions per clip: same clips, same steps.
+SAME_RUN_KEYS = ("n_clips", "seed", "held_out_wording", "held_out_voice_frac", "held_out_instruction_frac",
+                 "stage1_steps", "stage1_batch_size", "stage2_steps", "stage2_batch_size", "stage2_lr", "t3",
+                 "text_encoder", "speech_tokenizer", "mapper_hidden_dim", "mapper_blocks", "mapper_draws",
+                 "mapper_temperature", "instruction_dropout", "prompt_instruction_prob", "repetition_penalty",
+                 "instruction_guidance")
+
+
+def held_out_instruction_results(r: dict) -> dict:
+    """Held-out-instruction results of one report: stage-1 model AvgCos, the model's direction accuracy per
+    target attribute, and the last held-out speech loss."""
+    s1 = r.get("stage1", {}).get(HELD_OUT_INSTRUCTION, {})
+    out = {"stage1_avg_cos": s1.get("model", {}).get("value")}
+    for attr in TARGET_ATTRIBUTES:
+        row = _find(r.get("tables", {}).get(attr, []), HELD_OUT_INSTRUCTION, "model")
+        out[f"{attr}_accuracy"] = row and row["accuracy"]
+    curve = r.get("stage2", {}).get("curve") or [{}]
+    out["stage2_heldout_loss"] = curve[-1].get(HELD_OUT_INSTRUCTION)
+    return out
+
+
+def caption_comparison(r: dict, other: dict) -> dict:
+    """This run's held-out-instruction results beside another run's (e.g. ``--captions-per-clip 1``), with the
+    settings that differ other than the captions (none: same clips, same steps)."""
+    a, b = r["config"], other.get("config", {})
+    return {"out": b.get("out"), "captions_per_clip": b.get("captions_per_clip", 1),
+            "differs": [k for k in SAME_RUN_KEYS if a.get(k) != b.get(k)],
+            "this": held_out_instruction_results(r), "other": held_out_instruction_results(other)}
+
+
+def caption_lines(r: dict) -> list[str]:
+    """The report's captions paragraph (and comparison table when ``--compare-to`` was given)."""
+    c = r.get("captions")
+    if not c:
+        return []
+    lines = ["", "## Captions per training clip", "",
+             f"Each training clip has {c['per_clip']} training-wording caption(s): {c['train_pairs']} (clip, "
+             f"instruction) pairs over {c['train_clips']} clips, {c['train_instructions']} unique instructions "
+             "(each audio encoded once; stages draw one caption per clip). Compare with a run of "
+             "`--captions-per-clip 1` (same clips, same steps) through `--compare-to`."]
+    cmp = r.get("compare_to")
+    if cmp:
+        k = cmp["captions_per_clip"]
+        lines += ["", f"Held-out instructions, this run ({c['per_clip']} captions per clip) vs `{cmp['out']}` "
+                      f"({k} caption(s) per clip)" + (f" — **not comparable, differs in {', '.join(cmp['differs'])}**"
+                                                     if cmp["differs"] else " — same clips, same steps") + ":", "",
+                  f"| measure | {c['per_clip']} per clip | {k} per clip |", "|---|---|---|"]
+        for key in cmp["this"]:
+            lines.append(f"| {key.replace('_', ' ')} | {_f(cmp['this'][key])} | {_f(cmp['other'].get(key))} |")
+    return lines
+
+
 def _f(x, nd: int = 3) -> str:
     return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{nd}f}"
 
@@ -278,6 +330,7 @@ def to_markdown(r: dict) -> str:
                       f"{_f(c.get('gap_closed.xvec', math.nan) * 100, 0)}% | "
                       f"{_f(c.get('gap_closed', math.nan) * 100, 0)}% |" for c in s["curve"]]
             lines.append("")
+    lines += caption_lines(r)
     st2 = r["stage2"]
     lines += ["", "## Stage 2 (T3): training vs held-out speech loss", "",
               "Teacher-forced speech-token cross-entropy on instruction-only rows (mapper embedding, no audio prompt, "

@@ -1,9 +1,16 @@
 """Stage-1 training data on the device, and each batch as a pure function of (seed, phase, epoch, index).
 
-`Stage1Tables` holds what training indexes: the per-clip vectors and instruction ids, the train and
-held-out rows, the instruction-states source (`tts_core.stage1.states`) and the held-out instructions'
+`Stage1Tables` holds what training indexes: the per-clip vectors and instruction ids, the train clips
+with their training captions, the held-out (clip, caption) pairs, the instruction-states source (`tts_core.stage1.states`) and the held-out instructions'
 states. `Stage1Batches.get(phase, epoch, b)` is batch ``b`` of that epoch, and nothing else is state: a
 resume that knows (phase, epoch, b) replays the very same batches.
+
+Captions
+--------
+Each train clip is one item per epoch, whatever its number of captions; its caption in epoch ``e`` is
+``(start + e) mod k`` among its ``k`` training captions, ``start`` a seeded draw per clip and phase. So
+every caption is seen once in any ``k`` consecutive epochs, the wordings of one epoch are mixed, and the
+choice is a pure function of (seed, phase, epoch) like the order (a resume replays it).
 
 Order of an epoch
 -----------------
@@ -43,30 +50,42 @@ def epoch_perm(seed: int, phase: str, epoch: int, n: int, device: torch.device) 
     return torch.randperm(n, generator=g).to(device)
 
 
+def caption_choice(seed: int, phase: str, epoch: int, offsets: np.ndarray) -> np.ndarray:
+    """[n] position of each clip's caption this epoch, into its captions ``offsets[i]:offsets[i+1]`` (module doc)."""
+    counts = np.diff(offsets)
+    if not len(counts) or counts.max() == 1:
+        return offsets[:-1].copy()
+    start = np.random.default_rng(mix_seed(seed, phase, "captions")).integers(0, counts)
+    return offsets[:-1] + (start + epoch) % counts
+
+
 @dataclass
 class Stage1Tables:
     spk: torch.Tensor  # [N, 256] (device)
     xvec: torch.Tensor  # [N, 192] (device)
-    iid: torch.Tensor  # [N] (device)
     states: InstructionStates  # on the device when in memory
-    train_rows: torch.Tensor  # (device)
-    val_rows: torch.Tensor  # (device)
+    train_rows: torch.Tensor  # [n_train] train clips (device)
+    val_rows: torch.Tensor  # [n_val] clip of each held-out (clip, caption) pair (device)
     val_states: InstructionStates  # the held-out instructions as ids 0..k-1
-    val_inv: torch.Tensor  # [n_val] held-out row → its instruction in val_states (device)
-    iid_host: np.ndarray  # [N] int64
+    val_inv: torch.Tensor  # [n_val] held-out pair → its instruction in val_states (device)
     train_rows_host: np.ndarray
+    train_cap_off: np.ndarray  # [n_train + 1] train clip i's training captions: train_cap_ids[off[i]:off[i+1]]
+    train_cap_ids: np.ndarray  # int64 instruction ids
 
     @classmethod
-    def build(cls, data: Stage1Data, train_rows: np.ndarray, val_rows: np.ndarray, device: torch.device,
+    def build(cls, data: Stage1Data, train_caps: np.ndarray, val_caps: np.ndarray, device: torch.device,
               eval_in_memory_mb: float = 2048) -> "Stage1Tables":
-        """Move the tables to ``device``; held-out states are read into memory when they fit ``eval_in_memory_mb``."""
+        """Move the tables to ``device``; held-out states are read into memory when they fit ``eval_in_memory_mb``.
+        ``train_caps`` / ``val_caps``: caption indices (`Stage1Data.split`)."""
         states = data.states.to(device)
-        val_uniq, val_inv = torch.unique(data.instruction_id[torch.from_numpy(val_rows)], return_inverse=True)
+        train_rows, cap_off, cap_ids = data.train_captions(train_caps)
+        val_caps = torch.from_numpy(np.asarray(val_caps, np.int64))
+        val_uniq, val_inv = torch.unique(data.caption_ids[val_caps], return_inverse=True)
         return cls(
-            spk=data.spk.to(device), xvec=data.xvec.to(device), iid=data.instruction_id.to(device), states=states,
-            train_rows=torch.from_numpy(train_rows).to(device), val_rows=torch.from_numpy(val_rows).to(device),
+            spk=data.spk.to(device), xvec=data.xvec.to(device), states=states,
+            train_rows=torch.from_numpy(train_rows).to(device), val_rows=data.caption_clip[val_caps].to(device),
             val_states=states.subset(val_uniq.numpy(), int(eval_in_memory_mb * 2 ** 20)), val_inv=val_inv.to(device),
-            iid_host=data.instruction_id.numpy(), train_rows_host=np.asarray(train_rows, np.int64))
+            train_rows_host=train_rows, train_cap_off=cap_off, train_cap_ids=cap_ids)
 
 
 @dataclass
@@ -76,6 +95,7 @@ class Stage1Batch:
     xvec: torch.Tensor
     states: torch.Tensor  # [B, W, H] zero-padded instruction states
     lengths: torch.Tensor  # [B]
+    instruction_id: torch.Tensor | None = None  # [B] the caption drawn for each row this epoch
 
     @property
     def size(self) -> int:
@@ -90,23 +110,26 @@ class Stage1Batches:
         self.n_train = len(tables.train_rows_host)
         self.n_batches = math.ceil(self.n_train / self.batch_size)
         self.streamed = tables.states.streamed
-        self._orders: dict[tuple[str, int], object] = {}
+        self._orders: dict[tuple[str, int], tuple] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._ahead: tuple[tuple[str, int, int], Future] | None = None
         if self.streamed:
-            self.blocks = tables.states.block_of[tables.iid_host[tables.train_rows_host]]
             self.window = tables.states.window_blocks
 
-    def order(self, phase: str, epoch: int):
-        """Positions into the train rows, in this epoch's order (device tensor, or numpy when streamed)."""
+    def order(self, phase: str, epoch: int) -> tuple:
+        """(positions into the train rows in this epoch's order — a device tensor, or numpy when streamed —,
+        the instruction id of each train row this epoch: host numpy and device tensor)."""
         key = (phase, epoch)
         order = self._orders.get(key)
         if order is None:
+            t = self.t
+            iid = t.train_cap_ids[caption_choice(self.seed, phase, epoch, t.train_cap_off)]
             if self.streamed:
                 rng = np.random.default_rng(mix_seed(self.seed, phase, epoch, "blocks"))
-                order = block_window_order(self.blocks, self.window, rng)
+                perm = block_window_order(t.states.block_of[iid], self.window, rng)
             else:
-                order = epoch_perm(self.seed, phase, epoch, self.n_train, self.t.train_rows.device)
+                perm = epoch_perm(self.seed, phase, epoch, self.n_train, t.train_rows.device)
+            order = (perm, iid, torch.from_numpy(iid).to(t.train_rows.device))
             keep = {k: v for k, v in self._orders.items() if k[0] == phase and k[1] >= epoch - 1}
             self._orders = {**keep, key: order}  # one assignment: the read-ahead thread may look too
         return order
@@ -114,14 +137,16 @@ class Stage1Batches:
     def _make(self, phase: str, epoch: int, b: int) -> Stage1Batch:
         sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
         t = self.t
+        perm, iid_host, iid = self.order(phase, epoch)
         if self.streamed:  # row ids on the host: the store is read there
-            rows = t.train_rows_host[self.order(phase, epoch)[sl]]
-            idx = torch.from_numpy(rows).to(t.spk.device)
-            states, lengths = t.states.gather(t.iid_host[rows])
+            pos = perm[sl]
+            idx = torch.from_numpy(t.train_rows_host[pos]).to(t.spk.device)
+            states, lengths = t.states.gather(iid_host[pos])
         else:
-            idx = t.train_rows[self.order(phase, epoch)[sl]]
-            states, lengths = t.states.gather(t.iid[idx])
-        return Stage1Batch(idx, t.spk[idx], t.xvec[idx], states, lengths)
+            pos = perm[sl]
+            idx = t.train_rows[pos]
+            states, lengths = t.states.gather(iid[pos])
+        return Stage1Batch(idx, t.spk[idx], t.xvec[idx], states, lengths, iid[torch.as_tensor(pos, device=iid.device)])
 
     def get(self, phase: str, epoch: int, b: int) -> Stage1Batch:
         """Batch ``b`` of (phase, epoch); streamed sources start reading the next one in the background."""

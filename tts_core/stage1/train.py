@@ -194,21 +194,26 @@ def compute_baselines(data: Stage1Data, train_rows: np.ndarray, val_rows: np.nda
     The nearest-neighbour search runs on at most ``max_queries`` held-out and ``max_keys`` train
     instructions (seeded uniform samples; exact when both cover everything — module doc)."""
     device = torch.device(device)
-    tr, va = torch.from_numpy(train_rows), torch.from_numpy(val_rows)
-    spk, xv, iid = data.spk, data.xvec, data.instruction_id
+    # (clip, caption) pairs: ``train_rows`` / ``val_rows`` index the caption table (= clip rows with one
+    # caption per clip); the mean baseline counts each train clip once
+    clip, cap_iid = data.caption_clip, data.caption_ids
+    tr, va = clip[torch.from_numpy(train_rows)], clip[torch.from_numpy(val_rows)]
+    tr_pair_iid, va_pair_iid = cap_iid[torch.from_numpy(train_rows)], cap_iid[torch.from_numpy(val_rows)]
+    spk, xv = data.spk, data.xvec
     out = {}
-    m_spk, m_xv = _cos_mean(spk[va], spk[tr].mean(0)[None]), _cos_mean(xv[va], xv[tr].mean(0)[None])
+    tr_u = torch.unique(tr)
+    m_spk, m_xv = _cos_mean(spk[va], spk[tr_u].mean(0)[None]), _cos_mean(xv[va], xv[tr_u].mean(0)[None])
     out.update(mean_spk_cos=m_spk, mean_xvec_cos=m_xv, mean_avg_cos=(m_spk + m_xv) / 2)
 
     # Nearest neighbour on mean-pooled raw text states (sorted ids: a streamed source reads front to back).
     rng = np.random.default_rng(_mix_seed(seed, "nn-baseline"))
-    all_train_u, all_val_u = np.unique(iid[tr].numpy()), np.unique(iid[va].numpy())
+    all_train_u, all_val_u = np.unique(tr_pair_iid.numpy()), np.unique(va_pair_iid.numpy())
     train_u, val_u = _sample_sorted(all_train_u, max_keys, rng), _sample_sorted(all_val_u, max_queries, rng)
     both = np.union1d(train_u, val_u)
     pooled = F.normalize(data.mean_pooled_states(both, chunk, device), dim=-1)
     key_pos, query_pos = np.searchsorted(both, train_u), np.searchsorted(both, val_u)
     keys = torch.from_numpy(key_pos).to(device)
-    tr_iid = iid[tr].to(device)
+    tr_iid = tr_pair_iid.to(device)
     slot = torch.full((data.n_instructions,), -1, dtype=torch.long, device=device)  # instruction → key index
     slot[torch.from_numpy(train_u).to(device)] = torch.arange(len(train_u), device=device)
     tr_slot = slot[tr_iid]
@@ -220,7 +225,7 @@ def compute_baselines(data: Stage1Data, train_rows: np.ndarray, val_rows: np.nda
     for i in range(0, len(val_u), chunk):
         sims = pooled[torch.from_numpy(query_pos[i:i + chunk]).to(device)] @ pooled[keys].T
         nn_of_val[i:i + chunk] = sims.argmax(dim=1)
-    va_iid = iid[va].numpy()
+    va_iid = va_pair_iid.numpy()
     scored = np.isin(va_iid, val_u)
     pred = nn_of_val[torch.from_numpy(np.searchsorted(val_u, va_iid[scored])).to(device)]
     va_s = va[torch.from_numpy(scored)]
@@ -349,11 +354,12 @@ class Stage1Recipe:
     def setup(self) -> None:
         """The held-out split, model, device tables, baselines and the fixed evaluation noise."""
         cfg, data, device = self.cfg, self.data, self.device
-        train_rows, val_rows = data.split(cfg.held_out_frac, cfg.split_salt, cfg.split_by)
+        train_rows, val_rows = data.split(cfg.held_out_frac, cfg.split_salt, cfg.split_by)  # caption indices
         if len(train_rows) == 0 or len(val_rows) == 0:
             raise ValueError(f"split gave {len(train_rows)} train / {len(val_rows)} held-out clips; stage 1 needs "
                              "both (need at least 2 distinct instruction texts and held_out_frac > 0)")
-        self.n_train, self.n_val = len(train_rows), len(val_rows)
+        # train: clips (each one item per epoch, whatever its number of captions); held-out: (clip, caption) pairs
+        self.n_train, self.n_val = len(data.train_captions(train_rows)[0]), len(val_rows)
         self.fingerprint = data.fingerprint()
 
         torch.manual_seed(cfg.seed)
@@ -375,7 +381,8 @@ class Stage1Recipe:
             "text_encoder": data.text_encoder_identity,
             "cache": data.cache_identity,
             "train_config": cfg.to_dict(),
-            "data": {"fingerprint": self.fingerprint, "n_clips": data.n_clips, "n_instructions": data.n_instructions,
+            "data": {"fingerprint": self.fingerprint, "n_clips": data.n_clips, "n_captions": data.n_captions,
+                     "n_instructions": data.n_instructions,
                      "hidden_size": data.hidden_size, "n_train": self.n_train, "n_val": self.n_val,
                      "states_dtype": dtype_name(data.states.dtype), "dropped": data.dropped},
             "baselines": self.baselines,

@@ -60,6 +60,11 @@ Two more draws refine the mix (`row_mix` gives the resulting shares; both 0 = th
 
 Both are drawn after the older draws, so with both at 0 a batch is exactly what it was before them.
 
+Captions: a clip with several instructions (``caption_offsets`` / ``caption_ids``, from
+`cache.reader.CacheReader.captions`) is still one row; a row whose instruction is on takes one of its
+captions, drawn uniformly from the batch's generator after the draws above (a store with one caption
+per clip draws nothing more, so its batches are unchanged). Over epochs every caption is trained.
+
 Batching (`BucketBatchSampler`)
 -------------------------------
 Per epoch the rows are shuffled (seed, epoch), cut into pools of ``pool_batches`` batches, each pool
@@ -159,6 +164,10 @@ class Stage2Data:
     speaker_code: np.ndarray  # int64 [N], -1 = unknown
     dropped: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+    # row i's captions: caption_ids[caption_offsets[i]:caption_offsets[i+1]] (its instruction_id first);
+    # None: one caption per row, instruction_id (none for -1)
+    caption_offsets: np.ndarray | None = None
+    caption_ids: np.ndarray | None = None
 
     def __post_init__(self):
         N = len(self.clip_ids)
@@ -174,6 +183,19 @@ class Stage2Data:
             raise ValueError("mapper_spk must be [U, K, 256] with U = style_emb rows")
         if N and int(self.instruction_id.max(initial=-1)) >= self.style_emb.shape[0]:
             raise ValueError("instruction_id out of range of style_emb")
+        if self.caption_offsets is None:
+            has = self.instruction_id >= 0
+            self.caption_offsets = np.concatenate([[0], np.cumsum(has)]).astype(np.int64)
+            self.caption_ids = self.instruction_id[has]
+        self.caption_offsets = np.asarray(self.caption_offsets, np.int64)
+        self.caption_ids = np.asarray(self.caption_ids, np.int64)
+        counts = np.diff(self.caption_offsets)
+        if self.caption_offsets.shape != (N + 1,) or len(self.caption_ids) != self.caption_offsets[-1] or \
+                not np.array_equal(counts > 0, self.instruction_id >= 0):
+            raise ValueError("captions must be [N + 1] offsets over caption_ids, a row with an instruction ≥ 1")
+        if N and counts.any() and not np.array_equal(self.caption_ids[self.caption_offsets[:-1][counts > 0]],
+                                                     self.instruction_id[counts > 0]):
+            raise ValueError("a row's first caption must be its instruction_id")
         self._build_speaker_groups()
 
     # -- sizes -----------------------------------------------------------------------------------------
@@ -214,8 +236,35 @@ class Stage2Data:
             "text_start", "text_len", "speech_start", "speech_len", "prompt_start", "prompt_len", "instruction_id",
             "speaker_code")}
         meta = {**self.meta, "store_rows": np.asarray(self.meta.get("store_rows", np.arange(len(self))))[rows]}
+        counts = np.diff(self.caption_offsets)[rows]
         return replace(self, clip_ids=[self.clip_ids[i] for i in rows],
-                       spk=self.spk[torch.from_numpy(rows).to(self.spk.device)], meta=meta, **per_row)
+                       spk=self.spk[torch.from_numpy(rows).to(self.spk.device)], meta=meta, **per_row,
+                       caption_offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+                       caption_ids=self.caption_ids[_ranges(self.caption_offsets[rows], counts)])
+
+    def without_instructions(self, ids: np.ndarray) -> "Stage2Data":
+        """The same rows with the captions of instruction ``ids`` removed (held-out texts,
+        `tts_core.stage2.hold_out`); a row left with none becomes audio-only (instruction_id −1)."""
+        off, cap = self.caption_offsets, self.caption_ids
+        keep = ~np.isin(cap, np.asarray(ids, np.int64))
+        row_of = np.repeat(np.arange(len(self)), np.diff(off))
+        counts = np.bincount(row_of[keep], minlength=len(self))
+        new_off = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        new_cap = cap[keep]
+        first = np.full(len(self), -1, np.int64)
+        has = counts > 0
+        first[has] = new_cap[new_off[:-1][has]]
+        return replace(self, instruction_id=first, caption_offsets=new_off, caption_ids=new_cap)
+
+    def draw_captions(self, rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """[B] instruction id of each row: one of its captions, uniformly (nothing drawn when every row has
+        at most one), −1 for rows without."""
+        off = self.caption_offsets
+        counts = np.diff(off)[rows]
+        if not len(rows) or counts.max(initial=0) <= 1:
+            return self.instruction_id[rows]
+        pick = rng.integers(0, np.maximum(counts, 1))
+        return np.where(counts > 0, self.caption_ids[np.minimum(off[rows] + pick, len(self.caption_ids) - 1)], -1)
 
     # -- speaker groups (for the prompt of another clip of the same speaker) ------------------------------
     def _build_speaker_groups(self) -> None:
@@ -264,8 +313,8 @@ class Stage2Data:
                     emotion_adv: float = DEFAULT_EMOTION_ADV, prompt_instruction_prob: float = 0.0,
                     instruction_dropout: float = 0.0) -> Stage2Batch:
         """One training batch (module doc, "Per-sample mixing"). The draws happen in a fixed order
-        (modes, prompt clips, mapper samples, prompt + instruction, dropout), all ``len(rows)`` of each,
-        so the result is a pure function of (rows, rng state)."""
+        (modes, prompt clips, mapper samples, prompt + instruction, dropout, captions), all ``len(rows)`` of
+        each, so the result is a pure function of (rows, rng state)."""
         rows = np.asarray(rows, np.int64)
         B = len(rows)
         dev = self.device
@@ -276,6 +325,7 @@ class Stage2Data:
         inst = inst & ~both
         on = inst | both  # the instruction conditions the row
         null = (rng.random(B) < instruction_dropout) & on
+        captions = self.draw_captions(rows, rng)
 
         tl, sl = self.text_len[rows], self.speech_len[rows]
         text = _gather_padded(self.text_flat, self.text_start[rows], tl, dev)
@@ -287,7 +337,7 @@ class Stage2Data:
 
         inst_t = torch.from_numpy(inst).to(dev)
         on_t = torch.from_numpy(on).to(dev)
-        iid = np.where(on, self.instruction_id[rows], 0)
+        iid = np.where(on, captions, 0)
         iid_t = torch.from_numpy(iid).to(dev)
         k_t = torch.from_numpy(np.where(inst, k, 0)).to(dev)
         # the speaker embedding of the clip that gave the prompt: prompt + instruction rows take both from it
@@ -321,6 +371,15 @@ class Stage2Data:
     def text_tokens_of(self, row: int) -> np.ndarray:
         s, n = int(self.text_start[row]), int(self.text_len[row])
         return self.text_flat[s:s + n].cpu().numpy().astype(np.int64)
+
+
+def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(starts[i], starts[i] + counts[i])."""
+    counts = np.asarray(counts, np.int64)
+    if not counts.sum():
+        return np.zeros(0, np.int64)
+    first = np.repeat(np.asarray(starts, np.int64) - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
+    return first + np.arange(int(counts.sum()))
 
 
 def _gather_padded(flat: torch.Tensor, starts: np.ndarray, lens: np.ndarray, device, min_width: int = 1
@@ -520,6 +579,14 @@ def prepare_stage2_data(reader, tokenizer, encoder=None, mapper=None, *, mapper_
     empty_inst = np.diff(inst_off) == 0
     no_text = (iid >= 0) & empty_inst[np.clip(iid, 0, None)] if len(empty_inst) else np.zeros(n_ok, bool)
     iid = np.where(no_text, -1, iid)
+    # captions (a clip's instructions; one per clip in a store without more), less those without text states
+    cap_off, cap_ids = reader.captions if hasattr(reader, "captions") else (np.arange(n_ok + 1), iid.copy())
+    cap_off, cap_ids = np.asarray(cap_off, np.int64), np.asarray(cap_ids, np.int64)
+    cap_ok = (cap_ids >= 0) & ~(empty_inst[np.clip(cap_ids, 0, None)] if len(empty_inst) else False)
+    cap_counts = np.bincount(np.repeat(np.arange(n_ok), np.diff(cap_off))[cap_ok], minlength=n_ok)
+    cap_off, cap_ids = np.concatenate([[0], np.cumsum(cap_counts)]).astype(np.int64), cap_ids[cap_ok]
+    iid = np.where(cap_counts > 0, cap_ids[np.minimum(cap_off[:-1], max(len(cap_ids) - 1, 0))], -1) \
+        if len(cap_ids) else np.full(n_ok, -1, np.int64)
 
     norms = np.linalg.norm(spk_raw, axis=1)
     checks = {
@@ -551,6 +618,8 @@ def prepare_stage2_data(reader, tokenizer, encoder=None, mapper=None, *, mapper_
         speech_flat=speech_flat, speech_start=s_start[rows], speech_len=s_len[rows],
         prompt_flat=prompt_flat, prompt_start=p_start[rows], prompt_len=p_len[rows],
         spk=spk, instruction_id=iid[rows],
+        caption_offsets=np.concatenate([[0], np.cumsum(cap_counts[rows])]).astype(np.int64),
+        caption_ids=cap_ids[_ranges(cap_off[rows], cap_counts[rows])],
         style_emb=prepared["style_emb"].float(), mapper_spk=prepared["mapper_spk"].float(),
         speaker_code=code, dropped=dropped,
         meta={"fingerprint": fp, "store_rows": rows, "n_ok": n_ok, "empty_instruction_rows": int(no_text[rows].sum()),

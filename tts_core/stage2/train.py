@@ -432,10 +432,11 @@ class Stage2Recipe:
         self.mapper.cpu()
         self.val_data, held = None, {}
         if cfg.hold_out == "mapper":  # tts_core.stage2.hold_out
-            train_rows, val_rows = mapper_split(self.reader, self.mapper_meta, data.clip_ids, cfg.mapper_dir)
+            train_rows, val_rows, held_ids = mapper_split(self.reader, self.mapper_meta, data.clip_ids,
+                                                          cfg.mapper_dir)
             held = {"held_out_rows": len(val_rows), "excluded_rows": len(data) - len(train_rows) - len(val_rows)}
             self.val_data = data.subset(val_rows).to(self.device)
-            data = data.subset(train_rows)
+            data = data.subset(train_rows).without_instructions(held_ids)  # no held-out text is trained
         if len(data) == 0:
             raise ValueError(f"no usable rows in {cfg.store} (dropped: {data.dropped})")
         data.to(self.device)
