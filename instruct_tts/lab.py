@@ -259,6 +259,7 @@ def _extra_captions(cfg: LabConfig, clips: list[dict], roles: list[str]) -> list
     is ever a caption, so the split stays clean."""
     from tts_core.corpus.instructions import VoiceAttributes, paraphrases
     from tts_core.evaluation.lab_split import HELD_OUT, TRAIN
+    from tts_core.seeds import mix_seed
     from tts_core.stage1.data import normalise_instruction
 
     if cfg.captions_per_clip <= 1:
@@ -270,17 +271,10 @@ def _extra_captions(cfg: LabConfig, clips: list[dict], roles: list[str]) -> list
             continue
         attrs = VoiceAttributes(c["gender"], c["pitch"], c["rate"], c["loudness"])
         path, text, own, speaker = c["line"].split("|")
-        for t in paraphrases(attrs, hash_seed(cfg.seed, c["clip_id"]), cfg.captions_per_clip - 1,
+        for t in paraphrases(attrs, mix_seed(cfg.seed, c["clip_id"]), cfg.captions_per_clip - 1,
                              exclude=lambda t: t == own or normalise_instruction(t) in held):
             out.append(f"{path}|{text}|{t}|{speaker}")
     return out
-
-
-def hash_seed(*parts) -> int:
-    """A stable 31-bit seed from any parts (Python's hash() of a str changes per process)."""
-    import hashlib
-
-    return int.from_bytes(hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=4).digest(), "big") >> 1
 
 
 def _build_caches(cfg: LabConfig, root: Path, p: LabPaths, say) -> None:

@@ -120,15 +120,22 @@ def test_a_clip_with_three_instructions_is_encoded_once(demo_corpus, tmp_path, c
     assert (g["clips/spk_emb"][3] == 0).all() and g["clips/duration"][3] == 0  # audio facts live at the clip's row
 
 
-def test_captions_of_a_quarantined_clip_are_quarantined(demo_corpus, tmp_path):
+def _copy_with_empty_clip(demo_corpus, tmp_path, n: int):
+    """The first ``n`` demo lines with their audio copied under tmp_path/audio, plus an empty (unreadable)
+    `empty.wav` there: captions of a clip whose audio is quarantined."""
     good = [l for l in demo_corpus.metadata.read_text(encoding="utf-8").splitlines()
-            if l.strip() and not l.startswith("#")][:3]
+            if l.strip() and not l.startswith("#")][:n]
     root = tmp_path / "audio"
     (root / "wavs").mkdir(parents=True)
     for l in good:
         p = l.split("|")[0]
         (root / p).write_bytes((demo_corpus.root / p).read_bytes())
     (root / "empty.wav").write_bytes(b"")
+    return good, root
+
+
+def test_captions_of_a_quarantined_clip_are_quarantined(demo_corpus, tmp_path):
+    good, root = _copy_with_empty_clip(demo_corpus, tmp_path, 3)
     meta = tmp_path / "meta.txt"
     meta.write_text("\n".join(good + ["empty.wav|Hi.|A.", "empty.wav|Hi.|B."]) + "\n", encoding="utf-8")
     store = tmp_path / "c.zarr"
@@ -346,14 +353,7 @@ def test_a_resumed_build_with_captions_equals_the_uninterrupted_one(demo_corpus,
     import pandas as pd
     import zarr
 
-    good = [l for l in demo_corpus.metadata.read_text(encoding="utf-8").splitlines()
-            if l.strip() and not l.startswith("#")][:5]
-    root = tmp_path / "audio"
-    (root / "wavs").mkdir(parents=True)
-    for l in good:
-        p = l.split("|")[0]
-        (root / p).write_bytes((demo_corpus.root / p).read_bytes())
-    (root / "empty.wav").write_bytes(b"")
+    good, root = _copy_with_empty_clip(demo_corpus, tmp_path, 5)
     path, text = good[0].split("|")[:2]
     meta = tmp_path / "meta.txt"
     meta.write_text("\n".join(good[:2] + ["empty.wav|Hi.|A.", good[2]] + good[3:] +

@@ -28,7 +28,7 @@ from tts_core.stage2 import (
     Stage2NonFiniteError, TextTokenizerError, batch_rng, build_t3, load_text_tokenizer, prepare_stage2_data,
     train_stage2,
 )
-from tts_core.stage2.data import mix_seed
+from tts_core.seeds import mix_seed
 from tts_core.t3 import T3, T3Config, save_t3
 
 H = 16  # text-encoder hidden size of the tiny store

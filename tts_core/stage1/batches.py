@@ -28,7 +28,6 @@ Order of an epoch
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,12 +36,9 @@ import numpy as np
 import torch
 
 from cache.chunked import block_window_order
+from tts_core.seeds import mix_seed
 from tts_core.stage1.data import Stage1Data
 from tts_core.stage1.states import InstructionStates
-
-
-def mix_seed(*parts) -> int:
-    return int.from_bytes(hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest(), "big") >> 1
 
 
 def epoch_perm(seed: int, phase: str, epoch: int, n: int, device: torch.device) -> torch.Tensor:

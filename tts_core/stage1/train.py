@@ -62,7 +62,8 @@ from tts_core.stage1.artifacts import (
     META_FILE, WEIGHTS_FILE, Stage1Model, atomic_torch_save, atomic_write_json, atomic_write_text,
     copy_checkpoint, dtype_name, load_mapper, load_weights, read_meta, resolve_checkpoint, save_checkpoint,
 )
-from tts_core.stage1.batches import Stage1Batches, Stage1Tables, mix_seed as _mix_seed
+from tts_core.seeds import mix_seed as _mix_seed
+from tts_core.stage1.batches import Stage1Batches, Stage1Tables
 from tts_core.stage1.data import Stage1Data
 from tts_core.training import (
     NonFiniteSteps, config_changes, fmt as _fmt, progress_bar, refuse_other_run, resolve_device, set_lr,

@@ -87,12 +87,12 @@ import logging
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tts_core.seeds import mix_seed
 from tts_core.t3 import T3Batch, T3Cond
 
 log = logging.getLogger(__name__)
@@ -100,11 +100,6 @@ log = logging.getLogger(__name__)
 SPK_DIM = 256
 PREPARED_FORMAT = "instruct-tts/stage2-prepared/1"
 DEFAULT_EMOTION_ADV = 0.5  # Chatterbox's default exaggeration; the corpus has no emotion labels
-
-
-def mix_seed(*parts: Any) -> int:
-    """A 63-bit seed from any parts (stable across processes and Python versions)."""
-    return int.from_bytes(hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest(), "big") >> 1
 
 
 KIND_AUDIO, KIND_INSTRUCTION, KIND_PROMPT_INSTRUCTION = 0, 1, 2

@@ -99,7 +99,8 @@ from tts_core.atomic_files import atomic_copy, atomic_torch_save, atomic_write_j
 from tts_core.interrupt import TrainingInterrupted, stop_requested
 from tts_core.precision import resolve_amp
 from tts_core.mapper.pooling import TextEncoderMismatchError, check_text_encoder_identity
-from tts_core.stage2.data import BucketBatchSampler, batch_rng, mix_seed, prepare_stage2_data, row_mix
+from tts_core.seeds import mix_seed
+from tts_core.stage2.data import BucketBatchSampler, batch_rng, prepare_stage2_data, row_mix
 from tts_core.stage2.hold_out import HOLD_OUT_MODES, mapper_split
 from tts_core.stage2.model import (
     GROUPS, PRESETS, Stage2Model, build_t3, freeze_for_stage2, lr_factor, make_optimizer, parameter_groups,
