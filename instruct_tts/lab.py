@@ -383,21 +383,40 @@ def _renderings(cfg: LabConfig, p: LabPaths, root: Path, by_id: dict, held: dict
             renders = {"ground truth audio": (wav, sr),
                        "ground-truth tokens -> vocoder": (gt_tok, synth.vocoder.sample_rate),
                        "model": (res.wav, res.sample_rate)}
+            voice_kept = {}
             if split == HELD_OUT_VOICE:  # the same voice's other clip as the reference, plus the instruction
                 others = [o for o in by_speaker[c["speaker"]] if o != cid] or [cid]
                 ref = Reference.load(root / by_id[others[k % len(others)]]["path"])
                 r2 = synth.synthesize(text, instruction=c["instruction"], reference=ref, seed=cfg.seed + k,
                                       sampling=sampling)
                 renders[WITH_REFERENCE] = (r2.wav, r2.sample_rate)
+                voice_kept = _reference_cosines(synth, ref, renders)
             for name, (w, s) in renders.items():
                 row = {**attribute_row(w, s, text, levels), "wording": c["wording"], "instruction": c["instruction"],
                        "clip_id": cid, "seed": cfg.seed + k}
+                if name in voice_kept:
+                    row["ref_spk_cos"] = voice_kept[name]
                 rows[name].append(row)
                 records.append({"split": split, "rendering": name, "clip_id": cid, "speaker": c["speaker"], **row})
             if (k + 1) % 10 == 0 or k + 1 == len(chosen):
                 say(f"  {split}: {k + 1}/{len(chosen)} clips rendered and measured")
         out[split] = rows
     return out, records
+
+
+def _reference_cosines(synth, ref, renders: dict) -> dict[str, float]:
+    """{rendering: VoiceEncoder cosine of its audio to the reference clip's}: is the voice kept when an instruction
+    steers a cloned voice? Ground truth (the same voice, another clip) is the ceiling; the instruction-only model
+    (which never heard the reference) the baseline."""
+    import librosa
+
+    from tts_core.reference import S3_SR
+
+    names = [n for n, (w, _) in renders.items() if w is not None and len(w)]
+    wavs = [np.ascontiguousarray(librosa.resample(np.asarray(renders[n][0], np.float32), orig_sr=renders[n][1],
+                                                  target_sr=S3_SR), np.float32) for n in names]
+    emb = synth.voice_encoder.embed_batch([ref.wav_16k, *wavs])
+    return {n: float(emb[0] @ e) for n, e in zip(names, emb[1:])}
 
 
 SWEEPS = {"repetition_penalty": "repetition_sweep", "instruction_guidance": "guidance_sweep"}
@@ -471,7 +490,8 @@ def _report(cfg: LabConfig, corpus, clips: list[dict], roles: dict, stage1_cos: 
     if cfg.compare_to:
         report["compare_to"] = lr.caption_comparison(report, json.loads((Path(cfg.compare_to) / "report.json")
                                                                         .read_text(encoding="utf-8")))
-    report["targets"] = lr.targets(tables, stage1)
+    report["reference_voice"] = lr.reference_voice(renderings, cfg.n_boot, cfg.seed)
+    report["targets"] = lr.targets(tables, stage1, report["by_wording"])
     report["notes"] = lr.notes(report)
     atomic_write_text(out / "report.json", json.dumps(report, indent=1, default=_json))
     atomic_write_text(out / "report.md", lr.to_markdown(report))

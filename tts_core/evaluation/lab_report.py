@@ -32,6 +32,9 @@ SPLIT_TITLES = {HELD_OUT_INSTRUCTION: "held-out instructions", HELD_OUT_VOICE: "
 GT_CEILING_MIN, VOCODER_CEILING_MIN, MODEL_MIN, MODEL_MIN_PAIRS = 0.98, 0.95, 0.9, 100
 ORACLE_GAP_MIN, GAP_CLOSED_MIN = 0.10, 0.70
 GAP_CLOSED_PER_VECTOR_MIN = 0.50  # issue #19: what stage 2 and synthesis receive closes half the gap, per vector
+# issue #23's bars: known words, the T3 reaching what the embedding carries, held-out voices, clone-and-steer
+KNOWN_WORDS_MIN, PROBE_SLACK, PROBE_WEAK, VOICES_MIN, REFERENCE_MIN = 0.95, 0.03, 0.9, 0.95, 0.85
+REFERENCE_ATTRIBUTES = ("rate", "loudness")
 VECTOR_NAMES = {"spk": "SpkCos", "xvec": "XVecCos"}
 TARGET_ATTRIBUTES = ("pitch", "rate", "loudness")
 
@@ -66,20 +69,36 @@ def attribute_tables(renderings: dict[str, dict[str, list[dict]]], n_boot: int =
 
 
 WORDINGS = {"train": "training wording (new texts, known words)", "held_out": "held-out wording (words no training text has)"}
-BY_WORDING = {"all": "all held-out instructions", **WORDINGS}
+VOICES = "voices"  # the held-out voices' own instructions (any wording): a row of the same table
+BY_WORDING = {"all": "all held-out instructions", **WORDINGS, VOICES: "held-out voices (their instructions)"}
 PROBE = "instruction-embedding probe"
 
 
 def wording_section(renderings: dict[str, dict[str, list[dict]]], probe: dict[str, list[dict]] | None = None,
                     n_boot: int = 1000, seed: int = 0) -> list[dict]:
-    """Held-out instructions by wording, the model beside the instruction-embedding probe
-    (`tts_core.evaluation.instruction_probe`) on the same clips: how much of a miss is unseen *words* that the
-    frozen text encoder + stage-1 pooling does not carry (the probe misses too) rather than the T3 (it does not)."""
-    sources = {"model": renderings.get(HELD_OUT_INSTRUCTION, {}).get("model", []),
-               PROBE: (probe or {}).get(HELD_OUT_INSTRUCTION, [])}
-    return [{"source": source, "wording": wording, "attribute": attr,
-             **_score([r for r in rows if wording == "all" or r.get("wording") == wording], attr, n_boot, seed)}
-            for wording in BY_WORDING for source, rows in sources.items() if rows for attr in TARGET_ATTRIBUTES]
+    """Held-out instructions by wording (and the held-out voices' instructions), the model beside the
+    instruction-embedding probe (`tts_core.evaluation.instruction_probe`) on the same clips: how much of a miss is
+    unseen *words* that the frozen text encoder + stage-1 pooling does not carry (the probe misses too) rather than
+    the T3 (it does not)."""
+    out = []
+    for wording in BY_WORDING:
+        split = HELD_OUT_VOICE if wording == VOICES else HELD_OUT_INSTRUCTION
+        sources = {"model": renderings.get(split, {}).get("model", []), PROBE: (probe or {}).get(split, [])}
+        for source, rows in sources.items():
+            chosen = [r for r in rows if wording in ("all", VOICES) or r.get("wording") == wording]
+            if chosen:
+                out += [{"source": source, "wording": wording, "attribute": attr, **_score(chosen, attr, n_boot, seed)}
+                        for attr in TARGET_ATTRIBUTES]
+    return out
+
+
+def reference_voice(renderings: dict[str, dict[str, list[dict]]], n_boot: int = 1000, seed: int = 0) -> dict:
+    """{rendering: mean_ci} of the VoiceEncoder cosine to the reference clip, on held-out voices: is the cloned
+    voice kept while the instruction steers it (ground truth: the same voice, another clip — the ceiling; the
+    instruction-only model, which never heard the reference — the baseline)."""
+    rows = renderings.get(HELD_OUT_VOICE, {})
+    return {name: mean_ci([r["ref_spk_cos"] for r in rows[name] if "ref_spk_cos" in r], n_boot, seed)
+            for name in RENDERINGS if name in rows and any("ref_spk_cos" in r for r in rows[name])}
 
 
 SWEEP_TITLES = {"repetition_penalty": "repetition penalty", "instruction_guidance": "instruction guidance W"}
@@ -152,8 +171,9 @@ def _find(table: list[dict], split: str, rendering: str) -> dict | None:
     return next((r for r in table if r["split"] == split and r["rendering"] == rendering), None)
 
 
-def targets(tables: dict[str, list[dict]], stage1: dict) -> list[dict]:
-    """Issue #10's targets: {"target", "value", "met"} each (value None when it could not be measured)."""
+def targets(tables: dict[str, list[dict]], stage1: dict, by_wording: list[dict] | None = None) -> list[dict]:
+    """Issues #10, #19 and #23's targets: {"target", "value", "met"} each (value None when it could not be
+    measured). #23's "model ≥ probe − 0.03" rows carry model − probe as their value."""
     out = []
 
     def add(name: str, value: float | None, ok: bool | None) -> None:
@@ -179,6 +199,29 @@ def targets(tables: dict[str, list[dict]], stage1: dict) -> list[dict]:
         r = _find(t, HELD_OUT_INSTRUCTION, "model")
         add(f"{attr}: model ≥ {MODEL_MIN} on ≥ {MODEL_MIN_PAIRS} pairs of held-out instructions",
             r and r["accuracy"], r is not None and r["accuracy"] >= MODEL_MIN and r["pairs"] >= MODEL_MIN_PAIRS)
+    bw = {(row.get("source", "model"), row["wording"], row["attribute"]): row["accuracy"] for row in by_wording or []}
+    if bw:
+        for attr in TARGET_ATTRIBUTES:
+            v = bw.get(("model", "train", attr))
+            add(f"{attr}: model ≥ {KNOWN_WORDS_MIN} on held-out instructions in the training wording (known words)",
+                v, v is not None and v >= KNOWN_WORDS_MIN)
+        for wording, title in BY_WORDING.items():
+            for attr in TARGET_ATTRIBUTES:
+                m, p = bw.get(("model", wording, attr)), bw.get((PROBE, wording, attr))
+                if m is None or p is None or not (math.isfinite(m) and math.isfinite(p)):
+                    continue
+                weak = f" (the probe itself is {p:.3f} < {PROBE_WEAK}: the embedding limits it)" if p < PROBE_WEAK else ""
+                add(f"{attr}, {title}: model ≥ probe − {PROBE_SLACK} (value: model − probe){weak}", m - p,
+                    m >= p - PROBE_SLACK)
+    for attr in (*TARGET_ATTRIBUTES, "gender"):
+        r = _find(tables.get(attr, []), HELD_OUT_VOICE, "model")
+        if r is not None:
+            add(f"{attr}: model ≥ {VOICES_MIN} on held-out voices", r["accuracy"], r["accuracy"] >= VOICES_MIN)
+    for attr in REFERENCE_ATTRIBUTES:
+        r = _find(tables.get(attr, []), HELD_OUT_VOICE, WITH_REFERENCE)
+        if r is not None:
+            add(f"{attr}: reference clip + instruction ≥ {REFERENCE_MIN} on held-out voices", r["accuracy"],
+                r["accuracy"] >= REFERENCE_MIN)
     return out
 
 
@@ -255,7 +298,7 @@ def to_markdown(r: dict) -> str:
              ", ".join(f"{k} {v}" for k, v in counts.items()) + f". Wall time {r['wall_s'] / 60:.1f} min "
              f"({', '.join(f'{k} {v:.0f} s' for k, v in r['step_seconds'].items())}; this invocation: a step reused "
              "or resumed from an earlier run counts only what it did now).", "",
-             "## Targets (issues #10, #19)", "", "| target | value | met |", "|---|---|---|"]
+             "## Targets (issues #10, #19, #23)", "", "| target | value | met |", "|---|---|---|"]
     for t in r["targets"]:
         lines.append(f"| {t['target']} | {_f(t['value'])} | {'yes' if t['met'] else '**no**'} |")
     lines += ["", "## Direction accuracy per attribute", "",
@@ -282,7 +325,8 @@ def to_markdown(r: dict) -> str:
                          f"{_measured(row)} |")
         lines.append("")
     if r.get("by_wording"):
-        lines += ["### held-out instructions by wording: the model beside what the instruction embedding carries", "",
+        lines += ["### held-out instructions by wording, and held-out voices: the model beside what the instruction "
+                  "embedding carries", "",
                   f"*{PROBE}*: a linear classifier of each attribute's level, fitted on the training instructions' "
                   "stage-1 embeddings (what the T3's adapters read), scored on the same held-out clips by the same "
                   "direction accuracy (P(more) − P(less) as the measurement). Where the probe misses too, the frozen "
@@ -297,6 +341,14 @@ def to_markdown(r: dict) -> str:
                     lines.append(f"| {title} | {source} | " + " | ".join(
                         f"{_f(cells[a]['accuracy'])} {_ci(cells[a]['ci'])} ({cells[a]['pairs'] or 0} pairs)"
                         for a in TARGET_ATTRIBUTES) + " |")
+        lines.append("")
+    if r.get("reference_voice"):
+        lines += ["### held-out voices: is the cloned voice kept?", "",
+                  "VoiceEncoder cosine of each rendering to the reference clip the *reference clip + instruction* row "
+                  "was given (another clip of the same unseen voice). Ground truth is the ceiling (the voice's own "
+                  "other clip); the instruction-only model, which never heard the reference, is the baseline.", "",
+                  "| rendering | cosine to the reference | clips |", "|---|---|---|"]
+        lines += [f"| {name} | {_f(s['value'])} {_ci(s['ci'])} | {s['n']} |" for name, s in r["reference_voice"].items()]
         lines.append("")
     lines += _sampling_lines(r)
     lines += ["## Stage 1 (instruction → voice vectors) on held-out clips", "",
