@@ -108,6 +108,10 @@ class Stage1TrainConfig:
     split_salt: str = "instruct-tts/stage1"
     split_by: str = "instruction"  # "instruction" | "speaker" (stage1/data.py, "Held-out split rule")
     eval_n_steps: int = 10  # Euler steps in held-out evaluation
+    # mapper draws averaged in the early-stopping evaluation (at most the mapper's own `draws`): a checkpoint's
+    # ranking needs far fewer than what stage 2 receives (64 in the lab), and each draw is a full flow integration
+    # over every held-out row at every evaluation
+    eval_draws: int = 8
     eval_seed: int = 1234
     eval_batch_size: int = 8192
     nn_max_queries: int = 2048  # nearest-instruction baseline: held-out instructions searched (sampled above)
@@ -124,7 +128,8 @@ class Stage1TrainConfig:
 
 # Fields that must match for a resume to be the same run (the rest may change: epochs, patience, ...).
 _RESUME_KEYS = ("phase", "batch_size", "lr_phase1", "lr_phase2", "weight_decay", "warmup_steps", "grad_clip",
-                "seed", "held_out_frac", "split_salt", "split_by", "eval_n_steps", "eval_seed", "init_from")
+                "seed", "held_out_frac", "split_salt", "split_by", "eval_n_steps", "eval_draws", "eval_seed",
+                "init_from")
 _DEFAULTS = Stage1TrainConfig().to_dict()  # a key an older run's saved config lacks had this value
 
 
@@ -244,7 +249,8 @@ def _sample_sorted(ids: np.ndarray, k: int, rng: np.random.Generator) -> np.ndar
 
 @torch.no_grad()
 def evaluate(model: Stage1Model, dd: Stage1Tables, noise: torch.Tensor, n_steps: int, batch_size: int = 8192) -> dict:
-    """Held-out SpkCos / XVecCos / AvgCos of inferred vectors vs ground truth (fixed noise [draws, rows, dim])."""
+    """Held-out SpkCos / XVecCos / AvgCos of inferred vectors vs ground truth (fixed noise [draws, rows, dim]: the
+    mean of that many decoded draws)."""
     was_training = model.training
     model.eval()
     rows, inv, vs = dd.val_rows, dd.val_inv, dd.val_states
@@ -255,7 +261,7 @@ def evaluate(model: Stage1Model, dd: Stage1Tables, noise: torch.Tensor, n_steps:
     for i in range(0, len(rows), batch_size):
         r = rows[i:i + batch_size]
         spk_hat, xv_hat = model.mapper.inference(style_u[inv[i:i + batch_size]], n_steps=n_steps,
-                                                 noise=noise[:, i:i + batch_size])
+                                                 noise=noise[:, i:i + batch_size], draws=noise.shape[0])
         spk_sum += float(F.cosine_similarity(spk_hat, dd.spk[r], dim=-1).sum())
         xv_sum += float(F.cosine_similarity(xv_hat, dd.xvec[r], dim=-1).sum())
     model.train(was_training)
@@ -372,7 +378,8 @@ class Stage1Recipe:
         self.baselines = compute_baselines(data, train_rows, val_rows, device, max_queries=cfg.nn_max_queries,
                                            max_keys=cfg.nn_max_keys, seed=cfg.eval_seed)
         log.info("stage1 baselines (%.1fs): %s", time.time() - t0, self.baselines)
-        self.eval_noise = torch.randn((self.mapper_cfg.draws, self.n_val, self.mapper_cfg.dim),
+        eval_draws = max(1, min(self.mapper_cfg.draws, cfg.eval_draws))
+        self.eval_noise = torch.randn((eval_draws, self.n_val, self.mapper_cfg.dim),
                                       generator=torch.Generator().manual_seed(cfg.eval_seed)).to(device)
         self.noise_gen = torch.Generator(device=device).manual_seed(_mix_seed(cfg.seed, "noise"))
         self.n_batches = math.ceil(self.n_train / cfg.batch_size)
