@@ -274,12 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="sampling of the model renderings (default: the family's official 1.2)")
     lab.add_argument("--instruction-guidance", type=float, metavar="W", help="instruction guidance (default 0)")
     lab.add_argument("--repetition-sweep", type=_floats, metavar="P,P,...",
-                     help="also render the model at each repetition penalty (default 1.0,1.1,1.2; '' = none; report: "
+                     help="also render the model at each repetition penalty (default 1.0,1.2; '' = none; report: "
                           "accuracy vs repetition penalty)")
     lab.add_argument("--guidance-sweep", type=_floats, metavar="W,W,...",
-                     help="also render the model at each instruction guidance W (default 0,1,2,4; '' = none; report: "
+                     help="also render the model at each instruction guidance W (default 0,1.5,3; '' = none; report: "
                           "accuracy vs W)")
-    lab.add_argument("--sweep-clips", type=int, help="held-out clips per split in each sweep (default 60)")
+    lab.add_argument("--sweep-clips", type=int, help="held-out clips per split in each sweep (default 40)")
     lab.add_argument("--instruction-dropout", type=float, help="stage 2: share of instruction rows given the null "
                                                                "instruction (default: Stage2Config's)")
     lab.add_argument("--prompt-instruction-prob", type=float,

@@ -86,9 +86,9 @@ class LabConfig:
     instruction_guidance: float = 0.0
     # sampling sweeps (report sections "accuracy vs ..."): the model re-rendered on the first ``sweep_clips`` evaluation
     # clips of each held-out split at each value, everything else as above; () = not run
-    repetition_sweep: tuple[float, ...] = (1.0, 1.1, 1.2)
-    guidance_sweep: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0)  # instruction guidance W
-    sweep_clips: int = 60
+    repetition_sweep: tuple[float, ...] = (1.0, 1.2)
+    guidance_sweep: tuple[float, ...] = (0.0, 1.5, 3.0)  # instruction guidance W
+    sweep_clips: int = 40
     # stage-2 row mix (Stage2Config; None = its default). A fifth of the rows are prompt + instruction, so the
     # "reference clip + instruction" path is trained; the rest keep the cards' 50/50 instruction-only / audio-only.
     instruction_dropout: float | None = None
