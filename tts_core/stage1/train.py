@@ -250,7 +250,7 @@ def _sample_sorted(ids: np.ndarray, k: int, rng: np.random.Generator) -> np.ndar
 @torch.no_grad()
 def evaluate(model: Stage1Model, dd: Stage1Tables, noise: torch.Tensor, n_steps: int, batch_size: int = 8192) -> dict:
     """Held-out SpkCos / XVecCos / AvgCos of inferred vectors vs ground truth (fixed noise [draws, rows, dim]: the
-    mean of that many decoded draws)."""
+    mean of that many decoded draws; [rows, dim]: one draw)."""
     was_training = model.training
     model.eval()
     rows, inv, vs = dd.val_rows, dd.val_inv, dd.val_states
@@ -261,7 +261,8 @@ def evaluate(model: Stage1Model, dd: Stage1Tables, noise: torch.Tensor, n_steps:
     for i in range(0, len(rows), batch_size):
         r = rows[i:i + batch_size]
         spk_hat, xv_hat = model.mapper.inference(style_u[inv[i:i + batch_size]], n_steps=n_steps,
-                                                 noise=noise[:, i:i + batch_size], draws=noise.shape[0])
+                                                 noise=noise[:, i:i + batch_size],
+                                                 draws=noise.shape[0] if noise.dim() == 3 else 1)
         spk_sum += float(F.cosine_similarity(spk_hat, dd.spk[r], dim=-1).sum())
         xv_sum += float(F.cosine_similarity(xv_hat, dd.xvec[r], dim=-1).sum())
     model.train(was_training)
