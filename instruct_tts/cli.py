@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="sampling of the model renderings (default: the family's official 1.2)")
     lab.add_argument("--instruction-guidance", type=float, metavar="W", help="instruction guidance (default 0)")
     lab.add_argument("--repetition-sweep", type=_floats, metavar="P,P,...",
-                     help="also render the model at each repetition penalty (default 1.0,1.2; '' = none; report: "
+                     help="also render the model at each repetition penalty (default 1.0,1.1,1.2; '' = none; report: "
                           "accuracy vs repetition penalty)")
     lab.add_argument("--guidance-sweep", type=_floats, metavar="W,W,...",
                      help="also render the model at each instruction guidance W (default 0,1.5,3; '' = none; report: "

@@ -86,7 +86,7 @@ class LabConfig:
     instruction_guidance: float = 0.0
     # sampling sweeps (report sections "accuracy vs ..."): the model re-rendered on the first ``sweep_clips`` evaluation
     # clips of each held-out split at each value, everything else as above; () = not run
-    repetition_sweep: tuple[float, ...] = (1.0, 1.2)
+    repetition_sweep: tuple[float, ...] = (1.0, 1.1, 1.2)
     guidance_sweep: tuple[float, ...] = (0.0, 1.5, 3.0)  # instruction guidance W
     sweep_clips: int = 40
     # stage-2 row mix (Stage2Config; None = its default). A fifth of the rows are prompt + instruction, so the
@@ -425,7 +425,9 @@ SWEEPS = {"repetition_penalty": "repetition_sweep", "instruction_guidance": "gui
 def _sweeps(cfg: LabConfig, p: LabPaths, by_id: dict, renderings: dict, say) -> dict:
     """{option: {value: {split: model rows}}}: the model re-rendered from the instruction alone on the first
     ``sweep_clips`` clips (same clips, transcripts and seeds as the main table) of each held-out split, once per value
-    of each sweep (`LabConfig.repetition_sweep`, ``guidance_sweep``); the other sampling options as the main table."""
+    of each sweep (`LabConfig.repetition_sweep`, ``guidance_sweep``); the other sampling options as the main table.
+    A value that samples exactly as the main table (e.g. 1.2 = the official repetition penalty, W = 0) reuses its
+    rows instead of rendering them again."""
     from tts_core.evaluation.lab import asked_levels, attribute_row
     from tts_core.synthesis import Synthesizer
 
@@ -433,12 +435,18 @@ def _sweeps(cfg: LabConfig, p: LabPaths, by_id: dict, renderings: dict, say) -> 
     if not wanted:
         return {}
     synth = Synthesizer.from_run(p.t3, device=cfg.device, text_encoder=cfg.text_encoder)
+    family = synth.t3.cfg.family
     out: dict = {}
     for opt, values in wanted.items():
         out[opt] = {}
         for v in values:
             by_split = {}
+            same_as_main = cfg.sampling(**{opt: v}).for_family(family) == cfg.sampling().for_family(family)
             for split, by_name in renderings.items():
+                if same_as_main:  # the main table's rows: same clips, seeds and sampling, so the same tokens
+                    by_split[split] = [{k: x for k, x in r.items() if k != "seed"}
+                                       for r in by_name["model"][: cfg.sweep_clips]]
+                    continue
                 rows = []
                 for base in by_name["model"][: cfg.sweep_clips]:
                     c = by_id[base["clip_id"]]
@@ -449,7 +457,8 @@ def _sweeps(cfg: LabConfig, p: LabPaths, by_id: dict, renderings: dict, say) -> 
                                  "wording": c["wording"], "instruction": c["instruction"], "clip_id": base["clip_id"]})
                 by_split[split] = rows
             out[opt][v] = by_split
-            say(f"  sweep {opt} = {v}: {sum(map(len, by_split.values()))} clips rendered and measured")
+            say(f"  sweep {opt} = {v}: {sum(map(len, by_split.values()))} clips "
+                + ("(the main table's renderings)" if same_as_main else "rendered and measured"))
     return out
 
 

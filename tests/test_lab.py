@@ -195,8 +195,9 @@ def test_lab_held_out_clips_never_reach_the_training_store(lab):
 
 def test_lab_sampling_sweeps_rerender_the_same_clips(lab):
     """The tiny preset sweeps repetition penalty (1.0, 1.2) and instruction guidance W (0, 2): at the main table's
-    own settings (1.2 = the official default, W = 0) a sweep reproduces the main model rows clip for clip (same
-    clips, seeds and sampling), and the report has an "accuracy vs" table per option."""
+    own settings (1.2 = the official default, W = 0) a sweep holds the main model rows clip for clip (same clips,
+    seeds and sampling: reused, not rendered again; W = 0's token identity is tests/test_t3_model.py's),
+    the other values re-render the same clips, and the report has an "accuracy vs" table per option."""
     out, report = lab
     sweeps = report["sampling"]["sweeps"]
     assert set(sweeps) == {"repetition_penalty", "instruction_guidance"}
