@@ -156,7 +156,9 @@ class InstructionMapper(nn.Module):
 
     # ---- the network -----------------------------------------------------------------------------
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, style_emb: torch.Tensor) -> torch.Tensor:
-        """x_t [B, dim], t [B] in [0, 1], style_emb [B, cond_dim] → v [B, dim]."""
+        """x_t [B, dim] or [K, B, dim] (K draws of the same rows), t [B] in [0, 1], style_emb [B, cond_dim] →
+        v shaped as x_t. The conditioning (time + style → AdaLN modulations, most of the FLOPs) is computed once
+        per row and broadcast over the K draws."""
         c = self.time_mlp(sinusoidal_embedding(t, self.config.time_dim)) + self.cond_proj(style_emb)
         h = self.in_proj(x_t)
         for block in self.blocks:
@@ -207,7 +209,8 @@ class InstructionMapper(nn.Module):
     def sample(self, style_emb: torch.Tensor, n_steps: int | None = None, seed: int | None = None,
                generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
                temperature: float | None = None) -> torch.Tensor:
-        """Euler integration of the flow from x0 = temperature · noise → float32 [B, dim] (fp32, no autocast).
+        """Euler integration of the flow from x0 = temperature · noise → float32 [B, dim] (fp32, no autocast);
+        ``noise`` [K, B, dim] integrates K draws at once → [K, B, dim].
 
         ``noise`` (or the seeded / generated draw) is standard normal; the temperature is applied here so
         every caller samples the same distribution."""
@@ -244,13 +247,10 @@ class InstructionMapper(nn.Module):
             if generator is None and seed is not None:
                 generator = torch.Generator(device="cpu").manual_seed(int(seed))
             noise = torch.stack([self.initial_noise(style_emb.shape[0], generator=generator) for _ in range(k)])
-        decoded = []
-        for i in range(k):
-            x = self.sample(style_emb, n_steps=n_steps, seed=seed, generator=generator,
-                            noise=None if noise is None else noise[i], temperature=temperature)
-            with torch.autocast(device_type=x.device.type, enabled=False):
-                decoded.append(self.decode(x))
+        x = self.sample(style_emb, n_steps=n_steps, seed=seed, generator=generator,
+                        noise=None if noise is None else noise if k > 1 else noise[0], temperature=temperature)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            spk, xvec = self.decode(x)
         if k == 1:
-            return decoded[0]
-        return (F.normalize(torch.stack([d[0] for d in decoded]).mean(0), dim=-1),
-                F.normalize(torch.stack([d[1] for d in decoded]).mean(0), dim=-1))
+            return spk, xvec
+        return F.normalize(spk.mean(0), dim=-1), F.normalize(xvec.mean(0), dim=-1)
