@@ -193,6 +193,34 @@ def test_lab_held_out_clips_never_reach_the_training_store(lab):
         report["split_counts"][HELD_OUT_VOICE]
 
 
+def test_speech_loss_probe_computes_only_its_rows_tables_and_scores_as_the_full_ones(lab):
+    """The held-out loss curve's rows get the mapper tables of the instructions they can draw, nothing more, and
+    score exactly as with the store's full tables."""
+    import torch
+
+    from cache.reader import CacheReader
+    from tts_core.evaluation.lab import SpeechLossProbe
+    from tts_core.stage1.artifacts import load_mapper
+    from tts_core.stage2.data import prepare_stage2_data
+    from tts_core.stage2.text_tokenizer import load_text_tokenizer
+
+    out, _ = lab
+    store, mapper_dir, run = str(out / "cache" / "all.zarr"), out / "runs" / "mapper", out / "runs" / "t3"
+    probe = SpeechLossProbe(store, mapper_dir, run)
+    clips = [ln.split(",")[0] for ln in (out / "split" / "roles.csv").read_text().splitlines()[1:]]
+    rows = probe.rows(clips[::7])
+    assert 0 < probe.tabled.sum() < len(probe.tabled)
+    encoder, mapper, meta = load_mapper(mapper_dir)
+    full = prepare_stage2_data(CacheReader(store), load_text_tokenizer(None, t3_dir=run), encoder, mapper,
+                               mapper_meta=meta, mapper_seed=probe.mapper_seed)
+    done = torch.from_numpy(np.flatnonzero(probe.tabled))
+    torch.testing.assert_close(probe.data.mapper_spk[done], full.mapper_spk[done], rtol=1e-5, atol=1e-6)
+    ckpt = sorted((run / "checkpoints").glob("step_*"))[-1]
+    partial = probe.loss(ckpt, rows)
+    probe.data = full
+    assert math.isfinite(partial) and partial == pytest.approx(probe.loss(ckpt, rows), rel=1e-5)
+
+
 def test_lab_sampling_sweeps_rerender_the_same_clips(lab):
     """The tiny preset sweeps repetition penalty (1.0, 1.2) and instruction guidance W (0, 2): at the main table's
     own settings (1.2 = the official default, W = 0) a sweep holds the main model rows clip for clip (same clips,

@@ -207,6 +207,20 @@ def test_precomputed_tables_are_exact(prepared):
         assert data.prompt_tokens_of(r).tolist() != data.speech_tokens_of(r)[:6].tolist()
 
 
+def test_tables_of_some_instructions_equal_the_full_tables_there(prepared):
+    """An evaluation that needs a few instructions of a big store computes only theirs (`ids`): the same vectors
+    as the full tables (same per-instruction noise), zeros elsewhere."""
+    from tts_core.stage2.data import compute_instruction_tables
+
+    reader, encoder, mapper, data = prepared
+    ids = np.array([4, 1, 4])
+    style, spk = compute_instruction_tables(reader, encoder, mapper, mapper_samples=2, ids=ids)
+    torch.testing.assert_close(style[[1, 4]], data.style_emb[[1, 4]], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(spk[[1, 4]], data.mapper_spk[[1, 4]], rtol=1e-5, atol=1e-6)
+    others = [u for u in range(data.style_emb.shape[0]) if u not in (1, 4)]
+    assert not style[others].any() and not spk[others].any() and data.mapper_spk[others].abs().sum() > 0
+
+
 def test_turbo_rows_read_the_15_second_prompts(env, prepared):
     """A Turbo T3 (prompt = the reference's first 15 s, ≤ 375 tokens) reads the store's second prompt array,
     not the 6 s one: here the test store's 15 s prompts are the clips' own tokens (they are shorter than

@@ -130,29 +130,52 @@ def instruction_probe_rows(store: str, mapper_dir: str | Path, train_texts: Sequ
 
 class SpeechLossProbe:
     """Teacher-forced speech loss of T3 checkpoints on fixed instruction-only rows of one store (module doc).
-    The rows' mapper embeddings and text ids are prepared once; each checkpoint then costs forward passes only."""
+    The rows' text ids and their instructions' mapper embeddings are prepared once (only the instructions the
+    chosen rows can draw: a big store's full tables would cost more than the losses); each checkpoint then costs
+    forward passes only."""
 
     def __init__(self, store: str, mapper_dir: str | Path, run_dir: str | Path, batch_size: int = 16):
         from cache.reader import CacheReader
         from tts_core.stage1.artifacts import load_mapper
-        from tts_core.stage2.data import prepare_stage2_data
+        from tts_core.stage2.data import compute_prepared, prepare_stage2_data
         from tts_core.stage2.text_tokenizer import load_text_tokenizer
 
         import json
 
         self.meta = json.loads((Path(run_dir) / "stage2.json").read_text())
-        encoder, mapper, mapper_meta = load_mapper(mapper_dir)
-        self.instruction_dim = encoder.hidden_size
+        self.encoder, self.mapper, mapper_meta = load_mapper(mapper_dir)
+        self.instruction_dim = self.encoder.hidden_size
+        self.reader = CacheReader(store)
+        self.mapper_seed = int(self.meta.get("mapper_seed", 0))
         tokenizer = load_text_tokenizer(None, t3_dir=Path(run_dir))
-        self.data = prepare_stage2_data(CacheReader(store), tokenizer, encoder, mapper, mapper_meta=mapper_meta,
-                                        mapper_seed=int(self.meta.get("mapper_seed", 0)))
+        n_steps = int(self.mapper.config.n_steps)
+        prepared = compute_prepared(self.reader, tokenizer, self.encoder, self.mapper, mapper_seed=self.mapper_seed,
+                                    mapper_samples=1, n_steps=n_steps, instruction_ids=np.zeros(0, np.int64))
+        self.data = prepare_stage2_data(self.reader, tokenizer, prepared=prepared, mapper_meta=mapper_meta,
+                                        mapper_seed=self.mapper_seed, n_steps=n_steps)
+        self.tabled = np.zeros(self.data.style_emb.shape[0], bool)  # instructions whose tables are computed
         self.row_of = {c: i for i, c in enumerate(self.data.clip_ids)}
         self.batch_size = batch_size
 
     def rows(self, clip_ids: Sequence[str]) -> np.ndarray:
-        """Data rows of these clips that have an instruction (others cannot be instruction-only rows)."""
+        """Data rows of these clips that have an instruction (others cannot be instruction-only rows); the
+        tables of every caption they can draw are computed here."""
+        from tts_core.stage2.data import compute_instruction_tables
+
         rows = np.array([self.row_of[c] for c in clip_ids if c in self.row_of], np.int64)
-        return rows[self.data.instruction_id[rows] >= 0] if len(rows) else rows
+        rows = rows[self.data.instruction_id[rows] >= 0] if len(rows) else rows
+        off, caps = self.data.caption_offsets, self.data.caption_ids
+        need = np.concatenate([self.data.instruction_id[rows], *(caps[off[r]:off[r + 1]] for r in rows)])
+        need = np.unique(need[need >= 0])
+        need = need[~self.tabled[need]]
+        if len(need):
+            style, spk = compute_instruction_tables(self.reader, self.encoder, self.mapper,
+                                                    mapper_seed=self.mapper_seed, ids=need)
+            sel = torch.from_numpy(need)
+            self.data.style_emb[sel] = style[sel].to(self.data.style_emb)
+            self.data.mapper_spk[sel] = spk[sel].to(self.data.mapper_spk)
+            self.tabled[need] = True
+        return rows
 
     @torch.no_grad()
     def loss(self, checkpoint: str | Path, rows: np.ndarray) -> float:

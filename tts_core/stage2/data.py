@@ -394,36 +394,40 @@ def _gather_padded(flat: torch.Tensor, starts: np.ndarray, lens: np.ndarray, dev
 
 
 # ---- preparation from the cache ------------------------------------------------------------------------
-def _instruction_state_chunks(reader, chunk: int):
-    """Yield (first_id, float16 [n, Lmax, H], lengths [n]) over all instructions, read front to back."""
-    U = int(reader.n_instructions)
-    for a in range(0, U, chunk):
-        states, lens = reader.instruction_states_batch(np.arange(a, min(a + chunk, U)))
-        yield a, states, lens
+def _instruction_state_chunks(reader, ids: np.ndarray, chunk: int):
+    """Yield (ids of the chunk, float16 [n, Lmax, H], lengths [n]) over ``ids``, in order."""
+    for a in range(0, len(ids), chunk):
+        sel = ids[a:a + chunk]
+        states, lens = reader.instruction_states_batch(sel)
+        yield sel, states, lens
 
 
 @torch.no_grad()
 def compute_instruction_tables(reader, encoder, mapper, *, mapper_seed: int = 0, mapper_samples: int = 1,
-                               n_steps: int | None = None, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """(style_emb float32 [U, H], mapper_spk float32 [U, K, 256]) for every instruction of the store.
+                               n_steps: int | None = None, chunk: int = 512, ids: np.ndarray | None = None
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(style_emb float32 [U, H], mapper_spk float32 [U, K, 256]) for every instruction of the store, or only for
+    ``ids`` (the other rows stay 0: an evaluation that needs a few instructions of a large store).
 
     Frozen encoder (fp32, autocast off — it enforces that itself) and mapper on their own device.
     Noise of sample k is one CPU-seeded [U, dim] draw (seed mix(mapper_seed, k)), so the vectors do
-    not depend on ``chunk`` and sample 0 is the same whatever K.
+    not depend on ``chunk`` or ``ids`` and sample 0 is the same whatever K.
     """
     U = int(reader.n_instructions)
     H = int(reader.text_hidden_size)
+    ids = np.arange(U) if ids is None else np.unique(np.asarray(ids, np.int64))
     style = torch.zeros(U, H)
-    for a, states, lens in _instruction_state_chunks(reader, chunk):
-        style[a:a + len(lens)] = encoder(torch.from_numpy(states), torch.from_numpy(lens)).float().cpu()
+    for sel, states, lens in _instruction_state_chunks(reader, ids, chunk):
+        style[sel] = encoder(torch.from_numpy(states), torch.from_numpy(lens)).float().cpu()
     n_steps = int(n_steps or mapper.config.n_steps)
     out = torch.zeros(U, mapper_samples, SPK_DIM)
-    for k in range(mapper_samples):
+    for k in range(mapper_samples if len(ids) else 0):
         g = torch.Generator().manual_seed(mix_seed(mapper_seed, "mapper-sample", k))
         noise = torch.randn((mapper.config.draws, U, mapper.config.dim), generator=g)
-        for a in range(0, U, chunk):
-            spk, _ = mapper.inference(style[a:a + chunk], n_steps=n_steps, noise=noise[:, a:a + chunk])
-            out[a:a + chunk, k] = spk.float().cpu()
+        for a in range(0, len(ids), chunk):
+            sel = torch.from_numpy(ids[a:a + chunk])
+            spk, _ = mapper.inference(style[sel], n_steps=n_steps, noise=noise[:, sel])
+            out[sel, k] = spk.float().cpu()
     return style, out
 
 
@@ -480,15 +484,17 @@ def _tokenize_all(tokenizer, texts: list[str], languages: list[str | None], chun
 
 
 def compute_prepared(reader, tokenizer, encoder, mapper, *, mapper_seed: int, mapper_samples: int,
-                     n_steps: int, language: str | None = None) -> dict[str, torch.Tensor]:
-    """The expensive, shareable part: text ids of every OK row + the instruction tables."""
+                     n_steps: int, language: str | None = None, instruction_ids: np.ndarray | None = None
+                     ) -> dict[str, torch.Tensor]:
+    """The expensive, shareable part: text ids of every OK row + the instruction tables (of every instruction,
+    or of ``instruction_ids`` only: `compute_instruction_tables`; such tensors are never saved as prepared)."""
     man = reader.ok_manifest
     texts = man["transcript"].fillna("").astype(str).tolist()
     flat, off = _tokenize_all(tokenizer, texts, row_languages(man, tokenizer, language))
     if flat.size and (flat.min() < 0 or flat.max() >= 2 ** 15):
         raise ValueError("text ids outside int16")
     style, mspk = compute_instruction_tables(reader, encoder, mapper, mapper_seed=mapper_seed,
-                                             mapper_samples=mapper_samples, n_steps=n_steps)
+                                             mapper_samples=mapper_samples, n_steps=n_steps, ids=instruction_ids)
     return {"text_flat": torch.from_numpy(flat.astype(np.int16)), "text_off": torch.from_numpy(off),
             "style_emb": style.contiguous(), "mapper_spk": mspk.contiguous()}
 
