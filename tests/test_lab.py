@@ -207,8 +207,7 @@ def test_speech_loss_probe_computes_only_its_rows_tables_and_scores_as_the_full_
     out, _ = lab
     store, mapper_dir, run = str(out / "cache" / "all.zarr"), out / "runs" / "mapper", out / "runs" / "t3"
     probe = SpeechLossProbe(store, mapper_dir, run)
-    clips = [ln.split(",")[0] for ln in (out / "split" / "roles.csv").read_text().splitlines()[1:]]
-    rows = probe.rows(clips[::7])
+    rows = probe.rows(probe.data.clip_ids[::7])
     assert 0 < probe.tabled.sum() < len(probe.tabled)
     encoder, mapper, meta = load_mapper(mapper_dir)
     full = prepare_stage2_data(CacheReader(store), load_text_tokenizer(None, t3_dir=run), encoder, mapper,
