@@ -15,7 +15,7 @@ from tts_core.evaluation.run import EvalConfig, evaluate_run, to_markdown
 def evaluate_flow(run_dir: str, store: str, out_dir: str | None = None, n_instructions: int = 24,
                   text: str = EvalConfig.text, seed: int = 0, device: str = "cpu", max_new_tokens: int = 400,
                   text_encoder: str | None = None, chatterbox_dir: str | None = None, language: str = "en",
-                  repetition_penalty: float | None = None, instruction_guidance: float = 0.0) -> dict:
+                  repetition_penalty: float | None = None, instruction_guidance: float | None = None) -> dict:
     logger = get_run_logger()
     cfg = EvalConfig(run_dir=run_dir, store=store, out_dir=out_dir, n_instructions=n_instructions, text=text,
                      seed=seed, device=device, max_new_tokens=max_new_tokens, text_encoder=text_encoder,

@@ -239,8 +239,10 @@ def _floats(text: str) -> tuple[float, ...]:
 def build_parser() -> argparse.ArgumentParser:
     from tts_core.encoders.embedded import DEFAULT_KIND, KINDS
     from tts_core.languages import MTL_LANGUAGES
-    from tts_core.sampling_defaults import family_defaults_help
+    from tts_core.sampling_defaults import INSTRUCTION_GUIDANCE, family_defaults_help
 
+    guidance_default = (f"default {INSTRUCTION_GUIDANCE:g} for a run whose stage 2 trained the null instruction "
+                        "(--instruction-dropout > 0), else 0")
     p = argparse.ArgumentParser(prog="instruct-tts", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -272,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--speech-tokenizer", choices=("mel-vq", "world-vq"), help="embedded tokenizer + vocoder (default world-vq: its tokens keep F0)")
     lab.add_argument("--repetition-penalty", type=float,
                      help="sampling of the model renderings (default: the family's official 1.2)")
-    lab.add_argument("--instruction-guidance", type=float, metavar="W", help="instruction guidance (default 0)")
+    lab.add_argument("--instruction-guidance", type=float, metavar="W",
+                     help=f"instruction guidance of the model renderings ({guidance_default}; 0 = unguided)")
     lab.add_argument("--repetition-sweep", type=_floats, metavar="P,P,...",
                      help="also render the model at each repetition penalty (default 1.0,1.1,1.2; '' = none; report: "
                           "accuracy vs repetition penalty)")
@@ -406,9 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
                          ("repetition_penalty", float), ("cfg_weight", float)):
         sp.add_argument("--" + option.replace("_", "-"), type=kind, help=family_defaults_help(option))
     sp.add_argument("--max-new-tokens", type=int, default=1000)
-    sp.add_argument("--instruction-guidance", type=float, default=0.0, metavar="W",
+    sp.add_argument("--instruction-guidance", type=float, metavar="W",
                     help="classifier-free guidance on the instruction: logits + W·(cond − null instruction), "
-                         "on top of --cfg-weight's text CFG (default 0: unguided)")
+                         f"on top of --cfg-weight's text CFG ({guidance_default}; 0 = unguided)")
     sy.set_defaults(func=_cmd_synthesize)
 
     ev = sub.add_parser("evaluate", help="synthesize held-out instructions and measure what they asked for")
@@ -423,8 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--chatterbox-dir", type=Path)
     ev.add_argument("--language", default="en", help="multilingual T3: language of the evaluation text")
     ev.add_argument("--repetition-penalty", type=float, help=family_defaults_help("repetition_penalty"))
-    ev.add_argument("--instruction-guidance", type=float, default=0.0, metavar="W",
-                    help="classifier-free guidance on the instruction (default 0: unguided)")
+    ev.add_argument("--instruction-guidance", type=float, metavar="W",
+                    help=f"classifier-free guidance on the instruction ({guidance_default}; 0 = unguided)")
     ev.add_argument("--no-prefect", action="store_true")
     ev.set_defaults(func=_cmd_evaluate)
 

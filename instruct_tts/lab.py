@@ -31,7 +31,7 @@ PRESETS = {
     "tiny": dict(t3="tiny", n_clips=96, stage1_steps=20, stage1_batch_size=32, stage2_steps=12, curve_points=2, eval_clips=12,
                  loss_clips=12, max_new_tokens=40, n_boot=200,
                  mapper_draws=1, mapper_temperature=0.3,  # one draw at T 0.3: what its 20-step mapper was checked with
-                 repetition_sweep=(1.0, 1.2), guidance_sweep=(0.0, 2.0),
+                 instruction_guidance=0.0, repetition_sweep=(1.0, 1.2), guidance_sweep=(0.0, 2.0),
                  sweep_clips=4),
     # a check that the lab works, ~10 minutes on 2 cores
     "medium": dict(n_clips=1200, stage1_steps=1000, stage2_steps=800, curve_points=4, eval_clips=60, loss_clips=60,
@@ -81,9 +81,11 @@ class LabConfig:
     loss_clips: int = 150  # per split (and training): clips scored for teacher-forced speech loss
     max_new_tokens: int = 200  # 8 s at 25 tokens/s
     n_boot: int = 1000
-    # sampling of every model rendering: None = the T3 family's official value (repetition penalty 1.2), W = 0 unguided
+    # sampling of every model rendering: None = the T3 family's official value (repetition penalty 1.2: the sweep
+    # below found no value better on every attribute, docs/lab.md); instruction guidance None = the run's default
+    # (`tts_core.sampling_defaults.default_instruction_guidance`: W 3 with the null instruction stage 2 trains)
     repetition_penalty: float | None = None
-    instruction_guidance: float = 0.0
+    instruction_guidance: float | None = None
     # sampling sweeps (report sections "accuracy vs ..."): the model re-rendered on the first ``sweep_clips`` evaluation
     # clips of each held-out split at each value, everything else as above; () = not run
     repetition_sweep: tuple[float, ...] = (1.0, 1.1, 1.2)
@@ -118,10 +120,15 @@ class LabConfig:
 
     def sampling(self, **overrides):
         """The `SamplingConfig` of the lab's model renderings (``overrides``: a sweep's value)."""
+        from tts_core.sampling_defaults import default_instruction_guidance
+        from tts_core.stage2.train import Stage2Config
         from tts_core.synthesis import SamplingConfig
 
+        w = self.instruction_guidance
+        if w is None:  # what `Synthesizer.guidance` gives this run: resolved here so the report names the W used
+            w = default_instruction_guidance(Stage2Config(**self.stage2_train()).instruction_dropout)
         return SamplingConfig(**{"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty,
-                                 "instruction_guidance": self.instruction_guidance, **overrides})
+                                 "instruction_guidance": w, **overrides})
 
 
 def frozen_models(cfg: LabConfig):

@@ -96,21 +96,22 @@ def test_synthesize_is_deterministic_under_a_seed(t3_run, tmp_path):
     assert np.array_equal(a.speaker_emb, b.speaker_emb) and not np.array_equal(a.speaker_emb, c.speaker_emb)
 
 
-def test_instruction_guidance_reaches_generate_and_zero_is_the_default_path(t3_run, tmp_path, monkeypatch):
-    import numpy as np
+def test_instruction_guidance_defaults_to_the_runs_and_zero_is_one_flag_away(t3_run, tmp_path, monkeypatch):
+    """Unset, W is the run's default: `INSTRUCTION_GUIDANCE` for a run that trained the null instruction (the
+    Stage2Config default, as `t3_run`), 0 for one that did not; W > 0 there is refused. ``--instruction-guidance 0``
+    reaches generate as the unguided path (whose tokens are today's: tests/test_t3_model.py)."""
+    import shutil
 
-    from tts_core.synthesis import SamplingConfig, SamplingOptionError
+    from tts_core.sampling_defaults import INSTRUCTION_GUIDANCE
+    from tts_core.synthesis import SamplingConfig, SamplingOptionError, Synthesizer
     from tts_core.t3 import T3
 
-    assert "instruction_guidance" not in SamplingConfig().for_family("english")  # W = 0: generate's own default
+    assert INSTRUCTION_GUIDANCE > 0
+    assert "instruction_guidance" not in SamplingConfig().for_family("english")  # unset: the Synthesizer resolves it
     assert SamplingConfig(instruction_guidance=2.0).for_family("english")["instruction_guidance"] == 2.0
     with pytest.raises(SamplingOptionError, match="instruction guidance"):
         SamplingConfig(instruction_guidance=2.0).for_family("turbo")
-    # the CLI flag: W = 0 gives the tokens of a run without it; W > 0 reaches T3.generate
-    inst = ("--instruction", "A deep, slow male voice.")
-    assert _synth(t3_run, tmp_path / "a.wav", *inst) == 0
-    assert _synth(t3_run, tmp_path / "b.wav", *inst, "--instruction-guidance", "0") == 0
-    assert np.array_equal(np.load(tmp_path / "a.tokens.npy"), np.load(tmp_path / "b.tokens.npy"))
+    assert json.loads((t3_run / "stage2.json").read_text())["train_config"]["instruction_dropout"] > 0
     seen = []
     orig = T3.generate
 
@@ -119,8 +120,22 @@ def test_instruction_guidance_reaches_generate_and_zero_is_the_default_path(t3_r
         return orig(self, *a, **kw)
 
     monkeypatch.setattr(T3, "generate", spy)
-    assert _synth(t3_run, tmp_path / "c.wav", *inst, "--instruction-guidance", "1.5") == 0
-    assert seen == [1.5]
+    inst = ("--instruction", "A deep, slow male voice.")
+    for k, flag in enumerate(((), ("--instruction-guidance", "0"), ("--instruction-guidance", "1.5"))):
+        assert _synth(t3_run, tmp_path / f"{k}.wav", *inst, *flag) == 0
+    assert seen == [INSTRUCTION_GUIDANCE, 0.0, 1.5]
+
+    # a run whose stage 2 never trained the null instruction: unguided by default, W > 0 refused by name
+    plain = tmp_path / "no_null"
+    shutil.copytree(t3_run, plain)
+    meta = json.loads((plain / "stage2.json").read_text())
+    meta["train_config"]["instruction_dropout"] = 0.0
+    (plain / "stage2.json").write_text(json.dumps(meta))
+    synth = Synthesizer.from_run(plain)
+    assert synth.guidance(None) == 0.0 and synth.guidance(0.0) == 0.0
+    with pytest.raises(SamplingOptionError, match="instruction-dropout"):
+        synth.guidance(1.5)
+    assert Synthesizer.from_run(t3_run).guidance(None) == INSTRUCTION_GUIDANCE
 
 
 def test_synthesize_names_what_a_run_directory_lacks(t3_run, tmp_path, capsys):
@@ -143,6 +158,10 @@ def test_evaluate_writes_report_json_plot_and_scores_directions(t3_run, demo_sto
     s = json.loads((out / "eval.json").read_text())
     assert s["n"] == 6 and (out / "eval.png").is_file() and (out / "report.md").is_file()
     assert set(s["accuracy"]) == {"pitch", "rate", "loudness"}
+    from tts_core.sampling_defaults import INSTRUCTION_GUIDANCE
+
+    assert s["config"]["instruction_guidance"] == INSTRUCTION_GUIDANCE  # the W used: the run's default, recorded
+    assert f"instruction guidance W = {INSTRUCTION_GUIDANCE}" in (out / "report.md").read_text()
     for r in s["rows"]:
         assert r["wav"] and r["tokens"] > 0 and -1 <= r["spk_cos"] <= 1
     # held-out means the mapper never trained on these texts

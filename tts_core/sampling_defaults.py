@@ -13,6 +13,18 @@ FAMILY_SAMPLING = {
     "multilingual": {**DEFAULT_SAMPLING, "repetition_penalty": 2.0},  # chatterbox/mtl_tts.py
     "turbo": TURBO_SAMPLING,  # chatterbox/tts_turbo.py (it warns and ignores cfg_weight / min_p)
 }
+# Instruction guidance W (ours, not Chatterbox's) for runs whose stage 2 trained the null instruction
+# (instruction dropout > 0): chosen from the lab's "accuracy vs instruction guidance W" curve (docs/lab.md: W 0 / 1.5 / 3
+# on the same held-out clips; 3 was best on five of six attribute × split cells). A run without a null instruction
+# has nothing to guide against: its default is 0, the unguided path.
+INSTRUCTION_GUIDANCE = 3.0
+
+
+def default_instruction_guidance(instruction_dropout: float | None) -> float:
+    """W when none is given: `INSTRUCTION_GUIDANCE` for a run that trained the null instruction, else 0."""
+    return INSTRUCTION_GUIDANCE if (instruction_dropout or 0.0) > 0.0 else 0.0
+
+
 # Options a family accepts without using them (passed through so its generate warns, as the official does).
 FAMILY_IGNORED = {"turbo": ("min_p", "cfg_weight")}
 

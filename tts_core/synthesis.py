@@ -12,7 +12,9 @@ The conditioning is the one training used, row kind by row kind (`tts_core.stage
 
 Instruction guidance (``SamplingConfig.instruction_guidance`` W): the unconditional branch is the same
 conditioning with the null instruction (`T3Cond.with_null_instruction`, what stage 2's instruction dropout
-trains); W = 0 is the unguided path.
+trains); W = 0 is the unguided path. Left unset, W is the run's default
+(`tts_core.sampling_defaults.default_instruction_guidance`: 3 where stage 2 trained the null instruction, else 0);
+W > 0 on a run that never trained one is refused.
 
 The token sequence comes from `T3.generate`, i.e. `tts_core.t3.layout.build_generation_layout` — the
 same layout module that builds training batches; there is no second prefix builder here.
@@ -26,14 +28,14 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from tts_core.reference import Reference, t3_prompt
-from tts_core.sampling_defaults import FAMILY_IGNORED, sampling_defaults
+from tts_core.sampling_defaults import FAMILY_IGNORED, default_instruction_guidance, sampling_defaults
 from tts_core.t3.model import T3Cond
 from tts_core.t3.families import FAMILIES
 
@@ -63,8 +65,9 @@ class SamplingConfig:
     cfg_weight: float | None = None
     max_new_tokens: int = 1000
     # classifier-free guidance on the instruction (`T3.generate`): 0 = unguided, today's tokens exactly;
-    # composes with cfg_weight as cond + cfg_weight·(cond − text_uncond) + W·(cond − null_instruction)
-    instruction_guidance: float = 0.0
+    # composes with cfg_weight as cond + cfg_weight·(cond − text_uncond) + W·(cond − null_instruction).
+    # None: the run's default (`Synthesizer.guidance`)
+    instruction_guidance: float | None = None
 
     def for_family(self, family: str) -> dict:
         """The keyword arguments the family's `generate` gets: its defaults, overridden by what was given.
@@ -190,6 +193,19 @@ class Synthesizer:
         return cond, xv
 
     # ---- synthesis ----------------------------------------------------------------------------------
+    def guidance(self, w: float | None = None) -> float:
+        """Instruction guidance W for this run: ``w`` as given, or the run's default when None (3 where stage 2
+        trained the null instruction, else 0). W > 0 without a trained null instruction would guide against an
+        embedding the T3 never saw: refused."""
+        dropout = float(self.meta.get("train_config", {}).get("instruction_dropout") or 0.0)
+        if w is None:
+            return 0.0 if self.t3.cfg.family == "turbo" else default_instruction_guidance(dropout)
+        if w > 0 and dropout <= 0:
+            raise SamplingOptionError(f"instruction guidance W = {w:g} needs a run whose stage 2 trained the null "
+                                      "instruction (train-stage2 --instruction-dropout > 0; this run's is 0): "
+                                      "use W 0 here, or retrain")
+        return float(w)
+
     def synthesize(self, text: str, instruction: str | None = None, reference: Reference | np.ndarray | None = None,
                    seed: int = 0, sampling: SamplingConfig = SamplingConfig(), language: str | None = None,
                    mapper_draws: int | None = None) -> SynthResult:
@@ -200,6 +216,7 @@ class Synthesizer:
         cond, xv = self.condition(instruction, reference, seed, mapper_draws)
         ids = self.tokenizer.encode(text, language or self.language)
         g = torch.Generator(device=self.t3.device).manual_seed(int(seed))
+        sampling = replace(sampling, instruction_guidance=self.guidance(sampling.instruction_guidance))
         tokens = self.t3.generate(torch.tensor([ids]), torch.tensor([len(ids)]), cond,
                                   max_new_tokens=sampling.max_new_tokens, generator=g,
                                   **sampling.for_family(self.t3.cfg.family))[0].cpu().numpy()

@@ -37,7 +37,9 @@ class EvalConfig:
     chatterbox_dir: str | None = None
     language: str = "en"  # multilingual T3: the language of `text` (ignored by the English tokenizer)
     repetition_penalty: float | None = None  # None: the T3 family's official value (1.2 English)
-    instruction_guidance: float = 0.0  # classifier-free guidance on the instruction (0: unguided)
+    # classifier-free guidance on the instruction; None: the run's default (`Synthesizer.guidance`: 3 where stage 2
+    # trained the null instruction, else 0 = unguided). The summary records the W used.
+    instruction_guidance: float | None = None
 
 
 def held_out_instructions(store: str, train_config: dict) -> list[str]:
@@ -58,6 +60,7 @@ def evaluate_run(cfg: EvalConfig, on_item=None) -> dict:
     (out / "wavs").mkdir(parents=True, exist_ok=True)
     synth = Synthesizer.from_run(cfg.run_dir, device=cfg.device, text_encoder=cfg.text_encoder,
                                  chatterbox_dir=cfg.chatterbox_dir)
+    w = synth.guidance(cfg.instruction_guidance)  # refused here, before any synthesis, where the run cannot
     texts = held_out_instructions(cfg.store, synth.mapper_meta.get("train_config", {}))
     chosen = [(t, parse_instruction(t)) for t in texts]
     chosen = [(t, a) for t, a in chosen if any(a[k] in (v[1], v[2]) for k, v in ATTRIBUTES.items())]
@@ -70,7 +73,7 @@ def evaluate_run(cfg: EvalConfig, on_item=None) -> dict:
         res = synth.synthesize(cfg.text, instruction=instruction, seed=cfg.seed, language=cfg.language,
                                sampling=SamplingConfig(max_new_tokens=cfg.max_new_tokens,
                                                        repetition_penalty=cfg.repetition_penalty,
-                                                       instruction_guidance=cfg.instruction_guidance))
+                                                       instruction_guidance=w))
         row = {"instruction": instruction, **attrs, "tokens": int(len(res.tokens)), "wav": None}
         if res.wav is not None and len(res.wav):
             path = out / "wavs" / f"{k:03d}.wav"
@@ -88,7 +91,7 @@ def evaluate_run(cfg: EvalConfig, on_item=None) -> dict:
             on_item(k + 1, len(chosen), row)
     acc = accuracies(rows)
     spk = [r["spk_cos"] for r in rows if np.isfinite(r.get("spk_cos", math.nan))]
-    summary = {"config": asdict(cfg), "n": len(rows), "accuracy": acc,
+    summary = {"config": {**asdict(cfg), "instruction_guidance": w}, "n": len(rows), "accuracy": acc,
                "spk_cos_mean": float(np.mean(spk)) if spk else None, "rows": rows}
     (out / "eval.json").write_text(json.dumps(summary, indent=2, default=float))
     (out / "report.md").write_text(to_markdown(summary))
