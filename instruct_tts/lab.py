@@ -82,7 +82,7 @@ class LabConfig:
     max_new_tokens: int = 200  # 8 s at 25 tokens/s
     n_boot: int = 1000
     # sampling of every model rendering: None = the T3 family's official value (repetition penalty 1.2: the sweep
-    # below found no value better on every attribute, docs/lab.md); instruction guidance None = the run's default
+    # below found no value better on every attribute, docs/benchmarks.md "Lab"); instruction guidance None = the run's default
     # (`tts_core.sampling_defaults.default_instruction_guidance`: W 3 with the null instruction stage 2 trains)
     repetition_penalty: float | None = None
     instruction_guidance: float | None = None
@@ -165,6 +165,10 @@ def run_lab(cfg: LabConfig, say: Callable[[str], None] = print) -> dict:
 
     p = LabPaths(Path(cfg.out))
     t_start, seconds = time.time(), {}
+    guided = max((cfg.sampling().instruction_guidance or 0.0, *cfg.guidance_sweep), default=0.0)
+    if guided > 0 and cfg.instruction_dropout == 0:  # found now, not after the training it would waste
+        raise ValueError(f"instruction guidance W = {guided:g} needs stage 2's null instruction, but "
+                         "--instruction-dropout is 0: pass --instruction-guidance 0 --guidance-sweep '' as well")
 
     def step(name: str, k: int, what: str):
         say(f"[{k}/6] {what}")

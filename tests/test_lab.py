@@ -362,3 +362,19 @@ def test_lab_runs_over_another_text_encoder(lab, tmp_path):
     assert encoder.hidden_size == 32
     assert {r["source"] for r in report["by_wording"]} == {"model", "instruction-embedding probe"}
     assert (out / "report.md").stat().st_size > 0
+
+
+def test_lab_guides_with_the_runs_default_and_refuses_guidance_without_a_null_instruction(tmp_path):
+    """The lab renders at the W synthesis would use (`INSTRUCTION_GUIDANCE` with stage 2's null instruction, 0
+    without one), and a guided setting with ``instruction_dropout`` 0 is refused before anything is written."""
+    from instruct_tts.lab import LabConfig, run_lab
+    from tts_core.sampling_defaults import INSTRUCTION_GUIDANCE
+
+    assert LabConfig().sampling().instruction_guidance == INSTRUCTION_GUIDANCE
+    assert LabConfig(instruction_dropout=0.0).sampling().instruction_guidance == 0.0
+    assert LabConfig(instruction_guidance=1.5).sampling().instruction_guidance == 1.5
+    for cfg in (LabConfig(out=tmp_path / "a", instruction_dropout=0.0),  # the default sweep guides (W 1.5, 3)
+                LabConfig(out=tmp_path / "b", instruction_dropout=0.0, instruction_guidance=2.0, guidance_sweep=())):
+        with pytest.raises(ValueError, match="--instruction-dropout is 0"):
+            run_lab(cfg)
+    assert not any(tmp_path.iterdir())
