@@ -82,8 +82,8 @@ class LabConfig:
     max_new_tokens: int = 200  # 8 s at 25 tokens/s
     n_boot: int = 1000
     # sampling of every model rendering: None = the T3 family's official value (repetition penalty 1.2: the sweep
-    # below found no value better on every attribute, docs/benchmarks.md "Lab"); instruction guidance None = the run's default
-    # (`tts_core.sampling_defaults.default_instruction_guidance`: W 3 with the null instruction stage 2 trains)
+    # below found no value better on every attribute, docs/benchmarks.md "Lab"); instruction guidance None = the
+    # run's default (`tts_core.sampling_defaults.default_instruction_guidance`: W 3 with stage 2's null instruction)
     repetition_penalty: float | None = None
     instruction_guidance: float | None = None
     # sampling sweeps (report sections "accuracy vs ..."): the model re-rendered on the first ``sweep_clips`` evaluation

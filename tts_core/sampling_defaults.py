@@ -16,8 +16,7 @@ FAMILY_SAMPLING = {
 # Instruction guidance W (ours, not Chatterbox's) for runs whose stage 2 trained the null instruction
 # (instruction dropout > 0): chosen from the lab's "accuracy vs instruction guidance W" curve (docs/benchmarks.md
 # "Lab": W 0 / 1.5 / 3 on the same held-out clips; 3 beat 0 on pitch, rate and loudness of both held-out splits by
-# 0.08 – 0.20). A run without a null instruction
-# has nothing to guide against: its default is 0, the unguided path.
+# 0.08 – 0.20). A run without a null instruction has nothing to guide against: its default is 0, the unguided path.
 INSTRUCTION_GUIDANCE = 3.0
 
 
