@@ -26,6 +26,8 @@ from typing import Callable
 
 import numpy as np
 
+from tts_core.recipe import INSTRUCTION_DROPOUT, MAPPER_DRAWS, MAPPER_TEMPERATURE, PROMPT_INSTRUCTION_PROB
+
 PRESETS = {
     # CI: the whole pipeline in a couple of minutes on 2 cores (tests/test_lab.py)
     "tiny": dict(t3="tiny", n_clips=96, stage1_steps=20, stage1_batch_size=32, stage2_steps=12, curve_points=2, eval_clips=12,
@@ -65,11 +67,10 @@ class LabConfig:
     stage1_batch_size: int = 64
     mapper_hidden_dim: int = 256
     mapper_blocks: int = 4
-    # what stage 2 and synthesis get from the mapper (MapperConfig.draws / .temperature, recorded in mapper.json),
-    # chosen from the stage-1 sampling curve with the real CAM++ x-vector (docs/lab.md): one draw scores below the
-    # mean vector; the mean of 64 draws at T 0.8 closed 57% of the mean → oracle gap (SpkCos 59%, XVecCos 56%)
-    mapper_draws: int = 64
-    mapper_temperature: float = 0.8
+    # what stage 2 and synthesis get from the mapper (MapperConfig.draws / .temperature, recorded in mapper.json):
+    # the recipe measured on the stage-1 sampling curve (tts_core.recipe: the mean of 64 draws at T 0.8)
+    mapper_draws: int = MAPPER_DRAWS
+    mapper_temperature: float = MAPPER_TEMPERATURE
     # stage 2 (T3)
     t3: str = "small"  # T3 preset (tts_core.t3.config.PRESET_SHAPES); "small" beat "tiny" (docs/benchmarks.md)
     stage2_steps: int = 3000
@@ -91,10 +92,11 @@ class LabConfig:
     repetition_sweep: tuple[float, ...] = (1.0, 1.1, 1.2)
     guidance_sweep: tuple[float, ...] = (0.0, 1.5, 3.0)  # instruction guidance W
     sweep_clips: int = 40
-    # stage-2 row mix (Stage2Config; None = its default). A fifth of the rows are prompt + instruction, so the
-    # "reference clip + instruction" path is trained; the rest keep the cards' 50/50 instruction-only / audio-only.
-    instruction_dropout: float | None = None
-    prompt_instruction_prob: float | None = 0.2
+    # stage-2 row mix (Stage2Config's defaults, i.e. the recipe, tts_core.recipe; None = Stage2Config's). A fifth of
+    # the rows are prompt + instruction, so the "reference clip + instruction" path is trained; the rest keep the
+    # cards' 50/50 instruction-only / audio-only; a tenth of instruction rows get the null instruction.
+    instruction_dropout: float | None = INSTRUCTION_DROPOUT
+    prompt_instruction_prob: float | None = PROMPT_INSTRUCTION_PROB
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "LabConfig":

@@ -232,7 +232,7 @@ def test_stage1_resume_with_captions_equals_the_uninterrupted_run(tmp_path, one_
                                  eval_every=5, patience=10, warmup_steps=3, held_out_frac=0.2, eval_batch_size=256,
                                  device="cpu", min_phase_steps=0, **kw)
 
-    small = MapperConfig(hidden_dim=64, n_blocks=2)
+    small = MapperConfig(hidden_dim=64, n_blocks=2, draws=1, temperature=0.3)  # one draw: fast
     ref = train_stage1(_captioned_data(), cfg(tmp_path / "ref", max_steps=14), small)
     first = train_stage1(_captioned_data(), cfg(tmp_path / "run", max_steps=9), small)
     assert first.global_step == 9

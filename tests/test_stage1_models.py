@@ -145,6 +145,8 @@ def test_make_target_layout_and_normalisation():
 
 def _mapper(seed=0, **kw):
     torch.manual_seed(seed)
+    # one draw at T 0.3 unless told (the draws test below compares against one draw)
+    kw = {"draws": 1, "temperature": 0.3, **kw}
     m = InstructionMapper(MapperConfig(cond_dim=32, hidden_dim=64, n_blocks=6, **kw))
     with torch.no_grad():  # give the zero-initialised layers weights so the output depends on everything
         for p in m.parameters():

@@ -111,7 +111,8 @@ def test_instruction_guidance_defaults_to_the_runs_and_zero_is_one_flag_away(t3_
     assert SamplingConfig(instruction_guidance=2.0).for_family("english")["instruction_guidance"] == 2.0
     with pytest.raises(SamplingOptionError, match="instruction guidance"):
         SamplingConfig(instruction_guidance=2.0).for_family("turbo")
-    assert json.loads((t3_run / "stage2.json").read_text())["train_config"]["instruction_dropout"] > 0
+    recorded = json.loads((t3_run / "stage2.json").read_text())
+    assert recorded["train_config"]["instruction_dropout"] > 0 and recorded["null_instruction"] is True
     seen = []
     orig = T3.generate
 
@@ -130,11 +131,24 @@ def test_instruction_guidance_defaults_to_the_runs_and_zero_is_one_flag_away(t3_
     shutil.copytree(t3_run, plain)
     meta = json.loads((plain / "stage2.json").read_text())
     meta["train_config"]["instruction_dropout"] = 0.0
+    meta["null_instruction"] = False  # stage2.json says so outright
     (plain / "stage2.json").write_text(json.dumps(meta))
     synth = Synthesizer.from_run(plain)
     assert synth.guidance(None) == 0.0 and synth.guidance(0.0) == 0.0
     with pytest.raises(SamplingOptionError, match="instruction-dropout"):
         synth.guidance(1.5)
+    # the explicit record wins over the dropout; a run from before the key falls back to the recorded dropout
+    meta["train_config"]["instruction_dropout"] = 0.1
+    (plain / "stage2.json").write_text(json.dumps(meta))
+    assert Synthesizer.from_run(plain).guidance(None) == 0.0
+    del meta["null_instruction"]
+    for dropout, w in ((0.1, INSTRUCTION_GUIDANCE), (None, 0.0)):
+        if dropout is None:
+            del meta["train_config"]["instruction_dropout"]  # older still: no dropout then, so none trained
+        else:
+            meta["train_config"]["instruction_dropout"] = dropout
+        (plain / "stage2.json").write_text(json.dumps(meta))
+        assert Synthesizer.from_run(plain).guidance(None) == w
     assert Synthesizer.from_run(t3_run).guidance(None) == INSTRUCTION_GUIDANCE
 
 

@@ -2,6 +2,7 @@
 CLI's --help reads them without importing torch). These are each family's user-facing `generate` values:
 `ChatterboxTTS.generate` passes top_p=1.0 (T3.inference's own default is 0.95), `ChatterboxMultilingualTTS`
 repetition_penalty=2.0, and `ChatterboxTurboTTS.generate` top_k=1000, top_p=0.95 and no min_p / CFG."""
+from tts_core.recipe import INSTRUCTION_GUIDANCE  # re-exported: ours, the lab's measured W (tts_core.recipe)
 
 DEFAULT_SAMPLING = dict(temperature=0.8, top_p=1.0, min_p=0.05, repetition_penalty=1.2, cfg_weight=0.5)
 DEFAULT_EXAGGERATION = 0.5  # emotion_adv
@@ -13,16 +14,15 @@ FAMILY_SAMPLING = {
     "multilingual": {**DEFAULT_SAMPLING, "repetition_penalty": 2.0},  # chatterbox/mtl_tts.py
     "turbo": TURBO_SAMPLING,  # chatterbox/tts_turbo.py (it warns and ignores cfg_weight / min_p)
 }
-# Instruction guidance W (ours, not Chatterbox's) for runs whose stage 2 trained the null instruction
-# (instruction dropout > 0): chosen from the lab's "accuracy vs instruction guidance W" curve (docs/benchmarks.md
-# "Lab": W 0 / 1.5 / 3 on the same held-out clips; 3 beat 0 on pitch, rate and loudness of both held-out splits by
-# 0.08 – 0.20). A run without a null instruction has nothing to guide against: its default is 0, the unguided path.
-INSTRUCTION_GUIDANCE = 3.0
+# Instruction guidance W (ours, not Chatterbox's) for runs whose stage 2 trained the null instruction: defined with the
+# rest of the lab's measured recipe in `tts_core.recipe` (why there), re-exported here (imported above). A run without a null
+# instruction has nothing to guide against: its default is 0, the unguided path.
 
 
-def default_instruction_guidance(instruction_dropout: float | None) -> float:
-    """W when none is given: `INSTRUCTION_GUIDANCE` for a run that trained the null instruction, else 0."""
-    return INSTRUCTION_GUIDANCE if (instruction_dropout or 0.0) > 0.0 else 0.0
+def default_instruction_guidance(instruction_dropout: float | bool | None) -> float:
+    """W when none is given: `INSTRUCTION_GUIDANCE` for a run that trained the null instruction (a dropout > 0, or
+    stage2.json's ``null_instruction`` true), else 0."""
+    return INSTRUCTION_GUIDANCE if float(instruction_dropout or 0.0) > 0.0 else 0.0
 
 
 # Options a family accepts without using them (passed through so its generate warns, as the official does).

@@ -21,8 +21,13 @@ same layout module that builds training batches; there is no second prefix build
 
 Vocoder (`tts_core.vocoders`): the embedded default decodes the embedded tokens with the tokenizer's own
 decoder (mel-vq: Griffin-Lim; world-vq: WORLD; arrays from the run's copy, else its cache store); S3 tokens (production) are decoded by Chatterbox's S3Gen
-from ``--chatterbox-dir`` (optional extra ``vocoder``), with the reference clip's voice when given, else
-the mapper's x-vector. Without a vocoder `synthesize` returns the tokens and ``wav=None``, and says so.
+from the Chatterbox files the run recorded, or ``--chatterbox-dir`` (optional extra ``vocoder``), with the reference
+clip's voice when given, else the mapper's x-vector. Without a vocoder `synthesize` returns the tokens and ``wav=None``,
+and says so; `InstructTTS.generate` (the Python API) refuses instead.
+
+Frozen models (`tts_core.run_models`): `Synthesizer.from_run` loads the text encoder, voice encoder and Chatterbox
+files the run recorded (``stage2.json`` ``frozen_models``); ``--text-encoder`` / ``--chatterbox-dir`` only move them
+and must hold the same models (name + sha256). A run written before those records loads as it always did.
 """
 from __future__ import annotations
 
@@ -119,7 +124,13 @@ class Synthesizer:
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str = "cpu", text_encoder: str | Path | None = None,
                  chatterbox_dir: str | Path | None = None) -> "Synthesizer":
-        from tts_core.frozen import FrozenModelsConfig, load_speaker_models, load_text_encoder
+        """Load a finished train-stage2 run (or one of its ``checkpoints/step_*``). The frozen models are the ones
+        the run recorded (``stage2.json`` ``frozen_models``, `tts_core.run_models`): ``text_encoder`` /
+        ``chatterbox_dir`` override their location and must hold the same models (name + sha256); a recorded path
+        that is gone or holds other weights is refused by name (`RunModelMissing`, `RunModelMismatch`). A run from
+        before records loads the embedded defaults unless told otherwise, as it always did."""
+        from tts_core.frozen import load_speaker_models, load_text_encoder
+        from tts_core.run_models import resolve_run_models
         from tts_core.stage1.artifacts import load_mapper
         from tts_core.stage2.text_tokenizer import load_text_tokenizer
         from tts_core.stage2.train import SPEECH_CODEBOOK, build_t3
@@ -130,14 +141,20 @@ class Synthesizer:
             raise RunIncompleteError(f"{run_dir} is not a finished train-stage2 run: missing {', '.join(missing)} "
                                      "(pass the --out of train-stage2, or a checkpoints/step_* directory in it)")
         meta = json.loads((run_dir / "stage2.json").read_text())
-        models = FrozenModelsConfig(chatterbox_dir=Path(chatterbox_dir) if chatterbox_dir else None,
-                                    text_encoder=Path(text_encoder) if text_encoder else None, device=device)
+        run = f"the run {run_dir}"
+        located = resolve_run_models(meta.get("frozen_models"), text_encoder=text_encoder,
+                                     chatterbox_dir=chatterbox_dir, run=run)
+        models = located.frozen_config(device)
         te = load_text_encoder(models)
+        located.check("text_encoder", te, run)
         encoder, mapper, mapper_meta = load_mapper(_resolve_mapper_dir(run_dir, meta["mapper"]["dir"]),
                                                    text_encoder_identity=te, device=device)
         t3, _, _ = build_t3(str(run_dir), int(meta["instruction_dim"]), label=f"run {run_dir}")
         t3.to(device).eval()
         tokenizer = load_text_tokenizer(None, t3_dir=run_dir)
+        ve, xv = load_speaker_models(models)
+        located.check("voice_encoder", ve, run)
+        located.check("xvector", xv, run)
         speech_tok = vocoder = None
         own = next((d / SPEECH_CODEBOOK for d in (run_dir, run_dir.parent.parent) if (d / SPEECH_CODEBOOK).is_file()),
                    None)  # the run's own copy (a checkpoints/step_* dir: its run's)
@@ -152,11 +169,11 @@ class Synthesizer:
             from tts_core.vocoders import VocoderUnavailable, s3gen_spec_for
 
             speech_tok = S3SpeechTokenizer.from_s3gen(models.s3gen_path(), device=device)
+            located.check("speech_tokenizer", speech_tok, run)
             try:  # Turbo decodes with s3gen_meanflow.safetensors beside it
                 vocoder = s3gen_spec_for(t3.cfg.backbone, models.s3gen_path()).load(device=device)
             except VocoderUnavailable as exc:
                 log.warning("%s — synthesis will return speech tokens only", exc)
-        ve, _ = load_speaker_models(models)
         synth = cls(t3, tokenizer, encoder, mapper, te, meta, vocoder=vocoder, speech_tokenizer=speech_tok,
                     voice_encoder=ve)
         synth.mapper_meta = mapper_meta
@@ -193,14 +210,22 @@ class Synthesizer:
         return cond, xv
 
     # ---- synthesis ----------------------------------------------------------------------------------
+    @property
+    def null_instruction(self) -> bool:
+        """Whether stage 2 trained the null instruction: ``stage2.json`` says so (``null_instruction``); a run
+        written before that key, by its recorded ``instruction_dropout`` (missing: 0, as those runs trained)."""
+        recorded = self.meta.get("null_instruction")
+        if recorded is not None:
+            return bool(recorded)
+        return float(self.meta.get("train_config", {}).get("instruction_dropout") or 0.0) > 0.0
+
     def guidance(self, w: float | None = None) -> float:
         """Instruction guidance W for this run: ``w`` as given, or the run's default when None (3 where stage 2
         trained the null instruction, else 0). W > 0 without a trained null instruction would guide against an
         embedding the T3 never saw: refused."""
-        dropout = float(self.meta.get("train_config", {}).get("instruction_dropout") or 0.0)
         if w is None:
-            return 0.0 if self.t3.cfg.family == "turbo" else default_instruction_guidance(dropout)
-        if w > 0 and dropout <= 0:
+            return 0.0 if self.t3.cfg.family == "turbo" else default_instruction_guidance(self.null_instruction)
+        if w > 0 and not self.null_instruction:
             raise SamplingOptionError(f"instruction guidance W = {w:g} needs a run whose stage 2 trained the null "
                                       "instruction (train-stage2 --instruction-dropout > 0; this run's is 0): "
                                       "use W 0 here, or retrain")
@@ -229,6 +254,51 @@ class Synthesizer:
                         "returning speech tokens only")
         return SynthResult(tokens=tokens, wav=wav, sample_rate=sr,
                            speaker_emb=cond.speaker_emb[0].float().cpu().numpy(), x_vector=xv)
+
+
+class VocoderMissingError(RunIncompleteError):
+    """`generate` needs a waveform, and this run has no vocoder for its speech tokens."""
+
+
+class InstructTTS(Synthesizer):
+    """The Python API, in Chatterbox's own style::
+
+        from instruct_tts import InstructTTS
+        model = InstructTTS.from_run("runs/t3", device="cuda")
+        wav = model.generate("Hello there.", instruction="A deep, slow male voice.")   # [1, N] float32 at model.sr
+        torchaudio.save("a.wav", wav, model.sr)
+
+    ``from_run(run_dir, device="cpu", text_encoder=None, chatterbox_dir=None)`` loads the run with the frozen models it
+    recorded (`Synthesizer.from_run`); `generate` is `synthesize` (the ``synthesize`` command's path) returning the
+    waveform as a tensor."""
+
+    @property
+    def sr(self) -> int | None:
+        """Sample rate of `generate`'s output (the vocoder's); None when the run has no vocoder."""
+        return int(self.vocoder.sample_rate) if self.vocoder is not None else None
+
+    def generate(self, text: str, instruction: str | None = None, audio_prompt_path: str | Path | None = None, *,
+                 seed: int = 0, language_id: str | None = None, mapper_draws: int | None = None,
+                 temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+                 min_p: float | None = None, repetition_penalty: float | None = None, cfg_weight: float | None = None,
+                 max_new_tokens: int = 1000, instruction_guidance: float | None = None) -> torch.Tensor:
+        """``text`` spoken as ``instruction`` says, and/or in the voice of the clip at ``audio_prompt_path`` (loaded as
+        Chatterbox loads it) → float32 tensor [1, N] at `sr`. The sampling keywords are the ``synthesize`` command's
+        (`SamplingConfig`; None = the T3 family's official value, ``instruction_guidance`` None = the run's default);
+        ``language_id``: a multilingual T3's text language (default: the run's). Same seed, same waveform as
+        ``instruct-tts synthesize --seed``."""
+        if self.vocoder is None:
+            raise VocoderMissingError(
+                "this run's speech tokens need a vocoder to become a waveform, and none loaded: S3 tokens are decoded "
+                "by Chatterbox's S3Gen, so pass chatterbox_dir= (the directory with s3gen.safetensors) to from_run "
+                "unless the run recorded it, and install the `vocoder` extra; or call synthesize() for the tokens")
+        reference = None if audio_prompt_path is None else Reference.load(audio_prompt_path)
+        sampling = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                                  repetition_penalty=repetition_penalty, cfg_weight=cfg_weight,
+                                  max_new_tokens=max_new_tokens, instruction_guidance=instruction_guidance)
+        res = self.synthesize(text, instruction=instruction, reference=reference, seed=seed, sampling=sampling,
+                              language=language_id, mapper_draws=mapper_draws)
+        return torch.from_numpy(np.asarray(res.wav, dtype=np.float32).copy()).reshape(1, -1)
 
 
 def _as_reference(reference: Reference | np.ndarray) -> Reference:

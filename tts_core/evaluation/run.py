@@ -33,6 +33,8 @@ class EvalConfig:
     seed: int = 0
     device: str = "cpu"
     max_new_tokens: int = 400
+    # None: the models the run recorded (stage2.json frozen_models, tts_core.run_models); given: the same models
+    # elsewhere (name + sha256 checked against the record)
     text_encoder: str | None = None
     chatterbox_dir: str | None = None
     language: str = "en"  # multilingual T3: the language of `text` (ignored by the English tokenizer)

@@ -1,4 +1,4 @@
-"""Instruction mapper: conditional flow matching from ``style_emb`` to a voice (DESIGN.md "Stage 1").
+"""Instruction mapper: conditional flow matching from ``style_emb`` to a voice.
 
 Target (fixed, never learned — a trainable target projector collapses):
 
@@ -40,15 +40,17 @@ Training (linear path, x0 ~ N(0, I), t ~ U(0, 1)):
 Inference: ``n_steps`` Euler steps of dx/dt = v(x, t, c) from x0 = temperature · ε, ε ~ N(0, I) (seeded),
 heads, L2-norm. A sampling temperature below 1 (as in Glow-TTS / Matcha-TTS) trades diversity for
 fidelity while the flow is still broad: on the embedded corpus (300 clips, 600 steps) held-out AvgCos was
-0.745 at temperature 1.0, 0.815 at 0.3, 0.80 at 0.6. Exactly 0 is *not* safe: training never shows the
-network x_t ≈ 0 at t = 0, and an early checkpoint once decoded AvgCos −0.03 from it. The default 0.3 is
+0.745 at temperature 1.0, 0.815 at 0.3, 0.80 at 0.6 (one draw). Exactly 0 is *not* safe: training never shows the
+network x_t ≈ 0 at t = 0, and an early checkpoint once decoded AvgCos −0.03 from it. The configured temperature is
 used everywhere the mapper is sampled (held-out evaluation, stage-2 instruction rows,
 synthesis), so what stage 1 reports is what stage 2 and synthesis get.
 
-``draws`` (default 1) averages K decoded draws per vector (then L2-normalises): the mean of K samples estimates the
+``draws`` averages K decoded draws per vector (then L2-normalises): the mean of K samples estimates the
 conditional mean, which a cosine rewards, at the price of voice variety (one draw keeps it; ``draws=1`` and a
 given seed give exactly the K = 1 vectors, and draw 0 of K is that same vector). The lab measures the curve
-(docs/lab.md "Stage 1: what the mapper hands on") and the run records the choice in ``mapper.json``.
+(docs/lab.md "Stage 1 with the real CAM++ x-vector") and the run records the choice in ``mapper.json``. The defaults
+are that measurement's choice, 64 draws at T 0.8 (`tts_core.recipe`): the mean of 64 draws beat one draw at any
+temperature on held-out cosines (pass ``draws=1`` for the most voice variety across seeds).
 Always fp32 with autocast disabled, so the vectors stage 2 consumes do not depend on its AMP context.
 """
 from __future__ import annotations
@@ -59,6 +61,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from tts_core.recipe import MAPPER_DRAWS, MAPPER_TEMPERATURE
 
 SPK_DIM = 256
 XVEC_DIM = 192
@@ -85,8 +89,10 @@ class MapperConfig:
     spk_dim: int = SPK_DIM
     xvec_dim: int = XVEC_DIM
     n_steps: int = 10  # Euler steps at inference
-    temperature: float = 0.3  # inference starts from temperature · N(0, I) (module doc, "Inference")
-    draws: int = 1  # decoded draws averaged per inferred vector (module doc, "Inference")
+    # inference starts from temperature · N(0, I), ``draws`` decoded draws averaged per inferred vector (module doc,
+    # "Inference"); defaults: the lab's measured recipe (tts_core.recipe: the mean of 64 draws at T 0.8)
+    temperature: float = MAPPER_TEMPERATURE
+    draws: int = MAPPER_DRAWS
     recon_weight: float = 1.0
     target_scale: float = 16.0  # x1 = target_scale · make_target(...): fixed, ≈ noise scale (module doc)
 

@@ -3,7 +3,9 @@
 A checkpoint directory (``run_dir``, ``run_dir/phase1``, ``run_dir/phase2``) holds
 
     mapper.safetensors   state dict of `Stage1Model`: ``encoder.*`` (pooling) and ``mapper.*`` (flow)
-    mapper.json          format, encoder + mapper config, text-encoder identity, cache identity,
+    mapper.json          format, encoder + mapper config (the effective sampling: draws, temperature),
+                         text-encoder identity, cache identity, the frozen models and their paths
+                         (``frozen_models``, `tts_core.run_models`),
                          phase/epoch/step, best AvgCos, metrics history, sha256 of the weights file
 
 Both are written atomically (temporary file + rename); the JSON is written last and records the

@@ -9,7 +9,7 @@ What is kept
 * only clips with an instruction (``instruction_id >= 0``) and non-degenerate vectors (raw norm > 0);
   the others are counted in ``dropped``;
 * ``spk`` [N, 256] and ``xvec`` [N, 192] are L2-normalised here whatever the store's normalisation
-  setting (DESIGN: the flow target is built from unit vectors; normalising twice is a no-op);
+  setting (the flow target is built from unit vectors; normalising twice is a no-op);
 * ``states``: a states source over the *unique* instructions (`tts_core.stage1.states`: the ragged
   table in memory, or streamed from the store when it exceeds ``states_in_memory_mb``), so a clip
   reaches its text states through ``instruction_id`` (no per-clip copy) and the padded

@@ -12,7 +12,7 @@ used to skip non-finite steps. Bigger state tables are streamed from the store p
 chunk-aware order with one batch of read-ahead (`tts_core.stage1.batches`); the padded [U, Lmax, H]
 table is never built (300k unique flan-t5-large instructions would make it ~17 GB).
 
-Phases (DESIGN "Stage 1"): phase 1 trains with the heads reconstructing from ground-truth x1 at
+Phases: phase 1 trains with the heads reconstructing from ground-truth x1 at
 ``lr_phase1``; phase 2 (``use_predicted_recon``) starts from phase 1's *best* checkpoint at the lower
 ``lr_phase2`` with a fresh optimizer and a reset best cosine. Each phase early-stops on held-out AvgCos
 = (SpkCos + XVecCos) / 2 after ``patience`` evaluations without an improvement of ``min_delta``. The run
@@ -58,6 +58,7 @@ from tts_core.interrupt import TrainingInterrupted, stop_requested
 from tts_core.precision import resolve_amp
 from tts_core.mapper.flow import InstructionMapper, MapperConfig
 from tts_core.mapper.pooling import InstructionEncoder, check_text_encoder_identity
+from tts_core.run_models import frozen_models_record
 from tts_core.stage1.artifacts import (
     META_FILE, WEIGHTS_FILE, Stage1Model, atomic_torch_save, atomic_write_json, atomic_write_text,
     copy_checkpoint, dtype_name, load_mapper, load_weights, read_meta, resolve_checkpoint, save_checkpoint,
@@ -389,6 +390,8 @@ class Stage1Recipe:
         self.base_meta = {
             "text_encoder": data.text_encoder_identity,
             "cache": data.cache_identity,
+            # the frozen models this mapper was trained over, where they were loaded from (tts_core.run_models)
+            "frozen_models": frozen_models_record((data.cache_identity or {}).get("models")),
             "train_config": cfg.to_dict(),
             "data": {"fingerprint": self.fingerprint, "n_clips": data.n_clips, "n_captions": data.n_captions,
                      "n_instructions": data.n_instructions,

@@ -5,8 +5,8 @@
 
 or, for DDP, the same call in a script launched with ``torchrun --nproc-per-node N script.py``.
 
-What is trained (DESIGN "Stage 2")
-----------------------------------
+What is trained
+---------------
 Frozen, never in the optimizer: the stage-1 instruction encoder and mapper (loaded with
 `load_mapper`, ``requires_grad=False``, eval mode; their outputs are precomputed once — see
 `tts_core.stage2.data`), and the VoiceEncoder / S3 tokenizer / S3Gen (their outputs come from the
@@ -65,9 +65,15 @@ all-reduced values, so every rank skips the same steps) is skipped and counted; 
 ``max_nonfinite`` in a row raise `Stage2NonFiniteError`.
 
 Row kinds (`tts_core.stage2.data`, "Per-sample mixing"): ``instruction_prob`` splits instruction-only / audio-only
-rows (0.5: DESIGN's 50/50), ``prompt_instruction_prob`` takes a share of the rows for prompt + instruction, and
-``instruction_dropout`` gives instruction-on rows the null instruction that instruction guidance needs. The
-expected shares (`row_mix`) are in the run's summary and report; the three values are in ``train_config``.
+rows (0.5: the design card's 50/50), ``prompt_instruction_prob`` takes a share of the rows for prompt + instruction, and
+``instruction_dropout`` gives instruction-on rows the null instruction that instruction guidance needs. Defaults
+0.5 / 0.2 / 0.1: the lab's measured mix (`tts_core.recipe`). The expected shares (`row_mix`) are in the run's summary
+and report; the three values are in ``train_config``, and ``stage2.json`` says outright whether the run trained the
+null instruction (``null_instruction``: what synthesis's default instruction guidance reads).
+
+Frozen models (`tts_core.run_models`): ``stage2.json`` ``frozen_models`` records the store's text encoder, speech
+tokenizer, voice encoder and x-vector (name, sha256, source path) and the Chatterbox files among them, so synthesis
+and evaluation load the same ones without options, and refuse a moved or different model by name.
 
 Held-out loss (``hold_out="mapper"``, `tts_core.stage2.hold_out`): the stage-1 run's held-out clips are
 left out of training (as rows and as prompt clips) and `Stage2Recipe.evaluate` scores their
@@ -98,6 +104,8 @@ from torch import nn
 from tts_core.atomic_files import atomic_copy, atomic_torch_save, atomic_write_json
 from tts_core.interrupt import TrainingInterrupted, stop_requested
 from tts_core.precision import resolve_amp
+from tts_core.run_models import frozen_models_record
+from tts_core.recipe import INSTRUCTION_DROPOUT, INSTRUCTION_PROB, PROMPT_INSTRUCTION_PROB
 from tts_core.mapper.pooling import TextEncoderMismatchError, check_text_encoder_identity
 from tts_core.seeds import mix_seed
 from tts_core.stage2.data import BucketBatchSampler, batch_rng, prepare_stage2_data, row_mix
@@ -147,11 +155,13 @@ class Stage2Config:
     t3: str = "520m"  # preset name, or a directory / file with t3_cfg.safetensors
     text_tokenizer: str | None = None  # None: the t3 family's tokenizer file, else bytes; "bytes"; a tokenizer file
     language: str | None = None  # multilingual T3: language of rows whose metadata has no 5th column
-    instruction_prob: float = 0.5  # per-row probability of an instruction-only row (of rows not prompt + instruction)
+    # the row mix: defaults are the lab's measured recipe (tts_core.recipe, where each value's reason is)
+    # per-row probability of an instruction-only row (of rows not prompt + instruction)
+    instruction_prob: float = INSTRUCTION_PROB
     # share of rows (with an instruction) conditioned on a reference prompt *and* the instruction (data.row_mix)
-    prompt_instruction_prob: float = 0.0
+    prompt_instruction_prob: float = PROMPT_INSTRUCTION_PROB
     # share of instruction-on rows given the null instruction: what instruction guidance's unconditional branch is
-    instruction_dropout: float = 0.1
+    instruction_dropout: float = INSTRUCTION_DROPOUT
     batch_size: int = 32  # rows per batch (per rank); the cap when max_tokens is set
     max_tokens: int = 0  # token budget per batch (rows × longest row); 0 = fixed batch_size
     grad_accum: int = 1  # batches per rank per optimizer step (N ranks × A = A·N global batches per step)
@@ -540,7 +550,9 @@ class Stage2Recipe:
             "instruction_dim": self.encoder.hidden_size, "prompt_len": self.prompt_len,
             "emotion_adv": cfg.emotion_adv, "language": self.language, "family": self.t3.cfg.family,
             "store": {"url": _absolute(cfg.store), "lines_digest": self.reader.info.lines_digest},
-            "train_config": cfg.to_dict(), "load_report": report.summary if report is not None else None,
+            "train_config": cfg.to_dict(), "null_instruction": cfg.instruction_dropout > 0,
+            "frozen_models": frozen_models_record(self.reader.identities),
+            "load_report": report.summary if report is not None else None,
             "t3_found": source.describe() if source is not None else None,
         }
 
