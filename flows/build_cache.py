@@ -11,40 +11,32 @@ shards with modest payloads — Dask's home ground — prefect-dask is maintaine
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 
 from cache import norms
 from tts_core.cachebuild.build import BuildConfig, BuildProgress, BuildSummary, build_cache
-from cache.schema import Normalisation
 from tts_core.cachebuild.shards import encode_shard, ordered_window
 from flows.keys import artifact_key
 from flows.pictures import picture, publish_markdown
-from tts_core.encoders.embedded import DEFAULT_KIND
-from tts_core.frozen import FrozenModelsConfig
-from tts_core.audio import AudioPolicy
+from instruct_tts.options import DASK_LOCAL_WORKERS, TASK_RUNNERS, build_config
 
 
 @flow(name="build-cache", log_prints=True)
 def build_cache_flow(metadata: str, audio_root: str, store: str, chatterbox_dir: str | None = None,
-                     text_encoder: str | None = None, device: str = "cpu", normalise_spk: bool = True,
-                     normalise_xvec: bool = True, loader_threads: int = 4, chunk_rows: int = 256,
-                     task_runner: str = "local", cluster: str | None = None, workers: int = 2,
-                     speech_tokenizer: str = DEFAULT_KIND, allow_outside_root: bool = False) -> dict:
-    """Validate every clip, run the frozen models once, write the Zarr store and its norm report."""
-    cfg = BuildConfig(
-        metadata=Path(metadata), audio_root=Path(audio_root), store=store,
-        models=FrozenModelsConfig(chatterbox_dir=Path(chatterbox_dir) if chatterbox_dir else None,
-                                  text_encoder=Path(text_encoder) if text_encoder else None, device=device,
-                                  speech_tokenizer=speech_tokenizer),
-        normalisation=Normalisation(spk_emb=normalise_spk, xvec=normalise_xvec), loader_threads=loader_threads,
-        chunk_rows=chunk_rows, audio=AudioPolicy(allow_outside_root=allow_outside_root))
+                     text_encoder: str | None = None, device: str | None = None, raw_spk: bool = False,
+                     raw_xvec: bool = False, loader_threads: int | None = None, chunk_rows: int | None = None,
+                     allow_outside_root: bool = False, speech_tokenizer: str | None = None,
+                     task_runner: str = "local", cluster: str | None = None,
+                     workers: int = DASK_LOCAL_WORKERS) -> dict:
+    """Validate every clip, run the frozen models once, write the Zarr store and its norm report. The parameters
+    are `instruct-tts build-cache`'s flags (`--help`; None = the config's default)."""
+    cfg = build_config(locals())
     if task_runner == "local":
         return _build(cfg, shard_map=None)
-    if task_runner != "dask":
-        raise ValueError(f"task_runner must be 'local' or 'dask', not {task_runner!r}")
+    if task_runner not in TASK_RUNNERS:
+        raise ValueError(f"task_runner must be one of {', '.join(TASK_RUNNERS)}, not {task_runner!r}")
     from prefect_dask import DaskTaskRunner
 
     runner = (DaskTaskRunner(address=cluster) if cluster else

@@ -12,7 +12,8 @@ from prefect.artifacts import create_link_artifact, create_table_artifact
 
 from flows.keys import artifact_key
 from flows.pictures import picture, publish_markdown
-from instruct_tts.lab import LabConfig, run_lab
+from instruct_tts.lab import run_lab
+from instruct_tts.options import LAB_DEFAULT_PRESET, lab_config
 from tts_core.evaluation.lab_report import to_markdown
 
 
@@ -21,10 +22,20 @@ PLOTS = {"attributes.png": "direction accuracy with intervals", "stage2_loss.png
 
 
 @flow(name="lab", log_prints=True)
-def lab_flow(out: str = "lab", preset: str = "default", overrides: dict | None = None) -> dict:
-    """``preset``: default | medium | tiny; ``overrides``: LabConfig fields (e.g. ``{"n_clips": 2000}``)."""
+def lab_flow(out: str | None = None, preset: str = LAB_DEFAULT_PRESET, n_clips: int | None = None,
+             stage1_steps: int | None = None, stage2_steps: int | None = None, text_encoder: str | None = None,
+             t3: str | None = None, eval_clips: int | None = None, mapper_draws: int | None = None,
+             captions_per_clip: int | None = None, compare_to: str | None = None, speech_tokenizer: str | None = None,
+             repetition_penalty: float | None = None, instruction_guidance: float | None = None,
+             repetition_sweep: tuple[float, ...] | None = None, guidance_sweep: tuple[float, ...] | None = None,
+             sweep_clips: int | None = None, instruction_dropout: float | None = None,
+             prompt_instruction_prob: float | None = None, seed: int | None = None, device: str | None = None) -> dict:
+    """The instruction-following lab. The parameters are `instruct-tts lab`'s flags (`--help`; None = the preset's
+    value)."""
+    cfg = lab_config(locals())
     logger = get_run_logger()
-    report = run_lab(LabConfig.preset(preset, out=Path(out), **(overrides or {})), say=logger.info)
+    report = run_lab(cfg, say=logger.info)
+    out = str(cfg.out)
     key = artifact_key(out, "lab")
     plots = "\n\n".join(picture(name, alt) for name, alt in PLOTS.items())
     publish_markdown(to_markdown(report) + "\n## Plots\n\n" + plots + "\n", base=out, key=f"{key}-report",

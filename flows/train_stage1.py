@@ -13,7 +13,7 @@ from prefect.artifacts import create_progress_artifact, create_table_artifact, u
 
 from flows.keys import artifact_key
 from flows.pictures import publish_markdown
-from tts_core.mapper.flow import MapperConfig
+from instruct_tts.options import stage1_configs
 from tts_core.stage1.from_store import train_stage1_from_store
 from tts_core.stage1.train import PHASES, Stage1TrainConfig
 
@@ -30,13 +30,20 @@ def stage1_progress(row: dict, cfg: Stage1TrainConfig) -> float:
 
 
 @flow(name="train-stage1", log_prints=True)
-def train_stage1_flow(store: str, out: str, phase: str = "both", train: dict | None = None,
-                      mapper: dict | None = None) -> dict:
-    """Train the instruction mapper on a cache store. ``train`` / ``mapper`` override fields of
-    Stage1TrainConfig / MapperConfig (e.g. ``{"epochs": 50, "device": "cuda"}``)."""
+def train_stage1_flow(store: str, out: str, phase: str | int | None = None, init_from: str | None = None,
+                      device: str | None = None, amp: str | None = None, epochs: int | None = None,
+                      batch_size: int | None = None, lr: float | None = None, lr_phase2: float | None = None,
+                      patience: int | None = None, eval_every: int | None = None, max_steps: int | None = None,
+                      min_phase_steps: int | None = None, warmup_steps: int | None = None,
+                      held_out_frac: float | None = None, split_by: str | None = None, seed: int | None = None,
+                      restart: bool = False, states_in_memory_mb: float | None = None,
+                      states_cache_mb: float | None = None, hidden_dim: int | None = None,
+                      n_blocks: int | None = None, n_steps: int | None = None, temperature: float | None = None,
+                      draws: int | None = None) -> dict:
+    """Train the instruction mapper on a cache store. The parameters are `instruct-tts train-stage1`'s flags
+    (`--help`; None = Stage1TrainConfig's / MapperConfig's default)."""
+    cfg, mcfg = stage1_configs(locals())
     logger = get_run_logger()
-    cfg = Stage1TrainConfig(**{**(train or {}), "out_dir": out, "phase": phase})
-    mcfg = MapperConfig.from_dict(mapper or {})
     key = artifact_key(out, "stage1")
     bar = create_progress_artifact(0.0, key=f"{key}-progress", description=f"train-stage1 {out}")
 

@@ -14,16 +14,25 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from flows.keys import artifact_key
 from flows.pictures import publish_markdown
-from tts_core.stage2.train import Stage2Config, train_stage2
+from instruct_tts.options import stage2_config
+from tts_core.stage2.train import train_stage2
 from tts_core.training.tb import logged
 
 
 @flow(name="train-stage2", log_prints=True)
-def train_stage2_flow(store: str, mapper: str, t3: str, out: str, train: dict | None = None) -> dict:
-    """Train T3 + adapters. ``t3``: a Chatterbox checkpoint dir or a preset (``tiny``, ``520m``);
-    ``train`` overrides Stage2Config fields (e.g. ``{"max_steps": 2000, "instruction_prob": 0.5}``)."""
+def train_stage2_flow(store: str, mapper: str, t3: str, out: str, device: str | None = None, amp: str | None = None,
+                      instruction_prob: float | None = None, prompt_instruction_prob: float | None = None,
+                      instruction_dropout: float | None = None, batch_size: int | None = None,
+                      max_tokens: int | None = None, grad_accum: int | None = None, lr: float | None = None,
+                      adapter_lr: float | None = None, epochs: int | None = None, max_steps: int | None = None,
+                      warmup_steps: int | None = None, save_every: int | None = None, log_every: int | None = None,
+                      hold_out: str | None = None, eval_every: int | None = None, text_tokenizer: str | None = None,
+                      language: str | None = None, seed: int | None = None, compile: bool = False,
+                      activation_checkpointing: bool = False, restart: bool = False) -> dict:
+    """Train T3 + adapters in this one process. The parameters are `instruct-tts train-stage2`'s flags (`--help`;
+    None = Stage2Config's default); ``t3``: a Chatterbox checkpoint dir or a preset (``tiny``, ``small``, ``520m``)."""
+    cfg = stage2_config(locals())
     logger = get_run_logger()
-    cfg = Stage2Config.from_dict({**(train or {}), "store": store, "mapper_dir": mapper, "t3": t3, "out_dir": out})
     key = artifact_key(out, "stage2")
     bar = create_progress_artifact(0.0, key=f"{key}-progress", description=f"train-stage2 {out}")
 

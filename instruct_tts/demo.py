@@ -14,8 +14,11 @@ from pathlib import Path
 # CPU-sized settings, chosen on the 300-clip corpus (docs/benchmarks.md, "Stage 1").
 DEMO_STAGE1 = dict(batch_size=64, lr_phase1=3e-3, lr_phase2=7.5e-4, epochs=1, min_phase_steps=400, eval_every=100,
                    patience=3, held_out_frac=0.2, warmup_steps=50)
-DEMO_MAPPER = dict(hidden_dim=256, n_blocks=4)
-DEMO_STAGE2 = dict(batch_size=16, lr=2e-3, warmup_steps=30, epochs=1000, max_steps=1000, log_every=50, save_every=250)
+# The demo's figures were made with the settings in force before the lab's recipe became the default
+# (tts_core.recipe, issue #31): one mapper draw at T 0.3 and no prompt + instruction rows, pinned here so they stand.
+DEMO_MAPPER = dict(hidden_dim=256, n_blocks=4, draws=1, temperature=0.3)
+DEMO_STAGE2 = dict(batch_size=16, lr=2e-3, warmup_steps=30, epochs=1000, max_steps=1000, log_every=50, save_every=250,
+                   prompt_instruction_prob=0.0)
 DEMO_TEXT = "The quick brown fox jumps over the lazy dog."
 DEMO_INSTRUCTIONS = {  # contrasting voices, phrased unlike any training instruction
     "deep_slow_male": "A deep, low-pitched man speaking slowly and calmly.",
@@ -62,45 +65,49 @@ def run_demo(cfg: DemoConfig) -> int:
 
 
 def _build_cache(cfg: DemoConfig, corpus, store: str) -> None:
+    from instruct_tts.options import build_config, stage_options
+
+    o = stage_options("build-cache", metadata=corpus.metadata, audio_root=corpus.root, store=store, device=cfg.device)
     if cfg.use_prefect:
         from flows.build_cache import build_cache_flow
 
-        build_cache_flow(metadata=str(corpus.metadata), audio_root=str(corpus.root), store=store, device=cfg.device)
+        build_cache_flow(**o)
         return
-    from tts_core.cachebuild.build import BuildConfig, build_cache
-    from tts_core.frozen import FrozenModelsConfig
+    from tts_core.cachebuild.build import build_cache
 
-    for line in build_cache(BuildConfig(metadata=corpus.metadata, audio_root=corpus.root, store=store,
-                                        models=FrozenModelsConfig(device=cfg.device))).lines():
+    for line in build_cache(build_config(o)).lines():
         print(line)
 
 
 def _stage1(cfg: DemoConfig, store: str, out: Path) -> None:
-    train = {**DEMO_STAGE1, "device": cfg.device, "seed": cfg.seed}
+    from instruct_tts.options import stage1_configs, stage_options
+
+    train = {("lr" if k == "lr_phase1" else k): v for k, v in DEMO_STAGE1.items()}  # --lr is phase 1's
+    o = stage_options("train-stage1", store=store, out=out, phase="both", **train, **DEMO_MAPPER,
+                      device=cfg.device, seed=cfg.seed)
     if cfg.use_prefect:
         from flows.train_stage1 import train_stage1_flow
 
-        train_stage1_flow(store=store, out=str(out), phase="both", train=train, mapper=DEMO_MAPPER)
+        train_stage1_flow(**o)
         return
-    from tts_core.mapper.flow import MapperConfig
     from tts_core.stage1.from_store import train_stage1_from_store
-    from tts_core.stage1.train import Stage1TrainConfig
 
-    train_stage1_from_store(store, Stage1TrainConfig(**train, out_dir=str(out), phase="both"),
-                            MapperConfig.from_dict(DEMO_MAPPER))
+    train_stage1_from_store(store, *stage1_configs(o))
 
 
 def _stage2(cfg: DemoConfig, store: str, mapper_dir: Path, out: Path) -> None:
-    train = {**DEMO_STAGE2, "device": cfg.device, "seed": cfg.seed}
+    from instruct_tts.options import stage2_config, stage_options
+
+    o = stage_options("train-stage2", store=store, mapper=mapper_dir, t3="tiny", out=out, **DEMO_STAGE2,
+                      device=cfg.device, seed=cfg.seed)
     if cfg.use_prefect:
         from flows.train_stage2 import train_stage2_flow
 
-        train_stage2_flow(store=store, mapper=str(mapper_dir), t3="tiny", out=str(out), train=train)
+        train_stage2_flow(**o)
         return
-    from tts_core.stage2.train import Stage2Config, train_stage2
+    from tts_core.stage2.train import train_stage2
 
-    train_stage2(Stage2Config.from_dict({**train, "store": store, "mapper_dir": str(mapper_dir), "t3": "tiny",
-                                         "out_dir": str(out)}))
+    train_stage2(stage2_config(o))
 
 
 def _synthesize(cfg: DemoConfig, t3_dir: Path) -> dict[str, Path]:
@@ -121,15 +128,16 @@ def _synthesize(cfg: DemoConfig, t3_dir: Path) -> dict[str, Path]:
 
 
 def _evaluate(cfg: DemoConfig, store: str, t3_dir: Path) -> dict:
-    from tts_core.evaluation.run import EvalConfig, evaluate_run
+    from instruct_tts.options import eval_config, stage_options
+    from tts_core.evaluation.run import evaluate_run
 
-    ecfg = EvalConfig(run_dir=str(t3_dir), store=store, n_instructions=DEMO_EVAL_N, seed=cfg.seed, device=cfg.device,
+    o = stage_options("evaluate", run=t3_dir, store=store, n=DEMO_EVAL_N, seed=cfg.seed, device=cfg.device,
                       max_new_tokens=DEMO_MAX_TOKENS)
     if cfg.use_prefect:
         from flows.evaluate import evaluate_flow
 
-        return evaluate_flow(**vars(ecfg))
-    return evaluate_run(ecfg)
+        return evaluate_flow(**o)
+    return evaluate_run(eval_config(o))
 
 
 def _summary(store: str, mapper_dir: Path, t3_dir: Path, wavs: dict[str, Path]) -> None:

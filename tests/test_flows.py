@@ -49,10 +49,8 @@ def test_train_stage1_flow_publishes_progress_report_and_tensorboard(demo_store,
 
     store, _ = demo_store
     out = tmp_path / "mapper"
-    res = train_stage1_flow(store=store, out=str(out), phase="both",
-                            train={"max_steps": 12, "eval_every": 4, "batch_size": 32, "device": "cpu",
-                                   "min_phase_steps": 0, "epochs": 1},
-                            mapper={"hidden_dim": 32, "n_blocks": 1})
+    res = train_stage1_flow(store=store, out=str(out), phase="both", max_steps=12, eval_every=4, batch_size=32,
+                            device="cpu", min_phase_steps=0, epochs=1, hidden_dim=32, n_blocks=1)
     assert res["global_step"] == 12 and (out / "mapper.safetensors").is_file()
 
     arts = _artifacts()
@@ -74,11 +72,10 @@ def test_train_stage2_flow_publishes_progress_and_report(demo_store, tmp_path, p
     from flows.train_stage2 import train_stage2_flow
 
     store, _ = demo_store
-    train_stage1_flow(store=store, out=str(tmp_path / "m"), phase="1",
-                      train={"max_steps": 4, "eval_every": 4, "batch_size": 32, "device": "cpu"},
-                      mapper={"hidden_dim": 32, "n_blocks": 1})
+    train_stage1_flow(store=store, out=str(tmp_path / "m"), phase="1", max_steps=4, eval_every=4, batch_size=32,
+                      device="cpu", hidden_dim=32, n_blocks=1)
     res = train_stage2_flow(store=store, mapper=str(tmp_path / "m"), t3="tiny", out=str(tmp_path / "t3run"),
-                            train={"max_steps": 4, "log_every": 2, "batch_size": 8, "device": "cpu"})
+                            max_steps=4, log_every=2, batch_size=8, device="cpu")
     assert res["global_step"] == 4 and res["trainable"]["adapters"] > 0
 
     # the synthesize deployment's flow: a batch file -> wavs + a table artifact; a bad line is named
@@ -86,12 +83,12 @@ def test_train_stage2_flow_publishes_progress_and_report(demo_store, tmp_path, p
 
     batch = tmp_path / "batch.txt"
     batch.write_text("Hello there.|A deep male voice.\nGood morning.|A high, fast female voice.\n")
-    rows = synthesize_flow(run_dir=str(tmp_path / "t3run"), batch=str(batch), out_dir=str(tmp_path / "wavs"),
+    rows = synthesize_flow(run=str(tmp_path / "t3run"), batch=str(batch), out_dir=str(tmp_path / "wavs"),
                            max_new_tokens=10)
     assert [r["line"] for r in rows] == [1, 2] and all(Path(r["wav"]).is_file() for r in rows)
     batch.write_text("Hello there.|A deep male voice.\nno instruction here\n")
     with pytest.raises(ValueError, match="batch.txt:2"):
-        synthesize_flow(run_dir=str(tmp_path / "t3run"), batch=str(batch), out_dir=str(tmp_path / "wavs2"))
+        synthesize_flow(run=str(tmp_path / "t3run"), batch=str(batch), out_dir=str(tmp_path / "wavs2"))
 
     arts = _artifacts()
     assert arts["t3run-stage2-progress"].data == 100.0
@@ -109,8 +106,7 @@ def test_evaluate_flow_publishes_report_table_and_links(t3_run, demo_store, tmp_
     from flows.evaluate import evaluate_flow
 
     store, _ = demo_store
-    s = evaluate_flow(run_dir=str(t3_run), store=store, out_dir=str(tmp_path / "ev"), n_instructions=3,
-                      max_new_tokens=20)
+    s = evaluate_flow(run=str(t3_run), store=store, out=str(tmp_path / "ev"), n=3, max_new_tokens=20)
     assert s["n"] == 3
     arts = _artifacts()
     key = t3_run.name + "-eval"
