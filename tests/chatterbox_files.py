@@ -44,3 +44,80 @@ def write_mtl_vocab(path):
     tk.add_special_tokens(["[START]", "[STOP]", "[UNK]", "[SPACE]"] + [f"[{c}]" for c in MTL_LANGUAGES])
     tk.save(str(path))
     return path
+
+
+# ---- a whole official English Chatterbox directory (seeded random weights) --------------------------------------
+S3GEN_FRONT_END = ("tokenizer._mel_filters", "tokenizer.window")  # kept fp32: checked against the s3tokenizer package
+
+
+def write_official_s3gen(path, seed: int = 0):
+    """``s3gen.safetensors`` of the official ``S3Gen`` (chatterbox-tts, the `vocoder` extra) at its real shape
+    (264M parameters: our loader builds ``S3Gen()`` itself, so nothing can be shrunk), seeded random weights,
+    Chatterbox's key names; fp16 to halve the disk (loading casts to fp32) except the S3 tokenizer's front end.
+    ~20 s on one CPU core, ~530 MB."""
+    import torch
+    from safetensors.torch import save_file
+
+    from tts_core.vocoders import _s3gen_class
+
+    torch.manual_seed(seed)
+    model = _s3gen_class()()
+    save_file({k: v.detach().half().contiguous() if v.is_floating_point() and k not in S3GEN_FRONT_END
+               else v.detach().contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def write_official_ve(path, seed: int = 0):
+    """``ve.safetensors`` of the official ``VoiceEncoder`` (``lstm.*``, ``proj.*``, ``similarity_*``), seeded."""
+    import torch
+    from chatterbox.models.voice_encoder import VoiceEncoder
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    save_file({k: v.detach().contiguous() for k, v in VoiceEncoder().state_dict().items()}, str(path))
+    return path
+
+
+def write_official_en_t3(path, seed: int = 0, hidden: int = 64, layers: int = 2, mlp: int = 128):
+    """``t3_cfg.safetensors`` of the official English ``T3`` (``T3Config.english_only()``: text vocab 704, speech
+    vocab 8194, Chatterbox's position tables and perceiver) shrunk to ``hidden`` wide (16 heads, as Chatterbox's
+    Llama_520M) and ``layers`` deep through the package's own LLAMA_CONFIGS table — what `detect_t3` reads as the
+    English family by its shapes. Speech head scaled x6, as tests/test_official_parity.py, so sampling is not
+    near-uniform."""
+    import pytest
+    import torch
+    from chatterbox.models.t3 import llama_configs
+    from chatterbox.models.t3.modules import cond_enc
+    from chatterbox.models.t3.modules.perceiver import Perceiver
+    from chatterbox.models.t3.modules.t3_config import T3Config as OfficialConfig
+    from chatterbox.models.t3.t3 import T3 as OfficialT3
+    from safetensors.torch import save_file
+
+    name = f"Llama_e2e_{hidden}x{layers}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(llama_configs.LLAMA_CONFIGS, name, dict(llama_configs.LLAMA_520M_CONFIG_DICT, hidden_size=hidden,
+                                                            intermediate_size=mlp, num_hidden_layers=layers,
+                                                            head_dim=hidden // 16))
+        mp.setattr(cond_enc, "Perceiver", lambda: Perceiver(32, hidden, hidden, 4))
+        hp = OfficialConfig.english_only()
+        hp.llama_config_name = name
+        torch.manual_seed(seed)
+        model = OfficialT3(hp).eval()
+    with torch.no_grad():
+        model.speech_head.weight.mul_(6.0)
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def write_official_en_dir(directory, seed: int = 0):
+    """An official English Chatterbox checkpoint directory, as copied from the hub: ve.safetensors,
+    s3gen.safetensors, t3_cfg.safetensors, tokenizer.json (layout and key names of ResembleAI/chatterbox)."""
+    from pathlib import Path
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_official_ve(directory / "ve.safetensors", seed)
+    write_official_s3gen(directory / "s3gen.safetensors", seed)
+    write_official_en_t3(directory / "t3_cfg.safetensors", seed)
+    write_en_tokenizer(directory / "tokenizer.json")
+    return directory

@@ -77,3 +77,13 @@ def t3_run(demo_store, mapper_run, tmp_path_factory):
     assert cli_main(["train-stage2", "--store", store, "--mapper", str(mapper_run), "--t3", "tiny", "--out", str(out),
                      "--no-prefect", "--device", "cpu", "--batch-size", "8", "--max-steps", "4", "--log-every", "2"]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def chatterbox_en_dir(tmp_path_factory):
+    """An official-format English Chatterbox directory (ve, s3gen at its real size, a shrunken t3_cfg, tokenizer.json)
+    with seeded random weights (tests/chatterbox_files.py `write_official_en_dir`); needs the `vocoder` extra."""
+    pytest.importorskip("chatterbox", reason="the `vocoder` extra (chatterbox-tts) is not installed")
+    from chatterbox_files import write_official_en_dir
+
+    return write_official_en_dir(tmp_path_factory.mktemp("chatterbox_en"))
