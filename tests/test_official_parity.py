@@ -10,7 +10,7 @@ Compared: keys, teacher-forced logits, greedy and seeded sampled tokens with CFG
 multilingual analyzer's EOS suppression / forcing, and text token ids from the official tokenizers.
 
 The official generation entry point is `T3.inference` with `initial_speech_tokens` empty: it then feeds
-`[cond | SOT text EOT | BOS]`, the one layout ours builds (its default feeds BOS twice — DESIGN "Known
+`[cond | SOT text EOT | BOS]`, the one layout ours builds (its default feeds BOS twice — docs/architecture.md "Known
 failure modes" 5). Seeded sampling: the official loop draws from the global RNG (`torch.manual_seed`),
 ours from a generator with the same seed. Greedy: the official loop with `torch.multinomial` replaced by
 argmax (every warper is monotone, so this is the argmax of its processed logits). Run with 1 thread

@@ -170,7 +170,7 @@ def _stage2_data(n_rows: int = 6):
 
 
 def test_null_instruction_and_prompt_instruction_rows_teacher_forced_equal_guided_generation():
-    """Train/infer parity for the stage-2 row kinds (DESIGN failure mode 5): rows built by `Stage2Data.build_batch`
+    """Train/infer parity for the stage-2 row kinds (failure mode 5, docs/architecture.md): rows built by `Stage2Data.build_batch`
     (instruction-only, audio-only, prompt + instruction) and laid out by the one layout module give, teacher-forced,
     the logits that KV-cached generation gives for the same tokens — in a guided batch
     [cond | text-uncond | instruction-uncond]. The instruction-uncond block equals the *training* rows that

@@ -101,7 +101,7 @@ def test_adapters_keep_official_norm_keys():
     norm = ada.tfmr.layers[0].input_layernorm
     assert isinstance(norm, AdaRMSNorm)
     assert ada.state_dict()["tfmr.layers.0.input_layernorm.weight"].data_ptr() == norm.weight.data_ptr()
-    assert not isinstance(ada.tfmr.norm, AdaRMSNorm)  # final norm left plain (DESIGN: 2 per layer)
+    assert not isinstance(ada.tfmr.norm, AdaRMSNorm)  # final norm left plain (2 adapters per layer)
 
 
 # ----------------------------------------------------------------------------------------

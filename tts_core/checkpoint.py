@@ -1,6 +1,6 @@
 """Safetensors save/load of a module's state dict that survives tied weights and crashes.
 
-`safetensors` refuses tensors that share memory (DESIGN known failure mode 2: T5 ties `shared.weight`
+`safetensors` refuses tensors that share memory (failure mode 2 in docs/architecture.md: T5 ties `shared.weight`
 and `encoder.embed_tokens.weight`). We store each tied group once and record the other names as aliases
 in the file's metadata, so loading restores every key and `strict=True` still means something.
 Writes go to a temporary file in the target directory and are renamed into place, so a killed save

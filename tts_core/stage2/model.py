@@ -123,7 +123,8 @@ def parameter_groups(t3: T3) -> dict[str, list[tuple[str, nn.Parameter]]]:
 
 
 def freeze_for_stage2(t3: T3, encoder: nn.Module, mapper: nn.Module) -> tuple[dict[str, int], dict[str, int]]:
-    """Apply DESIGN's freezing; → (trainable counts per group, frozen counts)."""
+    """Stage 2 trains the whole T3 and its adapters; the instruction encoder, the mapper and the backbone's unused
+    input embedding are frozen. → (trainable counts per group, frozen counts)."""
     t3.requires_grad_(True)
     unused = t3.tfmr.get_input_embeddings()  # Llama embed_tokens / GPT-2 wte: never read (inputs_embeds)
     unused.requires_grad_(False)  # no gradient would reach it: DDP-unsafe

@@ -1,5 +1,5 @@
 """Stage 2: Chatterbox's T3 (Llama over [conditioning | text | speech]; Turbo: GPT-2, `turbo.py`) with
-adaptive-norm instruction adapters. See DESIGN.md "Stage 2" and "Known failure modes" 3–5."""
+adaptive-norm instruction adapters. See docs/architecture.md "Known failure modes" 3–5."""
 from .adapters import AdaLayerNorm, AdaRMSNorm, attach_adaptive_norms, instruction_context, is_adapter_key
 from .checkpointing import enable_activation_checkpointing
 from .config import IGNORE_INDEX, T3Config

@@ -1,4 +1,4 @@
-"""Adaptive norms: instruction-conditioned modulation of the backbone's norms (DESIGN "Stage 2").
+"""Adaptive norms: instruction-conditioned modulation of the backbone's norms.
 
     out = norm(x) · (1 + γ) + β,      [γ, β] = fc2(SiLU(fc1(instruction_emb)))
 
@@ -19,7 +19,7 @@ attributes — `variance_epsilon`, or `normalized_shape` / `eps` — copied here
 How the instruction reaches the norms: the decoder layer calls `norm(x)` with nothing else, so T3
 sets the instruction on every adapter right before the backbone runs and clears it right after
 (`instruction_context`). The modulation (γ, β) is computed once at set time — in fp32 with
-autocast disabled (DESIGN failure mode 1) — and held on the module, so a generation loop computes
+autocast disabled (failure mode 1, docs/architecture.md) — and held on the module, so a generation loop computes
 it once, not per token. The state is a per-module attribute of this model instance: DDP replicas
 (one process each) never share it. Activation checkpointing recomputes the norms in backward, after
 the context is cleared: `tts_core.t3.checkpointing` puts each call's modulation back for its

@@ -70,7 +70,7 @@ class T3Config:
     adapters: bool = True
     instruction_dim: int = 1024  # stage-1 mapper's style embedding size
     adapter_hidden: int = 256  # Linear(instruction_dim→adapter_hidden)→SiLU→Linear(→2·hidden)
-    adapt_final_norm: bool = False  # DESIGN: "2 per layer × 30 layers"; tfmr.norm left plain
+    adapt_final_norm: bool = False  # 2 adapters per layer (the two RMSNorms of each block); tfmr.norm left plain
 
     # --- Chatterbox Turbo: GPT-2 backbone, raw prompt, no position tables (tts_core/t3/turbo.py) ---
     backbone: str = "llama"  # "llama" (English / multilingual T3) or "gpt2" (Turbo, transformers GPT2Model)

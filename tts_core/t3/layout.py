@@ -17,7 +17,7 @@ Every row is laid out left-aligned and contiguous, padding only after it:
 Generation uses the same builder with no speech (prefix = `[cond | SOT text EOT | BOS]`), then
 `T3Layout.decode_step(t, tokens)` gives the embedding ids / positions / mask of step t, which
 are by construction those the training layout gives speech token t. This fixes the
-Chatterbox mismatches listed in DESIGN "Known failure modes" 5 (double BOS at inference,
+Chatterbox mismatches listed in docs/architecture.md "Known failure modes" 5 (double BOS at inference,
 text padding between text and speech, no attention mask, no next-token shift).
 
 CFG (`with_cfg`): Chatterbox doubles the batch; the second copy ("uncond") has its text *token*

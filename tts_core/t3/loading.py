@@ -7,7 +7,7 @@ their zero-initialised identity until trained.
 
 `save_t3` writes `<path>.tmp` then `os.replace`s it, so a reader never sees a half-written file.
 Tensors that share storage (tied weights) are written once; the aliases are recorded in the
-file's metadata and restored on load (safetensors refuses shared tensors — DESIGN failure mode 2).
+file's metadata and restored on load (safetensors refuses shared tensors — failure mode 2, docs/architecture.md).
 """
 from __future__ import annotations
 

@@ -185,7 +185,7 @@ class T3Output:
 def next_token_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """Mean cross-entropy over labelled positions. Labels come already shifted from the layout.
     With every label ignored the result is an exact 0.0 that keeps the graph (a sum over no
-    terms divided by 1) instead of NaN — DESIGN failure mode 3. No host sync."""
+    terms divided by 1) instead of NaN — failure mode 3 (docs/architecture.md). No host sync."""
     logits = logits.reshape(-1, logits.shape[-1]).float()
     labels = labels.reshape(-1).to(logits.device)
     total = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
@@ -403,7 +403,7 @@ class T3(nn.Module):
     # -- teacher forcing -------------------------------------------------------------
     def forward(self, batch: T3Batch, *, padding_mask: bool = True) -> T3Output:
         """Teacher-forced logits and next-token losses. Inputs are moved to the model's device
-        (DESIGN failure mode 4) and ids cast to long.
+        (failure mode 4, docs/architecture.md) and ids cast to long.
 
         `padding_mask=False` passes no attention mask to the backbone (plain causal attention,
         which lets SDPA pick its fused causal kernels). It is exact for every real position
