@@ -43,9 +43,23 @@ def deployments():
     from flows.train_stage2 import train_stage2_flow
 
     flows = (build_cache_flow, train_stage1_flow, train_stage2_flow, synthesize_flow, evaluate_flow, lab_flow)
-    return [f.to_deployment(name=DEPLOYMENT_NAME,
+    out = []
+    for f in flows:
+        d = f.to_deployment(name=DEPLOYMENT_NAME,
                             description=f"prefect deployment run {f.name}/{DEPLOYMENT_NAME} {USAGE[f.name]}")
-            for f in flows]
+        describe_parameters(d._parameter_openapi_schema.properties, f.name)
+        out.append(d)
+    return out
+
+
+def describe_parameters(properties: dict, cmd: str) -> None:
+    """Give each parameter its flag's ``--help`` text, defaults included, as the description Prefect's UI shows
+    in the run form: the parameters are the flags, so their explanation has one home too (the parser)."""
+    from instruct_tts.options import option_help
+
+    for name, text in option_help(cmd).items():
+        if name in properties and text:
+            properties[name]["description"] = text
 
 
 def _api_up(url: str) -> bool:

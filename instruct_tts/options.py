@@ -45,6 +45,16 @@ def option_defaults(cmd: str) -> dict:
             if a.dest != "help" and a.dest not in NOT_OPTIONS and a.dest not in CLI_ONLY}
 
 
+def option_help(cmd: str) -> dict[str, str]:
+    """Every option of ``cmd`` (by dest) with its ``--help`` text, the default filled in."""
+    from instruct_tts.cli import build_parser
+
+    sub = subcommand(build_parser(), cmd)
+    fmt = sub._get_formatter()
+    return {a.dest: " ".join(fmt._expand_help(a).split()) for a in sub._actions
+            if a.help and a.dest != "help" and a.dest not in NOT_OPTIONS and a.dest not in CLI_ONLY}
+
+
 def stage_options(cmd: str, **given) -> dict:
     """``cmd``'s options as its command line would give them: ``given`` (dest names), the rest at their defaults."""
     options = option_defaults(cmd)
