@@ -55,6 +55,7 @@ from tts_core.reference import PROMPT_SECONDS, TURBO_PROMPT_SECONDS
 # schema-3 store would read as one caption per clip, but its rows of one file spelled twice were encoded
 # twice and its later captions quarantined: rebuilding is what recovers them.
 SCHEMA_VERSION = 4
+SCHEMA_CHANGE = "many captions per clip"  # what SCHEMA_VERSION added, in the refusal of an older store
 
 SPK_DIM = 256
 XVEC_DIM = 192

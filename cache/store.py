@@ -241,8 +241,9 @@ class StoreInfo:
         version = attrs.get("schema_version")
         if version != schema.SCHEMA_VERSION:
             raise StoreError(f"{url} has cache schema {version}; this code reads schema {schema.SCHEMA_VERSION} "
-                             "(4: many captions per clip, docs/cache.md). Rebuild the store with this version: "
-                             "run the same build-cache command with a new --store (or delete this one first).")
+                             f"({schema.SCHEMA_VERSION}: {schema.SCHEMA_CHANGE}, docs/cache.md). Rebuild the store "
+                             "with this version: run the same build-cache command with a new --store (or delete "
+                             "this one first).")
         return cls(
             schema_version=version,
             models={k: ModelIdentity.from_dict(v) for k, v in attrs["models"].items()},

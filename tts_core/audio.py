@@ -1,8 +1,8 @@
 """Load one clip as 16 kHz mono float32, or say precisely why it cannot be used.
 
 Bad clips are data, not crashes: every problem becomes an `AudioRejected` with a stable reason code
-(counted in the run summary) and a detail a person can act on. Channel mixing and resampling are
-conversions, recorded as notes, never rejections.
+(`cache.quarantine.Reason`, counted in the run summary) and a detail a person can act on. Channel mixing
+and resampling are conversions, recorded as notes, never rejections.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
+from cache.quarantine import Reason
 from tts_core.encoders.base import SAMPLE_RATE
 from tts_core.reference import TURBO_PROMPT_SECONDS, Reference, prompt_audio
 
@@ -35,9 +36,9 @@ class AudioPolicy:
 
 
 class AudioRejected(Exception):
-    """A clip that cannot be used; `reason` is a stable code, `detail` says what to do."""
+    """A clip that cannot be used; `reason` is its stable code (`cache.quarantine`), `detail` says what to do."""
 
-    def __init__(self, reason: str, detail: str):
+    def __init__(self, reason: Reason, detail: str):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
@@ -65,41 +66,44 @@ def load_clip(path: str | Path, policy: AudioPolicy = AudioPolicy()) -> LoadedAu
     try:
         info = sf.info(str(path))
     except Exception as exc:  # libsndfile's errors are all "cannot decode this file"
-        raise AudioRejected("unreadable", f"{path} cannot be decoded ({_one_line(exc)}); re-encode it as WAV/FLAC") from None
+        raise AudioRejected(Reason.UNREADABLE,
+                            f"{path} cannot be decoded ({_one_line(exc)}); re-encode it as WAV/FLAC") from None
     sr, channels = int(info.samplerate), int(info.channels)
     if not policy.min_sample_rate <= sr <= policy.max_sample_rate:
-        raise AudioRejected("bad_sample_rate", f"{path} is sampled at {sr} Hz (outside {policy.min_sample_rate}–"
-                                               f"{policy.max_sample_rate} Hz)")
+        raise AudioRejected(Reason.BAD_SAMPLE_RATE, f"{path} is sampled at {sr} Hz (outside "
+                                                    f"{policy.min_sample_rate}–{policy.max_sample_rate} Hz)")
     if not 1 <= channels <= policy.max_channels:
-        raise AudioRejected("bad_channels", f"{path} has {channels} channels (expected 1–{policy.max_channels})")
+        raise AudioRejected(Reason.BAD_CHANNELS, f"{path} has {channels} channels (expected 1–{policy.max_channels})")
     if info.frames / sr > policy.max_seconds:  # judged from the header: a 6-hour file is never decoded
-        raise AudioRejected("too_long", f"{path} lasts {info.frames / sr:.1f} s (> {policy.max_seconds} s); split it")
+        raise AudioRejected(Reason.TOO_LONG,
+                            f"{path} lasts {info.frames / sr:.1f} s (> {policy.max_seconds} s); split it")
     limit = int(policy.max_seconds * sr) + 1  # a header that under-states its length still cannot cost more
     try:
         data, _ = sf.read(str(path), frames=limit, dtype="float32", always_2d=True)
     except Exception as exc:
-        raise AudioRejected("unreadable", f"{path} cannot be decoded ({_one_line(exc)}); re-encode it as WAV/FLAC") from None
+        raise AudioRejected(Reason.UNREADABLE,
+                            f"{path} cannot be decoded ({_one_line(exc)}); re-encode it as WAV/FLAC") from None
     notes: list[str] = []
     if data.shape[0] == 0:
-        raise AudioRejected("empty_audio", f"{path} has no samples")
+        raise AudioRejected(Reason.EMPTY_AUDIO, f"{path} has no samples")
     if not np.isfinite(data).all():
-        raise AudioRejected("nan_audio", f"{path} contains NaN or infinite samples")
+        raise AudioRejected(Reason.NAN_AUDIO, f"{path} contains NaN or infinite samples")
     peak = float(np.abs(data).max())
     if peak > policy.max_peak:
-        raise AudioRejected("out_of_range", f"{path} has samples of magnitude {peak:.2e} (> {policy.max_peak:g}, "
-                                            "a broken float writer's); re-export it")
+        raise AudioRejected(Reason.OUT_OF_RANGE, f"{path} has samples of magnitude {peak:.2e} "
+                                                 f"(> {policy.max_peak:g}, a broken float writer's); re-export it")
     if data.shape[1] > 1:
         notes.append(f"{data.shape[1]}ch->mono")
         data = data.mean(axis=1, keepdims=True)
     wav = data[:, 0]
     duration = wav.shape[0] / sr
     if duration < policy.min_seconds:
-        raise AudioRejected("too_short", f"{path} lasts {duration:.2f} s (< {policy.min_seconds} s)")
+        raise AudioRejected(Reason.TOO_SHORT, f"{path} lasts {duration:.2f} s (< {policy.min_seconds} s)")
     if duration > policy.max_seconds:
-        raise AudioRejected("too_long", f"{path} lasts more than {policy.max_seconds} s; split it")
+        raise AudioRejected(Reason.TOO_LONG, f"{path} lasts more than {policy.max_seconds} s; split it")
     ac_peak = float(np.abs(wav - wav.mean(dtype=np.float64)).max())  # a constant offset is no signal
     if ac_peak < policy.silence_peak:
-        raise AudioRejected("silent", f"{path} is silent (peak {ac_peak:.2e} after removing its mean)")
+        raise AudioRejected(Reason.SILENT, f"{path} is silent (peak {ac_peak:.2e} after removing its mean)")
     prompt = prompt_audio(Reference.from_native(wav, sr).wav_16k, TURBO_PROMPT_SECONDS).copy()
     if sr != SAMPLE_RATE:
         notes.append(f"{sr}->{SAMPLE_RATE}Hz")
@@ -124,20 +128,21 @@ def _check_file(path: Path) -> None:
     try:
         st = path.stat()
     except (FileNotFoundError, NotADirectoryError):
-        raise AudioRejected("missing_file", f"{path} does not exist; fix the path or --audio-root") from None
+        raise AudioRejected(Reason.MISSING_FILE, f"{path} does not exist; fix the path or --audio-root") from None
     except ValueError as exc:  # an embedded NUL byte
-        raise AudioRejected("bad_path", f"{_short(path)}: not a usable path ({exc}); fix the path") from None
+        raise AudioRejected(Reason.BAD_PATH, f"{_short(path)}: not a usable path ({exc}); fix the path") from None
     except OSError as exc:
         if exc.errno == errno.ENAMETOOLONG:
-            raise AudioRejected("path_too_long", f"{_short(path)} is longer than the file system allows "
-                                                 f"({len(os.fsencode(path))} bytes); shorten the path") from None
-        raise AudioRejected("unreadable", f"{_short(path)} cannot be opened ({exc.strerror or exc})") from None
+            raise AudioRejected(Reason.PATH_TOO_LONG, f"{_short(path)} is longer than the file system allows "
+                                                      f"({len(os.fsencode(path))} bytes); shorten the path") from None
+        raise AudioRejected(Reason.UNREADABLE, f"{_short(path)} cannot be opened ({exc.strerror or exc})") from None
     if stat.S_ISDIR(st.st_mode):
-        raise AudioRejected("missing_file", f"{path} is a directory, not an audio file")
+        raise AudioRejected(Reason.MISSING_FILE, f"{path} is a directory, not an audio file")
     if not stat.S_ISREG(st.st_mode):
-        raise AudioRejected("missing_file", f"{path} is not a regular file (a device or pipe), not an audio file")
+        raise AudioRejected(Reason.MISSING_FILE,
+                            f"{path} is not a regular file (a device or pipe), not an audio file")
     if st.st_size == 0:
-        raise AudioRejected("empty_file", f"{path} is empty (0 bytes); re-export it")
+        raise AudioRejected(Reason.EMPTY_FILE, f"{path} is empty (0 bytes); re-export it")
 
 
 def _short(path: Path, n: int = 120) -> str:

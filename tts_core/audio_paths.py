@@ -9,18 +9,19 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from cache.quarantine import Reason
 from tts_core.audio import AudioRejected
 
 
 def clip_path(audio_root: str | Path, audio_path: str, allow_outside_root: bool = False) -> Path:
-    """The file to read for ``audio_path``; AudioRejected("outside_root") when it escapes the root."""
+    """The file to read for ``audio_path``; AudioRejected(Reason.OUTSIDE_ROOT) when it escapes the root."""
     if "\x00" in audio_path:
-        raise AudioRejected("bad_path", f"{audio_path!r} contains a NUL byte; fix the path")
+        raise AudioRejected(Reason.BAD_PATH, f"{audio_path!r} contains a NUL byte; fix the path")
     joined = Path(audio_root) / audio_path
     if allow_outside_root or Path(audio_path).is_absolute():
         return joined
     root = os.path.abspath(audio_root)
     if os.path.commonpath([root, os.path.abspath(joined)]) != root:
-        raise AudioRejected("outside_root", f"{audio_path} leaves --audio-root {audio_root} (through '..'); "
-                                            "fix the path, or pass --allow-outside-root if that is intended")
+        raise AudioRejected(Reason.OUTSIDE_ROOT, f"{audio_path} leaves --audio-root {audio_root} (through '..'); "
+                                                 "fix the path, or pass --allow-outside-root if that is intended")
     return joined

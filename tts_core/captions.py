@@ -1,4 +1,4 @@
-"""Which metadata lines are one clip: identity by resolved audio file, captions, conflicts.
+"""Which metadata lines are one clip: identity by resolved audio file, the clip's id, captions, conflicts.
 
 Real instruction data has several descriptions per recording (LibriTTS-P style prompts, LLM paraphrases).
 A clip is its *resolved audio file* (`audio_root` joined, normalised, symlinks followed: ``./meta/x.wav``,
@@ -12,6 +12,8 @@ first usable line of a clip owns its audio (its row is encoded); a later line of
 * ``transcript_conflict`` when it gives another transcript or language for the same audio — which
   one is right cannot be known, so the later line is quarantined, naming both lines.
 
+Every line of a clip carries the clip's one id (`ClipIds`: the manifest's ``clip_id``), unique per clip.
+
 Pure functions of the parsed lines: a resumed or appended build groups the earlier lines the same way.
 """
 from __future__ import annotations
@@ -22,9 +24,32 @@ from pathlib import Path
 
 import numpy as np
 
+from cache.quarantine import Reason
 from tts_core.metadata import MetaLine
 
 CAPTION_DETAIL = "another caption of the clip on line {line}"
+
+
+class ClipIds:
+    """Each clip's id, given in line order: its first line's audio path without the extension
+    (`MetaLine.path_id`, as ids always were), or — when an earlier clip already has that id (``x.wav``
+    and ``x.flac``; one file under two speaker labels) — that id with ``#2``, ``#3``, ... appended, the
+    first no earlier clip has. An id depends only on the clips before it, so a resumed or appended build
+    gives every earlier clip the id it was written with; and since every earlier clip's own path id is
+    taken whatever id it got, a new clip never gets an id written before (even by a store built before
+    this rule, whose colliding clips share their path id)."""
+
+    SEPARATOR = "#"
+
+    def __init__(self) -> None:
+        self.taken: set[str] = set()
+
+    def take(self, path_id: str) -> str:
+        cid, k = path_id, 2
+        while cid in self.taken:
+            cid, k = f"{path_id}{self.SEPARATOR}{k}", k + 1
+        self.taken.add(cid)
+        return cid
 
 
 def resolved_audio(audio_root: str | Path, m: MetaLine) -> str:
@@ -38,13 +63,15 @@ def resolved_audio(audio_root: str | Path, m: MetaLine) -> str:
 
 def group_captions(lines: list[MetaLine], audio_root: str | Path, where: str) -> list[MetaLine]:
     """The lines with later lines of an earlier clip marked as captions (``clip_of``) or quarantined
-    (module doc). ``where`` names the file in details ("meta.txt").
+    (module doc), and every line of a clip given the clip's id (`ClipIds`; a line quarantined for itself
+    keeps its `MetaLine.path_id`). ``where`` names the file in details ("meta.txt").
 
     Speaker: a line that names one belongs to the clip of that file with that speaker (another speaker
     label on the same file is another clip); a line that names none belongs to the file's first clip."""
     first: dict[tuple[str, str], MetaLine] = {}  # (file, speaker) → the clip's first line
     first_of_file: dict[str, tuple[str, str]] = {}
     said: dict[tuple[str, str], dict[str, int]] = {}  # clip → instruction → line that gave it
+    ids = ClipIds()
     out = []
     for m in lines:
         if not m.ok:
@@ -54,17 +81,20 @@ def group_captions(lines: list[MetaLine], audio_root: str | Path, where: str) ->
         key = (path, m.speaker) if m.speaker else first_of_file.get(path, (path, ""))
         head = first.get(key)
         if head is None:
+            m = replace(m, assigned_id=ids.take(m.path_id))
             first[key], said[key] = m, {m.instruction: m.line}
             first_of_file.setdefault(path, key)
             out.append(m)
-        elif (m.transcript, m.language) != (head.transcript, head.language):
+            continue
+        m = replace(m, assigned_id=head.assigned_id)
+        if (m.transcript, m.language) != (head.transcript, head.language):
             what = "transcript" if m.transcript != head.transcript else "language"
-            out.append(replace(m, reason="transcript_conflict", detail=(
+            out.append(replace(m, reason=Reason.TRANSCRIPT_CONFLICT, detail=(
                 f"{where}:{m.line}: {m.audio_path} is the audio of line {head.line} with another {what} "
                 f"(line {head.line}: {getattr(head, what)!r}; line {m.line}: {getattr(m, what)!r}); "
                 "fix one of the two lines")))
         elif m.instruction in said[key]:
-            out.append(replace(m, reason="duplicate_clip",
+            out.append(replace(m, reason=Reason.DUPLICATE_CLIP,
                                detail=f"{where}:{m.line}: {m.audio_path} already listed on line "
                                       f"{said[key][m.instruction]} with this instruction"))
         else:
@@ -90,6 +120,6 @@ def settle_captions(batch, status: np.ndarray, caption_status: int, ok_status: i
     status[rows] = batch.status
     man = batch.manifest
     man.loc[bad, "status"] = "quarantined"
-    man.loc[bad, "reason"] = "clip_quarantined"
+    man.loc[bad, "reason"] = Reason.CLIP_QUARANTINED
     man.loc[bad, "instruction_id"] = -1
     man.loc[bad, "detail"] = [f"{d}, whose audio was quarantined (see that line)" for d in man.detail.iloc[bad]]

@@ -4,14 +4,17 @@
 with; stage 2 checks it against the model's languages (``tts_core.languages``).
 
 Every data line becomes exactly one `MetaLine` (its row in the cache), good or bad, so that the
-manifest accounts for every line and row numbers never shift. Problems are reasons, not crashes.
-Which lines are one clip (captions, duplicates, conflicts) needs the audio root: `tts_core.captions`.
+manifest accounts for every line and row numbers never shift. Problems are reasons (`cache.quarantine`), not crashes.
+Which lines are one clip (captions, duplicates, conflicts), and so each clip's id, needs the audio root:
+`tts_core.captions`.
 """
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+
+from cache.quarantine import Reason
 
 N_FIELDS = (3, 4, 5)
 
@@ -24,20 +27,33 @@ class MetaLine:
     transcript: str
     instruction: str
     speaker: str
-    reason: str = ""  # non-empty: the line itself is unusable
+    reason: str = ""  # a `cache.quarantine.Reason` when the line itself is unusable; "" when usable
     detail: str = ""
     language: str = ""  # "" = not given (stage 2's --language default applies)
     clip_of: int = -1  # row of the earlier line whose audio this line captions (tts_core.captions); -1: its own
+    assigned_id: str = ""  # its clip's id, unique per clip (`tts_core.captions.ClipIds`); "" before grouping
 
     @property
     def ok(self) -> bool:
         return not self.reason
 
     @property
+    def path_id(self) -> str:
+        """The line's audio path without its extension (`path_id`), ``line<N>`` when it has none."""
+        return path_id(self.audio_path) if self.audio_path else f"line{self.line}"
+
+    @property
     def clip_id(self) -> str:
-        """Path without extension: unique within a corpus, stable across rebuilds."""
-        p = PurePosixPath(self.audio_path.replace("\\", "/"))
-        return str(p.with_suffix("")) if self.audio_path else f"line{self.line}"
+        """The manifest's clip_id: the id grouping gave the line's clip, else (a line no clip owns) `path_id`."""
+        return self.assigned_id or self.path_id
+
+
+def path_id(audio_path: str) -> str:
+    """A metadata audio path without its extension: the id of its clip unless an earlier clip has it
+    (`tts_core.captions.ClipIds`), so ids stay the same across rebuilds, resumes and appends. A path with
+    no file name (``.``, ``/``: quarantined when read) is its own id."""
+    p = PurePosixPath(audio_path.replace("\\", "/"))
+    return str(p.with_suffix("") if p.name else p)
 
 
 class MetadataError(Exception):
@@ -74,14 +90,14 @@ def _parse_line(row: int, line_no: int, text: str, path: Path) -> MetaLine:
     fields = text.split("|")
     where = f"{path.name}:{line_no}"
     if len(fields) not in N_FIELDS:
-        return MetaLine(row, line_no, fields[0].strip(), "", "", "", "bad_field_count",
+        return MetaLine(row, line_no, fields[0].strip(), "", "", "", Reason.BAD_FIELD_COUNT,
                         f"{where}: {len(fields)} fields; expected audio_path|transcript|instruction[|speaker[|language]]")
     audio, transcript, instruction = (f.strip() for f in fields[:3])
     speaker = fields[3].strip() if len(fields) >= 4 else ""
     language = fields[4].strip().lower() if len(fields) == 5 else ""
     empty = [name for name, v in (("audio_path", audio), ("transcript", transcript), ("instruction", instruction)) if not v]
     if empty:
-        return MetaLine(row, line_no, audio, transcript, instruction, speaker, "empty_field",
+        return MetaLine(row, line_no, audio, transcript, instruction, speaker, Reason.EMPTY_FIELD,
                         f"{where}: empty {', '.join(empty)}", language)
     return MetaLine(row, line_no, audio, transcript, instruction, speaker, language=language)
 

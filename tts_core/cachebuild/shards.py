@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from cache import schema
+from cache.quarantine import Reason
 from cache.writer import ClipBatch
 from tts_core.audio import AudioPolicy, AudioRejected, LoadedAudio, load_clip
 from tts_core.audio_paths import clip_path
@@ -64,8 +65,8 @@ def load_line(audio_root: Path, metadata_name: str, audio: AudioPolicy, m: MetaL
         exc.detail = f"{metadata_name}:{m.line}: {exc.detail}"
         return exc
     except Exception as exc:  # one clip must not stop the build
-        return AudioRejected("unreadable", f"{metadata_name}:{m.line}: {m.audio_path} could not be loaded "
-                                           f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})")
+        return AudioRejected(Reason.UNREADABLE, f"{metadata_name}:{m.line}: {m.audio_path} could not be loaded "
+                                                f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})")
 
 
 def _prompt_tokens(clips: Sequence[LoadedAudio], tokens: Sequence[np.ndarray], tokenizer) -> list[list[np.ndarray]]:
@@ -118,8 +119,8 @@ def encode_batch(batch: Sequence[MetaLine], loaded: list, iids: Sequence[int], v
         cuts = _prompt_tokens([loaded[i] for i in idx], t, tokenizer)
         for j, i in enumerate(idx):
             if not (np.isfinite(s[j]).all() and np.isfinite(x[j]).all()):
-                reasons[i], details[i] = "model_nonfinite", (f"{metadata_name}:{batch[i].line}: a frozen model "
-                                                             "returned NaN/inf for this clip")
+                reasons[i] = Reason.MODEL_NONFINITE
+                details[i] = f"{metadata_name}:{batch[i].line}: a frozen model returned NaN/inf for this clip"
                 continue
             spk[i], xvec[i], tokens[i], status[i] = s[j], x[j], np.asarray(t[j]), schema.STATUS_OK
             for k, spec in enumerate(schema.PROMPTS):
@@ -132,7 +133,8 @@ def encode_batch(batch: Sequence[MetaLine], loaded: list, iids: Sequence[int], v
             try:
                 run([i])
             except Exception as exc:
-                reasons[i], details[i] = "model_error", f"{metadata_name}:{batch[i].line}: {type(exc).__name__}: {exc}"
+                reasons[i] = Reason.MODEL_ERROR
+                details[i] = f"{metadata_name}:{batch[i].line}: {type(exc).__name__}: {exc}"
     usable = (status == schema.STATUS_OK) | (status == schema.STATUS_CAPTION)
     iid = np.where(usable, np.asarray(iids, np.int64), -1).astype(np.int32)
     clip_row = np.where(status == schema.STATUS_OK, [m.row for m in batch], clip_row).astype(np.int32)
