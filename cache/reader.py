@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 
 from cache import schema
+from cache.captions import CaptionTable
 from cache.chunked import ChunkCache, block_window_order
 from cache.store import CORRUPTED, MISSING, StoreError, StoreInfo, check_complete, damaged, io_error, open_group
 
@@ -33,26 +34,6 @@ DEFAULT_STATES_CACHE_MB = 256
 
 def l2_normalise(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
-
-
-def caption_table(status: np.ndarray, clip_row: np.ndarray, instruction_id: np.ndarray,
-                  ok_status: int = schema.STATUS_OK, caption_status: int = schema.STATUS_CAPTION
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Store rows → (offsets [n_ok + 1], instruction ids [C]): the captions of each OK clip (in OK-row
-    order), its own line's first, then its other captions in line order. Rows without an instruction
-    (−1) give no caption."""
-    status, clip_row = np.asarray(status), np.asarray(clip_row, np.int64)
-    iid = np.asarray(instruction_id, np.int64)
-    ok = np.flatnonzero(status == ok_status)
-    pos = np.full(len(status), -1, np.int64)
-    pos[ok] = np.arange(len(ok))
-    rows = np.flatnonzero(((status == ok_status) | (status == caption_status)) & (iid >= 0))
-    owner = np.where(status[rows] == ok_status, rows, clip_row[rows])
-    owner_pos = pos[np.clip(owner, 0, None)]
-    rows, owner_pos = rows[owner_pos >= 0], owner_pos[owner_pos >= 0]
-    order = np.lexsort((rows, owner_pos))  # by clip, then line order (a clip's own row comes first)
-    counts = np.bincount(owner_pos, minlength=len(ok))
-    return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), iid[rows[order]]
 
 
 class CacheReader:
@@ -121,11 +102,11 @@ class CacheReader:
         return self._rows("clips/duration", rows)
 
     @cached_property
-    def captions(self) -> tuple[np.ndarray, np.ndarray]:
-        """(offsets int64 [n_ok + 1], instruction ids int64 [C]): the instructions of OK clip i are
-        ids[off[i]:off[i+1]] — its own line's first, then its other captions' (schema: clips/clip_row)."""
+    def captions(self) -> CaptionTable:
+        """Each OK clip's instructions, its own line's first, then its other captions' (schema: clips/clip_row)."""
         g = self.group
-        return caption_table(g["clips/status"][:], g["clips/clip_row"][:], g["clips/instruction_id"][:])
+        return CaptionTable.from_store_rows(g["clips/status"][:], g["clips/clip_row"][:],
+                                            g["clips/instruction_id"][:], schema.STATUS_OK, schema.STATUS_CAPTION)
 
     @cached_property
     def manifest(self) -> pd.DataFrame:

@@ -6,7 +6,8 @@ import pytest
 
 import tts_core.cachebuild.build as build_mod
 from cache import schema
-from cache.reader import CacheReader, caption_table
+from cache.captions import CaptionTable
+from cache.reader import CacheReader
 from tts_core.cachebuild.build import BuildConfig, build_cache
 from tts_core.captions import group_captions
 from tts_core.metadata import read_metadata
@@ -63,9 +64,9 @@ def test_caption_table_groups_pairs_by_clip():
     status = np.array([ok, cap, q, ok, cap, cap, ok])
     clip_row = np.array([0, 0, -1, 3, 0, 3, 6])
     iid = np.array([0, 1, -1, 2, 3, 0, 4])
-    off, ids = caption_table(status, clip_row, iid)
-    assert off.tolist() == [0, 3, 5, 6]
-    assert ids.tolist() == [0, 1, 3, 2, 0, 4]
+    t = CaptionTable.from_store_rows(status, clip_row, iid, ok, cap)
+    assert t.offsets.tolist() == [0, 3, 5, 6]
+    assert t.ids.tolist() == [0, 1, 3, 2, 0, 4]
 
 
 @pytest.fixture
@@ -107,7 +108,7 @@ def test_a_clip_with_three_instructions_is_encoded_once(demo_corpus, tmp_path, c
     assert len(counted["ve"]) == len(counted["xv"]) == 6
     r = CacheReader(str(store))
     assert len(r) == 6
-    off, ids = r.captions
+    off, ids = r.captions.offsets, r.captions.ids
     texts = r.instruction_texts
     first = [texts[i] for i in ids[off[0]:off[1]]]
     assert first == [good[0].split("|")[2], "Another way to say it.", "A third wording."]
@@ -150,8 +151,6 @@ def test_captions_of_a_quarantined_clip_are_quarantined(demo_corpus, tmp_path):
 # ---- stage 1: the split over (clip, caption) pairs, one caption per clip per epoch ----------------------------
 def _captioned_data(n_clips=300, extra=2, seed=1):
     """Synthetic stage-1 data where each clip also has ``extra`` other captions of its own cluster."""
-    import torch
-
     from tts_core.stage1.data import Stage1Data
     from tts_core.stage1.synthetic import make_synthetic_data
 
@@ -160,12 +159,11 @@ def _captioned_data(n_clips=300, extra=2, seed=1):
     iid = d.instruction_id.numpy()
     caps = [[int(i)] + [int(j) for j in rng.choice(np.setdiff1d(np.arange(60), [i]), extra, replace=False)]
             for i in iid]
-    off = np.concatenate([[0], np.cumsum([len(c) for c in caps])])
     return Stage1Data(spk=d.spk, xvec=d.xvec, instruction_id=d.instruction_id, states=d.states,
                       clip_ids=d.clip_ids, instruction_texts=d.instruction_texts,
                       text_encoder_identity=d.text_encoder_identity, speakers=d.speakers,
-                      cache_identity=d.cache_identity, caption_offsets=torch.from_numpy(off),
-                      caption_ids=torch.from_numpy(np.concatenate(caps)))
+                      cache_identity=d.cache_identity,
+                      captions=CaptionTable.from_counts([len(c) for c in caps], np.concatenate(caps)))
 
 
 def test_split_keeps_every_held_out_text_out_of_training_and_mixed_clips_train_their_other_captions():
@@ -173,11 +171,12 @@ def test_split_keeps_every_held_out_text_out_of_training_and_mixed_clips_train_t
 
     data = _captioned_data()
     tr, va = data.split(0.2, "s")
-    clip, cap = data.caption_clip.numpy(), data.caption_ids.numpy()
+    clip, cap = data.captions.clip_of, data.captions.ids
     assert len(np.intersect1d(tr, va)) == 0 and len(tr) + len(va) == data.n_captions == 900
     norm = lambda ids: {normalise_instruction(data.instruction_texts[i]) for i in ids}
     assert not norm(cap[tr]) & norm(cap[va])
-    rows, off, ids = data.train_captions(tr)
+    rows, kept = data.train_captions(tr)
+    off, ids = kept.offsets, kept.ids
     assert len(rows) == len(np.unique(clip[tr])) and off[-1] == len(tr)
     mixed = np.intersect1d(clip[tr], clip[va])
     assert len(mixed) > 0  # with 3 captions, many clips have captions on both sides
@@ -196,7 +195,8 @@ def test_stage1_batches_see_every_caption_over_epochs_and_replay():
     tr, va = data.split(0.2, "s")
     make = lambda: Stage1Batches(Stage1Tables.build(data, tr, va, torch.device("cpu")), batch_size=64, seed=3)
     batches = make()
-    rows_tr, off, ids = data.train_captions(tr)
+    rows_tr, kept = data.train_captions(tr)
+    off, ids = kept.offsets, kept.ids
     drawn: dict[int, list[int]] = {int(r): [] for r in rows_tr}
     for epoch in range(3):
         seen = []

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from cache import schema
+from cache.captions import CaptionTable
 from cache.reader import CacheReader
 from cache.writer import CacheWriter, ClipBatch
 from tts_core.identity import ModelIdentity
@@ -119,6 +120,8 @@ def test_from_reader_loads_a_real_store(tmp_path, normalise):
     assert data.text_encoder_identity == TE.to_dict()
     assert data.cache_identity["models"]["text_encoder"]["sha256"] == "a" * 64
     assert data.hidden_size == H
+    assert data.captions.offsets.tolist() == list(range(data.n_clips + 1))  # one caption per clip here
+    assert data.captions.ids.tolist() == data.instruction_id.tolist()
     tr, va = data.split(0.3)
     assert len(tr) + len(va) == data.n_clips
 
@@ -132,6 +135,19 @@ def test_stage1data_validates_shapes():
         Stage1Data(spk=torch.randn(3, 256), xvec=torch.randn(3, 190), instruction_id=torch.tensor([0, 1, 1]),
                    states=torch.zeros(2, 4, 8, dtype=torch.float16), lengths=torch.tensor([2, 4]),
                    clip_ids=["a", "b", "c"], instruction_texts=["x", "y"], text_encoder_identity=TE)
+
+
+@pytest.mark.parametrize("clips,problem", [([[1, 0], [1], [1]], "first caption"),  # clip 0's own is 0
+                                           ([[0], [1], []], "first caption"),  # clip 2 has no caption
+                                           ([[0], [1]], "first caption"),  # a table over 2 clips, not 3
+                                           ([[0, 2], [1], [1]], "caption ids out of range")])
+def test_stage1data_refuses_a_caption_table_that_disagrees_with_its_clips(clips, problem):
+    captions = CaptionTable.from_counts([len(c) for c in clips], [i for c in clips for i in c])
+    with pytest.raises(ValueError, match=problem):
+        Stage1Data(spk=torch.randn(3, 256), xvec=torch.randn(3, 192), instruction_id=torch.tensor([0, 1, 1]),
+                   states=torch.zeros(2, 4, 8, dtype=torch.float16), lengths=torch.tensor([2, 4]),
+                   clip_ids=["a", "b", "c"], instruction_texts=["x", "y"], text_encoder_identity=TE,
+                   captions=captions)
 
 
 def test_split_by_speaker_shares_neither_a_speaker_nor_an_instruction_text():

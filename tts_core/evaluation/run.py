@@ -50,7 +50,7 @@ def held_out_instructions(store: str, train_config: dict) -> list[str]:
 
     data = load_stage1_data(store, with_states=False)  # the split needs ids, texts, speakers — not states
     _, val = data.split_of_run(train_config)
-    return sorted({data.instruction_texts[int(i)] for i in np.unique(data.caption_ids.numpy()[val])})
+    return sorted({data.instruction_texts[int(i)] for i in np.unique(data.captions.ids[val])})
 
 
 def evaluate_run(cfg: EvalConfig, on_item=None) -> dict:

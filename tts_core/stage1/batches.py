@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from cache.captions import CaptionTable
 from cache.chunked import block_window_order
 from tts_core.seeds import mix_seed
 from tts_core.stage1.data import Stage1Data
@@ -46,13 +47,13 @@ def epoch_perm(seed: int, phase: str, epoch: int, n: int, device: torch.device) 
     return torch.randperm(n, generator=g).to(device)
 
 
-def caption_choice(seed: int, phase: str, epoch: int, offsets: np.ndarray) -> np.ndarray:
-    """[n] position of each clip's caption this epoch, into its captions ``offsets[i]:offsets[i+1]`` (module doc)."""
-    counts = np.diff(offsets)
+def caption_choice(seed: int, phase: str, epoch: int, captions: CaptionTable) -> np.ndarray:
+    """[n] instruction id of each clip's caption this epoch (module doc); every clip has ≥ 1 caption."""
+    off, counts = captions.offsets, captions.counts
     if not len(counts) or counts.max() == 1:
-        return offsets[:-1].copy()
+        return captions.ids[off[:-1]]
     start = np.random.default_rng(mix_seed(seed, phase, "captions")).integers(0, counts)
-    return offsets[:-1] + (start + epoch) % counts
+    return captions.ids[off[:-1] + (start + epoch) % counts]
 
 
 @dataclass
@@ -65,8 +66,7 @@ class Stage1Tables:
     val_states: InstructionStates  # the held-out instructions as ids 0..k-1
     val_inv: torch.Tensor  # [n_val] held-out pair → its instruction in val_states (device)
     train_rows_host: np.ndarray
-    train_cap_off: np.ndarray  # [n_train + 1] train clip i's training captions: train_cap_ids[off[i]:off[i+1]]
-    train_cap_ids: np.ndarray  # int64 instruction ids
+    train_captions: CaptionTable  # [n_train] clips: each train clip's training captions
 
     @classmethod
     def build(cls, data: Stage1Data, train_caps: np.ndarray, val_caps: np.ndarray, device: torch.device,
@@ -74,14 +74,15 @@ class Stage1Tables:
         """Move the tables to ``device``; held-out states are read into memory when they fit ``eval_in_memory_mb``.
         ``train_caps`` / ``val_caps``: caption indices (`Stage1Data.split`)."""
         states = data.states.to(device)
-        train_rows, cap_off, cap_ids = data.train_captions(train_caps)
-        val_caps = torch.from_numpy(np.asarray(val_caps, np.int64))
-        val_uniq, val_inv = torch.unique(data.caption_ids[val_caps], return_inverse=True)
+        train_rows, train_captions = data.train_captions(train_caps)
+        val_caps = np.asarray(val_caps, np.int64)
+        val_uniq, val_inv = torch.unique(torch.from_numpy(data.captions.ids[val_caps]), return_inverse=True)
         return cls(
             spk=data.spk.to(device), xvec=data.xvec.to(device), states=states,
-            train_rows=torch.from_numpy(train_rows).to(device), val_rows=data.caption_clip[val_caps].to(device),
+            train_rows=torch.from_numpy(train_rows).to(device),
+            val_rows=torch.from_numpy(data.captions.clip_of[val_caps]).to(device),
             val_states=states.subset(val_uniq.numpy(), int(eval_in_memory_mb * 2 ** 20)), val_inv=val_inv.to(device),
-            train_rows_host=train_rows, train_cap_off=cap_off, train_cap_ids=cap_ids)
+            train_rows_host=train_rows, train_captions=train_captions)
 
 
 @dataclass
@@ -119,7 +120,7 @@ class Stage1Batches:
         order = self._orders.get(key)
         if order is None:
             t = self.t
-            iid = t.train_cap_ids[caption_choice(self.seed, phase, epoch, t.train_cap_off)]
+            iid = caption_choice(self.seed, phase, epoch, t.train_captions)
             if self.streamed:
                 rng = np.random.default_rng(mix_seed(self.seed, phase, epoch, "blocks"))
                 perm = block_window_order(t.states.block_of[iid], self.window, rng)

@@ -29,10 +29,10 @@ smallest (resp. largest) hash is moved, so both splits are non-empty whenever th
 
 Captions (many instructions per clip)
 -------------------------------------
-A clip may have several captions (``caption_offsets`` / ``caption_ids``: the instruction ids of clip i
-are ``caption_ids[off[i]:off[i+1]]``, its own line's first; `cache.reader.CacheReader.captions`). The
-split is made over the (clip, caption) pairs, by the same rule: each *caption* goes where its text goes,
-so ``split`` returns caption indices (with one caption per clip they are the clip rows). A clip whose
+A clip may have several captions (``captions``, a `cache.captions.CaptionTable` over the kept clips:
+their instruction ids, each clip's own line's first; `cache.reader.CacheReader.captions`). The split is
+made over the (clip, caption) pairs, by the same rule: each *caption* goes where its text goes, so
+``split`` returns caption indices (with one caption per clip they are the clip rows). A clip whose
 captions fall on both sides trains on its training captions only (its held-out captions are never
 trained) and is evaluated on its held-out captions — the question a held-out wording asks, with the
 voice itself possibly seen under another wording. ``train_captions`` turns the training captions into
@@ -59,6 +59,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cache.captions import CaptionTable
 from tts_core.stage1.states import InstructionStates, RaggedStates, load_states
 
 SPK_DIM = 256
@@ -137,8 +138,7 @@ class Stage1Data:
     speakers: list[str] | None = None
     cache_identity: dict = field(default_factory=dict)  # where the data came from (store url, digests, models)
     dropped: dict = field(default_factory=dict)  # reason -> count of clips not kept
-    caption_offsets: torch.Tensor | None = None  # int64 [N + 1]; None: one caption per clip (instruction_id)
-    caption_ids: torch.Tensor | None = None  # int64 [C]: instruction of each caption, grouped by clip
+    captions: CaptionTable | None = None  # each clip's instruction ids, its own first; None: one per clip
 
     def __post_init__(self):
         self.spk = F.normalize(torch.as_tensor(self.spk, dtype=torch.float32), dim=-1)
@@ -160,11 +160,8 @@ class Stage1Data:
             self.text_encoder_identity = self.text_encoder_identity.to_dict()
         self.clip_ids = [str(c) for c in self.clip_ids]
         self.instruction_texts = [str(t) for t in self.instruction_texts]
-        if self.caption_offsets is None:
-            self.caption_offsets = torch.arange(self.n_clips + 1, dtype=torch.long)
-            self.caption_ids = self.instruction_id.clone()
-        self.caption_offsets = torch.as_tensor(self.caption_offsets, dtype=torch.long)
-        self.caption_ids = torch.as_tensor(self.caption_ids, dtype=torch.long)
+        if self.captions is None:
+            self.captions = CaptionTable.one_per_clip(self.instruction_id.numpy())
         self.validate()
 
     def validate(self) -> None:
@@ -184,13 +181,13 @@ class Stage1Data:
             problems.append("instruction_id out of range [0, U)")
         if not (torch.isfinite(self.spk).all() and torch.isfinite(self.xvec).all()):
             problems.append("non-finite speaker vectors")
-        off, cap = self.caption_offsets, self.caption_ids
-        if off.shape != (N + 1,) or int(off[0]) != 0 or int(off[-1]) != len(cap) or bool((off.diff() < 1).any()):
-            problems.append("caption_offsets must be [N + 1], from 0 to len(caption_ids), every clip ≥ 1 caption")
-        elif N and not torch.equal(cap[off[:-1]], self.instruction_id):
-            problems.append("a clip's first caption must be its instruction_id")
-        elif len(cap) and (int(cap.min()) < 0 or int(cap.max()) >= U):
-            problems.append("caption_ids out of range [0, U)")
+        try:  # every kept clip has an instruction, so every clip has ≥ 1 caption, its instruction_id first
+            self.captions.check_first(self.instruction_id.numpy())
+        except ValueError as e:
+            problems.append(f"captions: {e}")
+        else:
+            if self.captions.n_captions and int(self.captions.ids.max()) >= U:
+                problems.append("caption ids out of range [0, U)")
         if problems:
             raise ValueError("invalid Stage1Data: " + "; ".join(problems))
 
@@ -205,20 +202,14 @@ class Stage1Data:
 
     @property
     def n_captions(self) -> int:
-        return int(self.caption_ids.shape[0])
+        return self.captions.n_captions
 
-    @property
-    def caption_clip(self) -> torch.Tensor:
-        """int64 [C]: the clip row of each caption."""
-        return torch.repeat_interleave(torch.arange(self.n_clips), self.caption_offsets.diff())
-
-    def train_captions(self, captions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Caption indices (sorted, e.g. the train side of `split`) → (clip rows [n], offsets [n + 1], their
-        instruction ids): each clip once, with the given captions of it."""
-        captions = np.asarray(captions, np.int64)
-        rows, counts = np.unique(self.caption_clip.numpy()[captions], return_counts=True)
-        return (rows.astype(np.int64), np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-                self.caption_ids.numpy()[captions])
+    def train_captions(self, captions: np.ndarray) -> tuple[np.ndarray, CaptionTable]:
+        """Caption indices (sorted, e.g. the train side of `split`) → (clip rows [n], their table): each clip
+        with at least one of the given captions, once, with those captions only."""
+        kept = self.captions.keep(np.asarray(captions, np.int64))
+        rows = np.flatnonzero(kept.counts > 0)
+        return rows, kept.subset(rows)
 
     @property
     def hidden_size(self) -> int:
@@ -233,8 +224,7 @@ class Stage1Data:
         h.update("\n".join(self.instruction_texts).encode())
         h.update(self.lengths.numpy().astype("<i8").tobytes())
         if self.n_captions != self.n_clips:  # one caption per clip digests as before
-            h.update(self.caption_offsets.numpy().astype("<i8").tobytes())
-            h.update(self.caption_ids.numpy().astype("<i8").tobytes())
+            h.update(self.captions.digest_bytes())
         ident = self.text_encoder_identity or {}
         h.update(f"{ident.get('name')}/{ident.get('sha256')}".encode())
         return h.hexdigest()
@@ -248,9 +238,8 @@ class Stage1Data:
         if by == "speaker" and not self.speakers:
             raise ValueError("split by speaker needs the cache's manifest to have a speaker column (metadata's "
                              "4th field); this data has none — use split_by='instruction'")
-        clip = self.caption_clip.numpy()
-        speakers = [self.speakers[i] for i in clip] if by == "speaker" else None
-        return split_rows(self.caption_ids.numpy(), self.instruction_texts, held_out_frac, salt, speakers=speakers)
+        speakers = [self.speakers[i] for i in self.captions.clip_of] if by == "speaker" else None
+        return split_rows(self.captions.ids, self.instruction_texts, held_out_frac, salt, speakers=speakers)
 
     def split_of_run(self, train_config: dict) -> tuple[np.ndarray, np.ndarray]:
         """The split a stage-1 run made, from the ``train_config`` its mapper.json records (a setting an
@@ -274,11 +263,11 @@ class Stage1Data:
         spk = np.asarray(reader.spk_emb(raw=True), dtype=np.float32)  # normalised below, once
         xvec = np.asarray(reader.xvec(raw=True), dtype=np.float32)
         iid = np.asarray(reader.instruction_id(), dtype=np.int64)
-        cap_off, cap_ids = getattr(reader, "captions", None) or (np.arange(len(iid) + 1), iid.copy())
-        cap_off, cap_ids = np.asarray(cap_off, np.int64), np.asarray(cap_ids, np.int64)
+        captions: CaptionTable = reader.captions
         man = reader.ok_manifest
-        if not (len(spk) == len(xvec) == len(iid) == len(man)):
-            raise ValueError(f"reader tables disagree: spk {len(spk)}, xvec {len(xvec)}, ids {len(iid)}, manifest {len(man)}")
+        if not (len(spk) == len(xvec) == len(iid) == len(man) == captions.n_clips):
+            raise ValueError(f"reader tables disagree: spk {len(spk)}, xvec {len(xvec)}, ids {len(iid)}, "
+                             f"manifest {len(man)}, captions {captions.n_clips}")
         states = (load_states(reader, states_in_memory_mb, states_cache_mb) if with_states
                   else RaggedStates.empty(reader.n_instructions, reader.text_hidden_size))
         texts = list(reader.instruction_texts)
@@ -293,8 +282,6 @@ class Stage1Data:
             sp = man["speaker"].fillna("").astype(str).tolist()
             if any(sp):
                 speakers = [s for s, k in zip(sp, keep) if k]
-        counts = np.diff(cap_off)
-        kept_caps = np.repeat(keep, counts)
         identities = reader.identities
         te = identities["text_encoder"]
         return cls(
@@ -308,8 +295,7 @@ class Stage1Data:
             speakers=speakers,
             cache_identity=_cache_identity(reader),
             dropped=dropped,
-            caption_offsets=torch.from_numpy(np.concatenate([[0], np.cumsum(counts[keep])]).astype(np.int64)),
-            caption_ids=torch.from_numpy(cap_ids[kept_caps]),
+            captions=captions.subset(np.flatnonzero(keep)),
         )
 
 

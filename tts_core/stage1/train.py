@@ -203,7 +203,7 @@ def compute_baselines(data: Stage1Data, train_rows: np.ndarray, val_rows: np.nda
     device = torch.device(device)
     # (clip, caption) pairs: ``train_rows`` / ``val_rows`` index the caption table (= clip rows with one
     # caption per clip); the mean baseline counts each train clip once
-    clip, cap_iid = data.caption_clip, data.caption_ids
+    clip, cap_iid = torch.from_numpy(data.captions.clip_of), torch.from_numpy(data.captions.ids)
     tr, va = clip[torch.from_numpy(train_rows)], clip[torch.from_numpy(val_rows)]
     tr_pair_iid, va_pair_iid = cap_iid[torch.from_numpy(train_rows)], cap_iid[torch.from_numpy(val_rows)]
     spk, xv = data.spk, data.xvec
