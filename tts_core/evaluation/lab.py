@@ -164,8 +164,7 @@ class SpeechLossProbe:
 
         rows = np.array([self.row_of[c] for c in clip_ids if c in self.row_of], np.int64)
         rows = rows[self.data.instruction_id[rows] >= 0] if len(rows) else rows
-        off, caps = self.data.caption_offsets, self.data.caption_ids
-        need = np.concatenate([self.data.instruction_id[rows], *(caps[off[r]:off[r + 1]] for r in rows)])
+        need = np.concatenate([self.data.instruction_id[rows], self.data.captions.subset(rows).ids])
         need = np.unique(need[need >= 0])
         need = need[~self.tabled[need]]
         if len(need):

@@ -60,7 +60,7 @@ Two more draws refine the mix (`row_mix` gives the resulting shares; both 0 = th
 
 Both are drawn after the older draws, so with both at 0 a batch is exactly what it was before them.
 
-Captions: a clip with several instructions (``caption_offsets`` / ``caption_ids``, from
+Captions: a clip with several instructions (``captions``, a `cache.captions.CaptionTable`, from
 `cache.reader.CacheReader.captions`) is still one row; a row whose instruction is on takes one of its
 captions, drawn uniformly from the batch's generator after the draws above (a store with one caption
 per clip draws nothing more, so its batches are unchanged). Over epochs every caption is trained.
@@ -92,6 +92,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cache.captions import CaptionTable
 from tts_core.seeds import mix_seed
 from tts_core.t3 import T3Batch, T3Cond
 
@@ -159,10 +160,8 @@ class Stage2Data:
     speaker_code: np.ndarray  # int64 [N], -1 = unknown
     dropped: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
-    # row i's captions: caption_ids[caption_offsets[i]:caption_offsets[i+1]] (its instruction_id first);
-    # None: one caption per row, instruction_id (none for -1)
-    caption_offsets: np.ndarray | None = None
-    caption_ids: np.ndarray | None = None
+    # row i's captions (its instruction_id first); None: one caption per row, its instruction_id (none for -1)
+    captions: CaptionTable | None = None
 
     def __post_init__(self):
         N = len(self.clip_ids)
@@ -178,19 +177,9 @@ class Stage2Data:
             raise ValueError("mapper_spk must be [U, K, 256] with U = style_emb rows")
         if N and int(self.instruction_id.max(initial=-1)) >= self.style_emb.shape[0]:
             raise ValueError("instruction_id out of range of style_emb")
-        if self.caption_offsets is None:
-            has = self.instruction_id >= 0
-            self.caption_offsets = np.concatenate([[0], np.cumsum(has)]).astype(np.int64)
-            self.caption_ids = self.instruction_id[has]
-        self.caption_offsets = np.asarray(self.caption_offsets, np.int64)
-        self.caption_ids = np.asarray(self.caption_ids, np.int64)
-        counts = np.diff(self.caption_offsets)
-        if self.caption_offsets.shape != (N + 1,) or len(self.caption_ids) != self.caption_offsets[-1] or \
-                not np.array_equal(counts > 0, self.instruction_id >= 0):
-            raise ValueError("captions must be [N + 1] offsets over caption_ids, a row with an instruction ≥ 1")
-        if N and counts.any() and not np.array_equal(self.caption_ids[self.caption_offsets[:-1][counts > 0]],
-                                                     self.instruction_id[counts > 0]):
-            raise ValueError("a row's first caption must be its instruction_id")
+        if self.captions is None:
+            self.captions = CaptionTable.one_per_clip(self.instruction_id)
+        self.captions.check_first(self.instruction_id)  # one entry per row, its instruction_id first
         self._build_speaker_groups()
 
     # -- sizes -----------------------------------------------------------------------------------------
@@ -231,35 +220,20 @@ class Stage2Data:
             "text_start", "text_len", "speech_start", "speech_len", "prompt_start", "prompt_len", "instruction_id",
             "speaker_code")}
         meta = {**self.meta, "store_rows": np.asarray(self.meta.get("store_rows", np.arange(len(self))))[rows]}
-        counts = np.diff(self.caption_offsets)[rows]
         return replace(self, clip_ids=[self.clip_ids[i] for i in rows],
                        spk=self.spk[torch.from_numpy(rows).to(self.spk.device)], meta=meta, **per_row,
-                       caption_offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-                       caption_ids=self.caption_ids[_ranges(self.caption_offsets[rows], counts)])
+                       captions=self.captions.subset(rows))
 
     def without_instructions(self, ids: np.ndarray) -> "Stage2Data":
         """The same rows with the captions of instruction ``ids`` removed (held-out texts,
         `tts_core.stage2.hold_out`); a row left with none becomes audio-only (instruction_id −1)."""
-        off, cap = self.caption_offsets, self.caption_ids
-        keep = ~np.isin(cap, np.asarray(ids, np.int64))
-        row_of = np.repeat(np.arange(len(self)), np.diff(off))
-        counts = np.bincount(row_of[keep], minlength=len(self))
-        new_off = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        new_cap = cap[keep]
-        first = np.full(len(self), -1, np.int64)
-        has = counts > 0
-        first[has] = new_cap[new_off[:-1][has]]
-        return replace(self, instruction_id=first, caption_offsets=new_off, caption_ids=new_cap)
+        captions = self.captions.without(ids)
+        return replace(self, instruction_id=captions.first, captions=captions)
 
     def draw_captions(self, rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """[B] instruction id of each row: one of its captions, uniformly (nothing drawn when every row has
-        at most one), −1 for rows without."""
-        off = self.caption_offsets
-        counts = np.diff(off)[rows]
-        if not len(rows) or counts.max(initial=0) <= 1:
-            return self.instruction_id[rows]
-        pick = rng.integers(0, np.maximum(counts, 1))
-        return np.where(counts > 0, self.caption_ids[np.minimum(off[rows] + pick, len(self.caption_ids) - 1)], -1)
+        at most one), −1 for rows without (`CaptionTable.draw`)."""
+        return self.captions.draw(rows, rng)
 
     # -- speaker groups (for the prompt of another clip of the same speaker) ------------------------------
     def _build_speaker_groups(self) -> None:
@@ -366,15 +340,6 @@ class Stage2Data:
     def text_tokens_of(self, row: int) -> np.ndarray:
         s, n = int(self.text_start[row]), int(self.text_len[row])
         return self.text_flat[s:s + n].cpu().numpy().astype(np.int64)
-
-
-def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Concatenation of arange(starts[i], starts[i] + counts[i])."""
-    counts = np.asarray(counts, np.int64)
-    if not counts.sum():
-        return np.zeros(0, np.int64)
-    first = np.repeat(np.asarray(starts, np.int64) - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
-    return first + np.arange(int(counts.sum()))
 
 
 def _gather_padded(flat: torch.Tensor, starts: np.ndarray, lens: np.ndarray, device, min_width: int = 1
@@ -581,13 +546,9 @@ def prepare_stage2_data(reader, tokenizer, encoder=None, mapper=None, *, mapper_
     no_text = (iid >= 0) & empty_inst[np.clip(iid, 0, None)] if len(empty_inst) else np.zeros(n_ok, bool)
     iid = np.where(no_text, -1, iid)
     # captions (a clip's instructions; one per clip in a store without more), less those without text states
-    cap_off, cap_ids = reader.captions if hasattr(reader, "captions") else (np.arange(n_ok + 1), iid.copy())
-    cap_off, cap_ids = np.asarray(cap_off, np.int64), np.asarray(cap_ids, np.int64)
-    cap_ok = (cap_ids >= 0) & ~(empty_inst[np.clip(cap_ids, 0, None)] if len(empty_inst) else False)
-    cap_counts = np.bincount(np.repeat(np.arange(n_ok), np.diff(cap_off))[cap_ok], minlength=n_ok)
-    cap_off, cap_ids = np.concatenate([[0], np.cumsum(cap_counts)]).astype(np.int64), cap_ids[cap_ok]
-    iid = np.where(cap_counts > 0, cap_ids[np.minimum(cap_off[:-1], max(len(cap_ids) - 1, 0))], -1) \
-        if len(cap_ids) else np.full(n_ok, -1, np.int64)
+    captions = CaptionTable(*reader.captions)  # shim until reader returns CaptionTable
+    captions = captions.keep(~empty_inst[captions.ids] if len(empty_inst) else np.ones(captions.n_captions, bool))
+    iid = captions.first
 
     norms = np.linalg.norm(spk_raw, axis=1)
     checks = {
@@ -618,9 +579,7 @@ def prepare_stage2_data(reader, tokenizer, encoder=None, mapper=None, *, mapper_
         text_flat=prepared["text_flat"], text_start=t_start[rows], text_len=t_len[rows],
         speech_flat=speech_flat, speech_start=s_start[rows], speech_len=s_len[rows],
         prompt_flat=prompt_flat, prompt_start=p_start[rows], prompt_len=p_len[rows],
-        spk=spk, instruction_id=iid[rows],
-        caption_offsets=np.concatenate([[0], np.cumsum(cap_counts[rows])]).astype(np.int64),
-        caption_ids=cap_ids[_ranges(cap_off[rows], cap_counts[rows])],
+        spk=spk, instruction_id=iid[rows], captions=captions.subset(rows),
         style_emb=prepared["style_emb"].float(), mapper_spk=prepared["mapper_spk"].float(),
         speaker_code=code, dropped=dropped,
         meta={"fingerprint": fp, "store_rows": rows, "n_ok": n_ok, "empty_instruction_rows": int(no_text[rows].sum()),
