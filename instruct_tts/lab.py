@@ -128,7 +128,7 @@ class LabConfig:
 
         w = self.instruction_guidance
         if w is None:  # what `Synthesizer.guidance` gives this run: resolved here so the report names the W used
-            w = default_instruction_guidance(Stage2Config(**self.stage2_train()).instruction_dropout)
+            w = default_instruction_guidance(Stage2Config.from_dict(self.stage2_train()).row_mix.instruction_dropout)
         return SamplingConfig(**{"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty,
                                  "instruction_guidance": w, **overrides})
 

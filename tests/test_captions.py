@@ -265,14 +265,15 @@ def _stage2_data(caption_lists):
 
 def test_stage2_rows_draw_every_caption_and_held_out_texts_are_dropped():
     from tts_core.stage2.data import batch_rng
+    from tts_core.stage2.row_mix import SCORED_AS_INSTRUCTION_ONLY
 
     data = _stage2_data([[0, 1, 2], [3], [], [4, 5]])
     got = {r: set() for r in range(4)}
     for g in range(40):
-        b = data.build_batch(np.arange(4), instruction_prob=1.0, rng=batch_rng(0, 0, g), prompt_len=4)
+        b = data.build_batch(np.arange(4), mix=SCORED_AS_INSTRUCTION_ONLY, rng=batch_rng(0, 0, g), prompt_len=4)
         style = b.batch.cond.instruction_emb[:, 0].long().tolist()
         for r in range(4):
-            if b.is_instruction[r]:
+            if b.instruction_only[r]:
                 got[r].add(style[r])
     assert got == {0: {0, 1, 2}, 1: {3}, 2: set(), 3: {4, 5}}
     sub = data.subset(np.array([0, 3]))

@@ -179,6 +179,7 @@ class SpeechLossProbe:
     @torch.no_grad()
     def loss(self, checkpoint: str | Path, rows: np.ndarray) -> float:
         """Mean speech CE per token over ``rows`` for the T3 in ``checkpoint`` (a stage-2 run or step dir)."""
+        from tts_core.stage2.row_mix import SCORED_AS_INSTRUCTION_ONLY
         from tts_core.stage2.train import Stage2Model, build_t3
 
         t3, _, _ = build_t3(str(checkpoint), self.instruction_dim, label=f"checkpoint {checkpoint}")
@@ -186,11 +187,11 @@ class SpeechLossProbe:
         model = Stage2Model(t3)
         total = count = 0.0
         for i in range(0, len(rows), self.batch_size):
-            b = self.data.build_batch(rows[i:i + self.batch_size], instruction_prob=1.0,
+            b = self.data.build_batch(rows[i:i + self.batch_size], mix=SCORED_AS_INSTRUCTION_ONLY,
                                       rng=np.random.default_rng(i), prompt_len=0,
                                       emotion_adv=float(self.meta.get("emotion_adv", 0.5)))
-            _, stats = model(b.batch, b.is_instruction)
-            total += float(stats[7])  # CE sum over speech tokens of instruction rows (Stage2Model.forward order)
+            _, stats = model(b.batch, b.instruction_only)
+            total += float(stats[7])  # CE sum over speech tokens of instruction-only rows (Stage2Model.forward order)
             count += float(stats[8])
         return total / count if count else math.nan
 

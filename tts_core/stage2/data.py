@@ -4,7 +4,7 @@
     data = data.to(device)
     sampler = BucketBatchSampler(data.seq_lens(t3_cfg.cond_len), batch_size=32, max_tokens=0, seed=0)
     rows, weight = sampler.rank_batch(epoch, position, rank, world_size)[1:]
-    batch = data.build_batch(rows, instruction_prob=0.5, rng=batch_rng(seed, epoch, gidx), prompt_len=150)
+    batch = data.build_batch(rows, mix=RowMix(), rng=batch_rng(seed, epoch, gidx), prompt_len=150)
 
 What is precomputed (nothing per sample happens in Python after this)
 --------------------------------------------------------------------
@@ -47,7 +47,8 @@ the device, the rank or the world size) is, with probability ``instruction_prob`
 
 Rows without an instruction (``instruction_id`` −1) are always audio-only.
 
-Two more draws refine the mix (`row_mix` gives the resulting shares; both 0 = the two kinds above only):
+Two more draws refine the mix (`RowMix.shares` gives the resulting shares; both 0 = the two kinds above only —
+`RowMix.core`):
 
 * with probability ``prompt_instruction_prob`` a row with an instruction is **prompt + instruction** ("clone this
   voice, but slower"): the audio-only row's prompt clip (another clip of the same speaker, else the clip itself —
@@ -94,6 +95,7 @@ import torch.nn.functional as F
 
 from cache.captions import CaptionTable
 from tts_core.seeds import mix_seed
+from tts_core.stage2.row_mix import AUDIO_ONLY, INSTRUCTION_ONLY, PROMPT_INSTRUCTION, RowMix, row_name
 from tts_core.t3 import T3Batch, T3Cond
 
 log = logging.getLogger(__name__)
@@ -101,20 +103,6 @@ log = logging.getLogger(__name__)
 SPK_DIM = 256
 PREPARED_FORMAT = "instruct-tts/stage2-prepared/1"
 DEFAULT_EMOTION_ADV = 0.5  # Chatterbox's default exaggeration; the corpus has no emotion labels
-
-
-KIND_AUDIO, KIND_INSTRUCTION, KIND_PROMPT_INSTRUCTION = 0, 1, 2
-KIND_NAMES = {KIND_AUDIO: "audio-only", KIND_INSTRUCTION: "instruction-only",
-              KIND_PROMPT_INSTRUCTION: "prompt + instruction"}
-
-
-def row_mix(instruction_prob: float, prompt_instruction_prob: float = 0.0, instruction_dropout: float = 0.0) -> dict:
-    """Expected share of each row kind among rows that have an instruction (module doc, "Per-sample mixing")."""
-    both = prompt_instruction_prob
-    inst = (1 - both) * instruction_prob
-    return {"instruction-only": inst, "audio-only": (1 - both) * (1 - instruction_prob), "prompt + instruction": both,
-            "null instruction (of instruction-on rows)": instruction_dropout,
-            "null instruction (of all rows)": (inst + both) * instruction_dropout}
 
 
 def batch_rng(seed: int, epoch: int, global_batch: int) -> np.random.Generator:
@@ -126,18 +114,23 @@ def batch_rng(seed: int, epoch: int, global_batch: int) -> np.random.Generator:
 @dataclass
 class Stage2Batch:
     batch: T3Batch  # raw tokens + conditioning, on the data's device
-    is_instruction: torch.Tensor  # [B] bool (device): instruction-only rows (null instruction or not)
+    instruction_only: torch.Tensor  # [B] bool (device): instruction-only rows (null instruction or not)
     rows: np.ndarray  # [B] data rows
-    prompt_src: np.ndarray  # [B] row whose speech gave the prompt (== rows where own prompt; -1 instruction rows)
-    mapper_k: np.ndarray  # [B] mapper sample used (instruction rows), -1 otherwise
+    prompt_src: np.ndarray  # [B] row whose speech gave the prompt (== rows where own prompt; -1 instruction-only rows)
+    mapper_k: np.ndarray  # [B] mapper sample used (instruction-only rows), -1 otherwise
     n_real_tokens: int  # Σ sequence lengths (conditioning included)
     n_padded_tokens: int  # B × longest sequence
-    kind: np.ndarray = None  # [B] KIND_* of each row
-    null_instruction: np.ndarray = None  # [B] bool: the instruction was dropped (adapters off)
+    kind: np.ndarray  # [B] int8: each row's kind (`tts_core.stage2.row_mix`: AUDIO_ONLY, INSTRUCTION_ONLY, ...)
+    null_instruction: np.ndarray  # [B] bool: the instruction was dropped (adapters off)
 
     @property
     def size(self) -> int:
         return len(self.rows)
+
+    @property
+    def row_names(self) -> list[str]:
+        """Each row as logs and reports name it (`row_mix.row_name`): "prompt + instruction (null instruction)"."""
+        return [row_name(k, n) for k, n in zip(self.kind.tolist(), self.null_instruction.tolist())]
 
 
 # ---- the data -------------------------------------------------------------------------------------------
@@ -277,23 +270,22 @@ class Stage2Data:
         u = rng.random(len(rows))
         return (u < instruction_prob) & (self.instruction_id[rows] >= 0)
 
-    def build_batch(self, rows: np.ndarray, *, instruction_prob: float, rng: np.random.Generator,
-                    prompt_len: int = 150, cond_len: int = 34,
-                    emotion_adv: float = DEFAULT_EMOTION_ADV, prompt_instruction_prob: float = 0.0,
-                    instruction_dropout: float = 0.0) -> Stage2Batch:
-        """One training batch (module doc, "Per-sample mixing"). The draws happen in a fixed order
-        (modes, prompt clips, mapper samples, prompt + instruction, dropout, captions), all ``len(rows)`` of
-        each, so the result is a pure function of (rows, rng state)."""
+    def build_batch(self, rows: np.ndarray, *, mix: RowMix, rng: np.random.Generator, prompt_len: int = 150,
+                    cond_len: int = 34, emotion_adv: float = DEFAULT_EMOTION_ADV) -> Stage2Batch:
+        """One training batch (module doc, "Per-sample mixing"; ``mix``: `RowMix`, e.g. the run's, or
+        `SCORED_AS_INSTRUCTION_ONLY` to score held-out losses). The draws happen in a fixed order (modes, prompt
+        clips, mapper samples, prompt + instruction, dropout, captions), all ``len(rows)`` of each, so the result
+        is a pure function of (rows, rng state)."""
         rows = np.asarray(rows, np.int64)
         B = len(rows)
         dev = self.device
-        inst = self.draw_modes(rows, instruction_prob, rng)
+        inst = self.draw_modes(rows, mix.instruction_prob, rng)
         src = self.prompt_source(rows, rng)
         k = rng.integers(0, self.mapper_samples, size=B)
-        both = (rng.random(B) < prompt_instruction_prob) & (self.instruction_id[rows] >= 0)
+        both = (rng.random(B) < mix.prompt_instruction_prob) & (self.instruction_id[rows] >= 0)
         inst = inst & ~both
         on = inst | both  # the instruction conditions the row
-        null = (rng.random(B) < instruction_dropout) & on
+        null = (rng.random(B) < mix.instruction_dropout) & on
         captions = self.draw_captions(rows, rng)
 
         tl, sl = self.text_len[rows], self.speech_len[rows]
@@ -323,8 +315,8 @@ class Stage2Data:
         batch = T3Batch(text_tokens=text, text_lens=torch.from_numpy(tl).to(dev), speech_tokens=speech,
                         speech_lens=torch.from_numpy(sl).to(dev), cond=cond)
         seq = cond_len + tl + 2 + sl + 2
-        kind = np.where(inst, KIND_INSTRUCTION, np.where(both, KIND_PROMPT_INSTRUCTION, KIND_AUDIO)).astype(np.int8)
-        return Stage2Batch(batch=batch, is_instruction=inst_t, rows=rows, prompt_src=np.where(inst, -1, src),
+        kind = np.where(inst, INSTRUCTION_ONLY, np.where(both, PROMPT_INSTRUCTION, AUDIO_ONLY)).astype(np.int8)
+        return Stage2Batch(batch=batch, instruction_only=inst_t, rows=rows, prompt_src=np.where(inst, -1, src),
                            mapper_k=np.where(inst, k, -1), n_real_tokens=int(seq.sum()),
                            n_padded_tokens=int(B * seq.max(initial=0)), kind=kind, null_instruction=null)
 

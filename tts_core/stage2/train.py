@@ -64,12 +64,13 @@ Non-finite steps: a step whose loss or gradient norm is non-finite (on any rank:
 all-reduced values, so every rank skips the same steps) is skipped and counted; more than
 ``max_nonfinite`` in a row raise `Stage2NonFiniteError`.
 
-Row kinds (`tts_core.stage2.data`, "Per-sample mixing"): ``instruction_prob`` splits instruction-only / audio-only
-rows (0.5: the design card's 50/50), ``prompt_instruction_prob`` takes a share of the rows for prompt + instruction, and
-``instruction_dropout`` gives instruction-on rows the null instruction that instruction guidance needs. Defaults
-0.5 / 0.2 / 0.1: the lab's measured mix (`tts_core.recipe`). The expected shares (`row_mix`) are in the run's summary
-and report; the three values are in ``train_config``, and ``stage2.json`` says outright whether the run trained the
-null instruction (``null_instruction``: what synthesis's default instruction guidance reads).
+Row kinds (`tts_core.stage2.row_mix`; `tts_core.stage2.data`, "Per-sample mixing"), one `RowMix` in
+``Stage2Config.row_mix``: ``instruction_prob`` splits instruction-only / audio-only rows (0.5: the design card's 50/50),
+``prompt_instruction_prob`` takes a share of the rows for prompt + instruction, and ``instruction_dropout`` gives
+instruction-on rows the null instruction that instruction guidance needs. Defaults 0.5 / 0.2 / 0.1: the lab's measured
+mix (`tts_core.recipe`). The expected shares (`RowMix.shares`) are in the run's summary and report; the three values
+are flat keys of ``train_config``, and ``stage2.json`` says outright whether the run trained the null instruction
+(``null_instruction``: what synthesis's default instruction guidance reads).
 
 Frozen models (`tts_core.run_models`): ``stage2.json`` ``frozen_models`` records the store's text encoder, speech
 tokenizer, voice encoder and x-vector (name, sha256, source path) and the Chatterbox files among them, so synthesis
@@ -77,11 +78,12 @@ and evaluation load the same ones without options, and refuse a moved or differe
 
 Held-out loss (``hold_out="mapper"``, `tts_core.stage2.hold_out`): the stage-1 run's held-out clips are
 left out of training (as rows and as prompt clips) and `Stage2Recipe.evaluate` scores their
-teacher-forced loss as instruction rows every ``eval_every`` steps (at a metrics row) and at the end.
+teacher-forced loss as instruction-only rows every ``eval_every`` steps (at a metrics row) and at the end.
 ``hold_out="none"`` trains exactly as before.
 
 Outputs: ``metrics.jsonl`` (one JSON row every ``log_every`` steps: loss, text/speech loss of
-instruction rows vs audio rows, LR, grad norm, tokens/s, padding; ``val_speech_loss`` /
+instruction-only rows vs rows with a reference prompt — ``text_instruction_only``, ``speech_with_prompt``, ...
+(`row_mix.SEGMENTS`) — LR, grad norm, tokens/s, padding; ``val_speech_loss`` /
 ``val_text_loss`` / ``val_loss`` at evaluations) and ``report.md`` (+ ``loss_curves.png``).
 
 The loop is `Stage2Recipe` (set-up → resume → one step / evaluate / checkpoint → report); run directory,
@@ -105,15 +107,17 @@ from tts_core.atomic_files import atomic_copy, atomic_torch_save, atomic_write_j
 from tts_core.interrupt import TrainingInterrupted, stop_requested
 from tts_core.precision import resolve_amp
 from tts_core.run_models import frozen_models_record
-from tts_core.recipe import INSTRUCTION_DROPOUT, INSTRUCTION_PROB, PROMPT_INSTRUCTION_PROB
+from tts_core.recipe import ROW_MIX_BEFORE_RECORDED
 from tts_core.mapper.pooling import TextEncoderMismatchError, check_text_encoder_identity
 from tts_core.seeds import mix_seed
-from tts_core.stage2.data import BucketBatchSampler, batch_rng, prepare_stage2_data, row_mix
+from tts_core.stage2.data import BucketBatchSampler, batch_rng, prepare_stage2_data
 from tts_core.stage2.hold_out import HOLD_OUT_MODES, mapper_split
 from tts_core.stage2.model import (
     GROUPS, PRESETS, Stage2Model, build_t3, freeze_for_stage2, lr_factor, make_optimizer, parameter_groups,
 )
+from tts_core.stage2.metrics import STAT_NAMES, MetricsWindow
 from tts_core.stage2.report import write_report
+from tts_core.stage2.row_mix import SCORED_AS_INSTRUCTION_ONLY, RowMix
 from tts_core.stage2.text_tokenizer import TextTokenizer, check_language, load_text_tokenizer
 from tts_core.t3 import T3, cond_lens, enable_activation_checkpointing, load_t3_checkpoint, save_t3
 from tts_core.t3.families import FAMILIES, TURBO
@@ -139,8 +143,6 @@ FORMAT = "instruct-tts/stage2"
 # What a fresh start in an existing out_dir removes (the fingerprinted prepared tables are kept).
 _RUN_FILES = (METRICS, "report.md", "loss_curves.png", T3_WEIGHTS, STAGE2_META, "tokenizer.json",
               "text_tokenizer.json", "chatterbox_tokenizer.json")
-_STAT_NAMES = ("loss", "loss_text", "loss_speech", "ce_text_inst", "n_text_inst", "ce_text_audio", "n_text_audio",
-               "ce_speech_inst", "n_speech_inst", "ce_speech_audio", "n_speech_audio", "n_inst_rows", "n_rows")
 
 
 class Stage2NonFiniteError(FloatingPointError):
@@ -155,13 +157,9 @@ class Stage2Config:
     t3: str = "520m"  # preset name, or a directory / file with t3_cfg.safetensors
     text_tokenizer: str | None = None  # None: the t3 family's tokenizer file, else bytes; "bytes"; a tokenizer file
     language: str | None = None  # multilingual T3: language of rows whose metadata has no 5th column
-    # the row mix: defaults are the lab's measured recipe (tts_core.recipe, where each value's reason is)
-    # per-row probability of an instruction-only row (of rows not prompt + instruction)
-    instruction_prob: float = INSTRUCTION_PROB
-    # share of rows (with an instruction) conditioned on a reference prompt *and* the instruction (data.row_mix)
-    prompt_instruction_prob: float = PROMPT_INSTRUCTION_PROB
-    # share of instruction-on rows given the null instruction: what instruction guidance's unconditional branch is
-    instruction_dropout: float = INSTRUCTION_DROPOUT
+    # the row mix (tts_core.stage2.row_mix); flat keys instruction_prob / prompt_instruction_prob /
+    # instruction_dropout in to_dict / from_dict (stage2.json's train_config, the CLI)
+    row_mix: RowMix = field(default_factory=RowMix)
     batch_size: int = 32  # rows per batch (per rank); the cap when max_tokens is set
     max_tokens: int = 0  # token budget per batch (rows × longest row); 0 = fixed batch_size
     grad_accum: int = 1  # batches per rank per optimizer step (N ranks × A = A·N global batches per step)
@@ -199,17 +197,21 @@ class Stage2Config:
     progress: bool = False
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        """The flat record (``train_config``): the row mix as its three keys, where the field stands."""
+        d = {}
+        for k, v in asdict(self).items():
+            d.update(v if k == "row_mix" else {k: v})
         d["betas"] = list(self.betas)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Stage2Config":
-        known = {f.name for f in fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}
-        if "betas" in d:
-            d["betas"] = tuple(d["betas"])
-        return cls(**d)
+        """From the flat record (unknown keys ignored; the row mix from its three keys)."""
+        known = {f.name for f in fields(cls)} - {"row_mix"}
+        out = {k: v for k, v in d.items() if k in known}
+        if "betas" in out:
+            out["betas"] = tuple(out["betas"])
+        return cls(**out, row_mix=RowMix.from_dict(d))
 
 
 # Fields that define the run: a resume with other values is refused (epochs / max_steps / logging may change).
@@ -218,7 +220,7 @@ _RUN_KEYS = ("t3", "instruction_prob", "prompt_instruction_prob", "instruction_d
              "mapper_seed", "mapper_samples", "mapper_n_steps", "prompt_len", "emotion_adv", "padding_mask",
              "amp_dtype", "language", "hold_out")
 # a key an older run's saved config lacks had this value (the row-kind refinements came later: off before)
-_DEFAULTS = {**Stage2Config().to_dict(), "prompt_instruction_prob": 0.0, "instruction_dropout": 0.0}
+_DEFAULTS = {**Stage2Config().to_dict(), **ROW_MIX_BEFORE_RECORDED}
 
 
 @dataclass
@@ -254,55 +256,10 @@ class _State:
     tokens_seen: int = 0
 
 
-@dataclass
-class _Window:
-    """Sums over the steps since the last metrics row."""
-
-    stats: torch.Tensor = field(default_factory=lambda: torch.zeros(len(_STAT_NAMES) + 1, dtype=torch.float64))
-    t0: float = field(default_factory=time.time)
-    tokens: float = 0.0
-    padded: float = 0.0
-    gnorm: float = 0.0
-
-    def add(self, vals: torch.Tensor, finite: bool) -> None:
-        """``vals``: the all-reduced step sums (stats × weight, weight, tokens, padded tokens, grad norm)."""
-        S = len(_STAT_NAMES)
-        if finite:
-            w_sum = float(vals[S])
-            self.stats[:3] += vals[:3] / max(w_sum, 1e-12) if w_sum else 0
-            self.stats[3:S] += vals[3:S]
-            self.stats[-1] += 1
-            self.gnorm += float(vals[-1])
-        self.tokens += float(vals[S + 1])
-        self.padded += float(vals[S + 2])
-
-    def row(self, st: _State, nb: int, lr: float) -> dict:
-        a = dict(zip(_STAT_NAMES, self.stats[:len(_STAT_NAMES)].tolist()))
-        n = max(float(self.stats[-1]), 1.0)
-        dt = max(time.time() - self.t0, 1e-9)
-
-        def ratio(x, y):
-            return a[x] / a[y] if a[y] > 0 else None
-
-        return {
-            "step": st.global_step, "total_steps": st.total_steps, "epoch": st.epoch + st.position / max(nb, 1),
-            "lr": lr, "loss": a["loss"] / n, "loss_text": a["loss_text"] / n, "loss_speech": a["loss_speech"] / n,
-            "text_inst": ratio("ce_text_inst", "n_text_inst"), "text_audio": ratio("ce_text_audio", "n_text_audio"),
-            "speech_inst": ratio("ce_speech_inst", "n_speech_inst"),
-            "speech_audio": ratio("ce_speech_audio", "n_speech_audio"),
-            "inst_frac": ratio("n_inst_rows", "n_rows"), "grad_norm": self.gnorm / n,
-            "tokens_per_s": self.tokens / dt, "pad_frac": 1 - self.tokens / self.padded if self.padded else 0.0,
-            "nonfinite_total": st.nonfinite_total, "steps_in_row": int(self.stats[-1]), "time": time.time(),
-        }
-
-
 # ---- the recipe -------------------------------------------------------------------------------------------------
 def train_stage2(cfg: Stage2Config, on_log: Callable[[dict], None] | None = None) -> Stage2Result:
     """Train (or resume) stage 2; see the module docstring. ``on_log(row)`` runs on rank 0 after each
     metrics row is written (raising from it stops the run like a kill, after the last checkpoint)."""
-    for name in ("instruction_prob", "prompt_instruction_prob", "instruction_dropout"):
-        if not 0.0 <= getattr(cfg, name) <= 1.0:
-            raise ValueError(f"{name} must lie in [0, 1]")
     if cfg.hold_out not in HOLD_OUT_MODES:
         raise ValueError(f"hold_out must be one of {HOLD_OUT_MODES}, not {cfg.hold_out!r}")
     if not cfg.store or not cfg.mapper_dir:
@@ -329,7 +286,7 @@ class Stage2Recipe:
         self.resume()
         self.build_training()
         cfg, st = self.cfg, self.st
-        self.window = _Window()
+        self.window = MetricsWindow()
         bar = progress_bar(cfg.progress and self.dd.rank == 0, st.total_steps, st.global_step, "stage2")
         while st.epoch < cfg.epochs and (cfg.max_steps is None or st.global_step < cfg.max_steps):
             nb = len(self.sampler.batches(st.epoch))
@@ -462,8 +419,7 @@ class Stage2Recipe:
                            "rows_with_instruction": int((data.instruction_id >= 0).sum()),
                            "own_prompt_frac": len(data.own_prompt_rows) / len(data),
                            "prompt_seconds": data.meta["prompt_seconds"],
-                           "row_mix": row_mix(cfg.instruction_prob, cfg.prompt_instruction_prob,
-                                              cfg.instruction_dropout),
+                           "row_mix": cfg.row_mix.shares(),
                            "batches_per_epoch": len(self.sampler.batches(0)), **self.sampler.padding_stats(0),
                            **held}
 
@@ -550,7 +506,7 @@ class Stage2Recipe:
             "instruction_dim": self.encoder.hidden_size, "prompt_len": self.prompt_len,
             "emotion_adv": cfg.emotion_adv, "language": self.language, "family": self.t3.cfg.family,
             "store": {"url": _absolute(cfg.store), "lines_digest": self.reader.info.lines_digest},
-            "train_config": cfg.to_dict(), "null_instruction": cfg.instruction_dropout > 0,
+            "train_config": cfg.to_dict(), "null_instruction": cfg.row_mix.null_instruction,
             "frozen_models": frozen_models_record(self.reader.identities),
             "load_report": report.summary if report is not None else None,
             "t3_found": source.describe() if source is not None else None,
@@ -566,17 +522,15 @@ class Stage2Recipe:
         for micro in range(cfg.grad_accum):
             vr = micro * dd.world_size + dd.rank
             gidx, rows, weight = self.sampler.rank_batch(st.epoch, st.position, vr, self.V)
-            b = self.data.build_batch(rows, instruction_prob=cfg.instruction_prob,
-                                      rng=batch_rng(cfg.seed, st.epoch, gidx), prompt_len=self.prompt_len,
-                                      cond_len=self.cond_bound, emotion_adv=cfg.emotion_adv,
-                                      prompt_instruction_prob=cfg.prompt_instruction_prob,
-                                      instruction_dropout=cfg.instruction_dropout)
+            b = self.data.build_batch(rows, mix=cfg.row_mix, rng=batch_rng(cfg.seed, st.epoch, gidx),
+                                      prompt_len=self.prompt_len, cond_len=self.cond_bound,
+                                      emotion_adv=cfg.emotion_adv)
             torch.manual_seed(mix_seed(cfg.seed, "step", st.global_step, vr))  # dropout: a function of the step
             last = not dd.enabled or micro == cfg.grad_accum - 1
             with contextlib.nullcontext() if last else self.wrapped.no_sync():
                 with torch.autocast(device_type=self.device.type, dtype=self.amp or torch.float32,
                                     enabled=self.amp is not None):
-                    loss, stats = self.wrapped(b.batch, b.is_instruction, weight / cfg.grad_accum)
+                    loss, stats = self.wrapped(b.batch, b.instruction_only, weight / cfg.grad_accum)
                 loss.backward()
             part = torch.cat([stats.float() * weight, torch.tensor([weight, b.n_real_tokens * weight,
                                                                     b.n_padded_tokens * weight], device=stats.device)])
@@ -601,7 +555,7 @@ class Stage2Recipe:
                     f"Lower lr, check the cache for NaN/inf vectors, or try amp_dtype='fp32'. Last good checkpoint: "
                     f"{self.ckpts.latest()}"))
         self.window.add(vals, finite)
-        st.tokens_seen += int(float(vals[len(_STAT_NAMES) + 1]))
+        st.tokens_seen += int(float(vals[len(STAT_NAMES) + 1]))
         return lr_f
 
     def after_step(self, nb: int, lr_f: float) -> None:
@@ -611,7 +565,7 @@ class Stage2Recipe:
             row = self.window.row(st, nb, lr_f * cfg.lr)
             if st.global_step % (cfg.eval_every or 10 * cfg.log_every) == 0:
                 row.update(self.evaluate())
-            self.window = _Window()
+            self.window = MetricsWindow()
             if self.dd.rank == 0:
                 write_metrics_row(self.metrics_path, row)
                 if self.on_log is not None:
@@ -640,12 +594,12 @@ class Stage2Recipe:
         sums = torch.zeros(4, dtype=torch.float64)  # CE text, text tokens, CE speech, speech tokens
         mine = np.arange(len(val))[dd.rank::dd.world_size]
         for i in range(0, len(mine), cfg.batch_size):
-            b = val.build_batch(mine[i:i + cfg.batch_size], instruction_prob=1.0,
+            b = val.build_batch(mine[i:i + cfg.batch_size], mix=SCORED_AS_INSTRUCTION_ONLY,
                                 rng=np.random.default_rng(mix_seed(cfg.seed, "val", i)), prompt_len=self.prompt_len,
                                 cond_len=self.cond_bound, emotion_adv=cfg.emotion_adv)
             with torch.autocast(device_type=self.device.type, dtype=self.amp or torch.float32,
                                 enabled=self.amp is not None):
-                _, stats = self.model(b.batch, b.is_instruction)
+                _, stats = self.model(b.batch, b.instruction_only)
             s = stats.double().cpu()
             sums += torch.stack([s[3] + s[5], s[4] + s[6], s[7] + s[9], s[8] + s[10]])
         self.model.train()
