@@ -204,6 +204,11 @@ class Stage2Config:
         d["betas"] = list(self.betas)
         return d
 
+    def run_record(self) -> dict:
+        """What ``stage2.json`` records of this config: ``train_config``, and outright whether the run trains the
+        null instruction (what the default instruction guidance reads, `sampling_defaults.trained_null_instruction`)."""
+        return {"train_config": self.to_dict(), "null_instruction": self.row_mix.null_instruction}
+
     @classmethod
     def from_dict(cls, d: dict) -> "Stage2Config":
         """From the flat record (unknown keys ignored; the row mix from its three keys)."""
@@ -506,7 +511,7 @@ class Stage2Recipe:
             "instruction_dim": self.encoder.hidden_size, "prompt_len": self.prompt_len,
             "emotion_adv": cfg.emotion_adv, "language": self.language, "family": self.t3.cfg.family,
             "store": {"url": _absolute(cfg.store), "lines_digest": self.reader.info.lines_digest},
-            "train_config": cfg.to_dict(), "null_instruction": cfg.row_mix.null_instruction,
+            **cfg.run_record(),
             "frozen_models": frozen_models_record(self.reader.identities),
             "load_report": report.summary if report is not None else None,
             "t3_found": source.describe() if source is not None else None,
