@@ -16,7 +16,7 @@ from instruct_tts.options import (DASK_LOCAL_WORKERS, LAB_DEFAULT_PRESET, TASK_R
 
 STAGE1 = "tts_core.stage1.train:Stage1TrainConfig."
 MAPPER = "tts_core.mapper.flow:MapperConfig."
-STAGE2 = "tts_core.stage2.train:Stage2Config."
+STAGE2 = "tts_core.stage2.config:Stage2Config."
 ROW_MIX = "tts_core.stage2.row_mix:RowMix."  # Stage2Config.row_mix: its flat keys are the flags
 EVAL = "tts_core.evaluation.run:EvalConfig."
 FROZEN = "tts_core.frozen:FrozenModelsConfig."
@@ -355,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=AUTO_DEVICE_HELP + "; under torchrun: cuda:LOCAL_RANK")
     add(t2, "--amp", choices=("auto", "bf16", "fp32"), default_from=config_default(STAGE2 + "amp_dtype"),
         help="autocast, auto = bf16 on CUDA, fp32 on CPU")
-    g = t2.add_argument_group("training (tts_core.stage2.train.Stage2Config)")
+    g = t2.add_argument_group("training (tts_core.stage2.config.Stage2Config)")
     add(g, "--instruction-prob", type=float, default_from=config_default(ROW_MIX + "instruction_prob"),
         help="share of instruction-only rows (of the rows that are not prompt + instruction)")
     add(g, "--prompt-instruction-prob", type=float, default_from=config_default(ROW_MIX + "prompt_instruction_prob"),

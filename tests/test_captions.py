@@ -264,7 +264,7 @@ def _stage2_data(caption_lists):
 
 
 def test_stage2_rows_draw_every_caption_and_held_out_texts_are_dropped():
-    from tts_core.stage2.data import batch_rng
+    from tts_core.stage2.mixing import batch_rng
     from tts_core.stage2.row_mix import SCORED_AS_INSTRUCTION_ONLY
 
     data = _stage2_data([[0, 1, 2], [3], [], [4, 5]])

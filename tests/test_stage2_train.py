@@ -211,7 +211,7 @@ def test_precomputed_tables_are_exact(prepared):
 def test_tables_of_some_instructions_equal_the_full_tables_there(prepared):
     """An evaluation that needs a few instructions of a big store computes only theirs (`ids`): the same vectors
     as the full tables (same per-instruction noise), zeros elsewhere."""
-    from tts_core.stage2.data import compute_instruction_tables
+    from tts_core.stage2.prepare import compute_instruction_tables
 
     reader, encoder, mapper, data = prepared
     ids = np.array([4, 1, 4])

@@ -177,7 +177,7 @@ def test_null_instruction_and_prompt_instruction_rows_teacher_forced_equal_guide
     instruction dropout gave the null instruction: the unconditional branch is a row stage 2 trains."""
     import numpy as np
 
-    from tts_core.stage2.data import batch_rng
+    from tts_core.stage2.mixing import batch_rng
     from tts_core.stage2.row_mix import AUDIO_ONLY, INSTRUCTION_ONLY, PROMPT_INSTRUCTION, RowMix
     from tts_core.t3 import T3
 

@@ -1,6 +1,6 @@
 """Text + instruction (and/or a reference clip) → speech tokens → waveform, from a stage-2 run directory.
 
-The conditioning is the one training used, row kind by row kind (`tts_core.stage2.data.build_batch`):
+The conditioning is the one training used, row kind by row kind (`tts_core.stage2.mixing.build_batch`):
 
 * instruction only: speaker embedding = the frozen mapper's sample for the instruction, no prompt tokens,
   instruction embedding on (adapters active);
@@ -136,7 +136,8 @@ class Synthesizer:
         from tts_core.run_models import resolve_run_models
         from tts_core.stage1.artifacts import load_mapper
         from tts_core.stage2.text_tokenizer import load_text_tokenizer
-        from tts_core.stage2.train import SPEECH_CODEBOOK, build_t3
+        from tts_core.stage2.artifacts import SPEECH_CODEBOOK
+        from tts_core.stage2.model import build_t3
 
         run_dir = Path(run_dir)
         missing = [f for f in RUN_FILES if not (run_dir / f).is_file()]

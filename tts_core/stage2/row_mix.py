@@ -1,6 +1,6 @@
 """Stage 2's row mix: the kinds of training row, how often each is drawn, and the name each is logged under.
 
-Every row of a stage-2 batch is one kind (`tts_core.stage2.data`, "Per-sample mixing"):
+Every row of a stage-2 batch is one kind (`tts_core.stage2.mixing`):
 
 * **audio-only** (`AUDIO_ONLY`): the ground-truth speaker embedding and another clip's prompt, no instruction;
 * **instruction-only** (`INSTRUCTION_ONLY`): the mapper's speaker embedding, no prompt, the instruction on;
@@ -27,9 +27,9 @@ from tts_core.recipe import INSTRUCTION_DROPOUT, INSTRUCTION_PROB, PROMPT_INSTRU
 
 # ---- row kinds (`Stage2Batch.kind`) ----------------------------------------------------------------------
 AUDIO_ONLY, INSTRUCTION_ONLY, PROMPT_INSTRUCTION = 0, 1, 2
-KIND_NAMES = {AUDIO_ONLY: "audio-only", INSTRUCTION_ONLY: "instruction-only", PROMPT_INSTRUCTION: "prompt + instruction"}
+KIND_NAMES = {AUDIO_ONLY: "audio-only", INSTRUCTION_ONLY: "instruction-only",
+              PROMPT_INSTRUCTION: "prompt + instruction"}
 NULL_INSTRUCTION = "null instruction"
-INSTRUCTION_ON = (INSTRUCTION_ONLY, PROMPT_INSTRUCTION)  # the kinds whose instruction conditions the row
 
 
 def row_name(kind: int, null_instruction: bool = False) -> str:
