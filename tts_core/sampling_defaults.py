@@ -37,9 +37,9 @@ def trained_null_instruction(record: Mapping) -> bool:
 
 
 def default_instruction_guidance(record: Mapping, family: str) -> float:
-    """The instruction guidance W a run samples with when none is given — the one place that decides it, from the run's
-    record (`trained_null_instruction`) and its T3 ``family``: `INSTRUCTION_GUIDANCE` where stage 2 trained the null
-    instruction, else 0; always 0 for Turbo (its generate runs one row: no guidance)."""
+    """The instruction guidance W a run samples with when none is given — the one place that decides it, from the
+    run's record (`trained_null_instruction`) and its T3 ``family``: `INSTRUCTION_GUIDANCE` where stage 2 trained the
+    null instruction, else 0; always 0 for Turbo (its generate runs one row: no guidance)."""
     if family == "turbo":
         return 0.0
     return INSTRUCTION_GUIDANCE if trained_null_instruction(record) else 0.0
