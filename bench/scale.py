@@ -189,7 +189,7 @@ def _stage(name: str, store: str, a: argparse.Namespace) -> dict:
     if name == "stage2":
         from cache.reader import CacheReader
         from tts_core.mapper import InstructionEncoder, InstructionMapper, MapperConfig
-        from tts_core.stage2.data import prepare_stage2_data
+        from tts_core.stage2.prepare import prepare_stage2_data
         from tts_core.stage2.text_tokenizer import ByteTextTokenizer
 
         reader = CacheReader(store)

@@ -162,7 +162,7 @@ def plain_model(cfg, device: str) -> torch.nn.Module:
 def ours_model(cfg, device: str):
     """T3 + adapters, trainable as stage 2 trains it (→ model, Stage2Model, optimizer)."""
     from tts_core.stage2.model import Stage2Model, make_optimizer
-    from tts_core.stage2.train import Stage2Config
+    from tts_core.stage2.config import Stage2Config
     from tts_core.t3 import t3_for_config
 
     t3 = t3_for_config(cfg.replace(adapters=True)).to(device)
@@ -190,7 +190,7 @@ def make_t3_batch(cfg, tl: np.ndarray, sl: np.ndarray, seed: int):
 
 def measure(c: ThroughputConfig) -> dict:
     """Both models, eager then compiled; → {"rows": [...], "ratio_eager", "ratio_compiled", "goals", ...}."""
-    from tts_core.stage2.data import BucketBatchSampler
+    from tts_core.stage2.sampler import BucketBatchSampler
 
     dev, amp = c.device, (torch.bfloat16 if c.bf16 else None)
     cfg = t3_config(c.family, c.preset)

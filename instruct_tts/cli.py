@@ -16,7 +16,8 @@ from instruct_tts.options import (DASK_LOCAL_WORKERS, LAB_DEFAULT_PRESET, TASK_R
 
 STAGE1 = "tts_core.stage1.train:Stage1TrainConfig."
 MAPPER = "tts_core.mapper.flow:MapperConfig."
-STAGE2 = "tts_core.stage2.train:Stage2Config."
+STAGE2 = "tts_core.stage2.config:Stage2Config."
+ROW_MIX = "tts_core.stage2.row_mix:RowMix."  # Stage2Config.row_mix: its flat keys are the flags
 EVAL = "tts_core.evaluation.run:EvalConfig."
 FROZEN = "tts_core.frozen:FrozenModelsConfig."
 BUILD = "tts_core.cachebuild.build:BuildConfig."
@@ -255,11 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     add(lab, "--sweep-clips", type=int, default_from=lab_default("sweep_clips"),
         help="held-out clips per split in each sweep")
     add(lab, "--instruction-dropout", type=float,
-        default_from=lab_default("instruction_dropout", none=_stage2_default("instruction_dropout")),
+        default_from=lab_default("instruction_dropout", none=_row_mix_default("instruction_dropout")),
         help="stage 2: share of instruction rows given the null instruction")
     add(lab, "--prompt-instruction-prob", type=float,
         default_from=lab_default("prompt_instruction_prob",
-                                 none=_stage2_default("prompt_instruction_prob")),
+                                 none=_row_mix_default("prompt_instruction_prob")),
         help="stage 2: share of prompt + instruction rows")
     add(lab, "--seed", type=int, default_from=lab_default("seed"))
     add(lab, "--device", default_from=lab_default("device"), help=DEVICE_HELP)
@@ -354,13 +355,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=AUTO_DEVICE_HELP + "; under torchrun: cuda:LOCAL_RANK")
     add(t2, "--amp", choices=("auto", "bf16", "fp32"), default_from=config_default(STAGE2 + "amp_dtype"),
         help="autocast, auto = bf16 on CUDA, fp32 on CPU")
-    g = t2.add_argument_group("training (tts_core.stage2.train.Stage2Config)")
-    add(g, "--instruction-prob", type=float, default_from=config_default(STAGE2 + "instruction_prob"),
+    g = t2.add_argument_group("training (tts_core.stage2.config.Stage2Config)")
+    add(g, "--instruction-prob", type=float, default_from=config_default(ROW_MIX + "instruction_prob"),
         help="share of instruction-only rows (of the rows that are not prompt + instruction)")
-    add(g, "--prompt-instruction-prob", type=float, default_from=config_default(STAGE2 + "prompt_instruction_prob"),
+    add(g, "--prompt-instruction-prob", type=float, default_from=config_default(ROW_MIX + "prompt_instruction_prob"),
         help="share of rows with a reference prompt *and* the instruction ('this voice, but slower'); the rest "
              "split by --instruction-prob")
-    add(g, "--instruction-dropout", type=float, default_from=config_default(STAGE2 + "instruction_dropout"),
+    add(g, "--instruction-dropout", type=float, default_from=config_default(ROW_MIX + "instruction_dropout"),
         help="share of instruction rows given the null instruction, for --instruction-guidance at synthesis")
     add(g, "--batch-size", type=int, default_from=config_default(STAGE2 + "batch_size"),
         help="rows per batch per rank (the cap with --max-tokens)")
@@ -461,8 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _stage2_default(name: str):
-    return lambda: f"Stage2Config's, {config_default(STAGE2 + name)()}"
+def _row_mix_default(name: str):
+    return lambda: f"Stage2Config's, {config_default(ROW_MIX + name)()}"
 
 
 def _under_torchrun() -> bool:

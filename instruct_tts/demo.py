@@ -156,8 +156,9 @@ def _summary(store: str, mapper_dir: Path, t3_dir: Path, wavs: dict[str, Path]) 
           f"{b['nn_spk_cos']:.3f} / {b['nn_xvec_cos']:.3f})")
     if hist:
         print(f"stage 2: {t3_dir}/report.md  loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f} "
-              f"over {hist[-1]['step']} steps (speech: instruction rows {hist[-1]['speech_inst'] or 0:.3f}, "
-              f"audio rows {hist[-1]['speech_audio'] or 0:.3f})")
+              f"over {hist[-1]['step']} steps (speech: instruction-only rows "
+              f"{hist[-1]['speech_instruction_only'] or 0:.3f}, rows with a prompt "
+              f"{hist[-1]['speech_with_prompt'] or 0:.3f})")
     for instruction, path in wavs.items():
         print(f"wav:     {path}  <- \"{instruction}\"")
     print("TensorBoard: uv run tensorboard --logdir demo/runs")

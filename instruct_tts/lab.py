@@ -123,12 +123,14 @@ class LabConfig:
     def sampling(self, **overrides):
         """The `SamplingConfig` of the lab's model renderings (``overrides``: a sweep's value)."""
         from tts_core.sampling_defaults import default_instruction_guidance
-        from tts_core.stage2.train import Stage2Config
+        from tts_core.stage2 import Stage2Config
         from tts_core.synthesis import SamplingConfig
+        from tts_core.t3.config import T3Config
 
         w = self.instruction_guidance
         if w is None:  # what `Synthesizer.guidance` gives this run: resolved here so the report names the W used
-            w = default_instruction_guidance(Stage2Config(**self.stage2_train()).instruction_dropout)
+            w = default_instruction_guidance(Stage2Config.from_dict(self.stage2_train()).run_record(),
+                                             T3Config.preset(self.t3).family)
         return SamplingConfig(**{"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty,
                                  "instruction_guidance": w, **overrides})
 
@@ -164,11 +166,14 @@ class LabPaths:
 def run_lab(cfg: LabConfig, say: Callable[[str], None] = print) -> dict:
     """Run (or resume) the whole lab; returns the report dict (also written to ``out/report.json``)."""
     from tts_core.corpus.demo import generate_demo_corpus, lab_corpus_config
+    from tts_core.sampling_defaults import trained_null_instruction
+    from tts_core.stage2 import Stage2Config
 
     p = LabPaths(Path(cfg.out))
     t_start, seconds = time.time(), {}
     guided = max((cfg.sampling().instruction_guidance or 0.0, *cfg.guidance_sweep), default=0.0)
-    if guided > 0 and cfg.instruction_dropout == 0:  # found now, not after the training it would waste
+    if guided > 0 and not trained_null_instruction(Stage2Config.from_dict(cfg.stage2_train()).run_record()):
+        # found now, not after the training it would waste
         raise ValueError(f"instruction guidance W = {guided:g} needs stage 2's null instruction, but "
                          "--instruction-dropout is 0: pass --instruction-guidance 0 --guidance-sweep '' as well")
 

@@ -108,7 +108,7 @@ def stage1_configs(o: dict, progress: bool = False):
 
 def stage2_config(o: dict, progress: bool = False):
     """train-stage2 options -> `Stage2Config`."""
-    from tts_core.stage2.train import Stage2Config
+    from tts_core.stage2.config import Stage2Config
 
     train = _given(
         instruction_prob=o["instruction_prob"], prompt_instruction_prob=o["prompt_instruction_prob"],

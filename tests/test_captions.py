@@ -246,6 +246,7 @@ def test_stage1_resume_with_captions_equals_the_uninterrupted_run(tmp_path, one_
 def _stage2_data(caption_lists):
     import torch
 
+    from cache.captions import CaptionTable
     from tts_core.stage2.data import Stage2Data
 
     n, U = len(caption_lists), 8
@@ -258,27 +259,28 @@ def _stage2_data(caption_lists):
         prompt_start=np.arange(n), prompt_len=ones, spk=torch.nn.functional.normalize(torch.randn(n, 256), dim=-1),
         instruction_id=np.array([c[0] if c else -1 for c in caption_lists]),
         style_emb=torch.arange(U, dtype=torch.float32)[:, None].repeat(1, 4), mapper_spk=torch.zeros(U, 1, 256),
-        speaker_code=np.full(n, -1), caption_offsets=off,
-        caption_ids=np.array([i for c in caption_lists for i in c], np.int64))
+        speaker_code=np.full(n, -1),
+        captions=CaptionTable(off, np.array([i for c in caption_lists for i in c], np.int64)))
 
 
 def test_stage2_rows_draw_every_caption_and_held_out_texts_are_dropped():
-    from tts_core.stage2.data import batch_rng
+    from tts_core.stage2.mixing import batch_rng
+    from tts_core.stage2.row_mix import SCORED_AS_INSTRUCTION_ONLY
 
     data = _stage2_data([[0, 1, 2], [3], [], [4, 5]])
     got = {r: set() for r in range(4)}
     for g in range(40):
-        b = data.build_batch(np.arange(4), instruction_prob=1.0, rng=batch_rng(0, 0, g), prompt_len=4)
+        b = data.build_batch(np.arange(4), mix=SCORED_AS_INSTRUCTION_ONLY, rng=batch_rng(0, 0, g), prompt_len=4)
         style = b.batch.cond.instruction_emb[:, 0].long().tolist()
         for r in range(4):
-            if b.is_instruction[r]:
+            if b.instruction_only[r]:
                 got[r].add(style[r])
     assert got == {0: {0, 1, 2}, 1: {3}, 2: set(), 3: {4, 5}}
     sub = data.subset(np.array([0, 3]))
-    assert sub.caption_offsets.tolist() == [0, 3, 5] and sub.caption_ids.tolist() == [0, 1, 2, 4, 5]
+    assert sub.captions.offsets.tolist() == [0, 3, 5] and sub.captions.ids.tolist() == [0, 1, 2, 4, 5]
     kept = data.without_instructions(np.array([0, 3]))
     assert kept.instruction_id.tolist() == [1, -1, -1, 4]  # clip 1 had only the held-out text: audio-only
-    assert kept.caption_ids.tolist() == [1, 2, 4, 5]
+    assert kept.captions.ids.tolist() == [1, 2, 4, 5]
     one = _stage2_data([[0], [3], [], [4]])  # one caption per clip: nothing drawn, so old batches are unchanged
     rng = batch_rng(0, 0, 1)
     state = rng.bit_generator.state

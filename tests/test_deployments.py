@@ -204,7 +204,7 @@ def test_help_defaults_are_read_from_the_dataclasses():
     assert f"(default: {MapperConfig().draws})" in s1["draws"]
     assert f"(default: {MapperConfig().temperature:g})" in s1["temperature"]
     assert f"(default: {Stage1TrainConfig().epochs})" in s1["epochs"]
-    assert f"(default: {Stage2Config().prompt_instruction_prob:g})" in s2["prompt_instruction_prob"]
+    assert f"(default: {Stage2Config().row_mix.prompt_instruction_prob:g})" in s2["prompt_instruction_prob"]
     assert f"(default: {EvalConfig.n_instructions})" in _help("evaluate")["n"]
     build = _help("build-cache")
     assert f"(default: {BuildConfig.loader_threads})" in build["loader_threads"] and "threads" in build["loader_threads"]

@@ -201,7 +201,7 @@ def test_speech_loss_probe_computes_only_its_rows_tables_and_scores_as_the_full_
     from cache.reader import CacheReader
     from tts_core.evaluation.lab import SpeechLossProbe
     from tts_core.stage1.artifacts import load_mapper
-    from tts_core.stage2.data import prepare_stage2_data
+    from tts_core.stage2.prepare import prepare_stage2_data
     from tts_core.stage2.text_tokenizer import load_text_tokenizer
 
     out, _ = lab

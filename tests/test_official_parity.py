@@ -332,7 +332,7 @@ def test_multilingual_text_ids_equal_the_official_mtl_tokenizer(tmp_path):
 def test_row_languages_from_the_metadata_column_or_the_default(tmp_path):
     import pandas as pd
 
-    from tts_core.stage2.data import row_languages
+    from tts_core.stage2.prepare import row_languages
     from tts_core.stage2.text_tokenizer import ByteTextTokenizer
 
     mtl = MultilingualTextTokenizer(write_mtl_vocab(tmp_path / "grapheme_mtl_merged_expanded_v1.json"))

@@ -133,7 +133,8 @@ def test_stage_defaults_are_the_recipe_defined_once():
 
     m, s, lab = MapperConfig(), Stage2Config(), LabConfig()
     assert (m.draws, m.temperature) == (lab.mapper_draws, lab.mapper_temperature) == (64, 0.8)
-    assert (s.instruction_prob, s.prompt_instruction_prob, s.instruction_dropout) == (0.5, 0.2, 0.1)
+    mix = s.row_mix
+    assert (mix.instruction_prob, mix.prompt_instruction_prob, mix.instruction_dropout) == (0.5, 0.2, 0.1)
     assert (lab.prompt_instruction_prob, lab.instruction_dropout) == (0.2, 0.1)
     assert INSTRUCTION_GUIDANCE == recipe.INSTRUCTION_GUIDANCE == 3.0
     assert recipe.RECIPE == {"mapper_draws": 64, "mapper_temperature": 0.8, "instruction_prob": 0.5,

@@ -24,7 +24,7 @@ def test_cli_train_stage2_tiny_on_the_demo_cache(demo_store, mapper_run, tmp_pat
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [3, 6] and all(r["total_steps"] == 6 for r in rows)
     # both row kinds were trained on (50/50 mixing by default)
-    assert 0 < sum(r["inst_frac"] for r in rows) / len(rows) < 1
+    assert 0 < sum(r["instruction_only_frac"] for r in rows) / len(rows) < 1
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     ea = EventAccumulator(str(out / "tb"))

@@ -12,6 +12,7 @@ from test_stage2_train import TE, _cfg as _base_cfg, _save_stage1, env  # noqa: 
 from tts_core.stage1.data import Stage1Data
 from tts_core.stage2 import Stage2Data, Stage2Model, train_stage2
 from tts_core.stage2.hold_out import HoldOutError
+from tts_core.stage2.row_mix import SCORED_AS_INSTRUCTION_ONLY
 from tts_core.stage2.train import Stage2Recipe
 
 # salt "d" holds out 2 of the store's 6 instruction texts (10 of 37 clips with an instruction)
@@ -76,11 +77,11 @@ def test_held_out_rows_never_train_and_their_loss_is_recorded(runs, tmp_path, mo
 
     # the value: mean CE per token over exactly the held-out rows, recomputed in one batch of all of them
     val = recipe["it"].val_data
-    b = build(val, np.arange(len(val)), instruction_prob=1.0, rng=np.random.default_rng(0),
+    b = build(val, np.arange(len(val)), mix=SCORED_AS_INSTRUCTION_ONLY, rng=np.random.default_rng(0),
               cond_len=recipe["it"].cond_bound)
-    assert bool(b.is_instruction.all())  # every held-out row is scored as an instruction row
+    assert bool(b.instruction_only.all())  # every held-out row is scored as an instruction-only row
     with torch.no_grad():
-        _, stats = Stage2Model(res.t3.eval())(b.batch, b.is_instruction)
+        _, stats = Stage2Model(res.t3.eval())(b.batch, b.instruction_only)
     speech, text = float((stats[7] + stats[9]) / (stats[8] + stats[10])), float((stats[3] + stats[5]) / (stats[4] + stats[6]))
     assert res.val["val_speech_loss"] == pytest.approx(speech, rel=1e-5)
     assert res.val["val_text_loss"] == pytest.approx(text, rel=1e-5)

@@ -29,6 +29,7 @@ from tts_core.stage2 import (
     train_stage2,
 )
 from tts_core.seeds import mix_seed
+from tts_core.stage2.row_mix import RowMix
 from tts_core.t3 import T3, T3Config, save_t3
 
 H = 16  # text-encoder hidden size of the tiny store
@@ -106,7 +107,7 @@ def _cfg(env, out, **kw) -> Stage2Config:
     base = dict(store=env["store"], mapper_dir=env["stage1"], t3="tiny", out_dir=str(out), batch_size=8, lr=3e-3,
                 warmup_steps=2, epochs=100, max_steps=6, save_every=0, log_every=1, seed=0, device="cpu")
     base.update(kw)
-    return Stage2Config(**base)
+    return Stage2Config.from_dict(base)
 
 
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -210,7 +211,7 @@ def test_precomputed_tables_are_exact(prepared):
 def test_tables_of_some_instructions_equal_the_full_tables_there(prepared):
     """An evaluation that needs a few instructions of a big store computes only theirs (`ids`): the same vectors
     as the full tables (same per-instruction noise), zeros elsewhere."""
-    from tts_core.stage2.data import compute_instruction_tables
+    from tts_core.stage2.prepare import compute_instruction_tables
 
     reader, encoder, mapper, data = prepared
     ids = np.array([4, 1, 4])
@@ -245,8 +246,8 @@ def test_mixing_ratio_and_per_row_contents(prepared, p):
     rows = np.arange(len(data))
     n_inst = n_elig = 0
     for step in range(150):
-        b = data.build_batch(rows, instruction_prob=p, rng=batch_rng(0, 0, step), prompt_len=5)
-        inst = b.is_instruction.numpy()
+        b = data.build_batch(rows, mix=RowMix.core(p), rng=batch_rng(0, 0, step), prompt_len=5)
+        inst = b.instruction_only.numpy()
         elig = data.instruction_id >= 0
         assert not inst[~elig].any()  # rows without an instruction are always audio-only
         n_inst += int(inst[elig].sum())
@@ -275,16 +276,16 @@ def test_mixing_ratio_and_per_row_contents(prepared, p):
             assert b.batch.speech_tokens[i, : data.speech_len[r]].tolist() == data.speech_tokens_of(r).tolist()
     frac = n_inst / n_elig
     assert abs(frac - p) < 0.03, frac
-    again = data.build_batch(rows, instruction_prob=p, rng=batch_rng(0, 0, 1), prompt_len=5)
-    first = data.build_batch(rows, instruction_prob=p, rng=batch_rng(0, 0, 1), prompt_len=5)
+    again = data.build_batch(rows, mix=RowMix.core(p), rng=batch_rng(0, 0, 1), prompt_len=5)
+    first = data.build_batch(rows, mix=RowMix.core(p), rng=batch_rng(0, 0, 1), prompt_len=5)
     assert torch.equal(again.batch.cond.speaker_emb, first.batch.cond.speaker_emb)  # seeded per batch
 
 
 def test_prompt_instruction_rows_and_null_instruction_rows(prepared):
     """The row-kind refinements: prompt + instruction rows take prompt *and* speaker embedding from another clip of
     the same speaker with the instruction on; dropped rows keep everything but get the null instruction; the older
-    draws are unchanged (with both shares at 0 a batch is what it was before them); shares match `row_mix`."""
-    from tts_core.stage2.data import KIND_AUDIO, KIND_INSTRUCTION, KIND_PROMPT_INSTRUCTION, row_mix
+    draws are unchanged (with both shares at 0 a batch is what it was before them); shares match `RowMix.shares`."""
+    from tts_core.stage2.row_mix import AUDIO_ONLY, INSTRUCTION_ONLY, PROMPT_INSTRUCTION
 
     reader, _, _, data = prepared
     gt = F.normalize(torch.from_numpy(reader.spk_emb(raw=True)), dim=-1)
@@ -294,24 +295,24 @@ def test_prompt_instruction_rows_and_null_instruction_rows(prepared):
     counts = np.zeros(3)
     n_on = n_null = 0
     for step in range(150):
-        base = data.build_batch(rows, instruction_prob=0.5, rng=batch_rng(0, 0, step), prompt_len=5)
-        b = data.build_batch(rows, instruction_prob=0.5, rng=batch_rng(0, 0, step), prompt_len=5,
-                             prompt_instruction_prob=0.3, instruction_dropout=0.25)
+        base = data.build_batch(rows, mix=RowMix.core(0.5), rng=batch_rng(0, 0, step), prompt_len=5)
+        b = data.build_batch(rows, mix=RowMix(0.5, prompt_instruction_prob=0.3, instruction_dropout=0.25),
+                             rng=batch_rng(0, 0, step), prompt_len=5)
         kind, c = b.kind, b.batch.cond
-        assert (kind[~elig] == KIND_AUDIO).all() and not b.null_instruction[~elig].any()
-        same = kind != KIND_PROMPT_INSTRUCTION  # every other row is the row it was without the refinements
+        assert (kind[~elig] == AUDIO_ONLY).all() and not b.null_instruction[~elig].any()
+        same = kind != PROMPT_INSTRUCTION  # every other row is the row it was without the refinements
         assert (base.kind[same] == kind[same]).all()
         torch.testing.assert_close(c.speaker_emb[torch.from_numpy(same)], base.batch.cond.speaker_emb[torch.from_numpy(same)])
         counts += np.bincount(kind[elig], minlength=3)
-        on = kind != KIND_AUDIO
+        on = kind != AUDIO_ONLY
         n_on += int(on.sum())
         n_null += int(b.null_instruction.sum())
         assert (c.instruction_mask.numpy() == (on & ~b.null_instruction)).all()
-        assert b.is_instruction.numpy().tolist() == (kind == KIND_INSTRUCTION).tolist()
+        assert b.instruction_only.numpy().tolist() == (kind == INSTRUCTION_ONLY).tolist()
         if step >= 3:
             continue
         for i, r in enumerate(rows):
-            if kind[i] == KIND_PROMPT_INSTRUCTION:
+            if kind[i] == PROMPT_INSTRUCTION:
                 src = b.prompt_src[i]
                 if speakers[r]:
                     assert src != r and speakers[src] == speakers[r]
@@ -319,22 +320,67 @@ def test_prompt_instruction_rows_and_null_instruction_rows(prepared):
                 assert c.prompt_tokens[i, :5].tolist() == data.prompt_tokens_of(src, 5).tolist()
                 torch.testing.assert_close(c.instruction_emb[i], data.style_emb[data.instruction_id[r]])
             if b.null_instruction[i]:  # null instruction: the embedding stays, the mask turns the adapters off
-                assert kind[i] != KIND_AUDIO and not bool(c.instruction_mask[i]) and c.instruction_emb[i].any()
+                assert kind[i] != AUDIO_ONLY and not bool(c.instruction_mask[i]) and c.instruction_emb[i].any()
     shares = counts / counts.sum()
-    want = row_mix(0.5, 0.3, 0.25)
-    assert abs(shares[KIND_PROMPT_INSTRUCTION] - want["prompt + instruction"]) < 0.03, shares
-    assert abs(shares[KIND_INSTRUCTION] - want["instruction-only"]) < 0.03, shares
+    want = RowMix(0.5, 0.3, 0.25).shares()
+    assert abs(shares[PROMPT_INSTRUCTION] - want["prompt + instruction"]) < 0.03, shares
+    assert abs(shares[INSTRUCTION_ONLY] - want["instruction-only"]) < 0.03, shares
     assert abs(n_null / n_on - 0.25) < 0.03
-    assert row_mix(0.5)["instruction-only"] == row_mix(0.5)["audio-only"] == 0.5  # the design card's 50/50 core
+    core = RowMix.core(0.5).shares()
+    assert core["instruction-only"] == core["audio-only"] == 0.5  # the design card's 50/50 core
+
+
+def test_each_row_kind_is_logged_under_its_own_name(prepared):
+    """A batch of each row kind: its rows are named as that kind (the null instruction as such), and its loss lands
+    in that kind's segment of the logged statistics — instruction-only rows under ``*_instruction_only``, audio-only
+    and prompt + instruction rows (both with a reference prompt) under ``*_with_prompt``."""
+    from tts_core.stage2.metrics import STAT_NAMES
+    from tts_core.stage2.row_mix import (
+        AUDIO_ONLY, INSTRUCTION_ONLY, PROMPT_INSTRUCTION, SEGMENTS, segment_key, segment_of,
+    )
+
+    _, _, _, data = prepared
+    rows = np.flatnonzero(data.instruction_id >= 0)[:8]
+    t3, _, _ = build_t3("tiny", instruction_dim=H)
+    model = Stage2Model(t3.eval())
+    cases = {("audio-only", AUDIO_ONLY): RowMix.core(0.0), ("instruction-only", INSTRUCTION_ONLY): RowMix.core(1.0),
+             ("prompt + instruction", PROMPT_INSTRUCTION): RowMix(0.5, 1.0, instruction_dropout=0.0),
+             ("instruction-only (null instruction)", INSTRUCTION_ONLY): RowMix(1.0, 0.0, instruction_dropout=1.0),
+             ("prompt + instruction (null instruction)", PROMPT_INSTRUCTION): RowMix(0.5, 1.0, 1.0)}
+    for (name, kind), mix in cases.items():
+        b = data.build_batch(rows, mix=mix, rng=batch_rng(0, 0, 0), prompt_len=5)
+        assert (b.kind == kind).all() and b.row_names == [name] * len(rows), (name, b.row_names)
+        with torch.no_grad():
+            stats = dict(zip(STAT_NAMES, model(b.batch, b.instruction_only)[1].tolist()))
+        for head in ("text", "speech"):
+            for seg in SEGMENTS:
+                counted = stats[f"n_{segment_key(head, seg)}"] > 0
+                assert counted == (seg == segment_of(kind)), (name, head, seg)
+        assert stats["n_instruction_only_rows"] == (len(rows) if kind == INSTRUCTION_ONLY else 0)
+
+
+def test_row_mix_validates_and_keeps_its_flat_names():
+    from tts_core.stage2.row_mix import RowMix
+
+    with pytest.raises(ValueError, match="instruction_dropout must lie in"):
+        RowMix(instruction_dropout=1.5)
+    cfg = Stage2Config.from_dict({"instruction_prob": 0.3, "instruction_dropout": 0.0})
+    assert cfg.row_mix == RowMix(0.3, RowMix().prompt_instruction_prob, 0.0) and not cfg.row_mix.null_instruction
+    d = cfg.to_dict()
+    assert "row_mix" not in d and {k: d[k] for k in RowMix.KEYS} == cfg.row_mix.to_dict()
+    assert Stage2Config.from_dict(d) == cfg
+    assert list(RowMix(0.5, 0.2, 0.1).shares()) == [
+        "instruction-only", "audio-only", "prompt + instruction", "null instruction (of instruction-on rows)",
+        "null instruction (of rows with an instruction)"]
 
 
 def test_stage2_model_loss_equals_t3_forward(prepared):
     _, encoder, _, data = prepared
     t3, _, _ = build_t3("tiny", instruction_dim=H)
     t3.eval()  # no perceiver dropout: the two forwards must see the same network
-    b = data.build_batch(np.arange(12), instruction_prob=0.5, rng=batch_rng(0, 0, 0))
+    b = data.build_batch(np.arange(12), mix=RowMix.core(0.5), rng=batch_rng(0, 0, 0))
     ref = t3(b.batch)
-    loss, stats = Stage2Model(t3)(b.batch, b.is_instruction)
+    loss, stats = Stage2Model(t3)(b.batch, b.instruction_only)
     torch.testing.assert_close(loss, ref.loss)
     torch.testing.assert_close(stats[1:3], torch.stack([ref.loss_text, ref.loss_speech]))
     # the per-segment sums add up to the totals
@@ -366,11 +412,12 @@ def test_training_freezes_stage1_trains_t3_and_loss_decreases(env, tmp_path):
     assert "tfmr.embed_tokens.weight" not in changed
     # loss goes down on this tiny, structured data, for both kinds of rows
     h = res.history
-    assert len(h) == 20 and all(r["text_inst"] is not None and r["speech_audio"] is not None for r in h[-5:])
+    assert len(h) == 20 and all(r["text_instruction_only"] is not None and r["speech_with_prompt"] is not None
+                                for r in h[-5:])
     first, last = np.mean([r["loss"] for r in h[:2]]), np.mean([r["loss"] for r in h[-2:]])
     # last / first measured 0.25…0.28 for seeds 0-4 at 1 thread and seeds 0-1 at 2 threads: 0.6 holds with room
     assert last < 0.6 * first, (first, last)
-    assert 0.2 < np.mean([r["inst_frac"] for r in h]) < 0.8
+    assert 0.2 < np.mean([r["instruction_only_frac"] for r in h]) < 0.8
     # outputs: published checkpoint is a valid --t3 source (adapters included: nothing extra)
     out = tmp_path / "run"
     assert (out / "report.md").read_text().count("| adapters |") == 1 and (out / "loss_curves.png").is_file()
@@ -562,7 +609,7 @@ def test_non_finite_steps_are_skipped_then_refused(env, tmp_path, monkeypatch):
 DDP_SCRIPT = """
 import os, sys, json, torch
 from tts_core.stage2 import Stage2Config, train_stage2
-cfg = Stage2Config(**json.loads(sys.argv[1]))
+cfg = Stage2Config.from_dict(json.loads(sys.argv[1]))
 res = train_stage2(cfg)
 torch.save(res.t3.state_dict(), sys.argv[2] + f".{res.world_size}.{os.environ['RANK']}.pt")
 """

@@ -177,7 +177,8 @@ def test_null_instruction_and_prompt_instruction_rows_teacher_forced_equal_guide
     instruction dropout gave the null instruction: the unconditional branch is a row stage 2 trains."""
     import numpy as np
 
-    from tts_core.stage2.data import KIND_AUDIO, KIND_INSTRUCTION, KIND_PROMPT_INSTRUCTION, batch_rng
+    from tts_core.stage2.mixing import batch_rng
+    from tts_core.stage2.row_mix import AUDIO_ONLY, INSTRUCTION_ONLY, PROMPT_INSTRUCTION, RowMix
     from tts_core.t3 import T3
 
     torch.manual_seed(0)
@@ -188,12 +189,13 @@ def test_null_instruction_and_prompt_instruction_rows_teacher_forced_equal_guide
             a.adapter.fc2.weight.copy_(torch.randn(a.adapter.fc2.weight.shape, generator=gen_) * 0.1)
     data = _stage2_data()
     rows = np.arange(len(data))
-    kw = dict(instruction_prob=0.5, prompt_len=150, prompt_instruction_prob=0.4)
-    gidx = next(i for i in range(100) if set(data.build_batch(rows, rng=batch_rng(0, 0, i), **kw).kind.tolist())
-                == {KIND_AUDIO, KIND_INSTRUCTION, KIND_PROMPT_INSTRUCTION})
-    kept = data.build_batch(rows, rng=batch_rng(0, 0, gidx), instruction_dropout=0.0, **kw)
-    dropped = data.build_batch(rows, rng=batch_rng(0, 0, gidx), instruction_dropout=1.0, **kw)
-    on = kept.kind != KIND_AUDIO
+    mix = RowMix(instruction_prob=0.5, prompt_instruction_prob=0.4, instruction_dropout=0.0)
+    gidx = next(i for i in range(100) if set(data.build_batch(rows, mix=mix, rng=batch_rng(0, 0, i), prompt_len=150)
+                                             .kind.tolist()) == {AUDIO_ONLY, INSTRUCTION_ONLY, PROMPT_INSTRUCTION})
+    kept = data.build_batch(rows, mix=mix, rng=batch_rng(0, 0, gidx), prompt_len=150)
+    dropped = data.build_batch(rows, mix=RowMix(0.5, 0.4, instruction_dropout=1.0), rng=batch_rng(0, 0, gidx),
+                               prompt_len=150)
+    on = kept.kind != AUDIO_ONLY
     assert dropped.null_instruction.tolist() == on.tolist() and (dropped.kind == kept.kind).all()
     with torch.no_grad():
         tf_kept = model(kept.batch).speech_logits

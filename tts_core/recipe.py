@@ -24,6 +24,9 @@ PROMPT_INSTRUCTION_PROB = 0.2
 # A tenth of the instruction rows get the null instruction: what instruction guidance guides against
 # (docs/benchmarks.md "The default lab": 10% null-instruction dropout, the run W = 3 was chosen on).
 INSTRUCTION_DROPOUT = 0.1
+# A run recorded before the two refinements existed trained neither: its saved train_config lacks these keys, and a
+# missing key means 0 (a resume's comparison, and whether the run trained the null instruction), never the default.
+ROW_MIX_BEFORE_RECORDED = {"prompt_instruction_prob": 0.0, "instruction_dropout": 0.0}
 
 # ---- synthesis ------------------------------------------------------------------------------------------------------
 # Instruction guidance W for runs that trained the null instruction: W 3 beat W 0 on pitch, rate and loudness of both

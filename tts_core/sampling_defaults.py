@@ -2,7 +2,10 @@
 CLI's --help reads them without importing torch). These are each family's user-facing `generate` values:
 `ChatterboxTTS.generate` passes top_p=1.0 (T3.inference's own default is 0.95), `ChatterboxMultilingualTTS`
 repetition_penalty=2.0, and `ChatterboxTurboTTS.generate` top_k=1000, top_p=0.95 and no min_p / CFG."""
+from collections.abc import Mapping
+
 from tts_core.recipe import INSTRUCTION_GUIDANCE  # re-exported: ours, the lab's measured W (tts_core.recipe)
+from tts_core.recipe import ROW_MIX_BEFORE_RECORDED
 
 DEFAULT_SAMPLING = dict(temperature=0.8, top_p=1.0, min_p=0.05, repetition_penalty=1.2, cfg_weight=0.5)
 DEFAULT_EXAGGERATION = 0.5  # emotion_adv
@@ -19,10 +22,27 @@ FAMILY_SAMPLING = {
 # instruction has nothing to guide against: its default is 0, the unguided path.
 
 
-def default_instruction_guidance(instruction_dropout: float | bool | None) -> float:
-    """W when none is given: `INSTRUCTION_GUIDANCE` for a run that trained the null instruction (a dropout > 0, or
-    stage2.json's ``null_instruction`` true), else 0."""
-    return INSTRUCTION_GUIDANCE if float(instruction_dropout or 0.0) > 0.0 else 0.0
+def trained_null_instruction(record: Mapping) -> bool:
+    """Whether a stage-2 run trained the null instruction, from its record (``stage2.json``, or the record a run about
+    to train will write: `Stage2Config.run_record`): its ``null_instruction``, else its recorded dropout."""
+    recorded = record.get("null_instruction")
+    if recorded is not None:
+        return bool(recorded)
+    # A run written before stage2.json said so outright: its recorded train_config.instruction_dropout decides. A
+    # train_config without that key predates dropout itself, so the run trained none: 0.0 (ROW_MIX_BEFORE_RECORDED) —
+    # never Stage2Config's default, which is today's recipe, not what that run did.
+    dropout = (record.get("train_config") or {}).get("instruction_dropout",
+                                                     ROW_MIX_BEFORE_RECORDED["instruction_dropout"])
+    return float(dropout or 0.0) > 0.0
+
+
+def default_instruction_guidance(record: Mapping, family: str) -> float:
+    """The instruction guidance W a run samples with when none is given — the one place that decides it, from the
+    run's record (`trained_null_instruction`) and its T3 ``family``: `INSTRUCTION_GUIDANCE` where stage 2 trained the
+    null instruction, else 0; always 0 for Turbo (its generate runs one row: no guidance)."""
+    if family == "turbo":
+        return 0.0
+    return INSTRUCTION_GUIDANCE if trained_null_instruction(record) else 0.0
 
 
 # Options a family accepts without using them (passed through so its generate warns, as the official does).

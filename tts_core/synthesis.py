@@ -1,6 +1,6 @@
 """Text + instruction (and/or a reference clip) → speech tokens → waveform, from a stage-2 run directory.
 
-The conditioning is the one training used, row kind by row kind (`tts_core.stage2.data.build_batch`):
+The conditioning is the one training used, row kind by row kind (`tts_core.stage2.mixing.build_batch`):
 
 * instruction only: speaker embedding = the frozen mapper's sample for the instruction, no prompt tokens,
   instruction embedding on (adapters active);
@@ -40,7 +40,9 @@ import numpy as np
 import torch
 
 from tts_core.reference import Reference, t3_prompt
-from tts_core.sampling_defaults import FAMILY_IGNORED, default_instruction_guidance, sampling_defaults
+from tts_core.sampling_defaults import (
+    FAMILY_IGNORED, default_instruction_guidance, sampling_defaults, trained_null_instruction,
+)
 from tts_core.t3.model import T3Cond
 from tts_core.t3.families import FAMILIES
 
@@ -71,7 +73,8 @@ class SamplingConfig:
     max_new_tokens: int = 1000
     # classifier-free guidance on the instruction (`T3.generate`): 0 = unguided, today's tokens exactly;
     # composes with cfg_weight as cond + cfg_weight·(cond − text_uncond) + W·(cond − null_instruction).
-    # None: the run's default (`Synthesizer.guidance`)
+    # None: the run's default (`Synthesizer.guidance`, from `tts_core.sampling_defaults.default_instruction_guidance`);
+    # `for_family` passes only a W resolved that way, or given
     instruction_guidance: float | None = None
 
     def for_family(self, family: str) -> dict:
@@ -133,7 +136,8 @@ class Synthesizer:
         from tts_core.run_models import resolve_run_models
         from tts_core.stage1.artifacts import load_mapper
         from tts_core.stage2.text_tokenizer import load_text_tokenizer
-        from tts_core.stage2.train import SPEECH_CODEBOOK, build_t3
+        from tts_core.stage2.artifacts import SPEECH_CODEBOOK
+        from tts_core.stage2.model import build_t3
 
         run_dir = Path(run_dir)
         missing = [f for f in RUN_FILES if not (run_dir / f).is_file()]
@@ -212,19 +216,16 @@ class Synthesizer:
     # ---- synthesis ----------------------------------------------------------------------------------
     @property
     def null_instruction(self) -> bool:
-        """Whether stage 2 trained the null instruction: ``stage2.json`` says so (``null_instruction``); a run
-        written before that key, by its recorded ``instruction_dropout`` (missing: 0, as those runs trained)."""
-        recorded = self.meta.get("null_instruction")
-        if recorded is not None:
-            return bool(recorded)
-        return float(self.meta.get("train_config", {}).get("instruction_dropout") or 0.0) > 0.0
+        """Whether stage 2 trained the null instruction (`tts_core.sampling_defaults.trained_null_instruction` of
+        ``stage2.json``)."""
+        return trained_null_instruction(self.meta)
 
     def guidance(self, w: float | None = None) -> float:
-        """Instruction guidance W for this run: ``w`` as given, or the run's default when None (3 where stage 2
-        trained the null instruction, else 0). W > 0 without a trained null instruction would guide against an
-        embedding the T3 never saw: refused."""
+        """Instruction guidance W for this run: ``w`` as given, or the run's default when None
+        (`tts_core.sampling_defaults.default_instruction_guidance`: 3 where stage 2 trained the null instruction,
+        else 0). W > 0 without a trained null instruction would guide against an embedding the T3 never saw: refused."""
         if w is None:
-            return 0.0 if self.t3.cfg.family == "turbo" else default_instruction_guidance(self.null_instruction)
+            return default_instruction_guidance(self.meta, self.t3.cfg.family)
         if w > 0 and not self.null_instruction:
             raise SamplingOptionError(f"instruction guidance W = {w:g} needs a run whose stage 2 trained the null "
                                       "instruction (train-stage2 --instruction-dropout > 0; this run's is 0): "

@@ -137,7 +137,7 @@ class SpeechLossProbe:
     def __init__(self, store: str, mapper_dir: str | Path, run_dir: str | Path, batch_size: int = 16):
         from cache.reader import CacheReader
         from tts_core.stage1.artifacts import load_mapper
-        from tts_core.stage2.data import compute_prepared, prepare_stage2_data
+        from tts_core.stage2.prepare import compute_prepared, prepare_stage2_data
         from tts_core.stage2.text_tokenizer import load_text_tokenizer
 
         import json
@@ -160,7 +160,7 @@ class SpeechLossProbe:
     def rows(self, clip_ids: Sequence[str]) -> np.ndarray:
         """Data rows of these clips that have an instruction (others cannot be instruction-only rows); the
         tables of every caption they can draw are computed here."""
-        from tts_core.stage2.data import compute_instruction_tables
+        from tts_core.stage2.prepare import compute_instruction_tables
 
         rows = np.array([self.row_of[c] for c in clip_ids if c in self.row_of], np.int64)
         rows = rows[self.data.instruction_id[rows] >= 0] if len(rows) else rows
@@ -178,18 +178,19 @@ class SpeechLossProbe:
     @torch.no_grad()
     def loss(self, checkpoint: str | Path, rows: np.ndarray) -> float:
         """Mean speech CE per token over ``rows`` for the T3 in ``checkpoint`` (a stage-2 run or step dir)."""
-        from tts_core.stage2.train import Stage2Model, build_t3
+        from tts_core.stage2.row_mix import SCORED_AS_INSTRUCTION_ONLY
+        from tts_core.stage2.model import Stage2Model, build_t3
 
         t3, _, _ = build_t3(str(checkpoint), self.instruction_dim, label=f"checkpoint {checkpoint}")
         t3.eval()
         model = Stage2Model(t3)
         total = count = 0.0
         for i in range(0, len(rows), self.batch_size):
-            b = self.data.build_batch(rows[i:i + self.batch_size], instruction_prob=1.0,
+            b = self.data.build_batch(rows[i:i + self.batch_size], mix=SCORED_AS_INSTRUCTION_ONLY,
                                       rng=np.random.default_rng(i), prompt_len=0,
                                       emotion_adv=float(self.meta.get("emotion_adv", 0.5)))
-            _, stats = model(b.batch, b.is_instruction)
-            total += float(stats[7])  # CE sum over speech tokens of instruction rows (Stage2Model.forward order)
+            _, stats = model(b.batch, b.instruction_only)
+            total += float(stats[7])  # CE sum over speech tokens of instruction-only rows (Stage2Model.forward order)
             count += float(stats[8])
         return total / count if count else math.nan
 

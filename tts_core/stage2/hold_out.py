@@ -37,7 +37,7 @@ def mapper_split(reader, mapper_meta: dict, clip_ids: list[str], mapper_dir: str
                            "train_stage1, or use hold_out='none'")
     s1 = Stage1Data.from_reader(reader, with_states=False)
     train_caps, val1 = s1.split_of_run(tc)  # caption indices
-    clip = s1.caption_clip.numpy()
+    clip = s1.captions.clip_of
     train1 = np.unique(clip[train_caps])
     recorded = mapper_meta.get("data") or {}
     if "n_val" in recorded and (recorded.get("n_train"), recorded.get("n_val")) != (len(train1), len(val1)):
@@ -52,7 +52,7 @@ def mapper_split(reader, mapper_meta: dict, clip_ids: list[str], mapper_dir: str
     trained = np.isin(ids, s1_ids[train1])
     held = np.isin(ids, s1_ids[clip[val1]]) & ~trained
     unused = np.isin(ids, s1_ids) & ~trained & ~held  # neither side in stage 1
-    held_texts = {normalise_instruction(s1.instruction_texts[int(i)]) for i in s1.caption_ids.numpy()[val1]}
+    held_texts = {normalise_instruction(s1.instruction_texts[int(i)]) for i in s1.captions.ids[val1]}
     held_ids = np.array([i for i, t in enumerate(s1.instruction_texts) if normalise_instruction(t) in held_texts],
                         dtype=np.int64)
     return np.flatnonzero(~held & ~unused), np.flatnonzero(held), held_ids

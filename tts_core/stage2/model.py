@@ -37,12 +37,13 @@ class Stage2Model(nn.Module):
         self.text_loss_weight = float(text_loss_weight)
         self.padding_mask = bool(padding_mask)
 
-    def forward(self, batch: T3Batch, is_instruction: torch.Tensor, weight: float = 1.0
+    def forward(self, batch: T3Batch, instruction_only: torch.Tensor, weight: float = 1.0
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """→ (weighted loss, stats [12] detached): loss, loss_text, loss_speech, then CE sum / token count
-        for (text, instruction rows), (text, audio rows), (speech, instruction rows), (speech, audio rows),
-        then the number of instruction rows and of rows. Instruction rows: ``is_instruction`` (the instruction-only
-        kind, null instruction or not); audio rows: the others, i.e. every row with a reference prompt."""
+        """→ (weighted loss, stats [12] detached): loss, loss_text, loss_speech, then CE sum / token count for
+        each head and loss segment (`row_mix.SEGMENTS`) — (text, instruction-only rows), (text, rows with a
+        reference prompt), (speech, instruction-only), (speech, with prompt) — then the number of instruction-only
+        rows and of rows. ``instruction_only``: [B] bool, the instruction-only rows (null instruction or not); the
+        others are audio-only or prompt + instruction, i.e. every row with a reference prompt."""
         t3 = self.t3
         batch = batch.to(t3.device, t3.dtype)
         layout = build_layout(t3.cfg, batch.text_tokens, batch.text_lens, batch.speech_tokens, batch.speech_lens,
@@ -51,7 +52,7 @@ class Stage2Model(nn.Module):
         with t3.instruction_scope(batch.cond):
             h = t3._backbone(embeds, layout.attention_mask if self.padding_mask else None,
                              layout.position_ids).last_hidden_state
-        inst = is_instruction.to(h.device, torch.bool)[:, None]
+        inst = instruction_only.to(h.device, torch.bool)[:, None]
         parts = []
         means = []
         for head, labels in ((t3.text_head, layout.text_labels), (t3.speech_head, layout.speech_labels)):

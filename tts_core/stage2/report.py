@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 from tts_core.atomic_files import atomic_write_text
+from tts_core.stage2.row_mix import INSTRUCTION_ONLY_FRAC, SEGMENT_LABELS, SEGMENT_SHORT, SEGMENTS, segment_key
 from tts_core.training import fmt as _fmt
 
 log = logging.getLogger(__name__)
@@ -22,10 +23,10 @@ def write_report(out: Path, summary: dict, history: list[dict], plot: bool) -> N
 
             fig, axes = plt.subplots(1, 3, figsize=(15, 4))
             steps = [r["step"] for r in history]
-            for ax, key, title in ((axes[0], "text", "text loss"), (axes[1], "speech", "speech loss")):
-                for seg, style in (("inst", "-"), ("audio", "--")):
-                    ax.plot(steps, [r.get(f"{key}_{seg}") for r in history], style,
-                            label="instruction rows" if seg == "inst" else "audio rows")
+            for ax, head, title in ((axes[0], "text", "text loss"), (axes[1], "speech", "speech loss")):
+                for seg, style in zip(SEGMENTS, ("-", "--")):
+                    ax.plot(steps, [r.get(segment_key(head, seg)) for r in history], style,
+                            label=SEGMENT_SHORT[seg] + " rows")
                 ax.set_title(title)
                 ax.set_xlabel("step")
                 ax.legend()
@@ -50,7 +51,7 @@ def write_report(out: Path, summary: dict, history: list[dict], plot: bool) -> N
         f"{s['data']['own_prompt_frac']:.1%}; padding {s['data']['pad_frac']:.1%} of batch tokens",
         f"- row mix (instruction_prob {s['config']['instruction_prob']}, prompt_instruction_prob "
         f"{s['config'].get('prompt_instruction_prob', 0.0)}, instruction_dropout "
-        f"{s['config'].get('instruction_dropout', 0.0)}): "
+        f"{s['config'].get('instruction_dropout', 0.0)}), of the rows with an instruction: "
         + ", ".join(f"{k} {v:.1%}" for k, v in (s['data'].get('row_mix') or {}).items()),
         f"- world size {s['world_size']}; device {s['device']}; "
         f"amp {s['amp']}; compile {s['config']['compile']}",
@@ -65,15 +66,18 @@ def write_report(out: Path, summary: dict, history: list[dict], plot: bool) -> N
     if png:
         lines += [f"![loss curves]({png})", ""]
     val = bool(s.get("val"))  # held-out columns only for a run with hold_out
-    lines += ["| step | epoch | lr | loss | text (instr.) | text (audio) | speech (instr.) | speech (audio) | "
-              "instr. frac | tok/s |" + (" held-out text | held-out speech |" if val else ""),
+    keys = [segment_key(head, seg) for head in ("text", "speech") for seg in SEGMENTS]
+    columns = [f"{head} ({SEGMENT_SHORT[seg]})" for head in ("text", "speech") for seg in SEGMENTS]
+    lines += [f"{SEGMENT_SHORT['with_prompt']}: {SEGMENT_LABELS['with_prompt']}.", "",
+              "| step | epoch | lr | loss | " + " | ".join(columns) + " | instruction-only frac | tok/s |"
+              + (" held-out text | held-out speech |" if val else ""),
               "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if val else "")]
     stride = max(1, math.ceil(len(history) / 40))
     shown = history[::stride] + ([history[-1]] if history and (len(history) - 1) % stride else [])
     for r in shown:
-        lines.append(f"| {r['step']} | {r['epoch']:.3f} | {r['lr']:.2e} | {_fmt(r['loss'])} "
-                     f"| {_fmt(r.get('text_inst'))} | {_fmt(r.get('text_audio'))} | {_fmt(r.get('speech_inst'))} | {_fmt(r.get('speech_audio'))} "
-                     f"| {_fmt(r.get('inst_frac'))} | {r.get('tokens_per_s', 0):.0f} |"
+        lines.append(f"| {r['step']} | {r['epoch']:.3f} | {r['lr']:.2e} | {_fmt(r['loss'])} | "
+                     + " | ".join(_fmt(r.get(k)) for k in keys)
+                     + f" | {_fmt(r.get(INSTRUCTION_ONLY_FRAC))} | {r.get('tokens_per_s', 0):.0f} |"
                      + (f" {_fmt(r.get('val_text_loss'))} | {_fmt(r.get('val_speech_loss'))} |" if val else ""))
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
 
@@ -86,6 +90,7 @@ def _held_out_lines(s: dict) -> list[str]:
     d, last = s["data"], s.get("last_row") or {}
     return [f"- held-out (the stage-1 mapper's split): {d.get('held_out_rows')} rows, never trained on "
             f"({d.get('excluded_rows')} more left out of both sides); at the end: speech loss "
-            f"{_fmt(v['val_speech_loss'])}, text loss {_fmt(v['val_text_loss'])} (instruction rows) — last "
-            f"training row: speech {_fmt(last.get('speech_inst'))}, text {_fmt(last.get('text_inst'))}"]
+            f"{_fmt(v['val_speech_loss'])}, text loss {_fmt(v['val_text_loss'])} (instruction-only rows) — last "
+            f"training row: speech {_fmt(last.get(segment_key('speech', 'instruction_only')))}, text "
+            f"{_fmt(last.get(segment_key('text', 'instruction_only')))}"]
 

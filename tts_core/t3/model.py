@@ -111,7 +111,7 @@ class T3Cond:
     def with_null_instruction(self) -> "T3Cond":
         """The same rows with the *null instruction*: instruction mask 0, so every adapter returns exactly
         norm(x); speaker embedding, prompt and emotion unchanged. Stage 2's instruction dropout trains this
-        row (`tts_core.stage2.data`), and instruction guidance uses it as the unconditional branch."""
+        row (`tts_core.stage2.mixing`), and instruction guidance uses it as the unconditional branch."""
         mask = torch.zeros(self.batch_size, dtype=torch.bool, device=self.speaker_emb.device)
         return replace(self, instruction_mask=mask)
 

@@ -2,7 +2,7 @@
 non-finite steps, progress bar and TensorBoard hook (`tts_core.training.tb`), the DDP helper
 (docs/architecture.md).
 
-A recipe (`tts_core.stage1.train.Stage1Recipe`, `tts_core.stage2.train.Stage2Recipe`) is one class whose
+A recipe (`tts_core.stage1.train.Stage1Recipe`, `tts_core.stage2.recipe.Stage2Recipe`) is one class whose
 ``train()`` reads top to bottom — set-up, resume, the step loop, evaluation, checkpoint, report — in the
 manner of torchtune's recipes; the pieces here are the components those methods call, so each concern
 lives once.
