@@ -16,7 +16,7 @@ DEMO_STAGE1 = dict(batch_size=64, lr_phase1=3e-3, lr_phase2=7.5e-4, epochs=1, mi
                    patience=3, held_out_frac=0.2, warmup_steps=50)
 # The demo's figures were made with the settings in force before the lab's recipe became the default
 # (tts_core.recipe, issue #31): one mapper draw at T 0.3 and no prompt + instruction rows, pinned here so they stand.
-DEMO_MAPPER = dict(hidden_dim=256, n_blocks=4, mapper_draws=1, temperature=0.3)
+DEMO_MAPPER = dict(hidden_dim=256, n_blocks=4, draws=1, temperature=0.3)
 DEMO_STAGE2 = dict(batch_size=16, lr=2e-3, warmup_steps=30, epochs=1000, max_steps=1000, log_every=50, save_every=250,
                    prompt_instruction_prob=0.0)
 DEMO_TEXT = "The quick brown fox jumps over the lazy dog."
@@ -83,7 +83,8 @@ def _stage1(cfg: DemoConfig, store: str, out: Path) -> None:
     from instruct_tts.options import stage1_configs, stage_options
 
     train = {("lr" if k == "lr_phase1" else k): v for k, v in DEMO_STAGE1.items()}  # --lr is phase 1's
-    o = stage_options("train-stage1", store=store, out=out, phase="both", **train, **DEMO_MAPPER,
+    mapper = {("mapper_draws" if k == "draws" else k): v for k, v in DEMO_MAPPER.items()}  # --mapper-draws: `draws`
+    o = stage_options("train-stage1", store=store, out=out, phase="both", **train, **mapper,
                       device=cfg.device, seed=cfg.seed)
     if cfg.use_prefect:
         from flows.train_stage1 import train_stage1_flow
