@@ -6,6 +6,7 @@ and links to the files as artifacts.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_table_artifact
@@ -22,16 +23,14 @@ PLOTS = {"attributes.png": "direction accuracy with intervals", "stage2_loss.png
 
 
 @flow(name="lab", log_prints=True)
-def lab_flow(out: str | None = None, preset: str = LAB_DEFAULT_PRESET, n_clips: int | None = None,
-             stage1_steps: int | None = None, stage2_steps: int | None = None, text_encoder: str | None = None,
-             t3: str | None = None, eval_clips: int | None = None, mapper_draws: int | None = None,
-             captions_per_clip: int | None = None, compare_to: str | None = None, speech_tokenizer: str | None = None,
-             repetition_penalty: float | None = None, instruction_guidance: float | None = None,
-             repetition_sweep: tuple[float, ...] | None = None, guidance_sweep: tuple[float, ...] | None = None,
-             sweep_clips: int | None = None, instruction_dropout: float | None = None,
-             prompt_instruction_prob: float | None = None, seed: int | None = None, device: str | None = None) -> dict:
+def lab_flow(out: str | None = None, preset: str = LAB_DEFAULT_PRESET, ablation: list[str] | None = None,
+             n_clips: int | None = None, stage1_steps: int | None = None, stage2_steps: int | None = None,
+             text_encoder: str | None = None, t3: str | None = None, eval_clips: int | None = None,
+             mapper_draws: int | None = None, captions_per_clip: int | None = None, compare_to: str | None = None,
+             speech_tokenizer: str | None = None, seed: int | None = None, device: str | None = None,
+             settings: dict[str, Any] | None = None) -> dict:
     """The instruction-following lab. The parameters are `instruct-tts lab`'s flags (`--help`; None = the preset's
-    value)."""
+    value); ``settings`` is its ``--set``: {LabConfig field: value}."""
     cfg = lab_config(locals())
     logger = get_run_logger()
     report = run_lab(cfg, say=logger.info)

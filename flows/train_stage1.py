@@ -39,7 +39,7 @@ def train_stage1_flow(store: str, out: str, phase: str | int | None = None, init
                       restart: bool = False, states_in_memory_mb: float | None = None,
                       states_cache_mb: float | None = None, hidden_dim: int | None = None,
                       n_blocks: int | None = None, n_steps: int | None = None, temperature: float | None = None,
-                      draws: int | None = None) -> dict:
+                      mapper_draws: int | None = None) -> dict:
     """Train the instruction mapper on a cache store. The parameters are `instruct-tts train-stage1`'s flags
     (`--help`; None = Stage1TrainConfig's / MapperConfig's default)."""
     cfg, mcfg = stage1_configs(locals())

@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 
 
-from instruct_tts.options import (DASK_LOCAL_WORKERS, LAB_DEFAULT_PRESET, TASK_RUNNERS, DefaultsHelpFormatter, add,
-                                  command_options, config_default, lab_default)
+from instruct_tts.options import (DASK_LOCAL_WORKERS, LAB_DEFAULT_PRESET, TASK_RUNNERS, DefaultsHelpFormatter,
+                                  SettingAction, add, command_options, config_default, lab_default, lab_defaults,
+                                  lab_settings, show)
 
 STAGE1 = "tts_core.stage1.train:Stage1TrainConfig."
 MAPPER = "tts_core.mapper.flow:MapperConfig."
@@ -186,14 +187,6 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     return 0
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    """'1.0,1.1,1.2' → (1.0, 1.1, 1.2)."""
-    try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     """Every stage command's options. Their dests are the parameters of the stage's Prefect deployment
     (tests/test_deployments.py); --help shows each default, read from the config dataclass it comes from."""
@@ -217,55 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-prefect", action="store_true", help="run the stages without Prefect")
     d.set_defaults(func=_cmd_demo)
 
-    lab = command("lab", "the instruction-following lab: bigger corpus, held-out splits, report")
-    add(lab, "--out", type=Path, default_from=config_default("instruct_tts.lab:LabConfig.out"),
-        help="output directory (report.md, report.json, plots, caches, runs)")
-    lab.add_argument("--preset", default=LAB_DEFAULT_PRESET, choices=("default", "medium", "tiny"),
-                     help="default: the lab's full run (docs/lab.md); medium: a smaller corpus and fewer steps, to "
-                          "check that the lab works; tiny: the whole pipeline on a toy corpus (CI). Each option "
-                          "below overrides the preset's value")
-    add(lab, "--n-clips", type=int, default_from=lab_default("n_clips"), help="lab corpus size")
-    add(lab, "--stage1-steps", type=int, default_from=lab_default("stage1_steps"),
-        help="stage-1 steps (both phases; each also early-stops)")
-    add(lab, "--stage2-steps", type=int, default_from=lab_default("stage2_steps"), help="stage-2 steps")
-    add(lab, "--text-encoder", default_from=lab_default("text_encoder", none="the embedded MiniLM"),
-        help="local HF encoder directory for instructions (e.g. flan-t5-large)")
-    add(lab, "--t3", choices=("tiny", "small"), default_from=lab_default("t3"), help="T3 preset trained in stage 2")
-    add(lab, "--eval-clips", type=int, default_from=lab_default("eval_clips"),
-        help="held-out clips synthesized per split")
-    add(lab, "--mapper-draws", type=int, default_from=lab_default("mapper_draws"),
-        help="mapper draws averaged per voice vector for stage 2 and synthesis (the report's stage-1 sampling curve "
-             "measures the choice)")
-    add(lab, "--captions-per-clip", type=int, default_from=lab_default("captions_per_clip"),
-        help="training-wording captions per training clip (1 = one per clip, the run to compare against)")
-    add(lab, "--compare-to", default_from=lab_default("compare_to"),
-        help="another lab run's --out: the report shows its held-out-instruction results beside this run's (e.g. "
-             "the --captions-per-clip 1 run: same clips, same steps)")
-    add(lab, "--speech-tokenizer", choices=("mel-vq", "world-vq"), default_from=lab_default("speech_tokenizer"),
-        help="embedded tokenizer + vocoder (world-vq's tokens keep F0)")
-    add(lab, "--repetition-penalty", type=float,
-        default_from=lab_default("repetition_penalty", none="the T3 family's official value"),
-        help="sampling of the model renderings")
-    add(lab, "--instruction-guidance", type=float, metavar="W",
-        default_from=lab_default("instruction_guidance", none=guidance_default),
-        help="instruction guidance of the model renderings")
-    add(lab, "--repetition-sweep", type=_floats, metavar="P,P,...", default_from=lab_default("repetition_sweep"),
-        help="also render the model at each repetition penalty ('' = none; report: accuracy vs repetition penalty)")
-    add(lab, "--guidance-sweep", type=_floats, metavar="W,W,...", default_from=lab_default("guidance_sweep"),
-        help="also render the model at each instruction guidance W ('' = none; report: accuracy vs W)")
-    add(lab, "--sweep-clips", type=int, default_from=lab_default("sweep_clips"),
-        help="held-out clips per split in each sweep")
-    add(lab, "--instruction-dropout", type=float,
-        default_from=lab_default("instruction_dropout", none=_row_mix_default("instruction_dropout")),
-        help="stage 2: share of instruction rows given the null instruction")
-    add(lab, "--prompt-instruction-prob", type=float,
-        default_from=lab_default("prompt_instruction_prob",
-                                 none=_row_mix_default("prompt_instruction_prob")),
-        help="stage 2: share of prompt + instruction rows")
-    add(lab, "--seed", type=int, default_from=lab_default("seed"))
-    add(lab, "--device", default_from=lab_default("device"), help=DEVICE_HELP)
-    lab.add_argument("--no-prefect", action="store_true", help="run without Prefect (no artifacts)")
-    lab.set_defaults(func=_cmd_lab, ctrl_c_saves=True)
+    _lab_command(command)
 
     b = command("build-cache", "validate clips, run frozen models once, write a Zarr cache")
     b.add_argument("--metadata", type=Path, required=True,
@@ -336,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(m, "--n-steps", type=int, default_from=config_default(MAPPER + "n_steps"), help="Euler steps at inference")
     add(m, "--temperature", type=float, default_from=config_default(MAPPER + "temperature"),
         help="sampling temperature of the flow's start noise")
-    add(m, "--draws", type=int, default_from=config_default(MAPPER + "draws"),
+    add(m, "--mapper-draws", hidden=("--draws",), type=int, default_from=config_default(MAPPER + "draws"),
         help="mapper draws averaged per vector that stage 2 and synthesis get (1: one draw, most voice variety; "
              "recorded in mapper.json)")
     t1.add_argument("--no-prefect", action="store_true", help="run without Prefect (no artifacts)")
@@ -462,8 +407,60 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _row_mix_default(name: str):
-    return lambda: f"Stage2Config's, {config_default(ROW_MIX + name)()}"
+# the lab's fields that had a flag before --set (docs and benchmarks cite them): each still sets its field, hidden
+LAB_OLD_FLAGS = ("repetition_penalty", "instruction_guidance", "repetition_sweep", "guidance_sweep", "sweep_clips",
+                 "instruction_dropout", "prompt_instruction_prob")
+
+
+def _lab_command(command) -> None:
+    """`instruct-tts lab`: flags for the common LabConfig fields, ``--set FIELD=VALUE`` for every other one."""
+    from dataclasses import fields
+
+    from instruct_tts.lab.config import ABLATIONS, PRESETS, LabConfig
+    from tts_core.sampling_defaults import INSTRUCTION_GUIDANCE
+
+    lab = command("lab", "the instruction-following lab: bigger corpus, held-out splits, report")
+    add(lab, "--out", type=Path, default_from=config_default("instruct_tts.lab.config:LabConfig.out"),
+        help="output directory (report.md, report.json, plots, caches, runs)")
+    lab.add_argument("--preset", default=LAB_DEFAULT_PRESET, choices=sorted(PRESETS),
+                     help="default: the lab's full run (docs/lab.md); medium: a smaller corpus and fewer steps, to "
+                          "check that the lab works; tiny: the whole pipeline on a toy corpus (CI). Each option "
+                          "below overrides the preset's value")
+    add(lab, "--ablation", action="append", choices=sorted(ABLATIONS), default_from=lambda: "none",
+        help="take an ingredient out, over the preset (repeatable): " + "; ".join(
+            f"{name}: {', '.join(f'{k}={show(v)}' for k, v in values.items())}" for name, values in ABLATIONS.items()))
+    add(lab, "--n-clips", type=int, default_from=lab_default("n_clips"), help="lab corpus size")
+    add(lab, "--stage1-steps", type=int, default_from=lab_default("stage1_steps"),
+        help="stage-1 steps (both phases; each also early-stops)")
+    add(lab, "--stage2-steps", type=int, default_from=lab_default("stage2_steps"), help="stage-2 steps")
+    add(lab, "--text-encoder", default_from=lab_default("text_encoder", none="the embedded MiniLM"),
+        help="local HF encoder directory for instructions (e.g. flan-t5-large)")
+    add(lab, "--t3", choices=("tiny", "small"), default_from=lab_default("t3"), help="T3 preset trained in stage 2")
+    add(lab, "--eval-clips", type=int, default_from=lab_default("eval_clips"),
+        help="held-out clips synthesized per split")
+    add(lab, "--mapper-draws", type=int, default_from=lab_default("mapper_draws"),
+        help="mapper draws averaged per voice vector for stage 2 and synthesis (the report's stage-1 sampling curve "
+             "measures the choice)")
+    add(lab, "--captions-per-clip", type=int, default_from=lab_default("captions_per_clip"),
+        help="training-wording captions per training clip (1 = one per clip, the run to compare against)")
+    add(lab, "--compare-to", default_from=lab_default("compare_to"),
+        help="another lab run's --out: the report shows its held-out-instruction results beside this run's (e.g. "
+             "the --captions-per-clip 1 run: same clips, same steps)")
+    add(lab, "--speech-tokenizer", choices=("mel-vq", "world-vq"), default_from=lab_default("speech_tokenizer"),
+        help="embedded tokenizer + vocoder (world-vq's tokens keep F0)")
+    add(lab, "--seed", type=int, default_from=lab_default("seed"))
+    add(lab, "--device", default_from=lab_default("device"), help=DEVICE_HELP)
+    flagged = {a.dest for a in lab._actions}
+    settable = [f.name for f in fields(LabConfig) if f.name not in flagged]
+    none = {"repetition_penalty": "none (the T3 family's official value)",
+            "instruction_guidance": f"none (the run's: {INSTRUCTION_GUIDANCE:g} if stage 2 trained the null "
+                                    "instruction, else 0)"}
+    add(lab, "--set", hidden=tuple(f"--{f.replace('_', '-')}" for f in LAB_OLD_FLAGS), dest="settings",
+        metavar="FIELD=VALUE", action=SettingAction, check=lab_settings, default_from=lab_defaults(settable, none),
+        help="any other LabConfig field (instruct_tts/lab/config.py), typed as the field: a number, 'none' where "
+             "the field may be none, comma-separated numbers for a sweep ('' = none); repeatable")
+    lab.add_argument("--no-prefect", action="store_true", help="run without Prefect (no artifacts)")
+    lab.set_defaults(func=_cmd_lab, ctrl_c_saves=True)
 
 
 def _under_torchrun() -> bool:

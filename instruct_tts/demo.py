@@ -83,7 +83,8 @@ def _stage1(cfg: DemoConfig, store: str, out: Path) -> None:
     from instruct_tts.options import stage1_configs, stage_options
 
     train = {("lr" if k == "lr_phase1" else k): v for k, v in DEMO_STAGE1.items()}  # --lr is phase 1's
-    o = stage_options("train-stage1", store=store, out=out, phase="both", **train, **DEMO_MAPPER,
+    mapper = {("mapper_draws" if k == "draws" else k): v for k, v in DEMO_MAPPER.items()}  # --mapper-draws: `draws`
+    o = stage_options("train-stage1", store=store, out=out, phase="both", **train, **mapper,
                       device=cfg.device, seed=cfg.seed)
     if cfg.use_prefect:
         from flows.train_stage1 import train_stage1_flow

@@ -9,8 +9,11 @@ Prefect, to the same converter below that the flow calls; ``tests/test_deploymen
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import importlib
+import typing
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Callable
 
@@ -102,7 +105,7 @@ def stage1_configs(o: dict, progress: bool = False):
                    resume=False if o["restart"] else None, states_in_memory_mb=o["states_in_memory_mb"],
                    states_cache_mb=o["states_cache_mb"])
     mapper = _given(hidden_dim=o["hidden_dim"], n_blocks=o["n_blocks"], n_steps=o["n_steps"],
-                    temperature=o["temperature"], draws=o["draws"])
+                    temperature=o["temperature"], draws=o["mapper_draws"])
     return (Stage1TrainConfig(**train, out_dir=str(o["out"]), progress=progress), MapperConfig.from_dict(mapper))
 
 
@@ -134,19 +137,107 @@ def eval_config(o: dict):
         instruction_guidance=o["instruction_guidance"]))
 
 
-LAB_OPTIONS = ("n_clips", "seed", "device", "speech_tokenizer", "stage1_steps", "stage2_steps", "eval_clips", "t3",
-               "text_encoder", "repetition_penalty", "instruction_guidance", "repetition_sweep", "guidance_sweep",
-               "sweep_clips", "instruction_dropout", "prompt_instruction_prob", "mapper_draws", "captions_per_clip",
-               "compare_to")
-
-
 def lab_config(o: dict):
-    """lab options -> `LabConfig` (the preset's values, overridden by the options given)."""
-    from instruct_tts.lab import LabConfig
+    """lab options -> `LabConfig`: the size preset, its ablations, the flags given (None: not given), then
+    ``settings`` (``--set``: {field: text, or a deployment's JSON value}, typed by `lab_settings`)."""
+    from instruct_tts.lab.config import LabConfig
 
-    sweeps = {k: tuple(o[k]) for k in ("repetition_sweep", "guidance_sweep") if o[k] is not None}
-    return LabConfig.preset(o["preset"], **_given(out=_path(o["out"])),
-                            **{**{k: o[k] for k in LAB_OPTIONS}, **sweeps})
+    names = _field_names(LabConfig)
+    flagged = {k: v for k, v in o.items() if k in names}
+    return LabConfig.preset(o["preset"], ablations=o["ablation"] or (), settings=lab_settings(o["settings"], flagged),
+                            **{**flagged, "out": _path(o["out"])})
+
+
+def lab_settings(given: Mapping[str, Any] | None, flagged: Collection[str]) -> dict:
+    """``--set FIELD=VALUE`` pairs → {LabConfig field: value of the field's type}. A field with a flag of its own
+    (``flagged``) is set by that flag only; anything else is refused naming the fields ``--set`` takes."""
+    from instruct_tts.lab.config import LabConfig
+
+    names = _field_names(LabConfig)
+    out = {}
+    for name, value in (given or {}).items():
+        if name in flagged:
+            raise ValueError(f"--set {name}: {name} has a flag of its own, --{name.replace('_', '-')}")
+        if name not in names:
+            raise ValueError(f"--set {name}: LabConfig has no field {name!r}; --set takes "
+                             + ", ".join(n for n in names if n not in flagged))
+        out[name] = field_value(LabConfig, name, value)
+    return out
+
+
+def _field_names(cls) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def field_value(cls, name: str, value: Any) -> Any:
+    """``value`` (command-line text, or a deployment's JSON value) as dataclass ``cls`` types its field ``name``:
+    int, float, str, Path, bool, ``X | None`` ('none' or '' → None) and ``tuple[X, ...]`` (comma-separated text,
+    '' = empty)."""
+    hint = typing.get_type_hints(cls)[name]
+    try:
+        return _typed(hint, value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r}: {name} takes {_type_words(hint)}") from None
+
+
+def _typed(hint, value):
+    args = typing.get_args(hint)
+    if type(None) in args:  # X | None
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+            return None
+        (inner,) = (a for a in args if a is not type(None))
+        return _typed(inner, value)
+    if typing.get_origin(hint) is tuple:
+        items = [x for x in value.split(",") if x.strip()] if isinstance(value, str) else list(value)
+        return tuple(_typed(args[0], x) for x in items)
+    if hint is bool:
+        if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.strip().lower() in ("1", "true", "yes", "on")
+        if isinstance(value, bool):
+            return value
+        raise ValueError(value)
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise TypeError(value)
+    if hint is int and isinstance(value, float):
+        raise TypeError(value)
+    if hint in (int, float):
+        return hint(value.strip() if isinstance(value, str) else value)
+    if hint in (str, Path):
+        return hint(value)
+    raise TypeError(f"no conversion to {hint}")
+
+
+def _type_words(hint) -> str:
+    args = typing.get_args(hint)
+    if type(None) in args:
+        return _type_words(next(a for a in args if a is not type(None))) + " or none"
+    if typing.get_origin(hint) is tuple:
+        return f"comma-separated values, each {_type_words(args[0])} ('' = none)"
+    return {int: "an integer", float: "a number", bool: "on/off", str: "text", Path: "a path"}.get(hint, str(hint))
+
+
+class SettingAction(argparse.Action):
+    """``--set FIELD=VALUE`` (repeatable) into one {field: text} option, checked as it is parsed (``check``: e.g.
+    `lab_settings`, against the fields that have a flag of their own). Every further option string of the action
+    is the old flag of a field (``--sweep-clips 5`` = ``--set sweep_clips=5``; `add`'s ``hidden`` keeps them out of
+    --help)."""
+
+    def __init__(self, option_strings, dest, check: Callable[[dict, Collection[str]], dict], **kw):
+        super().__init__(option_strings, dest, **kw)
+        self.check = check
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string == self.option_strings[0]:
+            name, eq, text = str(values).partition("=")
+            if not eq:
+                parser.error(f"{option_string} takes FIELD=VALUE, got {values!r}")
+        else:
+            name, text = option_string.lstrip("-").replace("-", "_"), values
+        try:
+            self.check({name.strip(): text}, {a.dest for a in parser._actions})
+        except ValueError as exc:
+            parser.error(str(exc))
+        setattr(namespace, self.dest, {**(getattr(namespace, self.dest) or {}), name.strip(): text})
 
 
 # ---- --help: every default, read from the config dataclasses ---------------------------------------------------------
@@ -184,21 +275,38 @@ def config_default(where: str, none: str | None = None, fmt: Callable[[Any], str
     return thunk
 
 
+def _lab_values(name: str, none: str | Callable[[], str] | None) -> tuple[str, list[str]]:
+    """A LabConfig field's value in the default preset, and "preset: value" of the presets that differ."""
+    from instruct_tts.lab.config import PRESETS, LabConfig
+
+    def one(preset: str) -> str:
+        value = getattr(LabConfig.preset(preset), name)
+        if value is None:
+            return (none() if callable(none) else none) or "none"
+        return show(value)
+
+    base = one(LAB_DEFAULT_PRESET)
+    return base, [f"{p}: {one(p)}" for p in PRESETS if p != LAB_DEFAULT_PRESET and one(p) != base]
+
+
 def lab_default(name: str, none: str | Callable[[], str] | None = None) -> Callable[[], str]:
     """The default preset's value of a LabConfig field, and the other presets' where they differ (``none``: what
     None means, or a thunk giving it)."""
     def thunk() -> str:
-        from instruct_tts.lab import PRESETS, LabConfig
-
-        def one(preset: str) -> str:
-            value = getattr(LabConfig.preset(preset), name)
-            if value is None:
-                return (none() if callable(none) else none) or "none"
-            return show(value)
-
-        base = one(LAB_DEFAULT_PRESET)
-        others = [f"{p}: {one(p)}" for p in PRESETS if p != LAB_DEFAULT_PRESET and one(p) != base]
+        base, others = _lab_values(name, none)
         return base + (f"; preset {', '.join(others)}" if others else "")
+
+    return thunk
+
+
+def lab_defaults(names: Iterable[str], none: Mapping[str, str] | None = None) -> Callable[[], str]:
+    """``field=value`` (and the presets that differ) for each of ``names``: the defaults of the ``--set`` fields."""
+    def thunk() -> str:
+        parts = []
+        for name in names:
+            base, others = _lab_values(name, (none or {}).get(name))
+            parts.append(f"{name}={base}" + (f" ({', '.join(others)})" if others else ""))
+        return ", ".join(parts)
 
     return thunk
 
@@ -213,18 +321,30 @@ class _Lazy:
         return self.thunk()
 
 
-def add(group, *flags: str, default_from: Callable[[], str] | None = None, **kw) -> argparse.Action:
+def add(group, *flags: str, default_from: Callable[[], str] | None = None, hidden: tuple[str, ...] = (),
+        **kw) -> argparse.Action:
     """``group.add_argument`` whose help ends with "(default: X)", X from ``default_from`` (a `config_default` /
-    `lab_default` thunk) — resolved when help is printed, so parsing imports nothing."""
+    `lab_default` thunk) — resolved when help is printed, so parsing imports nothing. ``hidden``: old spellings of
+    the flag that keep working, not shown by --help."""
     if default_from is not None:
         kw["help"] = (f"{kw['help']} " if kw.get("help") else "") + "(default: %(default_from)s)"
-    action = group.add_argument(*flags, **kw)
+    action = group.add_argument(*flags, *hidden, **kw)
     action.default_from = None if default_from is None else _Lazy(default_from)
+    if hidden:
+        action.hidden_aliases = frozenset(hidden)
     return action
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
-    """Also shows the argparse default of an option that has one (not None / off) and does not name its default."""
+    """Also shows the argparse default of an option that has one (not None / off) and does not name its default;
+    leaves out an option's hidden old spellings (``action.hidden_aliases``)."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        hidden = getattr(action, "hidden_aliases", ())
+        if hidden:
+            action = copy.copy(action)
+            action.option_strings = [s for s in action.option_strings if s not in hidden]
+        return super()._format_action_invocation(action)
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""

@@ -301,7 +301,8 @@ def test_an_older_schema_store_is_refused_with_what_to_do(tmp_path):
 
 # ---- the lab: more training-wording captions per training clip, and the comparison line ------------------------
 def test_lab_gives_training_clips_more_captions_never_a_held_out_text():
-    from instruct_tts.lab import LabConfig, _extra_captions
+    from instruct_tts.lab import LabConfig
+    from instruct_tts.lab.split_files import extra_captions
     from tts_core.corpus.instructions import VoiceAttributes, make_instruction
     from tts_core.evaluation.lab_split import HELD_OUT_INSTRUCTION, TRAIN
     from tts_core.stage1.data import normalise_instruction
@@ -313,9 +314,9 @@ def test_lab_gives_training_clips_more_captions_never_a_held_out_text():
         clips.append({"clip_id": f"demo_{i}", "gender": a.gender, "pitch": a.pitch, "rate": a.rate,
                       "loudness": a.loudness, "instruction": instr, "line": f"wavs/demo_{i}.wav|Text {i}.|{instr}|v{i}"})
         roles.append(HELD_OUT_INSTRUCTION if i % 5 == 0 else TRAIN)
-    extra = _extra_captions(LabConfig(captions_per_clip=3), clips, roles)
-    assert _extra_captions(LabConfig(captions_per_clip=1), clips, roles) == []
-    assert extra == _extra_captions(LabConfig(captions_per_clip=3), clips, roles)  # deterministic
+    extra = extra_captions(LabConfig(captions_per_clip=3), clips, roles)
+    assert extra_captions(LabConfig(captions_per_clip=1), clips, roles) == []
+    assert extra == extra_captions(LabConfig(captions_per_clip=3), clips, roles)  # deterministic
     held = {normalise_instruction(c["instruction"]) for c, r in zip(clips, roles) if r != TRAIN}
     by_path: dict[str, list[str]] = {}
     for line in extra:
@@ -330,6 +331,7 @@ def test_lab_gives_training_clips_more_captions_never_a_held_out_text():
 
 
 def test_lab_report_compares_held_out_instructions_against_one_caption_per_clip():
+    from instruct_tts.lab.config import same_run_fields
     from tts_core.evaluation.lab_report import caption_comparison, caption_lines
     from tts_core.evaluation.lab_split import HELD_OUT_INSTRUCTION
 
@@ -341,12 +343,12 @@ def test_lab_report_compares_held_out_instructions_against_one_caption_per_clip(
                 "captions": {"per_clip": k, "train_pairs": 60 * k, "train_clips": 60, "train_instructions": 50 * k}}
 
     r = report(3, 0.61, 0.8)
-    r["compare_to"] = caption_comparison(r, report(1, 0.55, 0.7))
+    r["compare_to"] = caption_comparison(r, report(1, 0.55, 0.7), same_run_fields())
     assert r["compare_to"]["differs"] == [] and r["compare_to"]["other"]["stage1_avg_cos"] == 0.55
     md = "\n".join(caption_lines(r))
     assert "same clips, same steps" in md and "| stage1 avg cos | 0.610 | 0.550 |" in md
     assert "| pitch accuracy | 0.800 | 0.700 |" in md and "180 (clip, instruction) pairs over 60 clips" in md
-    assert caption_comparison(r, report(1, 0.5, 0.5, steps=50))["differs"] == ["stage1_steps"]
+    assert caption_comparison(r, report(1, 0.5, 0.5, steps=50), same_run_fields())["differs"] == ["stage1_steps"]
 
 
 def test_a_resumed_build_with_captions_equals_the_uninterrupted_one(demo_corpus, tmp_path):

@@ -93,6 +93,8 @@ def _candidates(action: argparse.Action) -> list[list[str]]:
         return [[flag, "7"], [flag, "3"]]
     if name == "_floats":
         return [[flag, "0.5,0.25"], [flag, ""]]
+    if action.metavar == "FIELD=VALUE":  # lab --set: any field without a flag of its own
+        return [[flag, "sweep_clips=7"], [flag, "repetition_sweep="]]
     return [[flag, "x/y"]]
 
 
@@ -201,7 +203,7 @@ def test_help_defaults_are_read_from_the_dataclasses():
     from tts_core.stage2.train import Stage2Config
 
     s1, s2 = _help("train-stage1"), _help("train-stage2")
-    assert f"(default: {MapperConfig().draws})" in s1["draws"]
+    assert f"(default: {MapperConfig().draws})" in s1["mapper_draws"]
     assert f"(default: {MapperConfig().temperature:g})" in s1["temperature"]
     assert f"(default: {Stage1TrainConfig().epochs})" in s1["epochs"]
     assert f"(default: {Stage2Config().row_mix.prompt_instruction_prob:g})" in s2["prompt_instruction_prob"]

@@ -317,6 +317,93 @@ def test_lab_stage_sections(lab):
     assert {t["target"].split(":")[0] for t in report["targets"]} >= {"pitch", "rate", "loudness"}
 
 
+# ---- settings: presets, ablations, flags, --set (pure) ----------------------------------------------------------
+def _lab_cfg(*argv: str):
+    from instruct_tts.cli import build_parser
+    from instruct_tts.options import command_options, lab_config
+
+    return lab_config(command_options(build_parser().parse_args(["lab", *argv])))
+
+
+def test_lab_set_types_each_field_and_old_flags_still_set_theirs():
+    cfg = _lab_cfg("--preset", "tiny", "--set", "sweep_clips=5", "--set", "stage2_lr=1e-3", "--set",
+                   "guidance_sweep=0,2.5", "--set", "repetition_penalty=none", "--repetition-sweep", "",
+                   "--instruction-dropout", "0.25", "--n-clips", "200")
+    assert (cfg.sweep_clips, cfg.stage2_lr, cfg.guidance_sweep, cfg.repetition_sweep) == (5, 1e-3, (0.0, 2.5), ())
+    assert cfg.repetition_penalty is None and cfg.instruction_dropout == 0.25 and cfg.n_clips == 200
+    assert cfg.t3 == "tiny" and cfg.loss_clips == 12  # the rest: the preset's
+    assert _lab_cfg("--set", "sweep_clips=5", "--sweep-clips", "6").sweep_clips == 6  # the last one given
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--set", "no_such_field=1"], ["no_such_field", "sweep_clips", "stage2_lr"]),  # names the valid fields
+    (["--set", "sweep_clips=many"], ["sweep_clips", "an integer"]),
+    (["--set", "guidance_sweep=0,x"], ["guidance_sweep", "comma-separated"]),
+    (["--set", "n_clips=5"], ["n_clips", "--n-clips"]),  # a field with a flag of its own is set by the flag
+    (["--set", "sweep_clips"], ["FIELD=VALUE"]),
+])
+def test_lab_set_refuses_what_is_not_a_typed_field_naming_it(argv, says, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _lab_cfg(*argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and all(s in err for s in says), err
+
+
+def test_lab_deployment_settings_take_json_values_and_are_checked_the_same_way():
+    from instruct_tts.options import lab_config, stage_options
+
+    cfg = lab_config(stage_options("lab", preset="tiny", ablation=["no-prompt-rows"],
+                                   settings={"guidance_sweep": [0, 1.5, 3], "sweep_clips": 7,
+                                             "instruction_guidance": None}))
+    assert (cfg.guidance_sweep, cfg.sweep_clips, cfg.prompt_instruction_prob) == ((0.0, 1.5, 3.0), 7, 0.0)
+    assert cfg.instruction_guidance is None  # --set may give back None where the preset pinned a value
+    with pytest.raises(ValueError, match="sweep_clips.*an integer"):
+        lab_config(stage_options("lab", settings={"sweep_clips": 7.5}))
+
+
+def test_lab_help_hides_old_flags_and_lists_every_set_field_with_its_default():
+    from dataclasses import fields
+
+    from instruct_tts.cli import build_parser
+    from instruct_tts.lab import LabConfig
+    from instruct_tts.options import subcommand
+
+    lab = subcommand(build_parser(), "lab")
+    text = lab.format_help()
+    assert "--guidance-sweep" not in text and "--instruction-dropout" not in text and "--set FIELD=VALUE" in text
+    flagged = {a.dest for a in lab._actions}
+    compact = " ".join(text.split()).replace("- ", "-")  # argparse wraps lines, also at hyphens
+    for f in fields(LabConfig):
+        assert f.name in flagged or f"{f.name}=" in compact, f.name
+    assert "stage1_batch_size=64 (tiny: 32)" in compact
+    assert "--draws" not in subcommand(build_parser(), "train-stage1").format_help()
+
+
+def test_lab_ablations_take_out_one_ingredient_over_any_preset():
+    from instruct_tts.lab import ABLATIONS, LabConfig
+
+    c1 = _lab_cfg("--preset", "tiny", "--ablation", "one-caption")
+    assert (c1.captions_per_clip, c1.repetition_sweep, c1.guidance_sweep, c1.n_clips) == (1, (), (), 96)
+    both = _lab_cfg("--ablation", "no-prompt-rows", "--ablation", "no-null-instruction")
+    assert (both.prompt_instruction_prob, both.instruction_dropout, both.guidance_sweep) == (0.0, 0.0, ())
+    assert both.sampling().instruction_guidance == 0.0  # no null instruction: unguided, as run_lab requires
+    for name, values in ABLATIONS.items():
+        cfg = LabConfig.preset("default", ablations=[name])
+        assert all(getattr(cfg, k) == v for k, v in values.items()) and cfg != LabConfig.preset("default"), name
+
+
+def test_same_run_fields_are_every_field_but_the_named_exceptions():
+    from dataclasses import fields
+
+    from instruct_tts.lab import LabConfig
+    from instruct_tts.lab.config import NOT_RUN_IDENTITY, same_run_fields
+
+    names = [f.name for f in fields(LabConfig)]
+    assert NOT_RUN_IDENTITY <= set(names)
+    assert list(same_run_fields()) == [n for n in names if n not in NOT_RUN_IDENTITY]
+    assert {"eval_clips", "loss_clips", "max_new_tokens", "curve_points", "mapper_draws"} <= set(same_run_fields())
+
+
 # ---- instruction-embedding probe (pure) -------------------------------------------------------------------------
 def test_probe_reads_levels_along_the_direction_that_carries_them_and_nothing_from_noise():
     from tts_core.evaluation.directions import direction_accuracy

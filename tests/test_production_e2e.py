@@ -44,8 +44,8 @@ S3_VOCAB = 6561  # valid S3 ids; T3's BOS/EOS and the rest of its 8194-row table
 TEXT, INSTRUCTION, SEED, MAX_NEW = "Hello there.", "A deep, slow male voice.", 3, 20
 EVAL_N, EVAL_NEW = 2, 12
 # train-stage1's options (CLI flags / deployment parameters): 4 steps of a small mapper, 2 draws per voice vector
-STAGE1 = dict(device="cpu", phase=1, max_steps=4, eval_every=4, batch_size=8, hidden_dim=32, n_blocks=1, draws=2,
-              held_out_frac=0.3)
+STAGE1 = dict(device="cpu", phase=1, max_steps=4, eval_every=4, batch_size=8, hidden_dim=32, n_blocks=1,
+              mapper_draws=2, held_out_frac=0.3)
 N_CLIPS = 12
 
 
@@ -256,7 +256,7 @@ def test_deployments_train_synthesize_and_evaluate_as_the_cli_does(prod, cli_out
                                          max_new_tokens=EVAL_NEW)))
     cli_mapper = json.loads((prod["mapper"] / "mapper.json").read_text())
     dep_mapper = json.loads((tmp_path / "mapper" / "mapper.json").read_text())
-    assert dep_mapper["step"] == STAGE1["max_steps"] and dep_mapper["mapper_config"]["draws"] == STAGE1["draws"]
+    assert dep_mapper["step"] == STAGE1["max_steps"] and dep_mapper["mapper_config"]["draws"] == STAGE1["mapper_draws"]
     assert dep_mapper["weights_sha256"] == cli_mapper["weights_sha256"]  # bit-equal on CPU, same seed
     assert dep_mapper["frozen_models"] == cli_mapper["frozen_models"]
 
