@@ -3,7 +3,7 @@
     uv run python -m bench.speaker_oracle --lab lab/ [--repeats 3]
 
 AvgCos ((SpkCos + XVecCos) / 2, the stage-1 metric) on the lab's held-out clips of the mean vector of the
-training clips sharing a key with the clip, minus that of the plain training mean (`evaluation.lab.stage1_cosines`
+training clips sharing a key with the clip, minus that of the plain training mean (`tts_core.evaluation.held_out.stage1_cosines`
 does the same for the report), for several keys: gender+pitch (the issue's oracle), + accent, + rate, the espeak
 variant (timbre no instruction describes). Then the gender+pitch oracle on corpora *restricted to k espeak variants
 per gender* (random subsets of the same clips): if even one variant per gender (timbre fixed) stays under the 0.10

@@ -245,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     t1 = command("train-stage1", "train the instruction mapper (pooling + flow matching) on a cache")
     t1.add_argument("--store", required=True, help="cache store written by build-cache")
     t1.add_argument("--out", type=Path, required=True, help="run directory (resumed when it holds the same run)")
-    add(t1, "--phase", choices=("1", "2", "both"), default_from=config_default(STAGE1 + "phase"))
+    add(t1, "--phase", choices=("1", "2", "both"), default_from=config_default(STAGE1 + "phase"),
+        help="1: fit ground-truth vectors; 2: fit the predicted reconstruction; both: 1 then 2")
     add(t1, "--init-from", type=Path, default_from=config_default(STAGE1 + "init_from"),
         help="--phase 2 alone: the stage-1 run to start from")
     add(t1, "--device", default_from=config_default(STAGE1 + "device"), help=AUTO_DEVICE_HELP)
@@ -253,9 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="mapper autocast, auto = bf16 on CUDA (pooling is always fp32)")
     g = t1.add_argument_group("training (tts_core.stage1.train.Stage1TrainConfig)")
     add(g, "--epochs", type=int, default_from=config_default(STAGE1 + "epochs"), help="max epochs per phase")
-    add(g, "--batch-size", type=int, default_from=config_default(STAGE1 + "batch_size"))
+    add(g, "--batch-size", type=int, default_from=config_default(STAGE1 + "batch_size"), help="clips per step")
     add(g, "--lr", type=float, default_from=config_default(STAGE1 + "lr_phase1"), help="phase-1 learning rate")
-    add(g, "--lr-phase2", type=float, default_from=config_default(STAGE1 + "lr_phase2"))
+    add(g, "--lr-phase2", type=float, default_from=config_default(STAGE1 + "lr_phase2"), help="phase-2 learning rate")
     add(g, "--warmup-steps", type=int, default_from=config_default(STAGE1 + "warmup_steps"),
         help="linear warm-up steps at the start of each phase")
     add(g, "--min-phase-steps", type=int, default_from=config_default(STAGE1 + "min_phase_steps"),
@@ -266,18 +267,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="steps between held-out evaluations (0: every epoch, at least 100 steps)")
     add(g, "--max-steps", type=int, default_from=config_default(STAGE1 + "max_steps", none="no limit"),
         help="stop the whole run after this many steps")
-    add(g, "--held-out-frac", type=float, default_from=config_default(STAGE1 + "held_out_frac"))
+    add(g, "--held-out-frac", type=float, default_from=config_default(STAGE1 + "held_out_frac"),
+        help="share of instructions held out for early stopping")
     add(g, "--split-by", choices=("instruction", "speaker"), default_from=config_default(STAGE1 + "split_by"),
         help="held-out unit: instruction texts, or speakers + their texts (needs a speaker column)")
-    add(g, "--seed", type=int, default_from=config_default(STAGE1 + "seed"))
+    add(g, "--seed", type=int, default_from=config_default(STAGE1 + "seed"), help="split, init and batch order")
     g.add_argument("--restart", action="store_true", help="ignore out/last and start over")
     add(g, "--states-in-memory-mb", type=float, default_from=config_default(STAGE1 + "states_in_memory_mb"),
         help="instruction states up to this size (ragged) are held in memory / on the device")
     add(g, "--states-cache-mb", type=float, default_from=config_default(STAGE1 + "states_cache_mb"),
         help="bigger ones are streamed from the store through a chunk cache of this size")
     m = t1.add_argument_group("mapper (tts_core.mapper.flow.MapperConfig)")
-    add(m, "--hidden-dim", type=int, default_from=config_default(MAPPER + "hidden_dim"))
-    add(m, "--n-blocks", type=int, default_from=config_default(MAPPER + "n_blocks"))
+    add(m, "--hidden-dim", type=int, default_from=config_default(MAPPER + "hidden_dim"), help="flow network width")
+    add(m, "--n-blocks", type=int, default_from=config_default(MAPPER + "n_blocks"), help="AdaLN blocks")
     add(m, "--n-steps", type=int, default_from=config_default(MAPPER + "n_steps"), help="Euler steps at inference")
     add(m, "--temperature", type=float, default_from=config_default(MAPPER + "temperature"),
         help="sampling temperature of the flow's start noise")
@@ -314,14 +316,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="token budget per batch (length bucketing; 0 = fixed --batch-size)")
     add(g, "--grad-accum", type=int, default_from=config_default(STAGE2 + "grad_accum"),
         help="batches per rank per step (N ranks x A = same run as 1 x N*A)")
-    add(g, "--lr", type=float, default_from=config_default(STAGE2 + "lr"))
-    add(g, "--adapter-lr", type=float, default_from=config_default(STAGE2 + "adapter_lr", none="--lr"))
-    add(g, "--epochs", type=int, default_from=config_default(STAGE2 + "epochs"))
-    add(g, "--max-steps", type=int, default_from=config_default(STAGE2 + "max_steps", none="no limit"))
-    add(g, "--warmup-steps", type=int, default_from=config_default(STAGE2 + "warmup_steps"))
+    add(g, "--lr", type=float, default_from=config_default(STAGE2 + "lr"), help="peak learning rate (cosine decay)")
+    add(g, "--adapter-lr", type=float, default_from=config_default(STAGE2 + "adapter_lr", none="--lr"),
+        help="learning rate of the AdaRMSNorm adapters")
+    add(g, "--epochs", type=int, default_from=config_default(STAGE2 + "epochs"), help="passes over the store")
+    add(g, "--max-steps", type=int, default_from=config_default(STAGE2 + "max_steps", none="no limit"),
+        help="stop after this many optimizer steps")
+    add(g, "--warmup-steps", type=int, default_from=config_default(STAGE2 + "warmup_steps"), help="linear warm-up steps")
     add(g, "--save-every", type=int, default_from=config_default(STAGE2 + "save_every"),
         help="steps between checkpoints (0: only at the end)")
-    add(g, "--log-every", type=int, default_from=config_default(STAGE2 + "log_every"))
+    add(g, "--log-every", type=int, default_from=config_default(STAGE2 + "log_every"), help="steps per logged metrics row")
     add(g, "--hold-out", choices=("none", "mapper"), default_from=config_default(STAGE2 + "hold_out"),
         help="mapper: leave out the stage-1 run's held-out clips and report their loss")
     add(g, "--eval-every", type=int, default_from=config_default(STAGE2 + "eval_every"),
@@ -330,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="'bytes' or a tokenizer file")
     add(g, "--language", default_from=config_default(STAGE2 + "language", none="the metadata's 5th column"),
         help=f"multilingual T3: language of rows without a 5th metadata column ({', '.join(sorted(MTL_LANGUAGES))})")
-    add(g, "--seed", type=int, default_from=config_default(STAGE2 + "seed"))
+    add(g, "--seed", type=int, default_from=config_default(STAGE2 + "seed"), help="row mixing, dropout and batch order")
     g.add_argument("--compile", action="store_true", help="torch.compile the Llama backbone")
     g.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute backbone layers in backward (HF checkpointing, adapters exact): less memory, "
@@ -350,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     many.add_argument("--batch", type=Path, help="one clip a line: text|instruction[|reference.wav] (instruction may "
                                                  "be empty with a reference; blank lines and # comments skipped)")
     many.add_argument("--out-dir", type=Path, help="where the batch's wavs go: NNNN.wav, NNNN = the line number")
-    add(sy, "--seed", type=int, default_from=config_default(SYNTH + "seed"))
+    add(sy, "--seed", type=int, default_from=config_default(SYNTH + "seed"), help="sampling seed (the same seed, the same clip)")
     add(sy, "--device", default_from=config_default(SYNTH + "device"), help=DEVICE_HELP)
     add(sy, "--text-encoder", type=Path, default_from=config_default(SYNTH + "text_encoder", none="the run's"),
         help="local text-encoder dir the run was trained over")
@@ -366,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     for option, kind in (("temperature", float), ("top_p", float), ("top_k", int), ("min_p", float),
                          ("repetition_penalty", float), ("cfg_weight", float)):
         sp.add_argument("--" + option.replace("_", "-"), type=kind, help=family_defaults_help(option))
-    add(sp, "--max-new-tokens", type=int, default_from=config_default(SAMPLING + "max_new_tokens"))
+    add(sp, "--max-new-tokens", type=int, default_from=config_default(SAMPLING + "max_new_tokens"),
+        help="speech tokens at most per clip")
     add(sp, "--instruction-guidance", type=float, metavar="W",
         default_from=config_default(SAMPLING + "instruction_guidance", none=guidance_default),
         help="classifier-free guidance on the instruction: logits + W·(cond − null instruction), on top of "
@@ -376,15 +381,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev = command("evaluate", "synthesize held-out instructions and measure what they asked for")
     ev.add_argument("--run", type=Path, required=True, help="train-stage2 --out directory")
     ev.add_argument("--store", required=True, help="the cache the run was trained on (held-out instructions)")
-    add(ev, "--out", type=Path, default_from=config_default(EVAL + "out_dir", none="RUN/eval"))
+    add(ev, "--out", type=Path, default_from=config_default(EVAL + "out_dir", none="RUN/eval"),
+        help="where the wavs and the report go")
     add(ev, "--n", type=int, default_from=config_default(EVAL + "n_instructions"),
         help="held-out instructions to synthesize")
     add(ev, "--text", default_from=config_default(EVAL + "text", fmt=repr), help="the sentence every clip speaks")
-    add(ev, "--seed", type=int, default_from=config_default(EVAL + "seed"))
+    add(ev, "--seed", type=int, default_from=config_default(EVAL + "seed"), help="which clips, and the sampling seed")
     add(ev, "--device", default_from=config_default(EVAL + "device"), help=DEVICE_HELP)
-    add(ev, "--max-new-tokens", type=int, default_from=config_default(EVAL + "max_new_tokens"))
-    add(ev, "--text-encoder", type=Path, default_from=config_default(EVAL + "text_encoder", none="the run's"))
-    add(ev, "--chatterbox-dir", type=Path, default_from=config_default(EVAL + "chatterbox_dir", none="the run's"))
+    add(ev, "--max-new-tokens", type=int, default_from=config_default(EVAL + "max_new_tokens"),
+        help="speech tokens at most per clip")
+    add(ev, "--text-encoder", type=Path, default_from=config_default(EVAL + "text_encoder", none="the run's"),
+        help="override the instruction encoder the run recorded")
+    add(ev, "--chatterbox-dir", type=Path, default_from=config_default(EVAL + "chatterbox_dir", none="the run's"),
+        help="override the Chatterbox directory the run recorded")
     add(ev, "--language", default_from=config_default(EVAL + "language"),
         help="multilingual T3: language of the evaluation text")
     add(ev, "--repetition-penalty", type=float, help=family_defaults_help("repetition_penalty"))
@@ -448,7 +457,7 @@ def _lab_command(command) -> None:
              "the --captions-per-clip 1 run: same clips, same steps)")
     add(lab, "--speech-tokenizer", choices=("mel-vq", "world-vq"), default_from=lab_default("speech_tokenizer"),
         help="embedded tokenizer + vocoder (world-vq's tokens keep F0)")
-    add(lab, "--seed", type=int, default_from=lab_default("seed"))
+    add(lab, "--seed", type=int, default_from=lab_default("seed"), help="corpus, split and training seed")
     add(lab, "--device", default_from=lab_default("device"), help=DEVICE_HELP)
     flagged = {a.dest for a in lab._actions}
     settable = [f.name for f in fields(LabConfig) if f.name not in flagged]

@@ -15,7 +15,7 @@ import pytest
 from tts_core.evaluation.lab_split import (
     DROPPED, HELD_OUT_INSTRUCTION, HELD_OUT_VOICE, TRAIN, espeak_voice, split_lab_clips,
 )
-from tts_core.evaluation.lab import SAMPLING_CURVE
+from tts_core.evaluation.held_out import SAMPLING_CURVE
 from tts_core.evaluation.stats import bootstrap_ci, direction_ci, gap_closed, mean_ci, shuffled_direction_accuracy
 
 
@@ -199,7 +199,7 @@ def test_speech_loss_probe_computes_only_its_rows_tables_and_scores_as_the_full_
     import torch
 
     from cache.reader import CacheReader
-    from tts_core.evaluation.lab import SpeechLossProbe
+    from tts_core.evaluation.held_out import SpeechLossProbe
     from tts_core.stage1.artifacts import load_mapper
     from tts_core.stage2.prepare import prepare_stage2_data
     from tts_core.stage2.text_tokenizer import load_text_tokenizer

@@ -1,7 +1,7 @@
 """The lab's measurements on held-out clips, from the trained artifacts: stage-1 cosines against the mean vector and
 the oracle, stage-2 held-out speech loss per kept checkpoint, and the attribute rows of every rendering (ground-truth
 audio, ground-truth tokens through the vocoder, the model, the model with a reference clip, the sampling sweeps) and
-of the instruction-embedding probe. The questions themselves are `tts_core.evaluation.lab`'s; this module feeds them
+of the instruction-embedding probe. The questions themselves are `tts_core.evaluation.held_out`'s; this module feeds them
 the lab's clips and runs.
 
 Held-out speech loss is computed here, after training, from the kept checkpoints (teacher-forced, dropout off):
@@ -23,7 +23,7 @@ from instruct_tts.lab.paths import LabPaths
 @dataclass
 class HeldOutMeasurements:
     """What the lab measures on held-out clips, as the report reads it."""
-    stage1_cosines: dict  # {split: `tts_core.evaluation.lab.stage1_cosines`}
+    stage1_cosines: dict  # {split: `tts_core.evaluation.held_out.stage1_cosines`}
     curve: list[dict]  # stage-2 held-out speech loss per kept checkpoint
     train_log: list[dict]  # the stage-2 loop's metrics.jsonl rows
     renderings: dict  # {split: {rendering: attribute rows}}
@@ -51,9 +51,9 @@ def measure_held_out(cfg: LabConfig, p: LabPaths, root: Path, clips: list[dict],
 
 
 def stage1_cosines_by_split(p: LabPaths, clips: list[dict], roles: dict, held: dict) -> dict:
-    """{split: stage-1 cosines of its clips' rows in all.zarr} (`tts_core.evaluation.lab.stage1_cosines`), the
+    """{split: stage-1 cosines of its clips' rows in all.zarr} (`tts_core.evaluation.held_out.stage1_cosines`), the
     mean vector and oracles fitted on the training rows."""
-    from tts_core.evaluation.lab import SAMPLING_CURVE, stage1_cosines
+    from tts_core.evaluation.held_out import SAMPLING_CURVE, stage1_cosines
     from tts_core.evaluation.lab_split import TRAIN, espeak_variant
     from tts_core.stage1.artifacts import load_stage1_model
     from tts_core.stage1.from_store import load_stage1_data
@@ -81,7 +81,7 @@ def _sample(ids: list[str], k: int, seed: int) -> list[str]:
 def stage2_curve(cfg: LabConfig, p: LabPaths, roles: dict, held: dict) -> tuple[list[dict], list[dict]]:
     """Teacher-forced speech loss of every kept checkpoint on up to ``loss_clips`` clips per held-out split and of
     the training clips, beside the loop's own; → (curve, the loop's log)."""
-    from tts_core.evaluation.lab import SpeechLossProbe
+    from tts_core.evaluation.held_out import SpeechLossProbe
     from tts_core.evaluation.lab_split import TRAIN
 
     probe = SpeechLossProbe(p.all_store, p.mapper, p.t3)
@@ -107,7 +107,7 @@ def render_held_out(cfg: LabConfig, p: LabPaths, root: Path, by_id: dict, held: 
 
     from cache.reader import CacheReader
     from tts_core.evaluation.directions import ATTRIBUTES
-    from tts_core.evaluation.lab import asked_levels, attribute_row
+    from tts_core.evaluation.held_out import asked_levels, attribute_row
     from tts_core.evaluation.lab_split import HELD_OUT_VOICE
     from tts_core.synthesis import Synthesizer
 
@@ -185,7 +185,7 @@ def sweep_renderings(cfg: LabConfig, p: LabPaths, by_id: dict, renderings: dict,
     of each sweep (`LabConfig.repetition_sweep`, ``guidance_sweep``); the other sampling options as the main table.
     A value that samples exactly as the main table (e.g. 1.2 = the official repetition penalty, W = 0) reuses its
     rows instead of rendering them again."""
-    from tts_core.evaluation.lab import asked_levels, attribute_row
+    from tts_core.evaluation.held_out import asked_levels, attribute_row
     from tts_core.synthesis import Synthesizer
 
     wanted = {opt: tuple(getattr(cfg, field)) for opt, field in SWEEPS.items() if getattr(cfg, field)}
@@ -220,8 +220,8 @@ def sweep_renderings(cfg: LabConfig, p: LabPaths, by_id: dict, renderings: dict,
 
 
 def instruction_probe_by_split(cfg: LabConfig, p: LabPaths, by_id: dict, roles: dict, renderings: dict) -> dict:
-    """{split: probe rows} for the clips the model rendered (`tts_core.evaluation.lab.instruction_probe_rows`)."""
-    from tts_core.evaluation.lab import instruction_probe_rows
+    """{split: probe rows} for the clips the model rendered (`tts_core.evaluation.held_out.instruction_probe_rows`)."""
+    from tts_core.evaluation.held_out import instruction_probe_rows
     from tts_core.evaluation.lab_split import TRAIN
 
     train_texts = [by_id[c]["instruction"] for c, r in roles.items() if r == TRAIN]

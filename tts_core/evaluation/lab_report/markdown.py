@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from tts_core.evaluation.lab import VECTORS
+from tts_core.evaluation.held_out import VECTORS
 from tts_core.evaluation.lab_report.scores import BY_WORDING, LAB_ATTRIBUTES, PROBE, TARGET_ATTRIBUTES
 from tts_core.evaluation.lab_report.targets import VECTOR_NAMES
 from tts_core.evaluation.lab_split import HELD_OUT_INSTRUCTION, HELD_OUT_VOICE

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from tts_core.evaluation.lab import VECTORS
+from tts_core.evaluation.held_out import VECTORS
 from tts_core.evaluation.lab_report.markdown import fmt
 from tts_core.evaluation.lab_report.scores import LAB_ATTRIBUTES, PROBE, TARGET_ATTRIBUTES, WORDINGS, find_row
 from tts_core.evaluation.lab_report.targets import MODEL_MIN, ORACLE_GAP_MIN, VECTOR_NAMES, VOCODER_CEILING_MIN

@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 from tts_core.evaluation.directions import ATTRIBUTES
-from tts_core.evaluation.lab import CURVE_PREFIX, VECTORS
+from tts_core.evaluation.held_out import CURVE_PREFIX, VECTORS
 from tts_core.evaluation.lab_split import HELD_OUT_INSTRUCTION, HELD_OUT_VOICE
 from tts_core.evaluation.stats import direction_ci, gap_closed, mean_ci, shuffled_direction_accuracy
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from tts_core.evaluation.lab import VECTORS
+from tts_core.evaluation.held_out import VECTORS
 from tts_core.evaluation.lab_report.scores import (BY_WORDING, PROBE, TARGET_ATTRIBUTES, WITH_REFERENCE,
                                                    find_row)
 from tts_core.evaluation.lab_split import HELD_OUT_INSTRUCTION, HELD_OUT_VOICE

@@ -1,6 +1,6 @@
 """The lab's measurements: stage-1 cosines against references, held-out speech loss, per-clip attributes.
 
-Each function answers one question about trained artifacts on held-out clips; `instruct_tts.lab` runs them and
+Each function answers one question about trained artifacts on held-out clips; `instruct_tts.lab.measurements` runs them and
 `lab_report` turns the numbers into tables. Statistics (intervals, chance) live in `stats`.
 
 * `stage1_cosines`: per held-out clip, AvgCos = (SpkCos + XVecCos) / 2 of three predictions of its voice vectors —
