@@ -250,7 +250,6 @@ def _stage2_data(caption_lists):
     from tts_core.stage2.data import Stage2Data
 
     n, U = len(caption_lists), 8
-    off = np.concatenate([[0], np.cumsum([len(c) for c in caption_lists])])
     ones = np.ones(n, np.int64)
     return Stage2Data(
         clip_ids=[f"c{i}" for i in range(n)], text_flat=torch.ones(n, dtype=torch.int16),
@@ -260,7 +259,7 @@ def _stage2_data(caption_lists):
         instruction_id=np.array([c[0] if c else -1 for c in caption_lists]),
         style_emb=torch.arange(U, dtype=torch.float32)[:, None].repeat(1, 4), mapper_spk=torch.zeros(U, 1, 256),
         speaker_code=np.full(n, -1),
-        captions=CaptionTable(off, np.array([i for c in caption_lists for i in c], np.int64)))
+        captions=CaptionTable.from_counts([len(c) for c in caption_lists], [i for c in caption_lists for i in c]))
 
 
 def test_stage2_rows_draw_every_caption_and_held_out_texts_are_dropped():
