@@ -71,6 +71,21 @@ def test_deployment_parameters_are_the_commands_options(cmd, deployments):
 
 
 @pytest.mark.parametrize("cmd", list(STAGES))
+def test_each_parameter_is_described_in_the_ui_by_its_flags_help(cmd, deployments):
+    """Prefect's run form shows a parameter's description: it is the flag's --help text, its default filled in."""
+    from instruct_tts.options import option_help
+
+    helps = option_help(cmd)
+    props = deployments[cmd]._parameter_openapi_schema.model_dump()["properties"]
+    for dest, action in _actions(cmd).items():
+        text = props[dest].get("description", "")
+        assert text == helps[dest], dest
+        assert "%(" not in text and not text.startswith("(default"), f"{dest}: no help of its own: {text!r}"
+        if "default_from" in (action.help or ""):
+            assert "(default: " in text, dest
+
+
+@pytest.mark.parametrize("cmd", list(STAGES))
 def test_usage_strings_name_real_parameters(cmd, deployments):
     from flows.serve import USAGE
 
