@@ -192,10 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     (tests/test_deployments.py); --help shows each default, read from the config dataclass it comes from."""
     from tts_core.encoders.embedded import KINDS
     from tts_core.languages import MTL_LANGUAGES
-    from tts_core.sampling_defaults import INSTRUCTION_GUIDANCE, family_defaults_help
+    from tts_core.sampling_defaults import INSTRUCTION_GUIDANCE, REFERENCE_INSTRUCTION_GUIDANCE, family_defaults_help
 
-    guidance_default = (f"{INSTRUCTION_GUIDANCE:g} for a run whose stage 2 trained the null instruction "
-                        "(--instruction-dropout > 0), else 0; 0 = unguided")
+    guidance_default = (f"{INSTRUCTION_GUIDANCE:g} ({REFERENCE_INSTRUCTION_GUIDANCE:g} with a reference clip) for a run "
+                        "whose stage 2 trained the null instruction (--instruction-dropout > 0), else 0; 0 = unguided")
     p = argparse.ArgumentParser(prog="instruct-tts", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -426,7 +426,7 @@ def _lab_command(command) -> None:
     from dataclasses import fields
 
     from instruct_tts.lab.config import ABLATIONS, PRESETS, LabConfig
-    from tts_core.sampling_defaults import INSTRUCTION_GUIDANCE
+    from tts_core.sampling_defaults import INSTRUCTION_GUIDANCE, REFERENCE_INSTRUCTION_GUIDANCE
 
     lab = command("lab", "the instruction-following lab: bigger corpus, held-out splits, report")
     add(lab, "--out", type=Path, default_from=config_default("instruct_tts.lab.config:LabConfig.out"),
@@ -462,8 +462,8 @@ def _lab_command(command) -> None:
     flagged = {a.dest for a in lab._actions}
     settable = [f.name for f in fields(LabConfig) if f.name not in flagged]
     none = {"repetition_penalty": "none (the T3 family's official value)",
-            "instruction_guidance": f"none (the run's: {INSTRUCTION_GUIDANCE:g} if stage 2 trained the null "
-                                    "instruction, else 0)"}
+            "instruction_guidance": f"none (the run's: {INSTRUCTION_GUIDANCE:g}, {REFERENCE_INSTRUCTION_GUIDANCE:g} with a "
+                                    "reference clip, if stage 2 trained the null instruction, else 0)"}
     add(lab, "--set", hidden=tuple(f"--{f.replace('_', '-')}" for f in LAB_OLD_FLAGS), dest="settings",
         metavar="FIELD=VALUE", action=SettingAction, check=lab_settings, default_from=lab_defaults(settable, none),
         help="any other LabConfig field (instruct_tts/lab/config.py), typed as the field: a number, 'none' where "

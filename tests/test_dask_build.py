@@ -1,11 +1,12 @@
-"""build-cache fanned out over a local Dask cluster (2 worker processes, through prefect-dask) writes the
-same store as the single-process build: byte for byte, except the CAM++ x-vectors, whose convolutions sum in
+"""build-cache fanned out over a local Dask cluster (2 worker processes, through prefect-dask), or over local
+processes (`process_shard_map`, the lab's), writes the same store as the single-process build: byte for byte, except the CAM++ x-vectors, whose convolutions sum in
 another order under another thread count (a worker's) — equal to float32 rounding (measured: ≤ 3e-6)."""
 from __future__ import annotations
 
 import fsspec
 import numpy as np
 import pandas as pd
+import pytest
 import zarr
 
 from cache import schema
@@ -18,15 +19,15 @@ ARRAYS = ("clips/spk_emb", "clips/xvec", "clips/spk_norm", "clips/xvec_norm", "c
           schema.PROMPT_OFFSETS, schema.INSTRUCTION_STATES)
 
 
-def test_dask_build_equals_single_process_build(demo_corpus, tmp_path, prefect_harness):
-    from flows.build_cache import build_cache_flow
-
-    single, dist = str(tmp_path / "single.zarr"), str(tmp_path / "dask.zarr")
+@pytest.fixture(scope="module")
+def single_store(demo_corpus, tmp_path_factory) -> str:
+    single = str(tmp_path_factory.mktemp("single") / "single.zarr")
     build_cache(BuildConfig(metadata=demo_corpus.metadata, audio_root=demo_corpus.root, store=single,
                             models=FrozenModelsConfig(), chunk_rows=8))
-    out = build_cache_flow(metadata=str(demo_corpus.metadata), audio_root=str(demo_corpus.root), store=dist,
-                           chunk_rows=8, task_runner="dask", workers=2)
-    assert out["n_ok"] == 48
+    return single
+
+
+def assert_same_store(single: str, dist: str) -> None:
     a, b = zarr.open_group(single, mode="r"), zarr.open_group(dist, mode="r")
     for name in ARRAYS:
         assert name in a, name
@@ -41,6 +42,33 @@ def test_dask_build_equals_single_process_build(demo_corpus, tmp_path, prefect_h
     mb = pd.read_parquet(fsspec.open(f"{dist}/{schema.MANIFEST_FILE}").open())
     assert ma.equals(mb) and list(mb.row) == list(range(48))
     assert np.array_equal(a[f"{schema.MEL_VQ_GROUP}/codebook"][...], b[f"{schema.MEL_VQ_GROUP}/codebook"][...])
+
+
+def test_process_pool_build_equals_single_process_build(demo_corpus, single_store, tmp_path):
+    from tts_core.cachebuild.shards import process_shard_map
+
+    seen = []
+    with process_shard_map(2) as shard_map:
+        def spy(jobs):
+            jobs = list(jobs)
+            seen.extend(j.start for j in jobs)
+            return shard_map(jobs)
+
+        out = build_cache(BuildConfig(metadata=demo_corpus.metadata, audio_root=demo_corpus.root,
+                                      store=str(tmp_path / "pool.zarr"), models=FrozenModelsConfig(), chunk_rows=8),
+                          shard_map=spy)
+    assert out.n_ok == 48 and seen == list(range(0, 48, 8))  # every shard went through the pool, in row order
+    assert_same_store(single_store, str(tmp_path / "pool.zarr"))
+
+
+def test_dask_build_equals_single_process_build(demo_corpus, single_store, tmp_path, prefect_harness):
+    from flows.build_cache import build_cache_flow
+
+    dist = str(tmp_path / "dask.zarr")
+    out = build_cache_flow(metadata=str(demo_corpus.metadata), audio_root=str(demo_corpus.root), store=dist,
+                           chunk_rows=8, task_runner="dask", workers=2)
+    assert out["n_ok"] == 48
+    assert_same_store(single_store, dist)
 
     # the clip shards really were Prefect task runs of the Dask task runner (48 rows / 8 per shard)
     import asyncio

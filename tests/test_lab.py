@@ -227,7 +227,7 @@ def test_lab_sampling_sweeps_rerender_the_same_clips(lab):
     the other values re-render the same clips, and the report has an "accuracy vs" table per option."""
     out, report = lab
     sweeps = report["sampling"]["sweeps"]
-    assert set(sweeps) == {"repetition_penalty", "instruction_guidance"}
+    assert set(sweeps) == {"repetition_penalty", "instruction_guidance", "reference_guidance"}
     assert report["sampling"]["main"] == {"temperature": None, "top_p": None, "top_k": None, "min_p": None,
                                           "repetition_penalty": None, "cfg_weight": None, "instruction_guidance": 0.0}
     clips = json.loads((out / "measurements.json").read_text())
@@ -244,6 +244,25 @@ def test_lab_sampling_sweeps_rerender_the_same_clips(lab):
                     assert a[col] == b[col] or (math.isnan(a[col]) and math.isnan(b[col])), (opt, col, a, b)
     md = (out / "report.md").read_text()
     assert "### accuracy vs repetition penalty" in md and "### accuracy vs instruction guidance W" in md
+    # W with a reference clip: held-out voices only, the same clips and references as the main "reference clip +
+    # instruction" rows (W 0 = the tiny preset's main W: reused), each with its voice cosine; the voice column only here
+    from tts_core.evaluation.lab_report import WITH_REFERENCE
+
+    ref = sweeps["reference_guidance"]
+    assert {(r["value"], r["split"]) for r in ref} == {(v, HELD_OUT_VOICE) for v in (0.0, 2.0)}
+    main = [c for c in clips if c["split"] == HELD_OUT_VOICE and c["rendering"] == WITH_REFERENCE][:4]
+    for w in (0.0, 2.0):
+        swept = [c for c in clips if c["rendering"] == f"model, reference_guidance = {w:g}"]
+        assert [(c["clip_id"], c["reference_clip"]) for c in swept] == [(c["clip_id"], c["reference_clip"])
+                                                                        for c in main]
+        assert all(-1.0 <= c["ref_spk_cos"] <= 1.0 for c in swept)
+        if w == 0.0:
+            assert [c["ref_spk_cos"] for c in swept] == [c["ref_spk_cos"] for c in main]
+        voice = next(r for r in ref if r["value"] == w and r["attribute"] == "voice cosine")
+        assert voice["accuracy"] == pytest.approx(np.mean([c["ref_spk_cos"] for c in swept])) and voice["pairs"] == 4
+    assert not any(r["attribute"] == "voice cosine" for opt in ("repetition_penalty", "instruction_guidance")
+                   for r in sweeps[opt])
+    assert "### accuracy vs instruction guidance W with a reference clip" in md
 
 
 def test_issue_23_targets_judge_known_words_probe_slack_voices_and_reference():

@@ -41,6 +41,50 @@ def test_cli_train_stage2_names_a_bad_t3(demo_store, mapper_run, tmp_path, capsy
     assert "nowhere" in err and "preset" in err
 
 
+def test_a_preset_over_the_embedded_store_speaks_only_its_tokenizers_codes(t3_run, demo_store, caplog):
+    """A fresh preset over an embedded-tokenizer store gets a speech table of V + 2 rows (BOS V, EOS V + 1), not
+    Chatterbox's 8194: the run records it, synthesis loads it from the checkpoint, and every sampled token is one
+    the tokenizer decodes (an 8194-row head samples ids in [V, 6561) that the vocoder would drop)."""
+    import logging
+
+    import numpy as np
+
+    from cache.writer import saved_codebook
+    from tts_core.encoders import embedded
+    from tts_core.synthesis import SamplingConfig, Synthesizer
+    from tts_core.t3.families import read_shapes
+    from tts_core.t3.loading import config_from_checkpoint
+
+    store, _ = demo_store
+    tok = embedded.restore(saved_codebook(store))
+    V = tok.vocab_size
+    assert tok.kind == "mel-vq" and 16 <= V < 6561
+    for d in (t3_run, *sorted((t3_run / "checkpoints").glob("step_*"))):
+        shapes = read_shapes(d / "t3_cfg.safetensors")
+        assert shapes["speech_head.weight"][0] == shapes["speech_emb.weight"][0] == V + 2, d
+        cfg = config_from_checkpoint(d / "t3_cfg.safetensors")
+        assert (cfg.speech_vocab_size, cfg.start_speech_token, cfg.stop_speech_token) == (V + 2, V, V + 1), d
+        meta = json.loads((d / "stage2.json").read_text())
+        assert meta["speech_vocab"] == {"size": V + 2, "start": V, "stop": V + 1, "sized_to": "mel-vq"}, d
+        assert meta["t3_config"]["speech_vocab_size"] == V + 2
+    assert (f"speech vocabulary: {V + 2} rows (codes 0–{V - 1}, BOS {V}, EOS {V + 1}); sized to the store's "
+            "`mel-vq` speech tokenizer") in (t3_run / "report.md").read_text()
+
+    s = Synthesizer.from_run(t3_run)
+    assert s.t3.cfg.speech_vocab_size == V + 2 and s.t3.speech_head.weight.shape[0] == V + 2
+    assert (s.t3.cfg.start_speech_token, s.t3.cfg.stop_speech_token) == (V, V + 1)
+    assert s.speech_tokenizer.vocab_size == V
+    n = 0
+    with caplog.at_level(logging.WARNING, logger="tts_core.encoders.embedded"):
+        for seed in range(3):
+            res = s.synthesize("Hello world.", instruction="A deep, slow male voice.", seed=seed,
+                               sampling=SamplingConfig(max_new_tokens=40))
+            assert res.tokens.size and 0 <= res.tokens.min() and res.tokens.max() < V, seed
+            assert len(res.wav) == res.tokens.size * tok.config.hop_length  # every token voiced, none dropped
+            n += res.tokens.size
+    assert n > 20 and not [r for r in caplog.records if "outside the" in r.getMessage()]
+
+
 # ---- synthesize ----------------------------------------------------------------------------------------------
 def _synth(t3_run, out, *extra):
     return main(["synthesize", "--run", str(t3_run), "--text", "Hello world.", "--out", str(out),
@@ -96,13 +140,14 @@ def test_synthesize_is_deterministic_under_a_seed(t3_run, tmp_path):
     assert np.array_equal(a.speaker_emb, b.speaker_emb) and not np.array_equal(a.speaker_emb, c.speaker_emb)
 
 
-def test_instruction_guidance_defaults_to_the_runs_and_zero_is_one_flag_away(t3_run, tmp_path, monkeypatch):
+def test_instruction_guidance_defaults_to_the_runs_and_zero_is_one_flag_away(t3_run, demo_store, tmp_path,
+                                                                              monkeypatch):
     """Unset, W is the run's default: `INSTRUCTION_GUIDANCE` for a run that trained the null instruction (the
     Stage2Config default, as `t3_run`), 0 for one that did not; W > 0 there is refused. ``--instruction-guidance 0``
     reaches generate as the unguided path (whose tokens are today's: tests/test_t3_model.py)."""
     import shutil
 
-    from tts_core.sampling_defaults import INSTRUCTION_GUIDANCE
+    from tts_core.sampling_defaults import INSTRUCTION_GUIDANCE, REFERENCE_INSTRUCTION_GUIDANCE
     from tts_core.synthesis import SamplingConfig, SamplingOptionError, Synthesizer
     from tts_core.t3 import T3
 
@@ -125,6 +170,12 @@ def test_instruction_guidance_defaults_to_the_runs_and_zero_is_one_flag_away(t3_
     for k, flag in enumerate(((), ("--instruction-guidance", "0"), ("--instruction-guidance", "1.5"))):
         assert _synth(t3_run, tmp_path / f"{k}.wav", *inst, *flag) == 0
     assert seen == [INSTRUCTION_GUIDANCE, 0.0, 1.5]
+    # with a reference clip as well: the reference's own default W (it keeps more of the voice); a given W wins
+    assert REFERENCE_INSTRUCTION_GUIDANCE != INSTRUCTION_GUIDANCE
+    ref = ("--reference", str(demo_store[1].root / "wavs" / "demo_00000.wav"))
+    for k, flag in enumerate(((), ("--instruction-guidance", "1.5"))):
+        assert _synth(t3_run, tmp_path / f"r{k}.wav", *inst, *ref, *flag) == 0
+    assert seen[3:] == [REFERENCE_INSTRUCTION_GUIDANCE, 1.5]
 
     # a run whose stage 2 never trained the null instruction: unguided by default, W > 0 refused by name
     plain = tmp_path / "no_null"

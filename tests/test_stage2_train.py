@@ -424,6 +424,10 @@ def test_training_freezes_stage1_trains_t3_and_loss_decreases(env, tmp_path):
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 20
     meta = json.loads((out / "stage2.json").read_text())
     assert meta["tokenizer"]["kind"] == "bytes" and meta["instruction_dim"] == H and meta["prompt_len"] == 150
+    # S3 tokens (no embedded tokenizer in this store): the preset keeps Chatterbox's speech table
+    assert meta["speech_vocab"] == {"size": 8194, "start": 6561, "stop": 6562, "sized_to": None}
+    assert "speech vocabulary: 8194 rows (codes 0–6560, BOS 6561, EOS 6562); Chatterbox's speech table" in \
+        (out / "report.md").read_text()
     t3b, rep, _ = build_t3(str(out), instruction_dim=H)
     assert rep.missing_adapter == []
     for k, v in t3b.state_dict().items():
@@ -542,6 +546,50 @@ def test_mapper_trained_on_another_text_encoder_is_refused(env, tmp_path):
     with pytest.raises(TextEncoderMismatchError, match="stage 2 refuses"):
         train_stage2(_cfg(env, tmp_path / "run", mapper_dir=str(other)))
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_only_a_fresh_preset_is_sized_to_the_speech_codes_and_a_resume_keeps_its_record(env, tmp_path):
+    """`build_t3` sizes a preset's speech table to ``speech_codes`` (V + 2 rows, BOS V, EOS V + 1) and nothing else;
+    the recipe asks for the store's codes on a fresh start, and for what the checkpoint records on a resume."""
+    from types import SimpleNamespace
+
+    from tts_core.stage2.artifacts import LATEST, T3_WEIGHTS, TRAIN_STATE
+    from tts_core.stage2.recipe import Stage2Recipe
+    from tts_core.training import CheckpointDir, DistEnv
+
+    sized, _, _ = build_t3("tiny", instruction_dim=H, speech_codes=1000)
+    assert (sized.cfg.speech_vocab_size, sized.cfg.start_speech_token, sized.cfg.stop_speech_token) == (1002, 1000, 1001)
+    assert sized.speech_head.weight.shape[0] == sized.speech_emb.weight.shape[0] == 1002
+    assert sized.cfg.speech_codes == 1000 and T3Config.preset("tiny").speech_codes is None
+    plain, _, _ = build_t3("tiny", instruction_dim=H)
+    assert plain.speech_head.weight.shape[0] == 8194 and plain.cfg.start_speech_token == 6561
+    # an official file keeps its shape whatever the store's tokenizer
+    src = tmp_path / "chatterbox"
+    save_t3(T3(T3Config.preset("tiny", adapters=False)), src / "t3_cfg.safetensors")
+    official, _, _ = build_t3(str(src), instruction_dim=H, speech_codes=1000)
+    assert official.speech_head.weight.shape[0] == 8194 and official.cfg.stop_speech_token == 6562
+    # our own checkpoint keeps the shape it recorded, sized or not
+    save_t3(sized, tmp_path / "own" / T3_WEIGHTS, config=sized.cfg)
+    own, _, _ = build_t3(str(tmp_path / "own"), instruction_dim=H, speech_codes=None)
+    assert own.speech_head.weight.shape[0] == 1002 and own.cfg.start_speech_token == 1000
+
+    def recipe(out, resume=True):
+        r = Stage2Recipe(_cfg(env, out, resume=resume), None, DistEnv(), torch.device("cpu"))
+        r.speech_tokenizer = SimpleNamespace(vocab_size=1000, kind="mel-vq")  # as if the store were embedded
+        return r
+
+    def checkpoint(out, t3):
+        def fill(d):
+            save_t3(t3, d / T3_WEIGHTS, config=t3.cfg)
+            (d / TRAIN_STATE).write_bytes(b"")
+        CheckpointDir(out, LATEST, complete=(TRAIN_STATE, T3_WEIGHTS)).write(2, fill, 1)
+
+    assert recipe(tmp_path / "fresh").preset_speech_codes() == 1000
+    checkpoint(tmp_path / "old", plain)  # a run started before presets were sized: 8194 rows
+    assert recipe(tmp_path / "old").preset_speech_codes() is None
+    assert recipe(tmp_path / "old", resume=False).preset_speech_codes() == 1000  # a fresh start clears it
+    checkpoint(tmp_path / "sized", build_t3("tiny", instruction_dim=H, speech_codes=512)[0])
+    assert recipe(tmp_path / "sized").preset_speech_codes() == 512
 
 
 def test_t3_directory_loads_strictly_adapters_only_extra_with_its_tokenizer(env, tmp_path):

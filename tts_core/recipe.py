@@ -33,7 +33,11 @@ ROW_MIX_BEFORE_RECORDED = {"prompt_instruction_prob": 0.0, "instruction_dropout"
 # held-out splits by 0.08 – 0.20 (docs/benchmarks.md "The default lab", the W 0 / 1.5 / 3 sweep; docs/lab.md
 # "Reading the report", Sampling). A run without a null instruction has nothing to guide against: W 0 there.
 INSTRUCTION_GUIDANCE = 3.0
+# W when a reference clip is given as well ("this voice, but slower"): guidance pulls toward the instruction and away
+# from the reference (the unconditional branch is the reference alone), so the voice is kept with a lower W. Chosen
+# from the lab's "accuracy vs W with a reference clip" curve (docs/benchmarks.md "The default lab").
+REFERENCE_INSTRUCTION_GUIDANCE = 1.0
 
 RECIPE = {"mapper_draws": MAPPER_DRAWS, "mapper_temperature": MAPPER_TEMPERATURE, "instruction_prob": INSTRUCTION_PROB,
           "prompt_instruction_prob": PROMPT_INSTRUCTION_PROB, "instruction_dropout": INSTRUCTION_DROPOUT,
-          "instruction_guidance": INSTRUCTION_GUIDANCE}
+          "instruction_guidance": INSTRUCTION_GUIDANCE, "reference_instruction_guidance": REFERENCE_INSTRUCTION_GUIDANCE}

@@ -5,6 +5,7 @@ repetition_penalty=2.0, and `ChatterboxTurboTTS.generate` top_k=1000, top_p=0.95
 from collections.abc import Mapping
 
 from tts_core.recipe import INSTRUCTION_GUIDANCE  # re-exported: ours, the lab's measured W (tts_core.recipe)
+from tts_core.recipe import REFERENCE_INSTRUCTION_GUIDANCE
 from tts_core.recipe import ROW_MIX_BEFORE_RECORDED
 
 DEFAULT_SAMPLING = dict(temperature=0.8, top_p=1.0, min_p=0.05, repetition_penalty=1.2, cfg_weight=0.5)
@@ -36,13 +37,14 @@ def trained_null_instruction(record: Mapping) -> bool:
     return float(dropout or 0.0) > 0.0
 
 
-def default_instruction_guidance(record: Mapping, family: str) -> float:
+def default_instruction_guidance(record: Mapping, family: str, reference: bool = False) -> float:
     """The instruction guidance W a run samples with when none is given — the one place that decides it, from the
-    run's record (`trained_null_instruction`) and its T3 ``family``: `INSTRUCTION_GUIDANCE` where stage 2 trained the
-    null instruction, else 0; always 0 for Turbo (its generate runs one row: no guidance)."""
-    if family == "turbo":
+    run's record (`trained_null_instruction`), its T3 ``family`` and whether a ``reference`` clip conditions the
+    utterance too: `INSTRUCTION_GUIDANCE` (`REFERENCE_INSTRUCTION_GUIDANCE` with a reference clip) where stage 2
+    trained the null instruction, else 0; always 0 for Turbo (its generate runs one row: no guidance)."""
+    if family == "turbo" or not trained_null_instruction(record):
         return 0.0
-    return INSTRUCTION_GUIDANCE if trained_null_instruction(record) else 0.0
+    return REFERENCE_INSTRUCTION_GUIDANCE if reference else INSTRUCTION_GUIDANCE
 
 
 # Options a family accepts without using them (passed through so its generate warns, as the official does).

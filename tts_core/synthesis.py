@@ -13,7 +13,8 @@ The conditioning is the one training used, row kind by row kind (`tts_core.stage
 Instruction guidance (``SamplingConfig.instruction_guidance`` W): the unconditional branch is the same
 conditioning with the null instruction (`T3Cond.with_null_instruction`, what stage 2's instruction dropout
 trains); W = 0 is the unguided path. Left unset, W is the run's default
-(`tts_core.sampling_defaults.default_instruction_guidance`: 3 where stage 2 trained the null instruction, else 0);
+(`tts_core.sampling_defaults.default_instruction_guidance`: 3 where stage 2 trained the null instruction, else 0;
+with a reference clip as well, `tts_core.recipe.REFERENCE_INSTRUCTION_GUIDANCE`, which keeps more of the voice);
 W > 0 on a run that never trained one is refused.
 
 The token sequence comes from `T3.generate`, i.e. `tts_core.t3.layout.build_generation_layout` — the
@@ -220,12 +221,13 @@ class Synthesizer:
         ``stage2.json``)."""
         return trained_null_instruction(self.meta)
 
-    def guidance(self, w: float | None = None) -> float:
+    def guidance(self, w: float | None = None, reference: bool = False) -> float:
         """Instruction guidance W for this run: ``w`` as given, or the run's default when None
-        (`tts_core.sampling_defaults.default_instruction_guidance`: 3 where stage 2 trained the null instruction,
-        else 0). W > 0 without a trained null instruction would guide against an embedding the T3 never saw: refused."""
+        (`tts_core.sampling_defaults.default_instruction_guidance`: 3 where stage 2 trained the null instruction, a
+        lower W when a ``reference`` clip is given too, else 0). W > 0 without a trained null instruction would guide
+        against an embedding the T3 never saw: refused."""
         if w is None:
-            return default_instruction_guidance(self.meta, self.t3.cfg.family)
+            return default_instruction_guidance(self.meta, self.t3.cfg.family, reference=reference)
         if w > 0 and not self.null_instruction:
             raise SamplingOptionError(f"instruction guidance W = {w:g} needs a run whose stage 2 trained the null "
                                       "instruction (train-stage2 --instruction-dropout > 0; this run's is 0): "
@@ -242,7 +244,8 @@ class Synthesizer:
         cond, xv = self.condition(instruction, reference, seed, mapper_draws)
         ids = self.tokenizer.encode(text, language or self.language)
         g = torch.Generator(device=self.t3.device).manual_seed(int(seed))
-        sampling = replace(sampling, instruction_guidance=self.guidance(sampling.instruction_guidance))
+        sampling = replace(sampling, instruction_guidance=self.guidance(sampling.instruction_guidance,
+                                                                        reference=reference is not None))
         tokens = self.t3.generate(torch.tensor([ids]), torch.tensor([len(ids)]), cond,
                                   max_new_tokens=sampling.max_new_tokens, generator=g,
                                   **sampling.for_family(self.t3.cfg.family))[0].cpu().numpy()

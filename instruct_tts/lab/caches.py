@@ -21,27 +21,39 @@ def frozen_models(cfg: LabConfig):
                               text_encoder=Path(cfg.text_encoder) if cfg.text_encoder else None)
 
 
-def build_caches(cfg: LabConfig, root: Path, p: LabPaths, say) -> None:
+def build_caches(cfg: LabConfig, root: Path, p: LabPaths, say) -> dict:
     """train.zarr from split/train.txt, then all.zarr: train.zarr copied and grown by split/all.txt's held-out
-    lines (both builds resume or reuse; two stores encoded by different models are refused)."""
+    lines (both builds resume or reuse; two stores encoded by different models are refused); → each build's wall
+    seconds (the report's profile)."""
+    import time
+
     from tts_core.cachebuild.build import BuildConfig, build_cache
     from cache.reader import CacheReader
     from cache.store import StoreError
 
+    from contextlib import nullcontext
+
+    from tts_core.cachebuild.shards import process_shard_map
+
     models = frozen_models(cfg)
-    for line in build_cache(BuildConfig(metadata=p.split / "train.txt", audio_root=root, store=p.train_store,
-                                        models=models)).lines():
-        say("  " + line)
-    if not Path(p.all_store).exists():  # grow a copy of the training store: same tokenizer, no re-encoding
-        shutil.copytree(p.train_store, p.all_store + ".tmp", dirs_exist_ok=True)
-        Path(p.all_store + ".tmp").rename(p.all_store)
-    for line in build_cache(BuildConfig(metadata=p.split / "all.txt", audio_root=root, store=p.all_store,
-                                        models=models)).lines():
-        say("  " + line)
+    seconds, t = {}, time.time()
+    with process_shard_map(cfg.cache_workers) if cfg.cache_workers > 1 else nullcontext() as shard_map:
+        for line in build_cache(BuildConfig(metadata=p.split / "train.txt", audio_root=root, store=p.train_store,
+                                            models=models), shard_map=shard_map).lines():
+            say("  " + line)
+        seconds["train.zarr (training clips)"], t = time.time() - t, time.time()
+        if not Path(p.all_store).exists():  # grow a copy of the training store: same tokenizer, no re-encoding
+            shutil.copytree(p.train_store, p.all_store + ".tmp", dirs_exist_ok=True)
+            Path(p.all_store + ".tmp").rename(p.all_store)
+        for line in build_cache(BuildConfig(metadata=p.split / "all.txt", audio_root=root, store=p.all_store,
+                                            models=models), shard_map=shard_map).lines():
+            say("  " + line)
+        seconds["all.zarr (+ held-out clips)"] = time.time() - t
     a, t = CacheReader(p.all_store).identities, CacheReader(p.train_store).identities
     if {k: v.to_dict() for k, v in a.items()} != {k: v.to_dict() for k, v in t.items()}:
         raise StoreError(f"{p.all_store} and {p.train_store} were encoded by different models; delete "
                          f"{p.all_store} and rerun")
+    return seconds
 
 
 def caption_counts(cfg: LabConfig, out: Path) -> dict:

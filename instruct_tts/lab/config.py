@@ -18,28 +18,30 @@ PRESETS = {
                  loss_clips=12, max_new_tokens=40, n_boot=200,
                  mapper_draws=1, mapper_temperature=0.3,  # one draw at T 0.3: what its 20-step mapper was checked with
                  instruction_guidance=0.0, repetition_sweep=(1.0, 1.2), guidance_sweep=(0.0, 2.0),
-                 sweep_clips=4),
+                 reference_guidance_sweep=(0.0, 2.0), sweep_clips=4,
+                 cache_workers=1),  # 96 clips: two processes would spend more loading the models than encoding
     # a check that the lab works, ~10 minutes on 2 cores
     "medium": dict(n_clips=1200, stage1_steps=1000, stage2_steps=800, curve_points=4, eval_clips=60, loss_clips=60,
                    max_new_tokens=150),
-    # the lab: issue #10's run, sized for <= 60 minutes on 2 cores (docs/benchmarks.md has the measured wall time)
+    # the lab: issue #29's run, sized for <= 45 minutes on 2 cores (docs/benchmarks.md has the measured wall time)
     "default": dict(),
 }
 
 # docs/lab.md "Running it": runs that take one ingredient out, applied over a size preset (``--ablation``)
 ABLATIONS = {
-    "no-sweeps": dict(repetition_sweep=(), guidance_sweep=()),  # main tables only (e.g. a run to compare against)
-    "one-caption": dict(captions_per_clip=1, repetition_sweep=(), guidance_sweep=()),  # the --compare-to baseline
+    "no-sweeps": dict(repetition_sweep=(), guidance_sweep=(), reference_guidance_sweep=()),  # main tables only
+    "one-caption": dict(captions_per_clip=1, repetition_sweep=(), guidance_sweep=(),
+                        reference_guidance_sweep=()),  # the --compare-to baseline
     "no-prompt-rows": dict(prompt_instruction_prob=0.0),  # stage 2 without "clone this voice, but slower" rows
     # stage 2 without the null instruction: nothing to guide against, so unguided and no W sweep
-    "no-null-instruction": dict(instruction_dropout=0.0, guidance_sweep=()),
+    "no-null-instruction": dict(instruction_dropout=0.0, guidance_sweep=(), reference_guidance_sweep=()),
 }
 
 
 @dataclass
 class LabConfig:
     out: Path = Path("lab")
-    n_clips: int = 4000  # lab corpus size (6 clips per voice: 640 voices from 3840 clips on)
+    n_clips: int = 8000  # lab corpus size (6 clips per voice: 640 voices from 3840 clips on, 12.5 each at 8000)
     seed: int = 0
     device: str = "cpu"
     held_out_wording: float = 0.1  # share of instructions in the held-out wording (all of them are held out)
@@ -50,6 +52,7 @@ class LabConfig:
     # compare against (same clips, same steps: `--compare-to`)
     captions_per_clip: int = 3
     compare_to: str | None = None  # another lab run's directory: the report puts its held-out results beside these
+    cache_workers: int = 2  # processes encoding the caches' clips (`tts_core.cachebuild.shards.process_shard_map`)
     speech_tokenizer: str = "world-vq"  # FrozenModelsConfig.speech_tokenizer: the one whose tokens keep F0
     # a local HF encoder directory (flan-t5-large in production); None: the embedded MiniLM. The report's
     # instruction-embedding probe says how much of the unseen wording a text encoder carries (docs/lab.md).
@@ -66,7 +69,9 @@ class LabConfig:
     mapper_temperature: float = MAPPER_TEMPERATURE
     # stage 2 (T3)
     t3: str = "small"  # T3 preset (tts_core.t3.config.PRESET_SHAPES); "small" beat "tiny" (docs/benchmarks.md)
-    stage2_steps: int = 3000
+    # 1200 annealed steps: the held-out speech loss of a 3000-step run was lowest near step 1000 and rose after it
+    # while the training loss kept falling (docs/benchmarks.md "The default lab", the stage-2 schedule)
+    stage2_steps: int = 1200
     stage2_batch_size: int = 16
     stage2_lr: float = 2e-3
     curve_points: int = 6  # checkpoints kept (and scored for held-out speech loss) along stage 2
@@ -81,9 +86,14 @@ class LabConfig:
     repetition_penalty: float | None = None
     instruction_guidance: float | None = None
     # sampling sweeps (report sections "accuracy vs ..."): the model re-rendered on the first ``sweep_clips`` evaluation
-    # clips of each held-out split at each value, everything else as above; () = not run
-    repetition_sweep: tuple[float, ...] = (1.0, 1.1, 1.2)
+    # clips of each held-out split at each value, everything else as above; () = not run. The repetition penalty's
+    # sweep chose the official 1.2 (docs/benchmarks.md) and is no longer run by default.
+    repetition_sweep: tuple[float, ...] = ()
     guidance_sweep: tuple[float, ...] = (0.0, 1.5, 3.0)  # instruction guidance W
+    # instruction guidance W with a reference clip as well (held-out voices, "reference clip + instruction"): its
+    # voice cosine to the reference beside rate and loudness; what `tts_core.recipe.REFERENCE_INSTRUCTION_GUIDANCE`
+    # is chosen from
+    reference_guidance_sweep: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0)
     sweep_clips: int = 40
     # stage-2 row mix (Stage2Config's defaults, i.e. the recipe, tts_core.recipe; None = Stage2Config's). A fifth of
     # the rows are prompt + instruction, so the "reference clip + instruction" path is trained; the rest keep the
@@ -124,8 +134,9 @@ class LabConfig:
                     epochs=100_000, max_steps=n, log_every=max(1, n // 50), save_every=every,
                     keep_checkpoints=self.curve_points + 1, device=self.device, seed=self.seed, **mix)
 
-    def sampling(self, **overrides):
-        """The `SamplingConfig` of the lab's model renderings (``overrides``: a sweep's value)."""
+    def sampling(self, reference: bool = False, **overrides):
+        """The `SamplingConfig` of the lab's model renderings (with a ``reference`` clip: its own default W;
+        ``overrides``: a sweep's value)."""
         from tts_core.sampling_defaults import default_instruction_guidance
         from tts_core.stage2 import Stage2Config
         from tts_core.synthesis import SamplingConfig
@@ -134,7 +145,7 @@ class LabConfig:
         w = self.instruction_guidance
         if w is None:  # what `Synthesizer.guidance` gives this run: resolved here so the report names the W used
             w = default_instruction_guidance(Stage2Config.from_dict(self.stage2_train()).run_record(),
-                                             T3Config.preset(self.t3).family)
+                                             T3Config.preset(self.t3).family, reference=reference)
         return SamplingConfig(**{"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty,
                                  "instruction_guidance": w, **overrides})
 
@@ -143,7 +154,7 @@ class LabConfig:
 # held-out results (the sweeps, the intervals' bootstrap). Every other field must match for two runs to be "the same
 # clips, the same steps" (`same_run_fields`); captions_per_clip is what a --compare-to run varies.
 NOT_RUN_IDENTITY = frozenset({"out", "device", "compare_to", "captions_per_clip", "repetition_sweep",
-                              "guidance_sweep", "sweep_clips", "n_boot"})
+                              "guidance_sweep", "reference_guidance_sweep", "sweep_clips", "n_boot", "cache_workers"})
 
 
 def same_run_fields() -> tuple[str, ...]:

@@ -30,6 +30,7 @@ class HeldOutMeasurements:
     probe: dict  # {split: instruction-embedding probe rows}
     sweeps: dict  # {option: {value: {split: model rows}}}
     records: list[dict]  # every clip of every rendering and sweep: measurements.json
+    seconds: dict  # wall seconds of each measurement (the report's profile)
 
 
 def measure_held_out(cfg: LabConfig, p: LabPaths, root: Path, clips: list[dict], roles: dict,
@@ -37,17 +38,27 @@ def measure_held_out(cfg: LabConfig, p: LabPaths, root: Path, clips: list[dict],
     """Step 5: every measurement on the held-out clips, in the lab's order."""
     from tts_core.evaluation.lab_split import HELD_OUT
 
+    import time
+
     by_id = {c["cache_id"]: c for c in clips}
     held = {split: [c for c, r in roles.items() if r == split] for split in HELD_OUT}
-    stage1 = stage1_cosines_by_split(p, clips, roles, held)
-    curve, train_log = stage2_curve(cfg, p, roles, held)
-    renderings, measured = render_held_out(cfg, p, root, by_id, held, say)
-    probe = instruction_probe_by_split(cfg, p, by_id, roles, renderings)
-    sweeps = sweep_renderings(cfg, p, by_id, renderings, say)
+    seconds, t = {}, time.time()
+
+    def timed(name: str, value):
+        nonlocal t
+        seconds[name], t = time.time() - t, time.time()
+        return value
+
+    stage1 = timed("stage-1 cosines", stage1_cosines_by_split(p, clips, roles, held))
+    curve, train_log = timed("stage-2 held-out loss curve", stage2_curve(cfg, p, roles, held))
+    renderings, measured = timed("renderings (ground truth, vocoder, model, reference)",
+                                 render_held_out(cfg, p, root, by_id, held, say))
+    probe = timed("instruction-embedding probe", instruction_probe_by_split(cfg, p, by_id, roles, renderings))
+    sweeps = timed("sampling sweeps", sweep_renderings(cfg, p, by_id, renderings, say))
     measured += [{"split": split, "rendering": f"model, {opt} = {v:g}", "speaker": by_id[r["clip_id"]]["speaker"], **r}
                  for opt, by_value in sweeps.items() for v, by_split in by_value.items()
                  for split, rows in by_split.items() for r in rows]
-    return HeldOutMeasurements(stage1, curve, train_log, renderings, probe, sweeps, measured)
+    return HeldOutMeasurements(stage1, curve, train_log, renderings, probe, sweeps, measured, seconds)
 
 
 def stage1_cosines_by_split(p: LabPaths, clips: list[dict], roles: dict, held: dict) -> dict:
@@ -120,7 +131,7 @@ def render_held_out(cfg: LabConfig, p: LabPaths, root: Path, by_id: dict, held: 
         by_speaker.setdefault(by_id[cid]["speaker"], []).append(cid)
     reader = CacheReader(p.all_store)
     ok_row = {c: i for i, c in enumerate(reader.ok_manifest["clip_id"].astype(str))}
-    sampling = cfg.sampling()
+    sampling, with_reference = cfg.sampling(), cfg.sampling(reference=True)
     out, records = {}, []
     for split, ids in held.items():
         usable = [c for c in ids if c in ok_row and any(asked_levels(by_id[c]["instruction"]).get(a) in (lo, hi)
@@ -143,16 +154,17 @@ def render_held_out(cfg: LabConfig, p: LabPaths, root: Path, by_id: dict, held: 
             voice_kept = {}
             if split == HELD_OUT_VOICE:  # the same voice's other clip as the reference, plus the instruction
                 others = [o for o in by_speaker[c["speaker"]] if o != cid] or [cid]
-                ref = Reference.load(root / by_id[others[k % len(others)]]["path"])
+                ref_id = others[k % len(others)]
+                ref = Reference.load(root / by_id[ref_id]["path"])
                 r2 = synth.synthesize(text, instruction=c["instruction"], reference=ref, seed=cfg.seed + k,
-                                      sampling=sampling)
+                                      sampling=with_reference)
                 renders[WITH_REFERENCE] = (r2.wav, r2.sample_rate)
                 voice_kept = _reference_cosines(synth, ref, renders)
             for name, (w, s) in renders.items():
                 row = {**attribute_row(w, s, text, levels), "wording": c["wording"], "instruction": c["instruction"],
                        "clip_id": cid, "seed": cfg.seed + k}
                 if name in voice_kept:
-                    row["ref_spk_cos"] = voice_kept[name]
+                    row["ref_spk_cos"], row["reference_clip"] = voice_kept[name], ref_id
                 rows[name].append(row)
                 records.append({"split": split, "rendering": name, "clip_id": cid, "speaker": c["speaker"], **row})
             if (k + 1) % 10 == 0 or k + 1 == len(chosen):
@@ -177,6 +189,7 @@ def _reference_cosines(synth, ref, renders: dict) -> dict[str, float]:
 
 
 SWEEPS = {"repetition_penalty": "repetition_sweep", "instruction_guidance": "guidance_sweep"}
+REFERENCE_SWEEP = "reference_guidance"  # instruction guidance W with a reference clip (`reference_guidance_sweep`)
 
 
 def sweep_renderings(cfg: LabConfig, p: LabPaths, by_id: dict, renderings: dict, say) -> dict:
@@ -189,11 +202,13 @@ def sweep_renderings(cfg: LabConfig, p: LabPaths, by_id: dict, renderings: dict,
     from tts_core.synthesis import Synthesizer
 
     wanted = {opt: tuple(getattr(cfg, field)) for opt, field in SWEEPS.items() if getattr(cfg, field)}
-    if not wanted:
+    if not wanted and not cfg.reference_guidance_sweep:
         return {}
     synth = Synthesizer.from_run(p.t3, device=cfg.device, text_encoder=cfg.text_encoder)
     family = synth.t3.cfg.family
     out: dict = {}
+    if cfg.reference_guidance_sweep:
+        out[REFERENCE_SWEEP] = reference_sweep(cfg, synth, p, by_id, renderings, say)
     for opt, values in wanted.items():
         out[opt] = {}
         for v in values:
@@ -201,7 +216,7 @@ def sweep_renderings(cfg: LabConfig, p: LabPaths, by_id: dict, renderings: dict,
             same_as_main = cfg.sampling(**{opt: v}).for_family(family) == cfg.sampling().for_family(family)
             for split, by_name in renderings.items():
                 if same_as_main:  # the main table's rows: same clips, seeds and sampling, so the same tokens
-                    by_split[split] = [{k: x for k, x in r.items() if k != "seed"}
+                    by_split[split] = [{k: x for k, x in r.items() if k not in ("seed", "ref_spk_cos", "reference_clip")}
                                        for r in by_name["model"][: cfg.sweep_clips]]
                     continue
                 rows = []
@@ -216,6 +231,41 @@ def sweep_renderings(cfg: LabConfig, p: LabPaths, by_id: dict, renderings: dict,
             out[opt][v] = by_split
             say(f"  sweep {opt} = {v}: {sum(map(len, by_split.values()))} clips "
                 + ("(the main table's renderings)" if same_as_main else "rendered and measured"))
+    return out
+
+
+def reference_sweep(cfg: LabConfig, synth, p: LabPaths, by_id: dict, renderings: dict, say) -> dict:
+    """{W: {held-out voices: rows}}: the "reference clip + instruction" rendering of the first ``sweep_clips``
+    held-out-voice clips (same reference clip, transcript and seed as the main table) at each W of
+    ``reference_guidance_sweep``, each row with its voice cosine to the reference: the curve the reference clip's
+    default W is chosen from (keep the voice, still follow the instruction)."""
+    from tts_core.evaluation.held_out import asked_levels, attribute_row
+    from tts_core.evaluation.lab_report import WITH_REFERENCE
+    from tts_core.evaluation.lab_split import HELD_OUT_VOICE
+    from tts_core.reference import Reference
+
+    root = p.corpus  # the corpus's root: its metadata paths are relative to it
+    base_rows = renderings.get(HELD_OUT_VOICE, {}).get(WITH_REFERENCE, [])[: cfg.sweep_clips]
+    main_w = cfg.sampling(reference=True).instruction_guidance
+    out = {}
+    for w in cfg.reference_guidance_sweep:
+        rows = []
+        for base in base_rows:
+            if w == main_w:  # the main table's rendering: same clip, reference, seed and sampling
+                rows.append({k: x for k, x in base.items() if k != "seed"})
+                continue
+            c = by_id[base["clip_id"]]
+            ref = Reference.load(root / by_id[base["reference_clip"]]["path"])
+            res = synth.synthesize(c["transcript"], instruction=c["instruction"], reference=ref, seed=base["seed"],
+                                   sampling=cfg.sampling(reference=True, instruction_guidance=w))
+            rows.append({**attribute_row(res.wav, res.sample_rate, c["transcript"], asked_levels(c["instruction"])),
+                         "ref_spk_cos": _reference_cosines(synth, ref, {"model": (res.wav, res.sample_rate)}).get(
+                             "model", float("nan")),
+                         "wording": c["wording"], "instruction": c["instruction"], "clip_id": base["clip_id"],
+                         "reference_clip": base["reference_clip"]})
+        out[w] = {HELD_OUT_VOICE: rows}
+        say(f"  sweep W with a reference clip = {w:g}: {len(rows)} clips"
+            + (" (the main table's renderings)" if w == main_w else " rendered and measured"))
     return out
 
 

@@ -36,12 +36,14 @@ def run_lab(cfg: LabConfig, say: Callable[[str], None] = print) -> dict:
     from tts_core.stage2 import Stage2Config
 
     p = LabPaths(Path(cfg.out))
-    t_start, seconds = time.time(), {}
-    guided = max((cfg.sampling().instruction_guidance or 0.0, *cfg.guidance_sweep), default=0.0)
+    t_start, seconds, profile = time.time(), {}, {}
+    guided = max((cfg.sampling().instruction_guidance or 0.0, cfg.sampling(reference=True).instruction_guidance or 0.0,
+                  *cfg.guidance_sweep, *cfg.reference_guidance_sweep), default=0.0)
     if guided > 0 and not trained_null_instruction(Stage2Config.from_dict(cfg.stage2_train()).run_record()):
         # found now, not after the training it would waste
         raise ValueError(f"instruction guidance W = {guided:g} needs stage 2's null instruction, but "
-                         "--instruction-dropout is 0: pass --instruction-guidance 0 --guidance-sweep '' as well")
+                         "--instruction-dropout is 0: pass --instruction-guidance 0 --guidance-sweep '' "
+                         "--set reference_guidance_sweep= as well (or --ablation no-null-instruction)")
 
     def step(name: str, k: int, what: str):
         say(f"[{k}/6] {what}")
@@ -58,7 +60,7 @@ def run_lab(cfg: LabConfig, say: Callable[[str], None] = print) -> dict:
     done("corpus")
 
     step("caches", 2, f"build-cache: training clips -> {p.train_store}, + held-out clips -> {p.all_store}")
-    build_caches(cfg, corpus.root, p, say)
+    profile["caches"] = build_caches(cfg, corpus.root, p, say)
     done("caches")
 
     step("stage1", 3, f"train-stage1 ({cfg.stage1_steps} steps max) -> {p.mapper}")
@@ -81,16 +83,31 @@ def run_lab(cfg: LabConfig, say: Callable[[str], None] = print) -> dict:
     step("evaluate", 5, f"evaluate held-out clips ({cfg.eval_clips} per split synthesized)")
     measured = measure_held_out(cfg, p, corpus.root, clips, roles, say)
     done("evaluate")
+    profile["stage2"] = stage2_profile(p, seconds["stage2"])
+    profile["evaluate"] = measured.seconds
 
     step("report", 6, f"report -> {p.out / 'report.md'}")
-    report = _report(cfg, corpus, clips, roles, measured, seconds, time.time() - t_start)
+    report = _report(cfg, corpus, clips, roles, measured, seconds, time.time() - t_start, profile)
     (p.out / "measurements.json").write_text(json.dumps(measured.records, indent=1, default=_json))
     say(f"lab done in {report['wall_s'] / 60:.1f} min: {p.out / 'report.md'}")
     return report
 
 
+def stage2_profile(p: LabPaths, total_s: float) -> dict:
+    """Stage 2's wall time split into its steps and the rest (set-up: frozen models, the instruction tables, data;
+    and saving), from the loop's own log (each row's time): steps = seconds per step × steps. Empty when no step
+    ran in this invocation."""
+    rows = [json.loads(ln) for ln in (p.t3 / "metrics.jsonl").read_text().splitlines() if ln.strip()] \
+        if (p.t3 / "metrics.jsonl").is_file() else []
+    if len(rows) < 2 or total_s <= 0 or rows[-1]["time"] - rows[0]["time"] > total_s:
+        return {}
+    per_step = (rows[-1]["time"] - rows[0]["time"]) / max(rows[-1]["step"] - rows[0]["step"], 1)
+    steps_s = per_step * rows[-1]["step"]
+    return {"steps": steps_s, "set-up and saving": total_s - steps_s, "s_per_step": per_step}
+
+
 def _report(cfg: LabConfig, corpus, clips: list[dict], roles: dict, m: HeldOutMeasurements, seconds: dict,
-            wall_s: float) -> dict:
+            wall_s: float, profile: dict | None = None) -> dict:
     """The report dict from the measurements, written as report.json, report.md and the plots."""
     from instruct_tts.lab.caches import caption_counts
     from tts_core.atomic_files import atomic_write_text
@@ -110,10 +127,12 @@ def _report(cfg: LabConfig, corpus, clips: list[dict], roles: dict, m: HeldOutMe
         "held_out_voices": sorted({espeak_voice(c["speaker"]) for c in clips if roles[c["cache_id"]] == HELD_OUT_VOICE}),
         "training_voices": sorted({espeak_voice(c["speaker"]) for c in clips if roles[c["cache_id"]] == TRAIN}),
         "step_seconds": {k: float(v) for k, v in seconds.items() if k != "report"},
+        "profile": profile or {},
         "wall_s": float(wall_s),
         "tables": tables, "by_wording": lr.wording_section(renderings, probe, cfg.n_boot, cfg.seed), "stage1": stage1,
         "stage2": {"curve": curve, "final_train_loss": train_log[-1] if train_log else None},
         "sampling": {"main": {k: v for k, v in asdict(cfg.sampling()).items() if k != "max_new_tokens"},
+                     "reference_instruction_guidance": cfg.sampling(reference=True).instruction_guidance,
                      "sweeps": lr.sweep_section(sweeps or {}, cfg.n_boot, cfg.seed)},
     }
     report["captions"] = caption_counts(cfg, out)
@@ -122,7 +141,7 @@ def _report(cfg: LabConfig, corpus, clips: list[dict], roles: dict, m: HeldOutMe
                                                                         .read_text(encoding="utf-8")),
                                                      same_run_fields())
     report["reference_voice"] = lr.reference_voice(renderings, cfg.n_boot, cfg.seed)
-    report["targets"] = lr.targets(tables, stage1, report["by_wording"])
+    report["targets"] = lr.targets(tables, stage1, report["by_wording"], report["reference_voice"])
     report["notes"] = lr.notes(report)
     atomic_write_text(out / "report.json", json.dumps(report, indent=1, default=_json))
     atomic_write_text(out / "report.md", lr.to_markdown(report))

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import deque
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,3 +209,25 @@ def ordered_window(submit: Callable[[ShardJob], object], result: Callable[[objec
             yield result(pending.popleft())
     while pending:
         yield result(pending.popleft())
+
+
+def _init_process_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+@contextmanager
+def process_shard_map(workers: int) -> Iterator[ShardMap]:
+    """A `ShardMap` over ``workers`` local processes (spawned, one torch thread each share of the cores), for
+    `build_cache` on one machine: the frozen models are mostly single-threaded work (WORLD analysis, the VoiceEncoder's
+    LSTM, CAM++'s small convolutions), so N processes encode faster than one process's N threads. The store is the
+    same as the in-process build's (shards are written in row order; each process loads the same models)."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_process_worker,
+                             initargs=(threads,)) as pool:
+        yield lambda jobs: ordered_window(lambda j: pool.submit(encode_shard, j), lambda f: f.result(), jobs,
+                                          2 * workers)

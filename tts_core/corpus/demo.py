@@ -253,13 +253,17 @@ def render_clip(synth: EspeakSynth, spec: ClipSpec) -> tuple[np.ndarray, int]:
 
 
 def _render_group(specs: list[ClipSpec], wav_dir: str, sample_rate: int) -> list[ClipResult]:
-    """Worker: one render group's clips, in clip order, in a fresh process (see module docstring)."""
+    """Worker: one render group's clips, in clip order, in a fresh process (see module docstring). One torch
+    thread: the groups already fill the cores, and torch's own threads beside them made the loudness scaling
+    (BS.1770) five times slower than the speech itself."""
+    import torch
+
+    torch.set_num_threads(1)
     synth = EspeakSynth()
     results = []
     for spec in specs:
         wav, volume = render_clip(synth, spec)
         if sample_rate != synth.sample_rate:
-            import torch
             import torchaudio.functional as AF
 
             wav = AF.resample(torch.from_numpy(wav), synth.sample_rate, sample_rate).numpy()

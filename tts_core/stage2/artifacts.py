@@ -27,15 +27,31 @@ def absolute(url: str) -> str:
     return url if "://" in url else str(Path(url).resolve())
 
 
-def save_speech_codebook(store: str, out: Path) -> None:
-    """The embedded tokenizer's codebook beside the run (``mel_vq.safetensors``): the run directory then
-    decodes its own tokens wherever it is moved, without the cache store."""
+def store_speech_tokenizer(store: str):
+    """The store's embedded speech tokenizer (mel-vq / world-vq, restored from its arrays), or None when the store
+    holds S3 tokens."""
     from cache.writer import saved_codebook
     from tts_core.encoders.embedded import restore
 
     codebook = saved_codebook(store)
-    if codebook is not None:
-        restore(codebook).to_safetensors(out / SPEECH_CODEBOOK)
+    return None if codebook is None else restore(codebook)
+
+
+def save_speech_codebook(tokenizer, out: Path) -> None:
+    """The embedded tokenizer's codebook beside the run (``mel_vq.safetensors``; ``tokenizer``: the store's,
+    `store_speech_tokenizer`, None for S3 tokens: nothing written): the run directory then decodes its own tokens
+    wherever it is moved, without the cache store."""
+    if tokenizer is not None:
+        tokenizer.to_safetensors(out / SPEECH_CODEBOOK)
+
+
+def speech_vocab_record(t3_cfg, tokenizer) -> dict:
+    """``stage2.json`` ``speech_vocab``: the T3's speech table (rows, BOS, EOS) and the kind of the store's embedded
+    tokenizer it was sized to (`T3Config.sized_to_speech_codes`), None when it is not sized to one (Chatterbox's
+    table: S3 tokens, an official checkpoint)."""
+    sized = tokenizer is not None and t3_cfg.speech_codes == tokenizer.vocab_size
+    return {"size": t3_cfg.speech_vocab_size, "start": t3_cfg.start_speech_token, "stop": t3_cfg.stop_speech_token,
+            "sized_to": tokenizer.kind if sized else None}
 
 
 def publish(out: Path, ckpt: Path) -> None:

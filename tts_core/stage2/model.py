@@ -27,7 +27,7 @@ class Stage2Model(nn.Module):
     Same layout (`build_layout`), embeddings (`T3.embed_layout`), adapter scope and backbone call as
     `T3.forward`, and the same loss definition (`next_token_loss`: mean CE over labelled text
     positions + mean CE over labelled speech positions); the heads are applied only at labelled
-    positions (T3.forward projects every column onto the 8194-way speech head). A test checks
+    positions (T3.forward projects every column onto the speech head, 8194 rows for Chatterbox's table). A test checks
     equality with `T3.forward`.
     """
 
@@ -71,12 +71,14 @@ class Stage2Model(nn.Module):
 
 
 # ---- T3 / parameters ---------------------------------------------------------------------------------------
-def build_t3(spec: str, instruction_dim: int, seed: int = 0, label: str | None = None
-             ) -> tuple[T3, Any, T3Source | None]:
+def build_t3(spec: str, instruction_dim: int, seed: int = 0, label: str | None = None,
+             speech_codes: int | None = None) -> tuple[T3, Any, T3Source | None]:
     """(model, LoadReport or None, resolved `T3Source` or None) — see the module doc, "t3 resolution".
-    What was found is printed, prefixed with ``label`` (default ``--t3 SPEC``)."""
+    What was found is printed, prefixed with ``label`` (default ``--t3 SPEC``). ``speech_codes``: a preset's
+    speech embedding and head are sized to that many codes (`T3Config.sized_to_speech_codes`: +BOS +EOS); None
+    keeps Chatterbox's 8194-row table. A checkpoint (official or ours) always keeps the shape it has."""
     if spec in PRESETS and not Path(spec).exists():
-        cfg = T3Config.preset(spec, instruction_dim=instruction_dim)
+        cfg = T3Config.preset(spec, instruction_dim=instruction_dim).sized_to_speech_codes(speech_codes)
         torch.manual_seed(seed)
         return T3(cfg), None, None
     if not Path(spec).exists():

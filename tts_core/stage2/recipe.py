@@ -22,7 +22,7 @@ from tts_core.run_models import frozen_models_record
 from tts_core.seeds import mix_seed
 from tts_core.stage2.artifacts import (
     FORMAT, LATEST, METRICS, PREPARED, RUN_FILES, STAGE2_META, T3_WEIGHTS, TRAIN_STATE, absolute, publish,
-    save_speech_codebook,
+    save_speech_codebook, speech_vocab_record, store_speech_tokenizer,
 )
 from tts_core.stage2.config import RECORDED_DEFAULTS, RUN_KEYS, Stage2Config
 from tts_core.stage2.hold_out import mapper_split
@@ -37,6 +37,7 @@ from tts_core.stage2.setup import check_stage1_for_store, run_text_tokenizer
 from tts_core.stage2.text_tokenizer import TextTokenizer, check_language
 from tts_core.t3 import T3, cond_lens, enable_activation_checkpointing, load_t3_checkpoint, save_t3
 from tts_core.t3.families import FAMILIES
+from tts_core.t3.loading import config_from_checkpoint
 from tts_core.training import (
     CheckpointDir, DistEnv, NonFiniteSteps, config_changes, progress_bar, read_metrics, refuse_other_run, set_lr,
     truncate_metrics, write_metrics_row,
@@ -137,12 +138,14 @@ class Stage2Recipe:
             raise ValueError(f"grad_accum must be ≥ 1, not {self.cfg.grad_accum}")
 
     def load_frozen(self) -> None:
-        """The store, and the stage-1 encoder + mapper trained over the same text encoder (else refused)."""
+        """The store and its embedded speech tokenizer (None: S3 tokens), and the stage-1 encoder + mapper trained
+        over the same text encoder (else refused)."""
         from cache.reader import CacheReader
         from tts_core.stage1.artifacts import load_mapper
 
         cfg = self.cfg
         self.reader = reader = CacheReader(cfg.store)
+        self.speech_tokenizer = store_speech_tokenizer(cfg.store)
         self.store_te = reader.identities.get("text_encoder")
         self.encoder, self.mapper, self.mapper_meta = load_mapper(cfg.mapper_dir, device="cpu")
         check_stage1_for_store(reader, self.encoder, self.mapper_meta, store=cfg.store, mapper_dir=cfg.mapper_dir)
@@ -152,7 +155,13 @@ class Stage2Recipe:
     def load_t3(self) -> None:
         """T3 (module doc, "t3 resolution"), its text tokenizer, the language and the prompt length."""
         cfg = self.cfg
-        t3, report, source = build_t3(cfg.t3, instruction_dim=self.encoder.hidden_size, seed=cfg.seed)
+        t3, report, source = build_t3(cfg.t3, instruction_dim=self.encoder.hidden_size, seed=cfg.seed,
+                                      speech_codes=self.preset_speech_codes())
+        codes = self.speech_tokenizer.vocab_size if self.speech_tokenizer is not None else None
+        if codes is not None and codes > t3.cfg.start_speech_token:
+            raise ValueError(f"the store's {self.speech_tokenizer.kind} speech tokenizer has {codes} codes but the T3 "
+                             f"{cfg.t3} has speech ids for {t3.cfg.start_speech_token} (BOS): train a preset over "
+                             "this store, or use a store of the tokens this T3 was trained on")
         t3_dir = source.directory if source is not None else None
         tokenizer = run_text_tokenizer(cfg.text_tokenizer, t3, source)
         self.language = check_language(cfg.language) if cfg.language else None
@@ -170,6 +179,16 @@ class Stage2Recipe:
         if not 0 <= self.prompt_len <= limit:
             raise ValueError(f"prompt_len must lie in [0, {limit}] (this Chatterbox T3 feeds ≤ {limit} prompt tokens)")
         self.t3, self.load_report, self.source, self.tokenizer = t3, report, source, tokenizer
+
+    def preset_speech_codes(self) -> int | None:
+        """What a preset T3's speech table is sized to (`build_t3` sizes presets only): the codes of the store's
+        embedded tokenizer (None for S3 tokens: Chatterbox's 8194-row table). A resumed run keeps what its checkpoint
+        records, whatever the store says."""
+        latest = self.ckpts.latest() if self.cfg.resume else None
+        recorded = config_from_checkpoint(latest / T3_WEIGHTS) if latest is not None else None
+        if recorded is not None:
+            return recorded.speech_codes
+        return self.speech_tokenizer.vocab_size if self.speech_tokenizer is not None else None
 
     def prepare_data(self) -> None:
         """Rank 0 prepares the shared tables (the others then load them); the length-bucketed sampler."""
@@ -240,7 +259,7 @@ class Stage2Recipe:
         elif dd.rank == 0:
             self.ckpts.clear(RUN_FILES)  # a fresh start in an existing out_dir: no stale files
         if dd.rank == 0:
-            save_speech_codebook(cfg.store, self.out)
+            save_speech_codebook(self.speech_tokenizer, self.out)
         self.last_saved = st.global_step if latest is not None else -1
 
         # LR-schedule length: fixed at the start of a run and kept by a resume with the same world size and
@@ -289,6 +308,7 @@ class Stage2Recipe:
         cfg, mm, report, source = self.cfg, self.mapper_meta, self.load_report, self.source
         return {
             "format": FORMAT, "t3_source": cfg.t3, "t3_config": self.t3.cfg.to_dict(),
+            "speech_vocab": speech_vocab_record(self.t3.cfg, self.speech_tokenizer),
             "tokenizer": self.tokenizer.to_dict(),
             "text_encoder": self.store_te.to_dict() if self.store_te is not None else None,
             "mapper": {"dir": absolute(str(cfg.mapper_dir)), "weights_sha256": mm.get("weights_sha256"),
@@ -427,6 +447,7 @@ class Stage2Recipe:
             publish(self.out, self.ckpts.latest())
             ckpt = self.out
             summary = {"t3_source": cfg.t3, "t3_found": self.meta["t3_found"], "load_report": self.meta["load_report"],
+                       "speech_vocab": self.meta["speech_vocab"],
                        "tokenizer": self.tokenizer.to_dict(), "mapper_dir": str(cfg.mapper_dir),
                        "text_encoder": self.meta["text_encoder"] or {}, "data": self.data_stats,
                        "config": cfg.to_dict(), "world_size": self.dd.world_size, "device": str(self.device),

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from tts_core.atomic_files import atomic_write_text
 from tts_core.stage2.row_mix import INSTRUCTION_ONLY_FRAC, SEGMENT_LABELS, SEGMENT_SHORT, SEGMENTS, segment_key
+from tts_core.t3.config import CHATTERBOX_SPEECH_IDS
 from tts_core.training import fmt as _fmt
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ def write_report(out: Path, summary: dict, history: list[dict], plot: bool) -> N
         "# Stage 2 — T3 with instruction adapters", "",
         f"- T3: `{s['t3_source']}`" + (f" — {s['t3_found']}" if s.get("t3_found") else "")
         + (f" — {s['load_report']}" if s.get("load_report") else " (fresh weights)"),
+        *_speech_vocab_lines(s),
         f"- text tokenizer: `{s['tokenizer']['identity']['name']}` (vocab {s['tokenizer']['vocab_size']})",
         f"- stage-1 mapper: `{s['mapper_dir']}`; text encoder `{s['text_encoder'].get('name')}`",
         f"- data: {s['data']['rows']} rows used of {s['data']['n_ok']} OK clips (dropped: {s['data']['dropped']}); "
@@ -94,3 +96,14 @@ def _held_out_lines(s: dict) -> list[str]:
             f"training row: speech {_fmt(last.get(segment_key('speech', 'instruction_only')))}, text "
             f"{_fmt(last.get(segment_key('text', 'instruction_only')))}"]
 
+
+def _speech_vocab_lines(s: dict) -> list[str]:
+    """The T3's speech table (``stage2.json`` ``speech_vocab``): what it was sized to, or that it is Chatterbox's."""
+    v = s.get("speech_vocab")
+    if not v:
+        return []
+    why = (f"sized to the store's `{v['sized_to']}` speech tokenizer" if v.get("sized_to")
+           else "Chatterbox's speech table" if (v["size"], v["start"], v["stop"]) == CHATTERBOX_SPEECH_IDS
+           else "the T3 source's")
+    return [f"- speech vocabulary: {v['size']} rows (codes 0–{v['start'] - 1}, BOS {v['start']}, EOS {v['stop']}); "
+            f"{why}"]

@@ -33,6 +33,10 @@ parameter counts per group; the run's report lists them.
   "Turbo"). A run trained from it saves ``t3_cfg.safetensors`` whose T3Config says ``backbone="gpt2"``,
   so it is a ``t3`` source like any stage-2 checkpoint.
 * a preset name (``"tiny"``, ``"small"``, ``"520m"``): fresh weights (seeded), the byte tokenizer by default.
+  Over a store of embedded speech tokens (mel-vq / world-vq, V codes) its speech embedding and head are sized
+  to them (`T3Config.sized_to_speech_codes`: V + 2 rows, BOS V, EOS V + 1), so it can sample no id the
+  tokenizer cannot decode; over S3 tokens it keeps Chatterbox's 8194-row table. A checkpoint keeps its shape,
+  and a resumed run what its checkpoint records. ``stage2.json`` ``speech_vocab`` and report.md say which.
 
 Identity: the stage-1 mapper must have been trained over the text encoder that built the store
 (name + weights sha256), else `TextEncoderMismatchError` before anything is computed.

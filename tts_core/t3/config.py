@@ -3,7 +3,9 @@
 Values of the "520m" preset are those of Chatterbox's English T3 (`t3_cfg.safetensors`):
 `chatterbox/models/t3/modules/t3_config.py` and `llama_configs.py` ("Llama_520M").
 Token ids are shared by every preset (the tiny model speaks the same token language), so a
-layout or a test written against one preset is valid for the other.
+layout or a test written against one preset is valid for the other. The one exception: stage 2 sizes a
+fresh preset's speech table to the store's embedded speech tokenizer (`T3Config.sized_to_speech_codes`:
+V + 2 rows, BOS V, EOS V + 1); layouts read the ids from the config, never the constants.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import transformers
 from transformers import LlamaConfig
 
 IGNORE_INDEX = -100  # label value that the next-token losses skip
+# Chatterbox's speech table: (rows, BOS, EOS); the S3 codes are the ids below BOS (6561)
+CHATTERBOX_SPEECH_IDS = (8194, 6561, 6562)
 
 # Chatterbox's llama3 rope scaling (llama_configs.LLAMA_520M_CONFIG_DICT["rope_scaling"]).
 LLAMA3_ROPE_SCALING = {
@@ -28,7 +32,7 @@ LLAMA3_ROPE_SCALING = {
 
 @dataclass(frozen=True)
 class T3Config:
-    # --- token language (identical for every preset) ---
+    # --- token language (identical for every preset; speech ids: `sized_to_speech_codes`) ---
     text_vocab_size: int = 704
     start_text_token: int = 255  # SOT
     stop_text_token: int = 0  # EOT
@@ -116,6 +120,24 @@ class T3Config:
 
     def replace(self, **changes) -> "T3Config":
         return dataclasses.replace(self, **changes)
+
+    @property
+    def speech_codes(self) -> int | None:
+        """The speech codes (ids below BOS) this config was sized to by `sized_to_speech_codes`; None when it
+        keeps Chatterbox's table (8194 rows, BOS 6561, EOS 6562, the S3 vocabulary)."""
+        if (self.speech_vocab_size, self.start_speech_token, self.stop_speech_token) == CHATTERBOX_SPEECH_IDS:
+            return None
+        return self.start_speech_token
+
+    def sized_to_speech_codes(self, codes: int | None) -> "T3Config":
+        """The speech embedding and head sized to a tokenizer of ``codes`` codes: ``codes + 2`` rows, BOS
+        ``codes``, EOS ``codes + 1`` (no id between the codes and BOS that nothing could decode). None: this
+        config unchanged (Chatterbox's table). Only fresh weights are sized (`tts_core.stage2.model.build_t3`)."""
+        if codes is None:
+            return self
+        if codes < 1:
+            raise ValueError(f"a speech tokenizer needs at least one code, not {codes}")
+        return self.replace(speech_vocab_size=codes + 2, start_speech_token=codes, stop_speech_token=codes + 1)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

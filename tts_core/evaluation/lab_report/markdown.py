@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 
 from tts_core.evaluation.held_out import VECTORS
-from tts_core.evaluation.lab_report.scores import BY_WORDING, LAB_ATTRIBUTES, PROBE, TARGET_ATTRIBUTES
+from tts_core.evaluation.lab_report.scores import BY_WORDING, LAB_ATTRIBUTES, PROBE, TARGET_ATTRIBUTES, VOICE_COSINE
 from tts_core.evaluation.lab_report.targets import VECTOR_NAMES
 from tts_core.evaluation.lab_split import HELD_OUT_INSTRUCTION, HELD_OUT_VOICE
 
 SPLIT_TITLES = {HELD_OUT_INSTRUCTION: "held-out instructions", HELD_OUT_VOICE: "held-out voices"}
-SWEEP_TITLES = {"repetition_penalty": "repetition penalty", "instruction_guidance": "instruction guidance W"}
+SWEEP_TITLES = {"repetition_penalty": "repetition penalty", "instruction_guidance": "instruction guidance W",
+                "reference_guidance": "instruction guidance W with a reference clip"}
 
 
 def fmt(x, nd: int = 3) -> str:
@@ -29,7 +30,7 @@ def _measured(row: dict) -> str:
 def to_markdown(r: dict) -> str:
     """The report (``r``: what `instruct_tts.lab` writes to report.json)."""
     sections = (_targets_lines, _attribute_lines, _by_wording_lines, _reference_voice_lines, _sampling_lines,
-                _stage1_lines, caption_lines, _stage2_lines)
+                _stage1_lines, caption_lines, _stage2_lines, _profile_lines)
     return "\n".join(line for section in sections for line in section(r)) + "\n"
 
 
@@ -42,7 +43,7 @@ def _targets_lines(r: dict) -> list[str]:
              ", ".join(f"{k} {v}" for k, v in counts.items()) + f". Wall time {r['wall_s'] / 60:.1f} min "
              f"({', '.join(f'{k} {v:.0f} s' for k, v in r['step_seconds'].items())}; this invocation: a step reused "
              "or resumed from an earlier run counts only what it did now).", "",
-             "## Targets (issues #10, #19, #23)", "", "| target | value | met |", "|---|---|---|"]
+             "## Targets (issues #10, #19, #23, #29)", "", "| target | value | met |", "|---|---|---|"]
     for t in r["targets"]:
         lines.append(f"| {t['target']} | {fmt(t['value'])} | {'yes' if t['met'] else '**no**'} |")
     return lines
@@ -180,14 +181,21 @@ def _sampling_lines(r: dict) -> list[str]:
              "Model renderings: repetition penalty " + ("the family's official value (1.2)"
                                                          if main.get("repetition_penalty") is None
                                                          else f"{main['repetition_penalty']}")
-             + f", instruction guidance W = {main.get('instruction_guidance', 0.0)}; other options the official "
-               "defaults.", ""]
+             + f", instruction guidance W = {main.get('instruction_guidance', 0.0)}"
+             + (f" ({smp['reference_instruction_guidance']} with a reference clip)"
+                if smp.get("reference_instruction_guidance") is not None else "")
+             + "; other options the official defaults.", ""]
     for opt, rows in smp.get("sweeps", {}).items():
-        attrs = list(LAB_ATTRIBUTES)
-        lines += [f"### accuracy vs {SWEEP_TITLES.get(opt, opt)}", "",
-                  "The model from the instruction alone, re-rendered at each value on the same held-out clips and "
-                  "seeds (the first `sweep_clips` of each split's evaluation clips); everything else as above. "
-                  "Direction accuracy [95% CI] (pairs).", "",
+        attrs = list(LAB_ATTRIBUTES) + ([VOICE_COSINE] if any(r["attribute"] == VOICE_COSINE for r in rows) else [])
+        what = ("The model with the same voice's other clip as the reference *and* the instruction (held-out voices), "
+                "re-rendered at each W on the same clips, references and seeds (the first `sweep_clips` of the "
+                "evaluation clips); everything else as above. Direction accuracy [95% CI] (pairs); voice cosine: "
+                "mean VoiceEncoder cosine to the reference [95% CI] (clips; ground truth's is in 'is the cloned voice kept?')."
+                if opt == "reference_guidance" else
+                "The model from the instruction alone, re-rendered at each value on the same held-out clips and "
+                "seeds (the first `sweep_clips` of each split's evaluation clips); everything else as above. "
+                "Direction accuracy [95% CI] (pairs).")
+        lines += [f"### accuracy vs {SWEEP_TITLES.get(opt, opt)}", "", what, "",
                   "| split | " + SWEEP_TITLES.get(opt, opt) + " | " + " | ".join(attrs) + " |",
                   "|---|---|" + "---|" * len(attrs)]
         keys = sorted({(row["split"], row["value"]) for row in rows}, key=lambda k: (k[0], k[1]))
@@ -219,4 +227,22 @@ def caption_lines(r: dict) -> list[str]:
                   f"| measure | {c['per_clip']} per clip | {k} per clip |", "|---|---|---|"]
         for key in cmp["this"]:
             lines.append(f"| {key.replace('_', ' ')} | {fmt(cmp['this'][key])} | {fmt(cmp['other'].get(key))} |")
+    return lines
+
+
+def _profile_lines(r: dict) -> list[str]:
+    """Where this invocation's wall time went: each step, and inside it what the lab timed (caches per store,
+    stage 2's steps vs its set-up, each evaluation measurement)."""
+    steps, prof = r.get("step_seconds") or {}, r.get("profile") or {}
+    if not steps:
+        return []
+    lines = ["", "## Profile", "", "Wall seconds of this invocation (a step reused or resumed counts only what it did "
+             "now).", "", "| step | part | seconds |", "|---|---|---|"]
+    for step, total in steps.items():
+        lines.append(f"| {step} | (all) | {total:.0f} |")
+        for part, v in (prof.get(step) or {}).items():
+            if part == "s_per_step":
+                lines.append(f"| {step} | seconds per step | {v:.3f} |")
+            else:
+                lines.append(f"| {step} | {part} | {v:.0f} |")
     return lines

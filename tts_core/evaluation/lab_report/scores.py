@@ -60,6 +60,7 @@ WORDINGS = {"train": "training wording (new texts, known words)", "held_out": "h
 VOICES = "voices"  # the held-out voices' own instructions (any wording): a row of the same table
 BY_WORDING = {"all": "all held-out instructions", **WORDINGS, VOICES: "held-out voices (their instructions)"}
 PROBE = "instruction-embedding probe"
+VOICE_COSINE = "voice cosine"  # a sweep's column for renderings with a reference clip: cosine to the reference
 
 
 def wording_section(renderings: dict[str, dict[str, list[dict]]], probe: dict[str, list[dict]] | None = None,
@@ -94,9 +95,18 @@ def sweep_section(sweeps: dict[str, dict[float, dict[str, list[dict]]]], n_boot:
                   ) -> dict[str, list[dict]]:
     """``sweeps[option][value][split]`` = the model's attribute rows at that sampling value → {option: rows of
     {value, split, attribute, accuracy, ci, pairs, clips, measured}}: accuracy against the option, per split."""
-    return {opt: [{"value": float(v), "split": split, "attribute": attr, **_score(rows, attr, n_boot, seed)}
-                  for v, by_split in by_value.items() for split, rows in by_split.items() for attr in LAB_ATTRIBUTES]
-            for opt, by_value in sweeps.items()}
+    out = {}
+    for opt, by_value in sweeps.items():
+        out[opt] = [{"value": float(v), "split": split, "attribute": attr, **_score(rows, attr, n_boot, seed)}
+                    for v, by_split in by_value.items() for split, rows in by_split.items() for attr in LAB_ATTRIBUTES]
+        for v, by_split in by_value.items():  # rows rendered with a reference clip: the voice kept, beside
+            for split, rows in by_split.items():
+                cos = [r["ref_spk_cos"] for r in rows if "ref_spk_cos" in r]
+                if cos:
+                    m = mean_ci(cos, n_boot, seed)
+                    out[opt].append({"value": float(v), "split": split, "attribute": VOICE_COSINE,
+                                     "accuracy": m["value"], "ci": m["ci"], "pairs": m["n"]})
+    return out
 
 
 
