@@ -128,7 +128,7 @@ def test_stage_defaults_are_the_recipe_defined_once():
     from instruct_tts.lab import PRESETS, LabConfig
     from tts_core import recipe
     from tts_core.mapper.flow import MapperConfig
-    from tts_core.sampling_defaults import INSTRUCTION_GUIDANCE
+    from tts_core.sampling_defaults import INSTRUCTION_GUIDANCE, REFERENCE_INSTRUCTION_GUIDANCE
     from tts_core.stage2.train import Stage2Config
 
     m, s, lab = MapperConfig(), Stage2Config(), LabConfig()
@@ -137,8 +137,10 @@ def test_stage_defaults_are_the_recipe_defined_once():
     assert (mix.instruction_prob, mix.prompt_instruction_prob, mix.instruction_dropout) == (0.5, 0.2, 0.1)
     assert (lab.prompt_instruction_prob, lab.instruction_dropout) == (0.2, 0.1)
     assert INSTRUCTION_GUIDANCE == recipe.INSTRUCTION_GUIDANCE == 3.0
+    assert REFERENCE_INSTRUCTION_GUIDANCE == recipe.REFERENCE_INSTRUCTION_GUIDANCE == 1.0
     assert recipe.RECIPE == {"mapper_draws": 64, "mapper_temperature": 0.8, "instruction_prob": 0.5,
-                             "prompt_instruction_prob": 0.2, "instruction_dropout": 0.1, "instruction_guidance": 3.0}
+                             "prompt_instruction_prob": 0.2, "instruction_dropout": 0.1, "instruction_guidance": 3.0,
+                             "reference_instruction_guidance": 1.0}
     tiny = LabConfig.preset("tiny")  # CI keeps its one fast draw; the other presets override sizes and steps only
     assert (tiny.mapper_draws, tiny.mapper_temperature) == (1, 0.3)
     assert all(not set(PRESETS[p]) & set(recipe.RECIPE) - {"instruction_guidance"} for p in ("medium", "default"))

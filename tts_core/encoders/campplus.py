@@ -24,10 +24,13 @@ all other options at their defaults (16 kHz, 25/10 ms povey window, dither 0, pr
 snip_edges), then the per-clip mean over time subtracted.
 
 CPU inference (`embed_batch`) runs a frozen TorchScript graph of the same module
-(`torch.jit.optimize_for_inference`: batch norms folded into the convolutions, oneDNN kernels): CAM++ is the cache
-build's largest cost, and the graph is ~1.3x faster on CPU while giving the eager x-vectors within float32 rounding
-(1 − cosine < 1e-5, `tests/test_speaker_encoders.py`; `bench/xvector_cpu.py` measures both). `forward` stays eager
-(parity with Chatterbox's module, training, GPU); the graph is rebuilt whenever a weight changes.
+(`torch.jit.optimize_for_inference` of the frozen script: batch norms folded into the convolutions, oneDNN
+kernels): CAM++ is the cache build's largest CPU cost, and the graph is ~1.2-1.3x faster on CPU (one thread, lab-style
+clips; plain `torch.jit.freeze` is ~1.15x) while giving the eager x-vectors within float32 rounding (1 − cosine
+< 1e-5, measured ~2e-7; `tests/test_speaker_encoders.py`; `bench/xvector_cpu.py` measures all three). `forward`
+stays eager (parity with Chatterbox's module, training, GPU); the graph is dropped by `load_checkpoint_state`, rebuilt
+whenever a weight changes in place, and left out of pickles. If TorchScript cannot compile the module, `embed_batch`
+logs a warning and runs eager.
 
 Batching: Chatterbox zero-pads features to the longest clip, but nothing in CAM++ masks padding (the CAM
 layers' global and 100-frame segment means, the convolutions near the end and the statistics pooling all see
@@ -288,6 +291,12 @@ class CampPlus(nn.Module):
         self.__dict__["_graph"] = (key, graph)  # not a submodule: no state_dict keys, no .to() of its own
         return graph
 
+    def __getstate__(self) -> dict:
+        """Pickles (and deep copies) without the TorchScript graph, which cannot be pickled; it is rebuilt on use."""
+        state = dict(super().__getstate__())
+        state.pop("_graph", None)
+        return state
+
     @torch.inference_mode()
     def embed_batch(self, wavs: Sequence[np.ndarray]) -> np.ndarray:
         """16 kHz float32 waveforms → raw x-vectors [B, 192]; equal-length clips share a forward call."""
@@ -318,6 +327,7 @@ class CampPlus(nn.Module):
                              f"{' ...' if len(missing) > 10 else ''} ({len(missing)}), unexpected keys "
                              f"{unexpected[:10]}{' ...' if len(unexpected) > 10 else ''} ({len(unexpected)})")
         state = {**{k: v for k, v in self.state_dict().items() if k.endswith(OPTIONAL_SUFFIX)}, **state}
+        self.__dict__.pop("_graph", None)  # new weights: the next `embed_batch` builds a new graph
         try:
             self.load_state_dict(state, strict=True)
         except RuntimeError as e:
