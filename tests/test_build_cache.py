@@ -111,24 +111,33 @@ def test_resume_after_kill_is_identical(demo_corpus, tmp_path):
     cmd = [sys.executable, "-m", "instruct_tts", "build-cache", "--no-prefect", "--metadata", str(demo_corpus.metadata),
            "--audio-root", str(demo_corpus.root), "--chunk-rows", str(CHUNK), "--loader-threads", "2"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(cmd + ["--store", str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    committed = 0
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            committed = zarr.open_group(str(killed), mode="r").attrs.get("committed_rows", 0)
-        except Exception:
-            committed = 0
-        if committed >= CHUNK:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "build finished before it could be killed; use a bigger corpus"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    n_rows = zarr.open_group(str(killed), mode="r").attrs["n_rows"]
-    assert CHUNK <= committed < n_rows
-    subprocess.run(cmd + ["--store", str(killed)], env=env, check=True, capture_output=True)
-    subprocess.run(cmd + ["--store", str(ref)], env=env, check=True, capture_output=True)
+    # the uninterrupted reference build runs beside the one that gets killed: its own process, the same result
+    ref_log = tmp_path / "ref.log"
+    with ref_log.open("wb") as log:
+        reference = subprocess.Popen(cmd + ["--store", str(ref)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        proc = subprocess.Popen(cmd + ["--store", str(killed)], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        committed = 0
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                committed = zarr.open_group(str(killed), mode="r").attrs.get("committed_rows", 0)
+            except Exception:
+                committed = 0
+            if committed >= CHUNK:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "build finished before it could be killed; use a bigger corpus"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        n_rows = zarr.open_group(str(killed), mode="r").attrs["n_rows"]
+        assert CHUNK <= committed < n_rows
+        subprocess.run(cmd + ["--store", str(killed)], env=env, check=True, capture_output=True)
+        assert reference.wait(timeout=300) == 0, ref_log.read_text()[-2000:]
+    finally:
+        reference.kill()
+        reference.wait()
     a, b = _arrays(ref), _arrays(killed)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)

@@ -460,7 +460,8 @@ def test_lab_runs_over_another_text_encoder(lab, tmp_path):
     write_tiny_t5_dir(t5)
     out = tmp_path / "lab"
     shutil.copytree(first / "corpus", out / "corpus")  # the same corpus: reused, not regenerated
-    report = run_lab(LabConfig.preset("tiny", out=out, text_encoder=str(t5)), say=lambda s: None)
+    no_sweeps = dict(repetition_sweep=(), guidance_sweep=(), reference_guidance_sweep=())  # the first lab ran them
+    report = run_lab(LabConfig.preset("tiny", out=out, text_encoder=str(t5), **no_sweeps), say=lambda s: None)
     for store in ("train.zarr", "all.zarr"):
         reader = CacheReader(str(out / "cache" / store))
         assert reader.text_hidden_size == 32 and reader.identities["text_encoder"].name == f"t5:{t5.name}"
