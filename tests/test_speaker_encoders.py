@@ -338,8 +338,8 @@ def test_campplus_cpu_graph_equals_eager_and_follows_the_weights(embedded_camppl
 
 def test_campplus_graph_pickles_and_falls_back_to_eager_out_loud(monkeypatch, caplog):
     """A model whose graph was built still pickles (the graph is left out, and the copy finds the compiled graph of
-    its equal weights again); when TorchScript cannot
-    compile the module, `embed_batch` says so and gives exactly the eager x-vectors."""
+    its equal weights again); when TorchScript cannot compile the module, `embed_batch` says so and gives exactly
+    the eager x-vectors."""
     import pickle
 
     from tts_core.encoders.campplus import kaldi_fbank
@@ -351,7 +351,6 @@ def test_campplus_graph_pickles_and_falls_back_to_eager_out_loud(monkeypatch, ca
     assert "_graph" in model.__dict__ and "_graph" not in copy.__dict__
     np.testing.assert_allclose(copy.embed_batch(wavs), first, rtol=1e-5, atol=1e-5)
     assert copy.inference_graph() is model.inference_graph()  # equal weights: one compiled graph per process
-
 
     def cannot_script(*args, **kwargs):
         raise RuntimeError("no TorchScript here")

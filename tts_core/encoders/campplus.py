@@ -290,7 +290,7 @@ class CampPlus(nn.Module):
         cached = self.__dict__.get("_graph")
         if cached is not None and cached[0] == key:
             return cached[1]
-        digest = sha256_state_dict(self.state_dict())  # ~0.1 s; compiling is ~1.7 s, once per weights per process
+        digest = sha256_state_dict(self.state_dict())  # ~0.2 s; compiling is ~1.7 s, once per weights per process
         graph = _GRAPHS.pop(digest, None)
         if graph is None:
             try:
